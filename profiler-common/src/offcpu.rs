@@ -1,0 +1,126 @@
+//! Off-CPU probe family: where threads wait, with kernel and user stacks.
+
+/// Aggregation key: one entry per (process, thread, kernel stack, user stack, block reason).
+///
+/// A negative stack id is the errno `bpf_get_stackid` returned (e.g. -14 EFAULT: no user
+/// stack, as for kernel threads; -17 EEXIST: stack-map collision), kept so that the time is
+/// still accounted and the reason shows in the output.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OffcpuKey {
+    pub tgid: u32,
+    pub tid: u32,
+    pub kernel_stack_id: i32,
+    pub user_stack_id: i32,
+    /// One of the `STATE_*` classes.
+    pub state: u32,
+    pub _pad: u32,
+}
+
+/// Aggregated blocked time for one key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OffcpuValue {
+    pub total_ns: u64,
+    pub count: u64,
+}
+
+/// What a thread left the CPU with, kept (per thread id) until it runs again.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OffcpuStart {
+    /// 0 once consumed by the switch-in.
+    pub start_ns: u64,
+    pub tgid: u32,
+    pub kernel_stack_id: i32,
+    pub user_stack_id: i32,
+    pub state: u32,
+}
+
+/// Sent on the ring buffer the first time a key is created, so userspace can read the
+/// process's memory maps and name while it still lives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NewTaskEvent {
+    pub tgid: u32,
+    pub tid: u32,
+    pub comm: [u8; 16],
+}
+
+/// Why the thread left the CPU (the task state at sched_switch).
+pub const STATE_RUNQUEUE: u32 = 0;
+/// TASK_INTERRUPTIBLE (`S`): sleeping, waiting for an event.
+pub const STATE_SLEEP: u32 = 1;
+/// TASK_UNINTERRUPTIBLE (`D`) without NOLOAD: usually disk or other uninterruptible I/O.
+pub const STATE_DISK: u32 = 2;
+/// TASK_IDLE (`I`): uninterruptible but not counted in load (idle kernel workers).
+pub const STATE_IDLE: u32 = 3;
+/// Stopped, traced, dead, parked…
+pub const STATE_OTHER: u32 = 4;
+pub const STATE_COUNT: u32 = 5;
+
+/// `STATE_FILTER` value that accepts every state.
+pub const STATE_MASK_ANY: u32 = (1 << STATE_COUNT) - 1;
+
+/// `THREAD_KIND` values.
+pub const THREADS_ALL: u32 = 0;
+pub const THREADS_USER: u32 = 1;
+pub const THREADS_KERNEL: u32 = 2;
+
+/// Indexes into the per-CPU `OFFCPU_COUNTERS` array. Nothing is dropped silently: every loss
+/// has a counter that the output shows.
+pub mod counter {
+    /// Blocks aggregated into the map.
+    pub const BLOCKS: u32 = 0;
+    /// Blocks shorter than `--min-block` or longer than `--max-block`.
+    pub const FILTERED_DURATION: u32 = 1;
+    /// Kernel stack could not be collected (other than collisions).
+    pub const KERNEL_STACK_ERROR: u32 = 2;
+    /// No user stack (kernel threads, or a fault while walking it).
+    pub const USER_STACK_MISSING: u32 = 3;
+    /// Stack-map hash collision: a stack was lost (its time is kept under a placeholder).
+    pub const STACK_COLLISION: u32 = 4;
+    /// The per-thread start map was full: a block was not measured.
+    pub const START_MAP_FULL: u32 = 5;
+    /// The aggregation map was full: a block's time was lost (see `LOST_NS`).
+    pub const AGG_MAP_FULL: u32 = 6;
+    /// Nanoseconds of blocked time lost because the aggregation map was full.
+    pub const LOST_NS: u32 = 7;
+    /// New-task notifications that did not fit in the ring buffer.
+    pub const EVENTS_LOST: u32 = 8;
+    /// Number of counters.
+    pub const COUNT: u32 = 9;
+
+    /// Human-readable names, indexed like the counters.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "blocks",
+        "filtered_by_duration",
+        "kernel_stack_errors",
+        "user_stack_missing",
+        "stack_collisions",
+        "start_map_full",
+        "agg_map_full",
+        "lost_ns",
+        "events_lost",
+    ];
+}
+
+/// Map names, shared so that the loader and the programs cannot disagree.
+pub mod maps {
+    pub const STACKS: &str = "OFFCPU_STACKS";
+    pub const STARTS: &str = "OFFCPU_STARTS";
+    pub const TOTALS: &str = "OFFCPU_TOTALS";
+    pub const COUNTERS: &str = "OFFCPU_COUNTERS";
+    pub const NEW_TASKS: &str = "OFFCPU_NEW_TASKS";
+    pub const TGID_FILTER: &str = "OFFCPU_TGID_FILTER";
+    pub const TID_FILTER: &str = "OFFCPU_TID_FILTER";
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain #[repr(C)] integers with explicit padding; every bit pattern is valid.
+    unsafe impl aya::Pod for super::OffcpuKey {}
+    unsafe impl aya::Pod for super::OffcpuValue {}
+    unsafe impl aya::Pod for super::OffcpuStart {}
+    unsafe impl aya::Pod for super::NewTaskEvent {}
+}

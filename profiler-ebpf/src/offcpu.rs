@@ -1,0 +1,331 @@
+//! Off-CPU time with stacks, from sched_switch.
+//!
+//! At switch-out the leaving thread (`prev`, which is still `current`) records when it left and
+//! its kernel and user stack ids in `OFFCPU_STARTS`, keyed by thread id. At switch-in the arriving
+//! thread (`next`) finds that record, and the elapsed time is added to `OFFCPU_TOTALS` under
+//! (tgid, tid, kernel stack, user stack, state). Nothing else happens per switch: no comm copy,
+//! no map update beyond the two needed; a new aggregation key (rare) also notifies userspace so
+//! it can read the process's memory maps while the process lives.
+//!
+//! Two entry points share the logic: `tp_btf/sched_switch` (preferred) and the classic
+//! `sched:sched_switch` tracepoint (fallback), picked by the loader after probing the kernel.
+
+use aya_ebpf::{
+    bindings::BPF_F_USER_STACK,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns},
+    macros::{btf_tracepoint, map, tracepoint},
+    maps::{HashMap, PerCpuArray, RingBuf, StackTrace},
+    programs::{BtfTracePointContext, TracePointContext},
+    EbpfContext,
+};
+use aya_ebpf::helpers::bpf_probe_read_kernel;
+use aya_ebpf::programs::tracing::StackIdContext;
+use profiler_common::offcpu::{
+    counter, NewTaskEvent, OffcpuKey, OffcpuStart, OffcpuValue, STATE_DISK, STATE_IDLE,
+    STATE_MASK_ANY, STATE_OTHER, STATE_RUNQUEUE, STATE_SLEEP, THREADS_ALL, THREADS_KERNEL,
+};
+
+// ---- Configuration, set by the loader before load (read-only globals). ----
+
+/// 1: only threads whose tgid is in `OFFCPU_TGID_FILTER`.
+#[unsafe(no_mangle)]
+static FILTER_TGID: u32 = 0;
+/// 1: only threads whose tid is in `OFFCPU_TID_FILTER`.
+#[unsafe(no_mangle)]
+static FILTER_TID: u32 = 0;
+#[unsafe(no_mangle)]
+static MIN_BLOCK_NS: u64 = 0;
+#[unsafe(no_mangle)]
+static MAX_BLOCK_NS: u64 = u64::MAX;
+/// Bit `1 << STATE_*` set for each accepted state class.
+#[unsafe(no_mangle)]
+static STATE_FILTER: u32 = STATE_MASK_ANY;
+/// `THREADS_*`.
+#[unsafe(no_mangle)]
+static THREAD_KIND: u32 = THREADS_ALL;
+/// Offsets in `struct task_struct`, from the running kernel's BTF.
+#[unsafe(no_mangle)]
+static TASK_PID_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static TASK_FLAGS_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static TASK_COMM_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static TASK_STATE_OFF: u32 = 0;
+/// 1 when `btf_trace_sched_switch` carries `prev_state` as its 4th argument (5.18+).
+#[unsafe(no_mangle)]
+static BTF_HAS_PREV_STATE_ARG: u32 = 1;
+/// Field offsets in the `sched:sched_switch` tracepoint record, from its format file.
+#[unsafe(no_mangle)]
+static TP_PREV_STATE_OFF: u32 = 32;
+#[unsafe(no_mangle)]
+static TP_NEXT_COMM_OFF: u32 = 40;
+#[unsafe(no_mangle)]
+static TP_NEXT_PID_OFF: u32 = 56;
+/// The tracepoint's value for "preempted" in `prev_state` (TASK_REPORT_MAX).
+#[unsafe(no_mangle)]
+static TP_PREEMPT_STATE: u32 = 0x100;
+
+const PF_KTHREAD: u32 = 0x0020_0000;
+const EFAULT: i32 = 14;
+const EEXIST: i32 = 17;
+
+// ---- Maps. Sizes are defaults; the loader may resize them. ----
+
+#[map(name = "OFFCPU_STACKS")]
+static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
+
+#[map(name = "OFFCPU_STARTS")]
+static STARTS: HashMap<u32, OffcpuStart> = HashMap::with_max_entries(32768, 0);
+
+#[map(name = "OFFCPU_TOTALS")]
+static TOTALS: HashMap<OffcpuKey, OffcpuValue> = HashMap::with_max_entries(16384, 0);
+
+#[map(name = "OFFCPU_COUNTERS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+#[map(name = "OFFCPU_NEW_TASKS")]
+static NEW_TASKS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+#[map(name = "OFFCPU_TGID_FILTER")]
+static TGID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
+
+#[map(name = "OFFCPU_TID_FILTER")]
+static TID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
+
+#[inline(always)]
+fn config<T: Copy>(global: &T) -> T {
+    // Volatile so the compiler does not fold the defaults: the loader rewrites them.
+    unsafe { core::ptr::read_volatile(global) }
+}
+
+#[inline(always)]
+fn count(index: u32, by: u64) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // Per-CPU slot: no other CPU writes it.
+        unsafe { *slot += by };
+    }
+}
+
+/// Raw `prev_state` bits (TASK_*) → state class.
+#[inline(always)]
+fn classify_raw_state(preempt: bool, state: u32) -> u32 {
+    const TASK_INTERRUPTIBLE: u32 = 0x1;
+    const TASK_UNINTERRUPTIBLE: u32 = 0x2;
+    const TASK_NOLOAD: u32 = 0x400;
+    if preempt || state == 0 {
+        STATE_RUNQUEUE
+    } else if state & TASK_INTERRUPTIBLE != 0 {
+        STATE_SLEEP
+    } else if state & TASK_UNINTERRUPTIBLE != 0 {
+        if state & TASK_NOLOAD != 0 {
+            STATE_IDLE
+        } else {
+            STATE_DISK
+        }
+    } else {
+        STATE_OTHER
+    }
+}
+
+/// The tracepoint's reported `prev_state` (1 << task_state_index, or TASK_REPORT_MAX when
+/// preempted) → state class.
+#[inline(always)]
+fn classify_reported_state(state: u32) -> u32 {
+    const REPORT_S: u32 = 0x1;
+    const REPORT_D: u32 = 0x2;
+    const REPORT_I: u32 = 0x80;
+    if state == 0 || state == config(&TP_PREEMPT_STATE) {
+        STATE_RUNQUEUE
+    } else if state & REPORT_S != 0 {
+        STATE_SLEEP
+    } else if state & REPORT_D != 0 {
+        STATE_DISK
+    } else if state & REPORT_I != 0 {
+        STATE_IDLE
+    } else {
+        STATE_OTHER
+    }
+}
+
+#[inline(always)]
+fn stack_id<C: StackIdContext>(ctx: &C, flags: u64) -> i32 {
+    match ctx.get_stackid(&STACKS, flags) {
+        Ok(id) => id as i32,
+        Err(err) => {
+            if err == -EEXIST {
+                count(counter::STACK_COLLISION, 1);
+            } else if flags & BPF_F_USER_STACK as u64 != 0 {
+                count(counter::USER_STACK_MISSING, 1);
+            } else {
+                count(counter::KERNEL_STACK_ERROR, 1);
+            }
+            err
+        }
+    }
+}
+
+/// Switch-out of the current thread (`prev`). `task` is its task_struct.
+#[inline(always)]
+fn switch_out<C: StackIdContext>(ctx: &C, task: *const u8, state: u32, now: u64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    let tgid = (pid_tgid >> 32) as u32;
+    if tid == 0 {
+        return; // the idle task
+    }
+    if config(&FILTER_TGID) != 0 && unsafe { TGID_FILTER.get(tgid) }.is_none() {
+        return;
+    }
+    if config(&FILTER_TID) != 0 && unsafe { TID_FILTER.get(tid) }.is_none() {
+        return;
+    }
+    if config(&STATE_FILTER) & (1 << state) == 0 {
+        return;
+    }
+    let kind = config(&THREAD_KIND);
+    if kind != THREADS_ALL {
+        let flags: u32 = unsafe {
+            bpf_probe_read_kernel(task.add(config(&TASK_FLAGS_OFF) as usize) as *const u32)
+        }
+        .unwrap_or(0);
+        let is_kernel = flags & PF_KTHREAD != 0;
+        if is_kernel != (kind == THREADS_KERNEL) {
+            return;
+        }
+    }
+    let kernel_stack_id = stack_id(ctx, 0);
+    let user_stack_id = stack_id(ctx, BPF_F_USER_STACK as u64);
+    let start = OffcpuStart {
+        start_ns: now,
+        tgid,
+        kernel_stack_id,
+        user_stack_id,
+        state,
+    };
+    if let Some(slot) = STARTS.get_ptr_mut(tid) {
+        // Overwrite in place: cheaper than a map update on every switch.
+        unsafe { *slot = start };
+    } else if STARTS.insert(tid, start, 0).is_err() {
+        count(counter::START_MAP_FULL, 1);
+    }
+}
+
+/// Switch-in of thread `tid` (`next`). `comm` points at its 16-byte name (kernel memory).
+#[inline(always)]
+fn switch_in(tid: u32, comm: *const u8, now: u64) {
+    if tid == 0 {
+        return;
+    }
+    let Some(slot) = STARTS.get_ptr_mut(tid) else {
+        return;
+    };
+    let start = unsafe { *slot };
+    if start.start_ns == 0 {
+        return;
+    }
+    unsafe { (*slot).start_ns = 0 };
+    let delta = now.wrapping_sub(start.start_ns);
+    if delta < config(&MIN_BLOCK_NS) || delta > config(&MAX_BLOCK_NS) {
+        count(counter::FILTERED_DURATION, 1);
+        return;
+    }
+    let key = OffcpuKey {
+        tgid: start.tgid,
+        tid,
+        kernel_stack_id: start.kernel_stack_id,
+        user_stack_id: start.user_stack_id,
+        state: start.state,
+        _pad: 0,
+    };
+    count(counter::BLOCKS, 1);
+    if let Some(total) = TOTALS.get_ptr_mut(&key) {
+        // The key holds the tid and a thread switches in on one CPU at a time, so no other
+        // CPU updates this entry concurrently.
+        unsafe {
+            (*total).total_ns += delta;
+            (*total).count += 1;
+        }
+        return;
+    }
+    let value = OffcpuValue {
+        total_ns: delta,
+        count: 1,
+    };
+    if TOTALS.insert(&key, &value, 0).is_err() {
+        count(counter::AGG_MAP_FULL, 1);
+        count(counter::LOST_NS, delta);
+        return;
+    }
+    notify_new_task(start.tgid, tid, comm);
+}
+
+#[inline(always)]
+fn notify_new_task(tgid: u32, tid: u32, comm: *const u8) {
+    match NEW_TASKS.reserve::<NewTaskEvent>(0) {
+        Some(mut entry) => {
+            let event = entry.as_mut_ptr();
+            unsafe {
+                (*event).tgid = tgid;
+                (*event).tid = tid;
+                (*event).comm = bpf_probe_read_kernel(comm as *const [u8; 16]).unwrap_or([0; 16]);
+            }
+            entry.submit(0);
+        }
+        None => count(counter::EVENTS_LOST, 1),
+    }
+}
+
+/// `tp_btf/sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next,
+/// unsigned int prev_state)`.
+#[btf_tracepoint(function = "sched_switch")]
+pub fn offcpu_switch_btf(ctx: BtfTracePointContext) -> u32 {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let preempt: u64 = ctx.arg(0);
+    let prev: *const u8 = ctx.arg(1);
+    let next: *const u8 = ctx.arg(2);
+    let raw_state: u32 = if config(&BTF_HAS_PREV_STATE_ARG) != 0 {
+        ctx.arg::<u64>(3) as u32
+    } else {
+        unsafe {
+            bpf_probe_read_kernel(prev.add(config(&TASK_STATE_OFF) as usize) as *const u32)
+        }
+        .unwrap_or(0)
+    };
+    let state = classify_raw_state(preempt & 0xff != 0, raw_state);
+    switch_out(&ctx, prev, state, now);
+    let next_tid: u32 = unsafe {
+        bpf_probe_read_kernel(next.add(config(&TASK_PID_OFF) as usize) as *const u32)
+    }
+    .unwrap_or(0);
+    switch_in(
+        next_tid,
+        unsafe { next.add(config(&TASK_COMM_OFF) as usize) },
+        now,
+    );
+    0
+}
+
+/// Classic `sched:sched_switch` tracepoint; field offsets come from its format file.
+#[tracepoint(category = "sched", name = "sched_switch")]
+pub fn offcpu_switch_tp(ctx: TracePointContext) -> u32 {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let reported: u32 =
+        unsafe { ctx.read_at::<u64>(config(&TP_PREV_STATE_OFF) as usize) }.unwrap_or(0) as u32;
+    let state = classify_reported_state(reported);
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    switch_out(&ctx, task, state, now);
+    let next_tid: u32 =
+        unsafe { ctx.read_at::<u32>(config(&TP_NEXT_PID_OFF) as usize) }.unwrap_or(0);
+    let comm = unsafe { (ctx.as_ptr() as *const u8).add(config(&TP_NEXT_COMM_OFF) as usize) };
+    switch_in(next_tid, comm, now);
+    0
+}
+
+/// A thread exits: forget its pending start so the map does not fill with dead threads.
+#[tracepoint(category = "sched", name = "sched_process_exit")]
+pub fn offcpu_exit(_ctx: TracePointContext) -> u32 {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let _ = STARTS.remove(tid);
+    0
+}
