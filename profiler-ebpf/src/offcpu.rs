@@ -10,19 +10,19 @@
 //! Two entry points share the logic: `tp_btf/sched_switch` (preferred) and the classic
 //! `sched:sched_switch` tracepoint (fallback), picked by the loader after probing the kernel.
 
+use aya_ebpf::helpers::bpf_probe_read_kernel;
+use aya_ebpf::programs::tracing::StackIdContext;
 use aya_ebpf::{
+    EbpfContext,
     bindings::BPF_F_USER_STACK,
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns},
     macros::{btf_tracepoint, map, tracepoint},
     maps::{HashMap, PerCpuArray, RingBuf, StackTrace},
     programs::{BtfTracePointContext, TracePointContext},
-    EbpfContext,
 };
-use aya_ebpf::helpers::bpf_probe_read_kernel;
-use aya_ebpf::programs::tracing::StackIdContext;
 use profiler_common::offcpu::{
-    counter, NewTaskEvent, OffcpuKey, OffcpuStart, OffcpuValue, STATE_DISK, STATE_IDLE,
-    STATE_MASK_ANY, STATE_OTHER, STATE_RUNQUEUE, STATE_SLEEP, THREADS_ALL, THREADS_KERNEL,
+    NewTaskEvent, OffcpuKey, OffcpuStart, OffcpuValue, STATE_DISK, STATE_IDLE, STATE_MASK_ANY,
+    STATE_OTHER, STATE_RUNQUEUE, STATE_SLEEP, THREADS_ALL, THREADS_KERNEL, counter,
 };
 
 // ---- Configuration, set by the loader before load (read-only globals). ----
@@ -67,7 +67,6 @@ static TP_NEXT_PID_OFF: u32 = 56;
 static TP_PREEMPT_STATE: u32 = 0x100;
 
 const PF_KTHREAD: u32 = 0x0020_0000;
-const EFAULT: i32 = 14;
 const EEXIST: i32 = 17;
 
 // ---- Maps. Sizes are defaults; the loader may resize them. ----
@@ -287,17 +286,14 @@ pub fn offcpu_switch_btf(ctx: BtfTracePointContext) -> u32 {
     let raw_state: u32 = if config(&BTF_HAS_PREV_STATE_ARG) != 0 {
         ctx.arg::<u64>(3) as u32
     } else {
-        unsafe {
-            bpf_probe_read_kernel(prev.add(config(&TASK_STATE_OFF) as usize) as *const u32)
-        }
-        .unwrap_or(0)
+        unsafe { bpf_probe_read_kernel(prev.add(config(&TASK_STATE_OFF) as usize) as *const u32) }
+            .unwrap_or(0)
     };
     let state = classify_raw_state(preempt & 0xff != 0, raw_state);
     switch_out(&ctx, prev, state, now);
-    let next_tid: u32 = unsafe {
-        bpf_probe_read_kernel(next.add(config(&TASK_PID_OFF) as usize) as *const u32)
-    }
-    .unwrap_or(0);
+    let next_tid: u32 =
+        unsafe { bpf_probe_read_kernel(next.add(config(&TASK_PID_OFF) as usize) as *const u32) }
+            .unwrap_or(0);
     switch_in(
         next_tid,
         unsafe { next.add(config(&TASK_COMM_OFF) as usize) },

@@ -1,0 +1,172 @@
+//! Command-line interface: flags, their parsing and the hand-off to the library.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+
+use crate::probes::offcpu::{AttachMode, OffcpuConfig, StateFilter, ThreadFilter};
+use crate::record::RecordOptions;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "profiler",
+    version,
+    about = "eBPF kernel-level latency profiler"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Record where threads wait (off-CPU time with kernel and user stacks) for a while, then
+    /// write the capture, folded stacks, a flamegraph and a summary to the output directory.
+    Record(RecordArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RecordArgs {
+    /// How long to record (e.g. 30s, 500ms, 2m; a plain number is seconds). Ctrl-C ends early
+    /// and still writes everything.
+    #[arg(short, long, default_value = "30s", value_parser = parse_seconds)]
+    pub duration: Duration,
+    /// Only this process (repeatable). Default: the whole host.
+    #[arg(short, long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Only this thread (repeatable).
+    #[arg(long = "tid", value_name = "TID")]
+    pub tids: Vec<u32>,
+    /// Ignore blocks shorter than this (e.g. 1us, 2ms; a plain number is microseconds).
+    #[arg(long, default_value = "1us", value_parser = parse_micros)]
+    pub min_block: Duration,
+    /// Ignore blocks longer than this (a plain number is microseconds).
+    #[arg(long, value_parser = parse_micros)]
+    pub max_block: Option<Duration>,
+    /// Which waits count: any (including preemption), sleeping (interruptible), disk
+    /// (uninterruptible).
+    #[arg(long, value_enum, default_value_t = StateFilter::Any)]
+    pub state: StateFilter,
+    /// Trace user threads, kernel threads, or all.
+    #[arg(long, value_enum, default_value_t = ThreadFilter::All)]
+    pub threads: ThreadFilter,
+    /// Length of the intervals the capture keeps per-stack values for (used by comparisons).
+    #[arg(long, default_value = "1s", value_parser = parse_seconds)]
+    pub interval: Duration,
+    /// Output directory (created if missing).
+    #[arg(short, long, value_name = "DIR")]
+    pub output: PathBuf,
+    /// How many stacks the text summary shows.
+    #[arg(long, default_value_t = 10)]
+    pub top: usize,
+    /// How to hook sched_switch.
+    #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
+    pub attach: AttachMode,
+    /// Kernel BTF to read struct offsets from.
+    #[arg(long, default_value = "/sys/kernel/btf/vmlinux", hide = true)]
+    pub btf: PathBuf,
+}
+
+impl RecordArgs {
+    pub fn into_options(self) -> Result<RecordOptions> {
+        if self.duration.is_zero() {
+            bail!("--duration must be more than zero");
+        }
+        if self.interval.is_zero() {
+            bail!("--interval must be more than zero");
+        }
+        if let Some(max) = self.max_block
+            && max < self.min_block
+        {
+            bail!("--max-block is shorter than --min-block");
+        }
+        let state_name = format!("{:?}", self.state).to_lowercase();
+        let threads_name = format!("{:?}", self.threads).to_lowercase();
+        Ok(RecordOptions {
+            duration: self.duration,
+            interval: self.interval,
+            output: self.output,
+            offcpu: OffcpuConfig {
+                pids: self.pids,
+                tids: self.tids,
+                min_block_ns: self.min_block.as_nanos() as u64,
+                max_block_ns: self.max_block.map(|d| d.as_nanos() as u64),
+                state: self.state,
+                threads: self.threads,
+                attach: self.attach,
+                btf_path: self.btf,
+            },
+            state_name,
+            threads_name,
+            top: self.top,
+        })
+    }
+}
+
+/// `30s`, `500ms`, `2m`, `1h`, `10us`, `5ns`; `bare_unit_ns` applies to a plain number.
+fn parse_duration(text: &str, bare_unit_ns: u64) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (e.g. 30s, 500ms, 10us)"))?;
+    let unit_ns = match unit.trim() {
+        "" => bare_unit_ns as f64,
+        "ns" => 1.0,
+        "us" | "µs" => 1e3,
+        "ms" => 1e6,
+        "s" => 1e9,
+        "m" | "min" => 60e9,
+        "h" => 3600e9,
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?} (ns, us, ms, s, m, h)"
+            ));
+        }
+    };
+    let ns = value * unit_ns;
+    if !ns.is_finite() || ns < 0.0 || ns > u64::MAX as f64 {
+        return Err(format!("{text:?} is out of range"));
+    }
+    Ok(Duration::from_nanos(ns as u64))
+}
+
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    parse_duration(text, 1_000_000_000)
+}
+
+fn parse_micros(text: &str) -> Result<Duration, String> {
+    parse_duration(text, 1_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_durations_with_units() {
+        assert_eq!(parse_seconds("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_seconds("2").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_seconds("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_seconds("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_micros("10").unwrap(), Duration::from_micros(10));
+        assert_eq!(parse_micros("3ms").unwrap(), Duration::from_millis(3));
+        assert!(parse_seconds("soon").is_err());
+        assert!(parse_seconds("3 parsecs").is_err());
+        assert!(parse_seconds("").is_err());
+    }
+
+    #[test]
+    fn record_requires_an_output_dir() {
+        assert!(Cli::try_parse_from(["profiler", "record"]).is_err());
+        let cli = Cli::try_parse_from(["profiler", "record", "-o", "x", "-p", "1", "-p", "2"]);
+        let Command::Record(args) = cli.unwrap().command;
+        assert_eq!(args.pids, vec![1, 2]);
+        assert_eq!(args.duration, Duration::from_secs(30));
+    }
+}

@@ -1,0 +1,222 @@
+//! The Capture: one model of what was recorded, from which every output is rendered and
+//! which `diff` compares. Saved as versioned JSON (`capture.json`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context as _, Result, bail};
+use serde::{Deserialize, Serialize};
+
+pub const CAPTURE_FORMAT: &str = "profiler-capture";
+pub const CAPTURE_VERSION: u32 = 1;
+pub const CAPTURE_FILE: &str = "capture.json";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Capture {
+    /// Always `profiler-capture`: tells our files from others.
+    pub format: String,
+    /// Bumped on incompatible changes; readers refuse versions they do not know.
+    pub version: u32,
+    pub metadata: Metadata,
+    pub offcpu: Option<OffcpuProfile>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Metadata {
+    pub host: String,
+    pub kernel: String,
+    pub profiler_version: String,
+    /// Wall-clock start, milliseconds since the Unix epoch.
+    pub start_unix_ms: u64,
+    pub duration_ns: u64,
+    /// End of each interval, nanoseconds from the start; the per-interval values of every
+    /// stack line up with these.
+    pub interval_ends_ns: Vec<u64>,
+    pub filters: Filters,
+    /// How the kernel side attached (`tp_btf` or `tracepoint`).
+    pub attach: String,
+    /// Kernel-side counters (drops, collisions, full maps) and symbolization counters.
+    pub counters: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Filters {
+    pub pids: Vec<u32>,
+    pub tids: Vec<u32>,
+    pub min_block_ns: u64,
+    pub max_block_ns: Option<u64>,
+    pub state: String,
+    pub threads: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct OffcpuProfile {
+    pub stacks: Vec<Stack>,
+    pub processes: Vec<Process>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Process {
+    pub pid: u32,
+    pub comm: String,
+    pub exe: Option<String>,
+    /// The process was gone before the capture ended.
+    pub exited: bool,
+}
+
+/// Blocked time of one thread under one (kernel + user) stack and task state.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Stack {
+    pub pid: u32,
+    pub tid: u32,
+    /// Process name (the root frame of flamegraphs).
+    pub comm: String,
+    /// Why the thread was off the CPU: `runqueue`, `sleep`, `disk`, `idle`, `other`.
+    pub state: String,
+    /// Root (outermost user frame) first, leaf (innermost kernel frame) last.
+    pub frames: Vec<Frame>,
+    pub total_ns: u64,
+    pub count: u64,
+    /// Blocked nanoseconds in each interval (see `Metadata::interval_ends_ns`).
+    pub intervals: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash)]
+pub struct Frame {
+    pub name: String,
+    pub kind: FrameKind,
+    /// The file the frame lives in (user frames), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+    /// Offset in `module` (user) or the address (kernel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+    /// Inlined into its caller (the frame before it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inlined: bool,
+    /// Could not be resolved to a symbol; `name` is `module+0xoffset`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unresolved: bool,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum FrameKind {
+    User,
+    Kernel,
+    /// Placeholders such as `[no user stack]`.
+    Synthetic,
+}
+
+impl Capture {
+    pub fn new(metadata: Metadata) -> Self {
+        Self {
+            format: CAPTURE_FORMAT.to_string(),
+            version: CAPTURE_VERSION,
+            metadata,
+            offcpu: None,
+        }
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let file = std::fs::File::create(path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        let mut writer = std::io::BufWriter::new(file);
+        serde_json::to_writer(&mut writer, self)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        std::io::Write::flush(&mut writer)
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+
+    /// Loads a capture file, or `capture.json` inside a capture directory.
+    pub fn load(path: &Path) -> Result<Self> {
+        let file = if path.is_dir() {
+            path.join(CAPTURE_FILE)
+        } else {
+            path.to_path_buf()
+        };
+        let data =
+            std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+        Self::from_slice(&data)
+            .with_context(|| format!("{} is not a usable capture", file.display()))
+    }
+
+    pub fn from_slice(data: &[u8]) -> Result<Self> {
+        #[derive(Deserialize)]
+        struct Header {
+            format: String,
+            version: u32,
+        }
+        let header: Header =
+            serde_json::from_slice(data).context("not a profiler capture (no format/version)")?;
+        if header.format != CAPTURE_FORMAT {
+            bail!("unknown format {:?}", header.format);
+        }
+        if header.version != CAPTURE_VERSION {
+            bail!(
+                "capture version {} is not supported (this profiler reads version {CAPTURE_VERSION})",
+                header.version
+            );
+        }
+        serde_json::from_slice(data).context("corrupt capture")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Capture {
+        let mut capture = Capture::new(Metadata {
+            host: "h".into(),
+            kernel: "6.1".into(),
+            profiler_version: "0.1.0".into(),
+            start_unix_ms: 1,
+            duration_ns: 2_000_000_000,
+            interval_ends_ns: vec![1_000_000_000, 2_000_000_000],
+            filters: Filters::default(),
+            attach: "tp_btf".into(),
+            counters: BTreeMap::from([("stack_collisions".to_string(), 0)]),
+        });
+        capture.offcpu = Some(OffcpuProfile {
+            stacks: vec![Stack {
+                pid: 7,
+                tid: 8,
+                comm: "app".into(),
+                state: "sleep".into(),
+                frames: vec![Frame {
+                    name: "main".into(),
+                    kind: FrameKind::User,
+                    module: Some("/bin/app".into()),
+                    offset: Some(0x10),
+                    inlined: false,
+                    unresolved: false,
+                }],
+                total_ns: 5,
+                count: 1,
+                intervals: vec![5, 0],
+            }],
+            processes: vec![],
+        });
+        capture
+    }
+
+    #[test]
+    fn round_trips_through_json() {
+        let capture = sample();
+        let json = serde_json::to_vec(&capture).unwrap();
+        assert_eq!(Capture::from_slice(&json).unwrap(), capture);
+    }
+
+    #[test]
+    fn refuses_foreign_future_and_truncated_files() {
+        assert!(Capture::from_slice(b"{\"format\":\"other\",\"version\":1}").is_err());
+        let mut capture = sample();
+        capture.version = CAPTURE_VERSION + 1;
+        let err = Capture::from_slice(&serde_json::to_vec(&capture).unwrap()).unwrap_err();
+        assert!(format!("{err:#}").contains("not supported"));
+        let json = serde_json::to_vec(&sample()).unwrap();
+        assert!(Capture::from_slice(&json[..json.len() / 2]).is_err());
+        assert!(Capture::from_slice(b"\x00\x01garbage").is_err());
+    }
+}

@@ -1,0 +1,328 @@
+//! Turns captured instruction pointers into frames with blazesym: kernel frames from
+//! kallsyms, user frames from the ELF files (with DWARF for inlined functions and demangled
+//! names) at the (file, offset) the process's cached maps give. What cannot be resolved becomes
+//! `module+0xoffset`, never dropped, and is counted.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use blazesym::symbolize::source::{Elf, Kernel, Source};
+use blazesym::symbolize::{Input, Symbolized, Symbolizer as Blazesym};
+
+use crate::model::{Frame, FrameKind};
+use crate::procmaps::{Location, ProcessInfo};
+
+/// Frame counts, for the capture's counters.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SymbolizeStats {
+    pub user_addresses: u64,
+    pub kernel_addresses: u64,
+    pub unresolved_user: u64,
+    pub unresolved_kernel: u64,
+}
+
+/// Batches and caches symbolization. Not `Send` (blazesym's symbolizer is not): keep it on
+/// one thread.
+pub struct Symbolizer {
+    blazesym: Blazesym,
+    kernel: HashMap<u64, Vec<Frame>>,
+    user: HashMap<(String, u64), Vec<Frame>>,
+    pub stats: SymbolizeStats,
+}
+
+impl Default for Symbolizer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A user address made ready for lookup.
+enum UserKey {
+    File(String, u64),
+    Special(String, u64),
+    Unknown(u64),
+}
+
+impl Symbolizer {
+    pub fn new() -> Self {
+        Self {
+            blazesym: Blazesym::builder()
+                .enable_inlined_fns(true)
+                .enable_demangling(true)
+                .enable_code_info(true)
+                .build(),
+            kernel: HashMap::new(),
+            user: HashMap::new(),
+            stats: SymbolizeStats::default(),
+        }
+    }
+
+    /// Kernel frames for `ips` (innermost first, as captured), returned root first.
+    pub fn kernel_frames(&mut self, ips: &[u64]) -> Vec<Frame> {
+        let addrs: Vec<u64> = ips
+            .iter()
+            .enumerate()
+            .map(|(i, &ip)| adjust(i, ip))
+            .collect();
+        let missing: Vec<u64> = addrs
+            .iter()
+            .copied()
+            .filter(|a| !self.kernel.contains_key(a))
+            .collect();
+        if !missing.is_empty() {
+            self.resolve_kernel(&missing);
+        }
+        let mut frames = Vec::new();
+        for addr in addrs.iter().rev() {
+            frames.extend(self.kernel[addr].iter().cloned());
+        }
+        strip_tracing_frames(&mut frames);
+        frames
+    }
+
+    fn resolve_kernel(&mut self, addrs: &[u64]) {
+        let src = Source::Kernel(Kernel::default());
+        let results = self
+            .blazesym
+            .symbolize(&src, Input::AbsAddr(addrs))
+            .unwrap_or_default();
+        for (i, &addr) in addrs.iter().enumerate() {
+            self.stats.kernel_addresses += 1;
+            let frames = match results.get(i) {
+                Some(Symbolized::Sym(sym)) => expand(sym, FrameKind::Kernel, None, addr),
+                _ => {
+                    self.stats.unresolved_kernel += 1;
+                    vec![unresolved(FrameKind::Kernel, "[kernel]", addr, None)]
+                }
+            };
+            self.kernel.insert(addr, frames);
+        }
+    }
+
+    /// User frames for `ips` (innermost first) in `process` (whose maps were cached while it
+    /// lived), returned root first.
+    pub fn user_frames(&mut self, process: Option<&ProcessInfo>, ips: &[u64]) -> Vec<Frame> {
+        let keys: Vec<UserKey> = ips
+            .iter()
+            .enumerate()
+            .map(|(i, &ip)| {
+                let addr = adjust(i, ip);
+                match process.map(|p| p.locate(addr)) {
+                    Some(Location::File { path, offset }) => {
+                        UserKey::File(path.to_string(), offset)
+                    }
+                    Some(Location::Special { name, offset }) => {
+                        UserKey::Special(name.to_string(), offset)
+                    }
+                    _ => UserKey::Unknown(addr),
+                }
+            })
+            .collect();
+        let mut by_file: HashMap<&str, Vec<u64>> = HashMap::new();
+        for key in &keys {
+            if let UserKey::File(path, offset) = key
+                && !self.user.contains_key(&(path.clone(), *offset))
+            {
+                by_file.entry(path).or_default().push(*offset);
+            }
+        }
+        let by_file: Vec<(String, Vec<u64>)> = by_file
+            .into_iter()
+            .map(|(p, mut o)| {
+                o.sort_unstable();
+                o.dedup();
+                (p.to_string(), o)
+            })
+            .collect();
+        for (path, offsets) in by_file {
+            self.resolve_file(&path, &offsets);
+        }
+        let mut frames = Vec::new();
+        for key in keys.iter().rev() {
+            match key {
+                UserKey::File(path, offset) => {
+                    frames.extend(self.user[&(path.clone(), *offset)].iter().cloned())
+                }
+                UserKey::Special(name, offset) => {
+                    self.stats.user_addresses += 1;
+                    self.stats.unresolved_user += 1;
+                    frames.push(unresolved(
+                        FrameKind::User,
+                        &basename(name),
+                        *offset,
+                        Some(name),
+                    ));
+                }
+                UserKey::Unknown(addr) => {
+                    self.stats.user_addresses += 1;
+                    self.stats.unresolved_user += 1;
+                    frames.push(unresolved(FrameKind::User, "[unknown]", *addr, None));
+                }
+            }
+        }
+        frames
+    }
+
+    fn resolve_file(&mut self, path: &str, offsets: &[u64]) {
+        let src = Source::Elf(Elf::new(path));
+        let results = self
+            .blazesym
+            .symbolize(&src, Input::FileOffset(offsets))
+            .unwrap_or_default();
+        let module = basename(path);
+        for (i, &offset) in offsets.iter().enumerate() {
+            self.stats.user_addresses += 1;
+            let frames = match results.get(i) {
+                Some(Symbolized::Sym(sym)) => expand(sym, FrameKind::User, Some(path), offset),
+                _ => {
+                    self.stats.unresolved_user += 1;
+                    vec![unresolved(FrameKind::User, &module, offset, Some(path))]
+                }
+            };
+            self.user.insert((path.to_string(), offset), frames);
+        }
+    }
+}
+
+/// The innermost kernel frames of a stack taken in a tracepoint are the tracing machinery
+/// itself (our program, `bpf_trace_run*`, `__traceiter_*`, `perf_trace_*`…): cut them so the
+/// stack ends where the thread really was (`__schedule`).
+fn strip_tracing_frames(frames: &mut Vec<Frame>) {
+    const TRACING: [&str; 7] = [
+        "bpf_prog_",
+        "bpf_trace_run",
+        "__bpf_trace_",
+        "__traceiter_",
+        "perf_trace_",
+        "trace_call_bpf",
+        "perf_tp_event",
+    ];
+    let is_tracing = |f: &Frame| TRACING.iter().any(|p| f.name.starts_with(p));
+    // Only look at the innermost few frames: a real kernel path never has these deeper.
+    let window = frames.len().saturating_sub(10);
+    if let Some(outermost) = frames[window..].iter().position(is_tracing) {
+        frames.truncate(window + outermost);
+    }
+}
+
+fn basename(path: &str) -> String {
+    Path::new(path)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.to_string())
+}
+
+/// Return addresses point after the call; step back into the call instruction for every
+/// frame but the innermost so that inlining and line info describe the call site.
+fn adjust(index: usize, ip: u64) -> u64 {
+    if index == 0 { ip } else { ip.saturating_sub(1) }
+}
+
+/// A symbol and the functions inlined at the address, outermost first.
+fn expand(
+    sym: &blazesym::symbolize::Sym<'_>,
+    kind: FrameKind,
+    module: Option<&str>,
+    offset: u64,
+) -> Vec<Frame> {
+    let mut frames = vec![Frame {
+        name: sym.name.to_string(),
+        kind,
+        module: module.map(str::to_string),
+        offset: Some(offset),
+        inlined: false,
+        unresolved: false,
+    }];
+    for inlined in sym.inlined.iter() {
+        frames.push(Frame {
+            name: inlined.name.to_string(),
+            kind,
+            module: module.map(str::to_string),
+            offset: Some(offset),
+            inlined: true,
+            unresolved: false,
+        });
+    }
+    frames
+}
+
+fn unresolved(kind: FrameKind, module_name: &str, offset: u64, module: Option<&str>) -> Frame {
+    Frame {
+        name: format!("{module_name}+{offset:#x}"),
+        kind,
+        module: module.map(str::to_string),
+        offset: Some(offset),
+        inlined: false,
+        unresolved: true,
+    }
+}
+
+/// A placeholder frame for a stack that was not captured (the reason is in the name).
+pub fn missing_stack_frame(kind: FrameKind, stack_id: i32) -> Frame {
+    let what = match kind {
+        FrameKind::Kernel => "kernel",
+        _ => "user",
+    };
+    let reason = match -stack_id {
+        14 => "none",               // EFAULT: no such stack (kernel thread) or not walkable
+        17 => "lost: collision",    // EEXIST: stack map hash collision
+        12 | 7 => "lost: map full", // ENOMEM / E2BIG
+        _ => "lost",
+    };
+    Frame {
+        name: format!("[{what} stack {reason}]"),
+        kind: FrameKind::Synthetic,
+        module: None,
+        offset: None,
+        inlined: false,
+        unresolved: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[inline(never)]
+    fn a_distinctively_named_function() -> u64 {
+        a_distinctively_named_function as *const () as u64
+    }
+
+    #[test]
+    fn resolves_own_function_through_file_offset() {
+        let mut cache = crate::procmaps::ProcessCache::default();
+        let pid = std::process::id();
+        cache.observe(pid, "test");
+        let addr = a_distinctively_named_function() + 1;
+        let mut symbolizer = Symbolizer::new();
+        let frames = symbolizer.user_frames(cache.get(pid), &[addr]);
+        assert!(
+            frames
+                .iter()
+                .any(|f| f.name.ends_with("a_distinctively_named_function")),
+            "{frames:?}"
+        );
+        assert_eq!(symbolizer.stats.unresolved_user, 0);
+    }
+
+    #[test]
+    fn unknown_addresses_keep_their_address() {
+        let mut symbolizer = Symbolizer::new();
+        let frames = symbolizer.user_frames(None, &[0x1234]);
+        assert_eq!(frames[0].name, "[unknown]+0x1234");
+        assert!(frames[0].unresolved);
+        assert_eq!(symbolizer.stats.unresolved_user, 1);
+    }
+
+    #[test]
+    fn missing_stacks_say_why() {
+        assert_eq!(
+            missing_stack_frame(FrameKind::User, -14).name,
+            "[user stack none]"
+        );
+        assert_eq!(
+            missing_stack_frame(FrameKind::Kernel, -17).name,
+            "[kernel stack lost: collision]"
+        );
+    }
+}

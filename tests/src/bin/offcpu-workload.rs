@@ -1,0 +1,179 @@
+//! Test workload for the off-CPU probes: distinctively named functions that block in known
+//! ways, each measuring its own blocked time (the oracle the tests compare against).
+//!
+//! Every blocking call is a raw `syscall` instruction inside the named function itself, so
+//! the user stack the kernel captures starts in that function and walks (frame pointers)
+//! through its callers, with no libc frame in between.
+//!
+//! Usage: offcpu-workload --iterations N --block-ms M --report FILE
+//! It prints `ready PID` and waits for a line on stdin before it starts.
+
+use std::arch::asm;
+use std::io::BufRead as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+const SYS_READ: usize = 0;
+const SYS_WRITE: usize = 1;
+const SYS_NANOSLEEP: usize = 35;
+const SYS_FUTEX: usize = 202;
+const FUTEX_WAIT_PRIVATE: usize = 128;
+const FUTEX_WAKE_PRIVATE: usize = 129;
+
+#[inline(always)]
+unsafe fn syscall3(n: usize, a1: usize, a2: usize, a3: usize) -> isize {
+    let ret: isize;
+    unsafe {
+        asm!("syscall", inlateout("rax") n as isize => ret, in("rdi") a1, in("rsi") a2,
+             in("rdx") a3, lateout("rcx") _, lateout("r11") _, options(nostack));
+    }
+    ret
+}
+
+#[inline(always)]
+unsafe fn syscall4(n: usize, a1: usize, a2: usize, a3: usize, a4: usize) -> isize {
+    let ret: isize;
+    unsafe {
+        asm!("syscall", inlateout("rax") n as isize => ret, in("rdi") a1, in("rsi") a2,
+             in("rdx") a3, in("r10") a4, lateout("rcx") _, lateout("r11") _, options(nostack));
+    }
+    ret
+}
+
+fn timespec(d: Duration) -> libc::timespec {
+    libc::timespec {
+        tv_sec: d.as_secs() as libc::time_t,
+        tv_nsec: d.subsec_nanos() as libc::c_long,
+    }
+}
+
+/// Blocks in read(2) on a pipe until the helper writes. Returns the time spent blocked.
+#[inline(never)]
+fn workload_pipe_read(fd: i32) -> Duration {
+    let mut byte = 0u8;
+    let start = Instant::now();
+    loop {
+        let ret = unsafe { syscall3(SYS_READ, fd as usize, &mut byte as *mut u8 as usize, 1) };
+        if ret != -(libc::EINTR as isize) {
+            assert_eq!(ret, 1, "pipe read failed: {ret}");
+            break;
+        }
+    }
+    start.elapsed()
+}
+
+/// Blocks in nanosleep(2) for `d`.
+#[inline(never)]
+fn workload_nanosleep(d: Duration) -> Duration {
+    let ts = timespec(d);
+    let start = Instant::now();
+    let ret = unsafe { syscall3(SYS_NANOSLEEP, &ts as *const _ as usize, 0, 0) };
+    assert_eq!(ret, 0, "nanosleep failed: {ret}");
+    start.elapsed()
+}
+
+/// Blocks in futex(FUTEX_WAIT) until the helper changes the word and wakes us.
+#[inline(never)]
+fn workload_futex_wait(word: &AtomicU32) -> Duration {
+    let start = Instant::now();
+    while word.load(Ordering::Acquire) == 0 {
+        unsafe {
+            syscall4(
+                SYS_FUTEX,
+                word.as_ptr() as usize,
+                FUTEX_WAIT_PRIVATE,
+                0,
+                0, // no timeout
+            )
+        };
+    }
+    start.elapsed()
+}
+
+/// The helper thread: sleeps `d`, then releases the main thread (pipe write or futex wake).
+#[inline(never)]
+fn helper_release_after(d: Duration, pipe_write_fd: i32, word: &AtomicU32, use_futex: bool) {
+    std::thread::sleep(d);
+    if use_futex {
+        word.store(1, Ordering::Release);
+        unsafe { syscall3(SYS_FUTEX, word.as_ptr() as usize, FUTEX_WAKE_PRIVATE, 1) };
+    } else {
+        let byte = 1u8;
+        let ret = unsafe {
+            syscall3(
+                SYS_WRITE,
+                pipe_write_fd as usize,
+                &byte as *const u8 as usize,
+                1,
+            )
+        };
+        assert_eq!(ret, 1);
+    }
+}
+
+#[derive(Default)]
+struct Totals {
+    pipe: Duration,
+    nanosleep: Duration,
+    futex: Duration,
+}
+
+#[inline(never)]
+fn run_iterations(iterations: u32, block: Duration) -> Totals {
+    let mut fds = [0i32; 2];
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let word = Arc::new(AtomicU32::new(0));
+    let mut totals = Totals::default();
+    for _ in 0..iterations {
+        let helper_word = Arc::clone(&word);
+        let write_fd = fds[1];
+        let helper =
+            std::thread::spawn(move || helper_release_after(block, write_fd, &helper_word, false));
+        totals.pipe += workload_pipe_read(fds[0]);
+        helper.join().expect("helper");
+
+        totals.nanosleep += workload_nanosleep(block);
+
+        word.store(0, Ordering::Release);
+        let helper_word = Arc::clone(&word);
+        let helper =
+            std::thread::spawn(move || helper_release_after(block, write_fd, &helper_word, true));
+        totals.futex += workload_futex_wait(&word);
+        helper.join().expect("helper");
+    }
+    totals
+}
+
+fn main() {
+    let mut iterations = 10u32;
+    let mut block_ms = 20u64;
+    let mut report = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().expect("missing value");
+        match arg.as_str() {
+            "--iterations" => iterations = value().parse().expect("number"),
+            "--block-ms" => block_ms = value().parse().expect("number"),
+            "--report" => report = Some(value()),
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    println!("ready {}", std::process::id());
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).expect("stdin");
+
+    let totals = run_iterations(iterations, Duration::from_millis(block_ms));
+    let json = format!(
+        "{{\"pid\":{},\"iterations\":{iterations},\"blocked_ns\":{{\"workload_pipe_read\":{},\
+         \"workload_nanosleep\":{},\"workload_futex_wait\":{}}}}}\n",
+        std::process::id(),
+        totals.pipe.as_nanos(),
+        totals.nanosleep.as_nanos(),
+        totals.futex.as_nanos()
+    );
+    match report {
+        Some(path) => std::fs::write(path, json).expect("write report"),
+        None => print!("{json}"),
+    }
+}
