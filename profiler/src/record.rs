@@ -299,7 +299,7 @@ impl Progress {
 
     fn update(&self, elapsed: Duration, series: &Series, processes: usize, probe: &OffcpuProbe) {
         let secs = elapsed.as_secs();
-        if !self.tty && secs % 5 != 0 {
+        if !self.tty && !secs.is_multiple_of(5) {
             return;
         }
         let lost: u64 = probe

@@ -135,7 +135,7 @@ pub fn summary(capture: &Capture, top: usize) -> String {
         entry.1 += stack.count;
     }
     let mut ranked: Vec<_> = merged.into_values().collect();
-    ranked.sort_by(|a, b| b.0.cmp(&a.0));
+    ranked.sort_by_key(|entry| std::cmp::Reverse(entry.0));
     let _ = writeln!(out, "top blocking stacks:");
     for (rank, (ns, count, stack)) in ranked.iter().take(top).enumerate() {
         let avg = if *count > 0 { ns / count } else { 0 };

@@ -1,1 +1,218 @@
+//! Helpers for the privileged end-to-end tests: run the real `profiler` binary against real
+//! workloads on the running kernel, and read what it wrote.
 
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// These tests load eBPF programs: without root they cannot run, and that is a failure.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "end-to-end tests load eBPF programs into the kernel and must run as root \
+         (use `cargo xtask test` as root)"
+    );
+}
+
+/// The `profiler` binary built next to this test binary (`cargo xtask test` builds it).
+pub fn profiler_bin() -> PathBuf {
+    built_binary("profiler")
+}
+
+/// A binary of the workspace built in the same profile as this test binary:
+/// target/<profile>/deps/<test> → target/<profile>/<name>.
+pub fn built_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary in target/<profile>/deps");
+    let bin = dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: build the workspace first (`cargo build`, or run `cargo xtask test`)",
+        bin.display()
+    );
+    bin
+}
+
+/// A fresh output directory under the system temp dir.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("profiler-e2e-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+/// The off-CPU workload, started and waiting for `go()`.
+pub struct Workload {
+    pub pid: u32,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    report: PathBuf,
+}
+
+impl Workload {
+    pub fn start(iterations: u32, block_ms: u64, report: &Path) -> Self {
+        let mut child = Command::new(built_binary("offcpu-workload"))
+            .args(["--iterations", &iterations.to_string()])
+            .args(["--block-ms", &block_ms.to_string()])
+            .arg("--report")
+            .arg(report)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start offcpu-workload");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("ready line");
+        let pid = line
+            .trim()
+            .strip_prefix("ready ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("workload said {line:?}"));
+        Self {
+            pid,
+            stdin: child.stdin.take(),
+            child,
+            report: report.to_path_buf(),
+        }
+    }
+
+    /// Lets it run its iterations.
+    pub fn go(&mut self) {
+        let mut stdin = self.stdin.take().expect("go once");
+        stdin.write_all(b"go\n").expect("write go");
+    }
+
+    /// Waits for it to finish and returns its own measurement of blocked time per function.
+    pub fn finish(mut self) -> Value {
+        let status = self.child.wait().expect("wait workload");
+        assert!(status.success(), "workload failed: {status}");
+        let text = std::fs::read_to_string(&self.report).expect("workload report");
+        serde_json::from_str(&text).expect("report json")
+    }
+}
+
+/// A running `profiler record`.
+pub struct Recording {
+    child: Child,
+    stderr_lines: mpsc::Receiver<String>,
+    pub output: PathBuf,
+}
+
+impl Recording {
+    /// Starts `profiler record -o OUTPUT ARGS…` and waits until it says it is recording.
+    pub fn start(output: &Path, args: &[&str]) -> Self {
+        let mut child = Command::new(profiler_bin())
+            .arg("record")
+            .arg("-o")
+            .arg(output)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start profiler");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut seen = Vec::new();
+        loop {
+            match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) if line.starts_with("recording off-CPU time") => break,
+                Ok(line) => seen.push(line),
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("profiler did not start recording; stderr: {seen:?}");
+                }
+            }
+        }
+        Self {
+            child,
+            stderr_lines: rx,
+            output: output.to_path_buf(),
+        }
+    }
+
+    /// Ctrl-C: the profiler must stop and still write everything.
+    pub fn interrupt(self) -> (Value, String) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        self.wait()
+    }
+
+    /// Waits for the end; returns the capture and what it printed on stdout.
+    pub fn wait(self) -> (Value, String) {
+        let output = self.child.wait_with_output().expect("wait profiler");
+        let stderr: Vec<String> = self.stderr_lines.try_iter().collect();
+        assert!(
+            output.status.success(),
+            "profiler failed ({}): {stderr:?}",
+            output.status
+        );
+        let capture = read_capture(&self.output);
+        (
+            capture,
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        )
+    }
+}
+
+pub fn read_capture(dir: &Path) -> Value {
+    let text = std::fs::read_to_string(dir.join("capture.json")).expect("capture.json");
+    serde_json::from_str(&text).expect("capture json")
+}
+
+/// Runs the profiler to completion with `args` (for error cases).
+pub fn run_profiler(args: &[&str]) -> Output {
+    Command::new(profiler_bin())
+        .args(args)
+        .output()
+        .expect("run profiler")
+}
+
+/// Stacks of `pid` in the capture.
+pub fn stacks_of(capture: &Value, pid: u32) -> Vec<&Value> {
+    capture["offcpu"]["stacks"]
+        .as_array()
+        .expect("stacks")
+        .iter()
+        .filter(|s| s["pid"].as_u64() == Some(pid as u64))
+        .collect()
+}
+
+/// Frame names of a stack, root first.
+pub fn frame_names(stack: &Value) -> Vec<&str> {
+    stack["frames"]
+        .as_array()
+        .expect("frames")
+        .iter()
+        .map(|f| f["name"].as_str().expect("name"))
+        .collect()
+}
+
+/// Whether a (demangled, path-qualified) frame name is function `function`.
+pub fn is_function(name: &str, function: &str) -> bool {
+    name == function || name.ends_with(&format!("::{function}"))
+}
+
+/// Total blocked ns of `pid`'s stacks that pass through `function`.
+pub fn blocked_ns_in(capture: &Value, pid: u32, function: &str) -> u64 {
+    stacks_of(capture, pid)
+        .into_iter()
+        .filter(|s| frame_names(s).iter().any(|n| is_function(n, function)))
+        .map(|s| s["total_ns"].as_u64().expect("total_ns"))
+        .sum()
+}

@@ -1,0 +1,201 @@
+//! End-to-end tests of off-CPU recording: the real profiler binary, the running kernel and a
+//! workload whose functions block in known ways and time themselves.
+//!
+//! Oracle: the workload's own measurement (CLOCK_MONOTONIC around each blocking syscall) of
+//! the time each function spent blocked. The profiler measures switch-out to switch-in in
+//! the kernel; the two must agree within ±5%.
+
+use profiler_tests::*;
+
+const FUNCTIONS: [&str; 3] = [
+    "workload_pipe_read",
+    "workload_nanosleep",
+    "workload_futex_wait",
+];
+
+/// Records the workload by pid with extra args, ending with Ctrl-C; returns capture, stdout
+/// and the workload's own report.
+fn record_workload(
+    name: &str,
+    extra: &[&str],
+) -> (serde_json::Value, String, serde_json::Value, u32) {
+    require_root();
+    let dir = temp_dir(name);
+    let mut workload = Workload::start(15, 20, &dir.join("workload.json"));
+    let pid = workload.pid.to_string();
+    let mut args = vec!["--duration", "60s", "-p", &pid];
+    args.extend_from_slice(extra);
+    let recording = Recording::start(&dir.join("out"), &args);
+    workload.go();
+    let report = workload.finish();
+    let (capture, stdout) = recording.interrupt();
+    let pid = report["pid"].as_u64().unwrap() as u32;
+    (capture, stdout, report, pid)
+}
+
+fn assert_matches_oracle(capture: &serde_json::Value, report: &serde_json::Value, pid: u32) {
+    for function in FUNCTIONS {
+        let expected = report["blocked_ns"][function].as_u64().unwrap() as f64;
+        let measured = blocked_ns_in(capture, pid, function) as f64;
+        let error = (measured - expected).abs() / expected;
+        println!(
+            "{function}: workload measured {:.3} ms, profiler {:.3} ms ({:+.2}%)",
+            expected / 1e6,
+            measured / 1e6,
+            (measured - expected) / expected * 100.0
+        );
+        assert!(
+            error <= 0.05,
+            "{function}: profiler says {measured} ns, the workload measured {expected} ns"
+        );
+    }
+}
+
+/// Every stack through a workload function has the true callers above it.
+fn assert_callers(capture: &serde_json::Value, pid: u32) {
+    for function in FUNCTIONS {
+        let stacks: Vec<_> = stacks_of(capture, pid)
+            .into_iter()
+            .filter(|s| frame_names(s).iter().any(|n| is_function(n, function)))
+            .collect();
+        assert!(!stacks.is_empty(), "no stack through {function}");
+        for stack in stacks {
+            let names = frame_names(stack);
+            let at = names.iter().position(|n| is_function(n, function)).unwrap();
+            assert!(at >= 2, "{function} has no callers: {names:?}");
+            assert!(
+                is_function(names[at - 1], "run_iterations") && is_function(names[at - 2], "main"),
+                "wrong callers of {function}: {names:?}"
+            );
+            // The leaf is the kernel's scheduler, reached through a syscall.
+            assert!(
+                names.iter().any(|n| n.starts_with("entry_SYSCALL")),
+                "no syscall entry in {names:?}"
+            );
+            assert_eq!(stack["comm"], "offcpu-workload");
+            assert_eq!(stack["state"], "sleep");
+        }
+    }
+}
+
+#[test]
+fn blocked_time_per_function_matches_the_workloads_own_timing() {
+    let (capture, stdout, report, pid) = record_workload("pid", &[]);
+    assert_matches_oracle(&capture, &report, pid);
+    assert_callers(&capture, pid);
+    // Only the requested process was recorded.
+    let stacks = capture["offcpu"]["stacks"].as_array().unwrap();
+    assert!(stacks.iter().all(|s| s["pid"].as_u64() == Some(pid as u64)));
+    assert_eq!(capture["format"], "profiler-capture");
+    assert_eq!(capture["version"], 1);
+    assert_eq!(capture["metadata"]["filters"]["pids"][0], pid);
+    // Per-interval values add up to the totals.
+    for stack in stacks {
+        let sum: u64 = stack["intervals"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .sum();
+        assert_eq!(sum, stack["total_ns"].as_u64().unwrap());
+    }
+    // The summary names the blocking functions.
+    assert!(stdout.contains("top blocking stacks"), "{stdout}");
+    assert!(stdout.contains("workload_pipe_read"), "{stdout}");
+}
+
+#[test]
+fn folded_and_svg_outputs_hold_the_workload_stacks() {
+    require_root();
+    let dir = temp_dir("views");
+    let mut workload = Workload::start(5, 20, &dir.join("workload.json"));
+    let pid = workload.pid.to_string();
+    let recording = Recording::start(&dir.join("out"), &["--duration", "60s", "-p", &pid]);
+    workload.go();
+    let report = workload.finish();
+    let (_capture, _) = recording.interrupt();
+    let folded = std::fs::read_to_string(dir.join("out/offcpu.folded")).unwrap();
+    let line = folded
+        .lines()
+        .find(|l| l.contains("workload_nanosleep"))
+        .expect("a folded line through workload_nanosleep");
+    assert!(line.starts_with("offcpu-workload;"), "{line}");
+    assert!(line.contains("_[k]"), "kernel frames marked: {line}");
+    let us: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    let expected_us = report["blocked_ns"]["workload_nanosleep"].as_u64().unwrap() / 1000;
+    assert!(
+        us.abs_diff(expected_us) * 20 <= expected_us,
+        "folded {us} us vs workload {expected_us} us"
+    );
+    let svg = std::fs::read_to_string(dir.join("out/offcpu.svg")).unwrap();
+    assert!(svg.starts_with("<?xml"));
+    assert!(svg.contains("Off-CPU time"));
+    assert!(svg.contains("workload_futex_wait"));
+    assert!(
+        std::fs::read_to_string(dir.join("out/summary.txt"))
+            .unwrap()
+            .contains("off-CPU:")
+    );
+}
+
+#[test]
+fn tracepoint_fallback_measures_the_same() {
+    let (capture, _, report, pid) = record_workload("tracepoint", &["--attach", "tracepoint"]);
+    assert_eq!(capture["metadata"]["attach"], "tracepoint");
+    assert_matches_oracle(&capture, &report, pid);
+    assert_callers(&capture, pid);
+}
+
+#[test]
+fn min_block_and_tid_filters_apply_in_the_kernel() {
+    // Blocks of 20 ms are all shorter than 40 ms: none may appear, and they are counted.
+    let (capture, _, _report, pid) = record_workload("minblock", &["--min-block", "40ms"]);
+    for function in FUNCTIONS {
+        assert_eq!(blocked_ns_in(&capture, pid, function), 0, "{function}");
+    }
+    assert!(
+        capture["metadata"]["counters"]["filtered_by_duration"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+
+    // Only the main thread (tid == pid): the helper threads' sleeps are absent.
+    require_root();
+    let dir = temp_dir("tid");
+    let mut workload = Workload::start(5, 20, &dir.join("workload.json"));
+    let tid = workload.pid.to_string();
+    let recording = Recording::start(&dir.join("out"), &["--duration", "60s", "--tid", &tid]);
+    workload.go();
+    let report = workload.finish();
+    let (capture, _) = recording.interrupt();
+    let pid = report["pid"].as_u64().unwrap() as u32;
+    let stacks = stacks_of(&capture, pid);
+    assert!(!stacks.is_empty());
+    assert!(stacks.iter().all(|s| s["tid"].as_u64() == Some(pid as u64)));
+    assert_eq!(blocked_ns_in(&capture, pid, "helper_release_after"), 0);
+    assert!(blocked_ns_in(&capture, pid, "workload_nanosleep") > 0);
+}
+
+#[test]
+fn whole_host_capture_symbolizes_a_process_that_exited_before_the_end() {
+    require_root();
+    let dir = temp_dir("exited");
+    let mut workload = Workload::start(5, 20, &dir.join("workload.json"));
+    // Whole host: the profiler learns of the workload only from the kernel (new-task events).
+    let recording = Recording::start(&dir.join("out"), &["--duration", "4s"]);
+    workload.go();
+    let report = workload.finish(); // ~0.4 s of work, long before the 4 s end
+    let (capture, _) = recording.wait();
+    let pid = report["pid"].as_u64().unwrap() as u32;
+    let process = capture["offcpu"]["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pid"].as_u64() == Some(pid as u64))
+        .expect("the workload is listed");
+    assert_eq!(process["exited"], true);
+    assert_eq!(process["comm"], "offcpu-workload");
+    assert_matches_oracle(&capture, &report, pid);
+    assert_callers(&capture, pid);
+}

@@ -1,0 +1,246 @@
+//! `cargo xtask setup`: installs what building and testing need on Debian/Ubuntu, one
+//! progress line per step. Safe to re-run: each step first checks whether it is done.
+//! The recipe is the verified one in shared/TOOLCHAIN.md.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::run_checked;
+
+/// Debian packages: the eBPF compiler (Debian's rustc with its source), the LLVM that
+/// bpf-linker links, and the peers and tools the tests and benchmarks use.
+const PACKAGES: &[(&str, &str)] = &[
+    (
+        "rustc-web",
+        "Rust compiler whose sysroot has the source for -Z build-std",
+    ),
+    ("cargo-web", "cargo matching rustc-web"),
+    ("rust-web-src", "Rust library source for build-std=core"),
+    (
+        "llvm-22-dev",
+        "LLVM 22 for bpf-linker (same major as rustc-web)",
+    ),
+    ("libzstd-dev", "bpf-linker's LLVM link dependency"),
+    ("zlib1g-dev", "bpf-linker's LLVM link dependency"),
+    ("linux-perf", "perf bench sched pipe for benchmarks"),
+    (
+        "libbpf-tools",
+        "offcputime, the peer benchmarks compare with",
+    ),
+    ("bpftool", "inspecting loaded programs"),
+    ("util-linux", "setpriv, for the unprivileged-user tests"),
+];
+
+/// The rustup toolchain name linked to Debian's compiler; profiler/build.rs uses it.
+const TOOLCHAIN_NAME: &str = "profiler-bpf";
+
+struct Steps {
+    total: usize,
+    current: usize,
+}
+
+impl Steps {
+    fn step(&mut self, what: &str) {
+        self.current += 1;
+        println!("[setup {}/{}] {what}", self.current, self.total);
+    }
+}
+
+pub fn run() -> Result<()> {
+    let mut steps = Steps {
+        total: 5,
+        current: 0,
+    };
+    steps.step("Debian packages");
+    install_packages()?;
+    steps.step("bpf-linker (links the eBPF object)");
+    install_bpf_linker()?;
+    steps.step(&format!(
+        "rustup toolchain `{TOOLCHAIN_NAME}` for the eBPF build"
+    ));
+    link_toolchain()?;
+    steps.step("tracefs at /sys/kernel/tracing");
+    mount_tracefs()?;
+    steps.step("kernel BTF");
+    if Path::new("/sys/kernel/btf/vmlinux").exists() {
+        println!("      ok: /sys/kernel/btf/vmlinux");
+    } else {
+        bail!("this kernel has no /sys/kernel/btf/vmlinux (needs CONFIG_DEBUG_INFO_BTF=y)");
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn install_packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(name, _)| !installed(name))
+        .map(|(name, _)| *name)
+        .collect();
+    if missing.is_empty() {
+        println!("      ok: all {} already installed", PACKAGES.len());
+        return Ok(());
+    }
+    for (name, why) in PACKAGES.iter().filter(|(n, _)| missing.contains(n)) {
+        println!("      missing: {name} ({why})");
+    }
+    if Command::new("apt-get").arg("--version").output().is_err() {
+        bail!("apt-get not found: install {} by hand", missing.join(" "));
+    }
+    if !is_root() {
+        bail!("installing {} needs root; run as root", missing.join(" "));
+    }
+    println!("      running apt-get update");
+    run_checked(
+        Command::new("apt-get").args(["update", "-q"]),
+        "apt-get update",
+    )?;
+    println!("      running apt-get install {}", missing.join(" "));
+    run_checked(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        "apt-get install",
+    )?;
+    println!("      installed: {}", missing.join(" "));
+    Ok(())
+}
+
+fn cargo_bin_dir() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".cargo"))
+        .join("bin")
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
+}
+
+fn install_bpf_linker() -> Result<()> {
+    let existing = Command::new("bpf-linker").arg("--version").output();
+    if let Ok(out) = existing
+        && out.status.success()
+    {
+        println!("      ok: {}", String::from_utf8_lossy(&out.stdout).trim());
+        return Ok(());
+    }
+    println!("      building bpf-linker 0.13 against /usr/lib/llvm-22 (takes a few minutes)");
+    run_checked(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                "~0.13",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+        "cargo install bpf-linker",
+    )?;
+    let bin = cargo_bin_dir().join("bpf-linker");
+    if !bin.exists() {
+        bail!("bpf-linker was built but {} is missing", bin.display());
+    }
+    let on_path = std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .any(|dir| Path::new(dir).join("bpf-linker").exists());
+    if !on_path {
+        bail!(
+            "bpf-linker is in {} which is not on PATH; add it to PATH",
+            cargo_bin_dir().display()
+        );
+    }
+    println!("      installed: {}", bin.display());
+    Ok(())
+}
+
+fn has_rust_src(toolchain: &str) -> bool {
+    let Ok(out) = Command::new("rustup")
+        .args(["run", toolchain, "rustc", "--print", "sysroot"])
+        .output()
+    else {
+        return false;
+    };
+    out.status.success()
+        && Path::new(String::from_utf8_lossy(&out.stdout).trim())
+            .join("lib/rustlib/src/rust/library/core")
+            .is_dir()
+}
+
+fn link_toolchain() -> Result<()> {
+    if has_rust_src(TOOLCHAIN_NAME) {
+        println!("      ok: `{TOOLCHAIN_NAME}` is linked to a compiler with rust-src");
+        return Ok(());
+    }
+    let dir = home().join(".local/share/profiler/bpf-toolchain");
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).with_context(|| format!("cannot create {}", bin.display()))?;
+    // rustup only checks that a linked toolchain has bin/ and lib/.
+    std::fs::create_dir_all(dir.join("lib"))?;
+    for tool in ["rustc", "cargo", "rustdoc"] {
+        let target = Path::new("/usr/bin").join(tool);
+        if !target.exists() {
+            bail!(
+                "{} is missing (package rustc-web/cargo-web)",
+                target.display()
+            );
+        }
+        let link = bin.join(tool);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&target, &link)
+            .with_context(|| format!("cannot link {}", link.display()))?;
+    }
+    run_checked(
+        Command::new("rustup")
+            .args(["toolchain", "link", TOOLCHAIN_NAME])
+            .arg(&dir),
+        "rustup toolchain link",
+    )?;
+    if !has_rust_src(TOOLCHAIN_NAME) {
+        bail!(
+            "`{TOOLCHAIN_NAME}` is linked but its sysroot has no rust-src (package rust-web-src)"
+        );
+    }
+    println!(
+        "      linked `{TOOLCHAIN_NAME}` -> {} (/usr/bin/rustc)",
+        dir.display()
+    );
+    Ok(())
+}
+
+fn mount_tracefs() -> Result<()> {
+    if Path::new("/sys/kernel/tracing/events").is_dir() {
+        println!("      ok: mounted");
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("tracefs is not mounted and mounting it needs root");
+    }
+    run_checked(
+        Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]),
+        "mount tracefs",
+    )?;
+    println!("      mounted");
+    Ok(())
+}
