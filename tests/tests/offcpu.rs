@@ -67,6 +67,14 @@ fn assert_callers(capture: &serde_json::Value, pid: u32) {
                 is_function(names[at - 1], "run_iterations") && is_function(names[at - 2], "main"),
                 "wrong callers of {function}: {names:?}"
             );
+            // The raw syscall helper is inlined into the function: blazesym's DWARF
+            // inline information shows it as its own frame, marked inlined.
+            let frames = stack["frames"].as_array().unwrap();
+            assert!(
+                is_function(names[at + 1], "syscall3") || is_function(names[at + 1], "syscall4"),
+                "no inlined syscall frame under {function}: {names:?}"
+            );
+            assert_eq!(frames[at + 1]["inlined"], true, "{:?}", frames[at + 1]);
             // The leaf is the kernel's scheduler, reached through a syscall.
             assert!(
                 names.iter().any(|n| n.starts_with("entry_SYSCALL")),
@@ -165,7 +173,10 @@ fn min_block_and_tid_filters_apply_in_the_kernel() {
     let dir = temp_dir("tid");
     let mut workload = Workload::start(5, 20, &dir.join("workload.json"));
     let tid = workload.pid.to_string();
-    let recording = Recording::start(&dir.join("out"), &["--duration", "60s", "--tid", &tid]);
+    let recording = Recording::start(
+        &dir.join("out"),
+        &["--duration", "60s", "--tid", &tid, "--state", "sleeping"],
+    );
     workload.go();
     let report = workload.finish();
     let (capture, _) = recording.interrupt();
@@ -175,6 +186,42 @@ fn min_block_and_tid_filters_apply_in_the_kernel() {
     assert!(stacks.iter().all(|s| s["tid"].as_u64() == Some(pid as u64)));
     assert_eq!(blocked_ns_in(&capture, pid, "helper_release_after"), 0);
     assert!(blocked_ns_in(&capture, pid, "workload_nanosleep") > 0);
+    assert!(stacks.iter().all(|s| s["state"] == "sleep"));
+}
+
+#[test]
+fn thread_kind_filter_separates_kernel_and_user_threads() {
+    require_root();
+    let dir = temp_dir("threads");
+    let (kernel, _) =
+        Recording::start(&dir.join("kernel"), &["-d", "2s", "--threads", "kernel"]).wait();
+    let stacks = kernel["offcpu"]["stacks"].as_array().unwrap();
+    assert!(
+        !stacks.is_empty(),
+        "kernel threads always block (kworkers, rcu)"
+    );
+    for stack in stacks {
+        // Kernel threads have no user stack.
+        assert_eq!(frame_names(stack)[0], "[user stack none]", "{stack}");
+    }
+    let (user, _) = Recording::start(&dir.join("user"), &["-d", "2s", "--threads", "user"]).wait();
+    let stacks = user["offcpu"]["stacks"].as_array().unwrap();
+    assert!(
+        !stacks.is_empty(),
+        "this test's own profiler blocks in user space"
+    );
+    let kernel_pids: std::collections::HashSet<u64> = kernel["offcpu"]["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["pid"].as_u64().unwrap())
+        .collect();
+    for stack in stacks {
+        assert!(
+            !kernel_pids.contains(&stack["pid"].as_u64().unwrap()),
+            "{stack}"
+        );
+    }
 }
 
 #[test]

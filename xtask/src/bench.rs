@@ -1,10 +1,13 @@
 //! `cargo xtask bench [offcpu]`: overhead measured as ratios against a baseline run in the
 //! same invocation, alternating the variants so drift hits them all alike.
 //!
-//! offcpu: cost per operation of `perf bench sched pipe` (two threads ping-ponging through a
+//! offcpu: cost per operation of `perf bench sched pipe` (two tasks ping-ponging through a
 //! pipe: two context switches per operation, the worst case for a sched_switch probe) with
-//! nothing attached, with `profiler record` on the whole host, and with libbpf-tools'
-//! `offcputime` (the peer) on the whole host.
+//! nothing attached, with `profiler record` on the whole host (tp_btf, and the tracepoint
+//! fallback), and with libbpf-tools' `offcputime` (the peer) on the whole host. Each is
+//! measured twice per round: free to use both CPUs (cross-CPU wakeups dominate the cost), and
+//! pinned to one CPU with `taskset -c 0` (the cost is then mostly the context switch itself,
+//! so the probe's own cost per switch shows undiluted).
 
 use std::io::{BufRead as _, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -25,6 +28,7 @@ pub fn run(args: &[String]) -> Result<()> {
 enum Variant {
     Baseline,
     Profiler,
+    ProfilerTracepoint,
     Offcputime,
 }
 
@@ -32,11 +36,15 @@ impl Variant {
     fn name(self) -> &'static str {
         match self {
             Self::Baseline => "nothing attached",
-            Self::Profiler => "profiler record (whole host)",
-            Self::Offcputime => "libbpf-tools offcputime (whole host)",
+            Self::Profiler => "profiler record (tp_btf)",
+            Self::ProfilerTracepoint => "profiler record (tracepoint)",
+            Self::Offcputime => "libbpf-tools offcputime",
         }
     }
 }
+
+/// How perf bench runs: on both CPUs, or pinned to CPU 0.
+const MODES: [(&str, Option<&str>); 2] = [("2 CPUs", None), ("pinned", Some("0"))];
 
 fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -46,13 +54,19 @@ fn env_number(name: &str, default: u64) -> u64 {
 }
 
 fn offcpu() -> Result<()> {
-    let rounds = env_number("BENCH_ROUNDS", 7) as usize;
+    let rounds = env_number("BENCH_ROUNDS", 5) as usize;
     let loops = env_number("BENCH_LOOPS", 200_000);
-    let variants = [Variant::Baseline, Variant::Profiler, Variant::Offcputime];
+    let variants = [
+        Variant::Baseline,
+        Variant::Profiler,
+        Variant::ProfilerTracepoint,
+        Variant::Offcputime,
+    ];
     println!(
         "[bench offcpu] perf bench sched pipe -l {loops}, {rounds} rounds, variants alternating"
     );
-    let mut results: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    // results[mode][variant] = usecs/op of each round
+    let mut results = vec![vec![Vec::new(); variants.len()]; MODES.len()];
     for round in 0..rounds {
         for i in 0..variants.len() {
             // Rotate the order each round so no variant always runs first or last.
@@ -60,22 +74,29 @@ fn offcpu() -> Result<()> {
             let variant = variants[index];
             let usecs = measure(variant, loops)
                 .with_context(|| format!("round {round}: {}", variant.name()))?;
-            println!(
-                "  round {round}: {:<40} {usecs:.3} usecs/op",
-                variant.name()
-            );
-            results[index].push(usecs);
+            for (mode, value) in usecs.iter().enumerate() {
+                println!(
+                    "  round {round}: {:<30} {:<7} {value:>8.3} usecs/op",
+                    variant.name(),
+                    MODES[mode].0
+                );
+                results[mode][index].push(*value);
+            }
         }
     }
-    let medians: Vec<f64> = results.iter_mut().map(|r| median(r)).collect();
-    println!("[bench offcpu] medians over {rounds} rounds (ratio = cost per op / baseline):");
-    for (i, variant) in variants.iter().enumerate() {
-        println!(
-            "  {:<40} {:>8.3} usecs/op  ratio {:.3}x",
-            variant.name(),
-            medians[i],
-            medians[i] / medians[0]
-        );
+    println!(
+        "[bench offcpu] medians over {rounds} rounds (ratio = cost per op / nothing attached):"
+    );
+    for (mode, (mode_name, _)) in MODES.iter().enumerate() {
+        let medians: Vec<f64> = results[mode].iter_mut().map(|r| median(r)).collect();
+        for (i, variant) in variants.iter().enumerate() {
+            println!(
+                "  {mode_name:<7} {:<30} {:>8.3} usecs/op  ratio {:.3}x",
+                variant.name(),
+                medians[i],
+                medians[i] / medians[0]
+            );
+        }
     }
     Ok(())
 }
@@ -85,21 +106,34 @@ fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
-fn measure(variant: Variant, loops: u64) -> Result<f64> {
+/// usecs/op in each of `MODES`, with the variant's tracer attached.
+fn measure(variant: Variant, loops: u64) -> Result<Vec<f64>> {
     let tracer = match variant {
         Variant::Baseline => None,
-        Variant::Profiler => Some(start_profiler()?),
+        Variant::Profiler => Some(start_profiler("tp-btf")?),
+        Variant::ProfilerTracepoint => Some(start_profiler("tracepoint")?),
         Variant::Offcputime => Some(start_offcputime()?),
     };
-    let result = perf_bench(loops);
+    let result: Result<Vec<f64>> = MODES
+        .iter()
+        .map(|(_, cpu)| perf_bench(loops, *cpu))
+        .collect();
     if let Some(tracer) = tracer {
         stop(tracer, variant)?;
     }
     result
 }
 
-fn perf_bench(loops: u64) -> Result<f64> {
-    let out = Command::new("perf")
+fn perf_bench(loops: u64, cpu: Option<&str>) -> Result<f64> {
+    let mut cmd = match cpu {
+        Some(cpu) => {
+            let mut cmd = Command::new("taskset");
+            cmd.args(["-c", cpu, "perf"]);
+            cmd
+        }
+        None => Command::new("perf"),
+    };
+    let out = cmd
         .args(["bench", "sched", "pipe", "-l", &loops.to_string()])
         .output()
         .context("cannot run perf (package linux-perf)")?;
@@ -117,10 +151,10 @@ fn perf_bench(loops: u64) -> Result<f64> {
         .with_context(|| format!("no usecs/op in perf output: {text}"))
 }
 
-fn start_profiler() -> Result<Child> {
+fn start_profiler(attach: &str) -> Result<Child> {
     let out_dir = std::env::temp_dir().join(format!("profiler-bench-{}", std::process::id()));
     let mut child = Command::new(workspace_root().join("target/release/profiler"))
-        .args(["record", "--duration", "1h", "-o"])
+        .args(["record", "--duration", "1h", "--attach", attach, "-o"])
         .arg(&out_dir)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -161,7 +195,7 @@ fn stop(mut child: Child, variant: Variant) -> Result<()> {
     // SAFETY: plain kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let status = child.wait()?;
-    if variant == Variant::Profiler && !status.success() {
+    if variant != Variant::Offcputime && !status.success() {
         bail!("the profiler failed after SIGINT ({status})");
     }
     Ok(())
