@@ -25,6 +25,63 @@ pub enum Command {
     /// Record where threads wait (off-CPU time with kernel and user stacks) for a while, then
     /// write the capture, folded stacks, a flamegraph and a summary to the output directory.
     Record(RecordArgs),
+    /// Compare two captures (or two folded files) and flag significant regressions: a
+    /// differential flamegraph, ranked functions and stacks, Markdown and JSON reports.
+    /// Exit code: 0 no significant regression, 1 regression found (with
+    /// --fail-on-regression), 2 usage or input error.
+    Diff(DiffArgs),
+    /// Re-render a saved capture in another format.
+    Report(ReportArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DiffArgs {
+    /// Base: a capture directory or capture.json, or a folded file.
+    pub base: PathBuf,
+    /// New: the same kind of input as BASE.
+    pub new: PathBuf,
+    /// Write diff.svg, diff.folded, report.md and report.json here.
+    #[arg(short, long, value_name = "DIR")]
+    pub output: Option<PathBuf>,
+    /// Exit with 1 when a significant regression is found.
+    #[arg(long)]
+    pub fail_on_regression: bool,
+    /// Minimum relative growth to flag, in percent.
+    #[arg(long, default_value_t = 10.0, value_name = "PERCENT")]
+    pub threshold: f64,
+    /// Minimum absolute growth to flag: microseconds of off-CPU time per second for captures
+    /// (default 1000, i.e. 1 ms/s), counts for folded files (default 1% of the base total).
+    #[arg(long, value_name = "AMOUNT")]
+    pub min_abs: Option<f64>,
+    /// Family-wise false-positive rate of the significance test.
+    #[arg(long, default_value_t = 0.01)]
+    pub alpha: f64,
+    /// Rows per ranked list.
+    #[arg(long, default_value_t = 10)]
+    pub top: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportFormat {
+    Svg,
+    Folded,
+    Pprof,
+    Json,
+    Md,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReportArgs {
+    /// A capture directory or capture.json.
+    pub capture: PathBuf,
+    #[arg(long, value_enum)]
+    pub format: ReportFormat,
+    /// Output file (default: standard output).
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Stacks shown by the md format.
+    #[arg(long, default_value_t = 10)]
+    pub top: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -165,7 +222,9 @@ mod tests {
     fn record_requires_an_output_dir() {
         assert!(Cli::try_parse_from(["profiler", "record"]).is_err());
         let cli = Cli::try_parse_from(["profiler", "record", "-o", "x", "-p", "1", "-p", "2"]);
-        let Command::Record(args) = cli.unwrap().command;
+        let Command::Record(args) = cli.unwrap().command else {
+            panic!("not record")
+        };
         assert_eq!(args.pids, vec![1, 2]);
         assert_eq!(args.duration, Duration::from_secs(30));
     }

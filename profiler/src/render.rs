@@ -53,31 +53,50 @@ fn clean(name: &str) -> String {
     }
 }
 
-/// Writes a flamegraph SVG of folded lines.
+/// Writes a flamegraph SVG of folded lines to a file.
 pub fn flamegraph_svg(lines: &[String], title: &str, count_name: &str, path: &Path) -> Result<()> {
     let file =
         std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    write_flamegraph(lines, title, count_name, std::io::BufWriter::new(file))
+}
+
+/// Writes a flamegraph SVG of folded lines (inferno; blue palette, counts in `count_name`).
+pub fn write_flamegraph<W: std::io::Write>(
+    lines: &[String],
+    title: &str,
+    count_name: &str,
+    writer: W,
+) -> Result<()> {
     let mut options = Options::default();
     options.title = title.to_string();
     options.count_name = count_name.to_string();
     options.colors = Palette::Basic(BasicPalette::Blue);
-    if lines.is_empty() {
+    let blank = ["[no samples] 1".to_string()];
+    let lines = if lines.is_empty() {
         // inferno refuses empty input; an empty capture still gets a (blank) picture.
         options.subtitle = Some("no samples".to_string());
-        let blank = ["[no samples] 1".to_string()];
-        return flamegraph::from_lines(
-            &mut options,
-            blank.iter().map(String::as_str),
-            std::io::BufWriter::new(file),
-        )
-        .context("rendering the flamegraph failed");
-    }
-    flamegraph::from_lines(
-        &mut options,
-        lines.iter().map(String::as_str),
-        std::io::BufWriter::new(file),
+        &blank[..]
+    } else {
+        lines
+    };
+    flamegraph::from_lines(&mut options, lines.iter().map(String::as_str), writer)
+        .context("rendering the flamegraph failed")
+}
+
+/// The text summary as Markdown, with the capture's metadata.
+pub fn markdown_summary(capture: &Capture, top: usize) -> String {
+    let meta = &capture.metadata;
+    format!(
+        "# Off-CPU capture\n\nHost `{}`, kernel `{}`, {:.1} s, {} intervals, attach `{}`, \
+         profiler {}.\n\n```\n{}```\n",
+        meta.host,
+        meta.kernel,
+        meta.duration_ns as f64 / 1e9,
+        meta.interval_ends_ns.len(),
+        meta.attach,
+        meta.profiler_version,
+        summary(capture, top)
     )
-    .context("rendering the flamegraph failed")
 }
 
 fn seconds(ns: u64) -> String {

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+pub mod rawsys;
+
 /// These tests load eBPF programs: without root they cannot run, and that is a failure.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
@@ -215,4 +217,97 @@ pub fn blocked_ns_in(capture: &Value, pid: u32, function: &str) -> u64 {
         .filter(|s| frame_names(s).iter().any(|n| is_function(n, function)))
         .map(|s| s["total_ns"].as_u64().expect("total_ns"))
         .sum()
+}
+
+/// Records `diff-workload --extra-ms EXTRA` by pid for `seconds`, into `dir`.
+pub fn record_diff_workload(dir: &Path, extra_ms: u64, seconds: &str, interval: &str) {
+    let mut workload = Command::new(built_binary("diff-workload"))
+        .args(["--extra-ms", &extra_ms.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start diff-workload");
+    let mut line = String::new();
+    BufReader::new(workload.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("ready line");
+    let pid = line.trim().trim_start_matches("ready ").to_string();
+    let recording = Recording::start(dir, &["-p", &pid, "-d", seconds, "--interval", interval]);
+    let _ = recording.wait();
+    let _ = workload.kill();
+    let _ = workload.wait();
+}
+
+/// Outcome of one `profiler diff`.
+pub struct DiffOutcome {
+    pub exit_code: i32,
+    pub report: Value,
+}
+
+/// Runs `profiler diff BASE NEW --fail-on-regression -o OUT`.
+pub fn run_diff(base: &Path, new: &Path, out: &Path) -> DiffOutcome {
+    let output = Command::new(profiler_bin())
+        .arg("diff")
+        .arg(base)
+        .arg(new)
+        .arg("--fail-on-regression")
+        .arg("-o")
+        .arg(out)
+        .output()
+        .expect("run profiler diff");
+    let code = output.status.code().expect("exit code");
+    assert!(
+        code == 0 || code == 1,
+        "diff failed ({code}): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = std::fs::read_to_string(out.join("report.json")).expect("report.json");
+    DiffOutcome {
+        exit_code: code,
+        report: serde_json::from_str(&text).expect("report json"),
+    }
+}
+
+/// The first regressed function in your code, as the report ranks them.
+pub fn first_regressed_user_function(report: &Value) -> Option<String> {
+    report["regressions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["kind"] == "function" && c["kernel"] == false)
+        .and_then(|c| c["name"].as_str())
+        .map(str::to_string)
+}
+
+/// Runs `pairs` A-vs-A and A-vs-B comparisons of the diff workload (+`extra_ms` in
+/// `stage_query` for B); returns (A-vs-A pairs flagged, A-vs-B pairs flagged with
+/// `stage_query` named first).
+pub fn diff_quality(pairs: usize, extra_ms: u64, seconds: &str, interval: &str) -> (usize, usize) {
+    let dir = temp_dir("diff-quality");
+    let mut false_alarms = 0;
+    let mut found = 0;
+    for pair in 0..pairs {
+        let base = dir.join(format!("{pair}-base"));
+        let same = dir.join(format!("{pair}-same"));
+        let slow = dir.join(format!("{pair}-slow"));
+        record_diff_workload(&base, 0, seconds, interval);
+        record_diff_workload(&same, 0, seconds, interval);
+        record_diff_workload(&slow, extra_ms, seconds, interval);
+        let a = run_diff(&base, &same, &dir.join(format!("{pair}-diff-aa")));
+        let b = run_diff(&base, &slow, &dir.join(format!("{pair}-diff-ab")));
+        let flagged_aa = a.exit_code == 1;
+        let named = first_regressed_user_function(&b.report);
+        let caught = b.exit_code == 1
+            && named
+                .as_deref()
+                .is_some_and(|n| n == "stage_query" || n.ends_with("::stage_query"));
+        println!(
+            "pair {pair}: A-vs-A {}, A-vs-B {} (first regressed function: {})",
+            if flagged_aa { "FLAGGED" } else { "clean" },
+            if caught { "caught" } else { "MISSED" },
+            named.as_deref().unwrap_or("none")
+        );
+        false_alarms += usize::from(flagged_aa);
+        found += usize::from(caught);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    (false_alarms, found)
 }

@@ -119,8 +119,34 @@ fn test() -> Result<()> {
     println!("[test] unit and end-to-end tests (as root, against the running kernel)");
     // One test at a time: end-to-end tests measure blocked time on a 2-CPU machine and must
     // not compete with each other for CPUs.
-    run_checked(
-        cargo().args(["test", "--", "--test-threads=1"]),
-        "cargo test",
-    )
+    let mut child = cargo()
+        .args(["test", "--", "--test-threads=1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot start cargo test")?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            passed += count_before(rest, " passed");
+            failed += count_before(rest, " failed");
+        }
+    }
+    let status = child.wait()?;
+    // cargo's last "test result" line is often an empty doc-test crate; this is the total.
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
+    Ok(())
+}
+
+/// The number just before `word` in a cargo `test result:` line.
+fn count_before(text: &str, word: &str) -> u64 {
+    text.find(word)
+        .and_then(|end| text[..end].rsplit([' ', '.', ';']).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }

@@ -8,45 +8,12 @@
 //! Usage: offcpu-workload --iterations N --block-ms M --report FILE
 //! It prints `ready PID` and waits for a line on stdin before it starts.
 
-use std::arch::asm;
 use std::io::BufRead as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-const SYS_READ: usize = 0;
-const SYS_WRITE: usize = 1;
-const SYS_NANOSLEEP: usize = 35;
-const SYS_FUTEX: usize = 202;
-const FUTEX_WAIT_PRIVATE: usize = 128;
-const FUTEX_WAKE_PRIVATE: usize = 129;
-
-#[inline(always)]
-unsafe fn syscall3(n: usize, a1: usize, a2: usize, a3: usize) -> isize {
-    let ret: isize;
-    unsafe {
-        asm!("syscall", inlateout("rax") n as isize => ret, in("rdi") a1, in("rsi") a2,
-             in("rdx") a3, lateout("rcx") _, lateout("r11") _, options(nostack));
-    }
-    ret
-}
-
-#[inline(always)]
-unsafe fn syscall4(n: usize, a1: usize, a2: usize, a3: usize, a4: usize) -> isize {
-    let ret: isize;
-    unsafe {
-        asm!("syscall", inlateout("rax") n as isize => ret, in("rdi") a1, in("rsi") a2,
-             in("rdx") a3, in("r10") a4, lateout("rcx") _, lateout("r11") _, options(nostack));
-    }
-    ret
-}
-
-fn timespec(d: Duration) -> libc::timespec {
-    libc::timespec {
-        tv_sec: d.as_secs() as libc::time_t,
-        tv_nsec: d.subsec_nanos() as libc::c_long,
-    }
-}
+use profiler_tests::rawsys::*;
 
 /// Blocks in read(2) on a pipe until the helper writes. Returns the time spent blocked.
 #[inline(never)]

@@ -1,0 +1,490 @@
+//! Regression verdicts between two profiles (`profiler diff`).
+//!
+//! Both sides are reduced to entities — whole stacks, and functions (inclusive and self) —
+//! each with a rate (off-CPU microseconds per second of capture) and, for captures, the rate in
+//! every interval. An entity regressed when all of these hold:
+//! - relative growth ≥ `relative` (default 10%) and absolute growth ≥ `min_abs` (default
+//!   1000 us/s, i.e. 1 ms of waiting per second);
+//! - captures only: a one-sided Welch's t-test on the per-interval rates, with Holm's
+//!   correction over every entity large enough to matter (max of the two rates ≥ `min_abs`),
+//!   gives an adjusted p below `alpha` (default 0.01): the chance that a diff of two runs of
+//!   the same code reports any regression is then at most `alpha`, however many stacks and
+//!   functions the profiles hold (as far as interval rates behave like independent samples).
+//!
+//! Folded files carry no intervals: their entities are judged by the thresholds alone, and the
+//! report says so.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use anyhow::{Context as _, Result, bail};
+use serde::Serialize;
+
+use crate::model::Capture;
+use crate::render::folded_path;
+use crate::stats::{holm, welch_greater};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InputKind {
+    Capture,
+    Folded,
+}
+
+/// One side of a comparison.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub source: String,
+    pub kind: InputKind,
+    /// Capture length in seconds (captures only).
+    pub duration_s: Option<f64>,
+    /// Length of each interval in seconds (captures only).
+    pub interval_s: Vec<f64>,
+    /// Folded path → (total value, value in each interval).
+    pub stacks: BTreeMap<String, (f64, Vec<f64>)>,
+}
+
+impl Profile {
+    /// A capture directory or file, or a folded file (told apart by content).
+    pub fn load(path: &Path) -> Result<Self> {
+        let source = path.display().to_string();
+        let is_capture = path.is_dir()
+            || std::fs::read(path)
+                .with_context(|| format!("cannot read {source}"))?
+                .iter()
+                .find(|b| !b.is_ascii_whitespace())
+                == Some(&b'{');
+        if is_capture {
+            Ok(Self::from_capture(&Capture::load(path)?, source))
+        } else {
+            let stacks = crate::folded::load(path)?
+                .into_iter()
+                .map(|(path, count)| (path, (count, Vec::new())))
+                .collect();
+            Ok(Self {
+                source,
+                kind: InputKind::Folded,
+                duration_s: None,
+                interval_s: Vec::new(),
+                stacks,
+            })
+        }
+    }
+
+    pub fn from_capture(capture: &Capture, source: String) -> Self {
+        let ends = &capture.metadata.interval_ends_ns;
+        let interval_s: Vec<f64> = ends
+            .iter()
+            .enumerate()
+            .map(|(i, end)| (end - if i == 0 { 0 } else { ends[i - 1] }) as f64 / 1e9)
+            .collect();
+        let mut stacks: BTreeMap<String, (f64, Vec<f64>)> = BTreeMap::new();
+        for stack in capture.offcpu.iter().flat_map(|o| &o.stacks) {
+            let entry = stacks
+                .entry(folded_path(stack))
+                .or_insert_with(|| (0.0, vec![0.0; interval_s.len()]));
+            entry.0 += stack.total_ns as f64 / 1e3;
+            for (slot, value) in entry.1.iter_mut().zip(&stack.intervals) {
+                *slot += *value as f64 / 1e3;
+            }
+        }
+        Self {
+            source,
+            kind: InputKind::Capture,
+            duration_s: Some(capture.metadata.duration_ns as f64 / 1e9),
+            interval_s,
+            stacks,
+        }
+    }
+
+    /// Value per second of capture (captures) or the value itself (folded).
+    fn rate(&self, total: f64) -> f64 {
+        match self.duration_s {
+            Some(d) if d > 0.0 => total / d,
+            _ => total,
+        }
+    }
+
+    /// Per-interval rates of a per-interval series. Intervals shorter than half the typical
+    /// one (the last, cut short by the end of the capture) are left out: a few milliseconds
+    /// give a rate that is mostly noise.
+    fn interval_rates(&self, values: &[f64]) -> Vec<f64> {
+        let mut lengths = self.interval_s.clone();
+        lengths.sort_by(|a, b| a.total_cmp(b));
+        let typical = lengths.get(lengths.len() / 2).copied().unwrap_or(0.0);
+        values
+            .iter()
+            .zip(&self.interval_s)
+            .filter(|(_, len)| **len > 0.0 && **len >= typical / 2.0)
+            .map(|(v, len)| v / len)
+            .collect()
+    }
+
+    pub fn unit(&self) -> &'static str {
+        match self.kind {
+            InputKind::Capture => "us/s",
+            InputKind::Folded => "samples",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Thresholds {
+    /// Minimum relative growth (0.10 = 10%).
+    pub relative: f64,
+    /// Minimum absolute growth, in the profile's unit (us/s for captures); `None`: 1000 us/s
+    /// for captures, 1% of the base total for folded files.
+    pub min_abs: Option<f64>,
+    /// Family-wise false-positive rate.
+    pub alpha: f64,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Self {
+            relative: 0.10,
+            min_abs: None,
+            alpha: 0.01,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum EntityKind {
+    Function,
+    Stack,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Change {
+    pub kind: EntityKind,
+    pub name: String,
+    /// Kernel function (for functions; stacks: false).
+    pub kernel: bool,
+    pub base: f64,
+    pub new: f64,
+    pub delta: f64,
+    /// `delta / base`; infinite when new.
+    #[serde(serialize_with = "finite_or_null")]
+    pub relative: f64,
+    /// Self time (the frame is the leaf), functions only.
+    pub base_self: f64,
+    pub new_self: f64,
+    /// Holm-adjusted one-sided p-value for the direction of the change (captures).
+    pub p_adjusted: Option<f64>,
+    pub significant: bool,
+}
+
+fn finite_or_null<S: serde::Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+    if v.is_finite() {
+        s.serialize_f64(*v)
+    } else {
+        s.serialize_none()
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub base: String,
+    pub new: String,
+    pub kind: InputKind,
+    pub unit: String,
+    pub method: String,
+    pub relative_threshold: f64,
+    pub absolute_threshold: f64,
+    pub alpha: f64,
+    pub base_total: f64,
+    pub new_total: f64,
+    pub regression: bool,
+    /// Significant regressions: functions first (user code, then kernel), then stacks;
+    /// each group ranked by relative growth.
+    pub regressions: Vec<Change>,
+    pub improvements: Vec<Change>,
+    /// Entities that changed past the thresholds but not significantly.
+    pub not_significant: usize,
+    pub entities_tested: usize,
+    pub base_stacks: BTreeMap<String, f64>,
+    pub new_stacks: BTreeMap<String, f64>,
+    pub warnings: Vec<String>,
+}
+
+/// Per-entity data gathered from one profile.
+#[derive(Default, Clone)]
+struct Sides {
+    total: [f64; 2],
+    self_total: [f64; 2],
+    intervals: [Vec<f64>; 2],
+}
+
+pub fn compare(base: &Profile, new: &Profile, thresholds: &Thresholds) -> Result<Report> {
+    if base.kind != new.kind {
+        bail!(
+            "cannot compare a {:?} input ({}) with a {:?} input ({}): give two captures or two \
+             folded files",
+            base.kind,
+            base.source,
+            new.kind,
+            new.source
+        );
+    }
+    let mut entities: BTreeMap<(EntityKind, String), Sides> = BTreeMap::new();
+    for (side, profile) in [base, new].into_iter().enumerate() {
+        let n = profile.interval_s.len();
+        for (path, (total, intervals)) in &profile.stacks {
+            let frames: Vec<&str> = path.split(';').collect();
+            let mut add = |kind: EntityKind, name: &str, is_self: bool| {
+                let entry = entities.entry((kind, name.to_string())).or_default();
+                if entry.intervals[side].len() != n {
+                    entry.intervals[side] = vec![0.0; n];
+                }
+                if is_self {
+                    entry.self_total[side] += total;
+                    return;
+                }
+                entry.total[side] += total;
+                for (slot, v) in entry.intervals[side].iter_mut().zip(intervals) {
+                    *slot += v;
+                }
+            };
+            add(EntityKind::Stack, path, false);
+            // Functions: every frame but the root (process name) and placeholders such as
+            // `[user stack none]`, counted once per stack.
+            let unique: BTreeSet<&str> = frames
+                .iter()
+                .skip(1)
+                .copied()
+                .filter(|f| !f.starts_with('['))
+                .collect();
+            for name in unique {
+                add(EntityKind::Function, name, false);
+            }
+            if frames.len() > 1 && !frames[frames.len() - 1].starts_with('[') {
+                add(EntityKind::Function, frames[frames.len() - 1], true);
+            }
+        }
+    }
+
+    let base_total = base.rate(base.stacks.values().map(|(t, _)| t).sum());
+    let new_total = new.rate(new.stacks.values().map(|(t, _)| t).sum());
+    let min_abs = thresholds.min_abs.unwrap_or(match base.kind {
+        InputKind::Capture => 1000.0,
+        InputKind::Folded => 0.01 * base_total.max(1.0),
+    });
+    let mut warnings = Vec::new();
+    let statistics = base.kind == InputKind::Capture;
+    if statistics && (base.interval_s.len() < 2 || new.interval_s.len() < 2) {
+        warnings.push(
+            "a capture has fewer than 2 intervals: no significance test is possible, so nothing \
+             can be flagged; record longer or with a shorter --interval"
+                .to_string(),
+        );
+    }
+    if let (Some(b), Some(n)) = (base.duration_s, new.duration_s)
+        && (b / n > 2.0 || n / b > 2.0)
+    {
+        warnings.push(format!(
+            "capture lengths differ a lot ({b:.1} s vs {n:.1} s); rates are per second, but \
+             the shorter one has fewer intervals"
+        ));
+    }
+
+    let mut changes: Vec<Change> = Vec::new();
+    let mut p_regress = Vec::new();
+    let mut p_improve = Vec::new();
+    for ((kind, name), sides) in &entities {
+        let b = base.rate(sides.total[0]);
+        let n = new.rate(sides.total[1]);
+        if b.max(n) < min_abs {
+            continue; // too small to matter, and not tested (keeps Holm's family small)
+        }
+        let delta = n - b;
+        let relative = if b > 0.0 { delta / b } else { f64::INFINITY };
+        let (p_up, p_down) = if statistics {
+            let rb = base.interval_rates(&sides.intervals[0]);
+            let rn = new.interval_rates(&sides.intervals[1]);
+            (welch_greater(&rb, &rn), welch_greater(&rn, &rb))
+        } else {
+            (None, None)
+        };
+        p_regress.push(p_up.unwrap_or(1.0));
+        p_improve.push(p_down.unwrap_or(1.0));
+        changes.push(Change {
+            kind: *kind,
+            kernel: *kind == EntityKind::Function && name.ends_with("_[k]"),
+            name: name.clone(),
+            base: b,
+            new: n,
+            delta,
+            relative,
+            base_self: base.rate(sides.self_total[0]),
+            new_self: new.rate(sides.self_total[1]),
+            p_adjusted: if statistics { Some(1.0) } else { None },
+            significant: false,
+        });
+    }
+    let entities_tested = changes.len();
+    let adj_regress = holm(&p_regress);
+    let adj_improve = holm(&p_improve);
+    let mut regressions = Vec::new();
+    let mut improvements = Vec::new();
+    let mut not_significant = 0;
+    for (i, mut change) in changes.into_iter().enumerate() {
+        let grew = change.delta >= min_abs && change.relative >= thresholds.relative;
+        let shrank = -change.delta >= min_abs && -change.relative >= thresholds.relative;
+        if !grew && !shrank {
+            continue;
+        }
+        let p = if grew { adj_regress[i] } else { adj_improve[i] };
+        if statistics {
+            change.p_adjusted = Some(p);
+            change.significant = p < thresholds.alpha;
+        } else {
+            change.significant = true;
+        }
+        if !change.significant {
+            not_significant += 1;
+            continue;
+        }
+        if grew {
+            regressions.push(change);
+        } else {
+            improvements.push(change);
+        }
+    }
+    let rank = |a: &Change, b: &Change| {
+        (a.kind, a.kernel)
+            .cmp(&(b.kind, b.kernel))
+            .then(b.relative.abs().total_cmp(&a.relative.abs()))
+            .then(b.delta.abs().total_cmp(&a.delta.abs()))
+    };
+    regressions.sort_by(rank);
+    improvements.sort_by(rank);
+
+    let method = if statistics {
+        format!(
+            "one-sided Welch's t-test on per-interval rates, Holm-corrected over {entities_tested} \
+             stacks and functions (family-wise false-positive rate {}), and growth of at least \
+             {:.0}% and {min_abs:.0} {}",
+            thresholds.alpha,
+            thresholds.relative * 100.0,
+            base.unit()
+        )
+    } else {
+        format!(
+            "folded inputs have no per-interval values: thresholds only (growth of at least \
+             {:.0}% and {min_abs:.1} {}), no significance test",
+            thresholds.relative * 100.0,
+            base.unit()
+        )
+    };
+    Ok(Report {
+        base: base.source.clone(),
+        new: new.source.clone(),
+        kind: base.kind,
+        unit: base.unit().to_string(),
+        method,
+        relative_threshold: thresholds.relative,
+        absolute_threshold: min_abs,
+        alpha: thresholds.alpha,
+        base_total,
+        new_total,
+        regression: !regressions.is_empty(),
+        regressions,
+        improvements,
+        not_significant,
+        entities_tested,
+        base_stacks: base
+            .stacks
+            .iter()
+            .map(|(p, (t, _))| (p.clone(), base.rate(*t)))
+            .collect(),
+        new_stacks: new
+            .stacks
+            .iter()
+            .map(|(p, (t, _))| (p.clone(), new.rate(*t)))
+            .collect(),
+        warnings,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn profile(stacks: &[(&str, &[f64])]) -> Profile {
+        let n = stacks.first().map(|s| s.1.len()).unwrap_or(0);
+        Profile {
+            source: "t".into(),
+            kind: InputKind::Capture,
+            duration_s: Some(n as f64),
+            interval_s: vec![1.0; n],
+            stacks: stacks
+                .iter()
+                .map(|(p, v)| (p.to_string(), (v.iter().sum(), v.to_vec())))
+                .collect(),
+        }
+    }
+
+    const NOISE: [f64; 10] = [
+        0.0, 300.0, -200.0, 100.0, -100.0, 250.0, -300.0, 50.0, -50.0, 0.0,
+    ];
+
+    fn series(level: f64) -> Vec<f64> {
+        NOISE.iter().map(|n| level + n).collect()
+    }
+
+    #[test]
+    fn a_grown_function_is_flagged_and_named_first() {
+        let base = profile(&[
+            ("app;main;handle;query;read_[k]", &series(100_000.0)),
+            ("app;main;handle;render;read_[k]", &series(50_000.0)),
+        ]);
+        let new = profile(&[
+            ("app;main;handle;query;read_[k]", &series(150_000.0)),
+            ("app;main;handle;render;read_[k]", &series(50_000.0)),
+        ]);
+        let report = compare(&base, &new, &Thresholds::default()).unwrap();
+        assert!(report.regression);
+        assert_eq!(report.regressions[0].name, "query");
+        assert!(report.regressions.iter().all(|c| c.name != "render"));
+        assert!(report.improvements.is_empty());
+    }
+
+    #[test]
+    fn identical_profiles_are_not_flagged() {
+        let base = profile(&[("app;main;wait_[k]", &series(100_000.0))]);
+        let shifted: Vec<f64> = series(100_000.0).into_iter().rev().collect();
+        let new = profile(&[("app;main;wait_[k]", &shifted)]);
+        let report = compare(&base, &new, &Thresholds::default()).unwrap();
+        assert!(!report.regression);
+    }
+
+    #[test]
+    fn small_changes_stay_under_the_floors() {
+        // +5% is significant statistically (no noise) but under the 10% threshold.
+        let base = profile(&[("app;main;wait_[k]", &[100_000.0; 10])]);
+        let new = profile(&[("app;main;wait_[k]", &[105_000.0; 10])]);
+        assert!(
+            !compare(&base, &new, &Thresholds::default())
+                .unwrap()
+                .regression
+        );
+        // +100% of something tiny (500 us/s) is under the absolute floor.
+        let base = profile(&[("app;main;wait_[k]", &[500.0; 10])]);
+        let new = profile(&[("app;main;wait_[k]", &[1000.0; 10])]);
+        assert!(
+            !compare(&base, &new, &Thresholds::default())
+                .unwrap()
+                .regression
+        );
+    }
+
+    #[test]
+    fn kinds_must_match() {
+        let base = profile(&[("a;b", &[1.0, 2.0])]);
+        let mut new = base.clone();
+        new.kind = InputKind::Folded;
+        assert!(compare(&base, &new, &Thresholds::default()).is_err());
+    }
+}
