@@ -17,6 +17,10 @@ pub struct OffcpuKey {
     pub _pad: u32,
 }
 
+/// Stack ids with this bit set live in the overflow stack map (`OFFCPU_STACKS_OVERFLOW`):
+/// a stack whose bucket in the main map holds another stack goes there instead of being lost.
+pub const OVERFLOW_STACK_BIT: i32 = 1 << 30;
+
 /// Aggregated blocked time for one key.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -78,7 +82,8 @@ pub mod counter {
     pub const KERNEL_STACK_ERROR: u32 = 2;
     /// No user stack (kernel threads, or a fault while walking it).
     pub const USER_STACK_MISSING: u32 = 3;
-    /// Stack-map hash collision: a stack was lost (its time is kept under a placeholder).
+    /// Stack-map hash collision in both the main and the overflow stack map: a stack was lost
+    /// (its time is kept under a placeholder).
     pub const STACK_COLLISION: u32 = 4;
     /// The per-thread start map was full: a block was not measured.
     pub const START_MAP_FULL: u32 = 5;
@@ -108,6 +113,7 @@ pub mod counter {
 /// Map names, shared so that the loader and the programs cannot disagree.
 pub mod maps {
     pub const STACKS: &str = "OFFCPU_STACKS";
+    pub const STACKS_OVERFLOW: &str = "OFFCPU_STACKS_OVERFLOW";
     pub const STARTS: &str = "OFFCPU_STARTS";
     pub const TOTALS: &str = "OFFCPU_TOTALS";
     pub const COUNTERS: &str = "OFFCPU_COUNTERS";

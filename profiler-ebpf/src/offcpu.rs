@@ -21,8 +21,8 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext},
 };
 use profiler_common::offcpu::{
-    NewTaskEvent, OffcpuKey, OffcpuStart, OffcpuValue, STATE_DISK, STATE_IDLE, STATE_MASK_ANY,
-    STATE_OTHER, STATE_RUNQUEUE, STATE_SLEEP, THREADS_ALL, THREADS_KERNEL, counter,
+    NewTaskEvent, OVERFLOW_STACK_BIT, OffcpuKey, OffcpuStart, OffcpuValue, STATE_DISK, STATE_IDLE,
+    STATE_MASK_ANY, STATE_OTHER, STATE_RUNQUEUE, STATE_SLEEP, THREADS_ALL, THREADS_KERNEL, counter,
 };
 
 // ---- Configuration, set by the loader before load (read-only globals). ----
@@ -73,6 +73,11 @@ const EEXIST: i32 = 17;
 
 #[map(name = "OFFCPU_STACKS")]
 static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
+
+/// Second chance for stacks whose bucket in `OFFCPU_STACKS` is taken (the kernel hashes
+/// with the same function, but a different bucket count spreads the colliders apart).
+#[map(name = "OFFCPU_STACKS_OVERFLOW")]
+static STACKS_OVERFLOW: StackTrace = StackTrace::with_max_entries(4096, 0);
 
 #[map(name = "OFFCPU_STARTS")]
 static STARTS: HashMap<u32, OffcpuStart> = HashMap::with_max_entries(32768, 0);
@@ -153,6 +158,9 @@ fn stack_id<C: StackIdContext>(ctx: &C, flags: u64) -> i32 {
         Ok(id) => id as i32,
         Err(err) => {
             if err == -EEXIST {
+                if let Ok(id) = ctx.get_stackid(&STACKS_OVERFLOW, flags) {
+                    return id as i32 | OVERFLOW_STACK_BIT;
+                }
                 count(counter::STACK_COLLISION, 1);
             } else if flags & BPF_F_USER_STACK as u64 != 0 {
                 count(counter::USER_STACK_MISSING, 1);

@@ -121,6 +121,10 @@ pub struct RecordArgs {
     /// How to hook sched_switch.
     #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
     pub attach: AttachMode,
+    /// Stacks the main stack map holds (about 1 KiB of kernel memory each); stacks that
+    /// collide there go to a 4096-entry overflow map, and are counted as lost after that.
+    #[arg(long, default_value_t = 16384)]
+    pub stack_storage_size: u32,
     /// Kernel BTF to read struct offsets from.
     #[arg(long, default_value = "/sys/kernel/btf/vmlinux", hide = true)]
     pub btf: PathBuf,
@@ -154,6 +158,7 @@ impl RecordArgs {
                 threads: self.threads,
                 attach: self.attach,
                 btf_path: self.btf,
+                stack_storage_size: self.stack_storage_size,
             },
             state_name,
             threads_name,

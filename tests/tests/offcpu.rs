@@ -155,6 +155,15 @@ fn tracepoint_fallback_measures_the_same() {
 }
 
 #[test]
+fn stacks_colliding_in_a_tiny_stack_map_survive_in_the_overflow_map() {
+    // Two buckets: most stacks collide there and must land in the overflow map, intact.
+    let (capture, _, report, pid) = record_workload("overflow", &["--stack-storage-size", "2"]);
+    assert_matches_oracle(&capture, &report, pid);
+    assert_callers(&capture, pid);
+    assert_eq!(capture["metadata"]["counters"]["stack_collisions"], 0);
+}
+
+#[test]
 fn min_block_and_tid_filters_apply_in_the_kernel() {
     // Blocks of 20 ms are all shorter than 40 ms: none may appear, and they are counted.
     let (capture, _, _report, pid) = record_workload("minblock", &["--min-block", "40ms"]);

@@ -19,8 +19,13 @@ use crate::workspace_root;
 
 pub fn run(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
-        None | Some("offcpu") => offcpu(),
-        Some(other) => bail!("unknown benchmark {other:?} (available: offcpu)"),
+        Some("offcpu") => offcpu(),
+        Some("diff") => diff(),
+        None => {
+            offcpu()?;
+            diff()
+        }
+        Some(other) => bail!("unknown benchmark {other:?} (available: offcpu, diff)"),
     }
 }
 
@@ -99,6 +104,29 @@ fn offcpu() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Verdict quality of `profiler diff` over 20 pairs of real recordings: A-vs-A (the same
+/// workload twice) must be flagged at most once, A-vs-B (+5 ms of blocking per request in
+/// `stage_query`) at least 19 times with `stage_query` named first. The harness is the
+/// ignored test `diff_quality_twenty_pairs` in tests/tests/diff.rs.
+fn diff() -> Result<()> {
+    println!("[bench diff] 20 pairs of A-vs-A and A-vs-B recordings (a few minutes)");
+    crate::run_checked(
+        crate::cargo().args([
+            "test",
+            "-p",
+            "profiler-tests",
+            "--test",
+            "diff",
+            "--",
+            "--ignored",
+            "--exact",
+            "diff_quality_twenty_pairs",
+            "--nocapture",
+        ]),
+        "diff quality benchmark",
+    )
 }
 
 fn median(values: &mut [f64]) -> f64 {

@@ -31,6 +31,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ),
     ("bpftool", "inspecting loaded programs"),
     ("util-linux", "setpriv, for the unprivileged-user tests"),
+    (
+        "golang-go",
+        "go tool pprof, which the pprof-output tests read with",
+    ),
 ];
 
 /// The rustup toolchain name linked to Debian's compiler; profiler/build.rs uses it.

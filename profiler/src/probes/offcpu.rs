@@ -18,8 +18,8 @@ use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf, StackTrace
 use aya::programs::{BtfTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use profiler_common::offcpu::{
-    OffcpuKey, OffcpuValue, STATE_DISK, STATE_MASK_ANY, STATE_SLEEP, THREADS_ALL, THREADS_KERNEL,
-    THREADS_USER, counter, maps,
+    OVERFLOW_STACK_BIT, OffcpuKey, OffcpuValue, STATE_DISK, STATE_MASK_ANY, STATE_SLEEP,
+    THREADS_ALL, THREADS_KERNEL, THREADS_USER, counter, maps,
 };
 
 use super::{EBPF_OBJECT, tracefs};
@@ -76,6 +76,8 @@ pub struct OffcpuConfig {
     pub threads: ThreadFilter,
     pub attach: AttachMode,
     pub btf_path: PathBuf,
+    /// Entries in the main stack map (the overflow map has 4096 more).
+    pub stack_storage_size: u32,
 }
 
 impl Default for OffcpuConfig {
@@ -89,6 +91,7 @@ impl Default for OffcpuConfig {
             threads: ThreadFilter::All,
             attach: AttachMode::Auto,
             btf_path: PathBuf::from("/sys/kernel/btf/vmlinux"),
+            stack_storage_size: 16384,
         }
     }
 }
@@ -153,6 +156,7 @@ impl OffcpuProbe {
             .override_global("TP_PREV_STATE_OFF", &tp_prev_state_off, true)
             .override_global("TP_NEXT_COMM_OFF", &tp_next_comm_off, true)
             .override_global("TP_NEXT_PID_OFF", &tp_next_pid_off, true)
+            .map_max_entries(maps::STACKS, config.stack_storage_size.max(1))
             .load(EBPF_OBJECT)
             .context("loading the off-CPU eBPF programs into the kernel failed")?;
 
@@ -225,9 +229,14 @@ impl OffcpuProbe {
         if stack_id < 0 {
             return Ok(None);
         }
-        let map = self.ebpf.map(maps::STACKS).context("no stack map")?;
+        let (name, id) = if stack_id & OVERFLOW_STACK_BIT != 0 {
+            (maps::STACKS_OVERFLOW, stack_id & !OVERFLOW_STACK_BIT)
+        } else {
+            (maps::STACKS, stack_id)
+        };
+        let map = self.ebpf.map(name).context("no stack map")?;
         let stacks = StackTraceMap::try_from(map)?;
-        match stacks.get(&(stack_id as u32), 0) {
+        match stacks.get(&(id as u32), 0) {
             Ok(trace) => Ok(Some(trace.frames().iter().map(|f| f.ip).collect())),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(err) => Err(err).context("reading a stack trace failed"),

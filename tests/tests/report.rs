@@ -1,0 +1,91 @@
+//! `profiler report` re-renders a saved capture; each format is read back by a consumer
+//! that is not ours where one exists (`go tool pprof` for pprof).
+//!
+//! Oracle: the workload's own measurement of its blocked time.
+
+use std::process::Command;
+
+use profiler_tests::*;
+
+#[test]
+fn report_formats_render_the_saved_capture() {
+    require_root();
+    let dir = temp_dir("report");
+    let mut workload = Workload::start(5, 20, &dir.join("workload.json"));
+    let pid = workload.pid.to_string();
+    let recording = Recording::start(&dir.join("out"), &["--duration", "60s", "-p", &pid]);
+    workload.go();
+    let report = workload.finish();
+    let _ = recording.interrupt();
+    let capture = dir.join("out");
+    let expected_ms = report["blocked_ns"]["workload_nanosleep"].as_u64().unwrap() as f64 / 1e6;
+
+    // pprof, read by Go's own pprof tool.
+    let pprof = dir.join("profile.pb.gz");
+    let out = run_profiler(&[
+        "report",
+        capture.to_str().unwrap(),
+        "--format",
+        "pprof",
+        "-o",
+        pprof.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let top = Command::new("go")
+        .args([
+            "tool",
+            "pprof",
+            "-top",
+            "-sample_index=offcpu_time",
+            "-unit=ms",
+        ])
+        .arg(&pprof)
+        .output()
+        .expect("go tool pprof (package golang-go)");
+    let text = String::from_utf8_lossy(&top.stdout);
+    assert!(
+        top.status.success(),
+        "{}",
+        String::from_utf8_lossy(&top.stderr)
+    );
+    let line = text
+        .lines()
+        .find(|l| l.contains("workload_nanosleep"))
+        .unwrap_or_else(|| panic!("workload_nanosleep not in pprof -top:\n{text}"));
+    // columns: flat flat% sum% cum cum% name; cum is this function's inclusive time
+    let cum_ms: f64 = line
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .trim_end_matches("ms")
+        .parse()
+        .unwrap();
+    assert!(
+        (cum_ms - expected_ms).abs() <= expected_ms * 0.05,
+        "pprof says {cum_ms} ms, the workload measured {expected_ms} ms"
+    );
+
+    // The other formats, to standard output.
+    for (format, needle) in [
+        ("folded", "workload_nanosleep"),
+        ("svg", "Off-CPU time"),
+        ("json", "\"profiler-capture\""),
+        ("md", "# Off-CPU capture"),
+    ] {
+        let out = run_profiler(&["report", capture.to_str().unwrap(), "--format", format]);
+        assert!(out.status.success(), "{format}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(needle),
+            "{format}"
+        );
+    }
+
+    // Not a capture: one error line, exit 2.
+    let out = run_profiler(&["report", "/etc/hostname", "--format", "svg"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
+}
