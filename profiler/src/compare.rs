@@ -168,6 +168,8 @@ pub struct Change {
     /// `delta / base`; infinite when new.
     #[serde(serialize_with = "finite_or_null")]
     pub relative: f64,
+    #[serde(skip)]
+    depth: usize,
     /// Self time (the frame is the leaf), functions only.
     pub base_self: f64,
     pub new_self: f64,
@@ -212,6 +214,9 @@ pub struct Report {
 /// Per-entity data gathered from one profile.
 #[derive(Default, Clone)]
 struct Sides {
+    /// Deepest position of the entity in any stack (0 = root): breaks ties in favour of the
+    /// most specific function (`main` and `lock` grow alike when `lock` grew).
+    depth: usize,
     total: [f64; 2],
     self_total: [f64; 2],
     intervals: [Vec<f64>; 2],
@@ -235,6 +240,9 @@ pub fn compare(base: &Profile, new: &Profile, thresholds: &Thresholds) -> Result
             let frames: Vec<&str> = path.split(';').collect();
             let mut add = |kind: EntityKind, name: &str, is_self: bool| {
                 let entry = entities.entry((kind, name.to_string())).or_default();
+                if let Some(at) = frames.iter().rposition(|f| *f == name) {
+                    entry.depth = entry.depth.max(at);
+                }
                 if entry.intervals[side].len() != n {
                     entry.intervals[side] = vec![0.0; n];
                 }
@@ -317,6 +325,7 @@ pub fn compare(base: &Profile, new: &Profile, thresholds: &Thresholds) -> Result
             new: n,
             delta,
             relative,
+            depth: sides.depth,
             base_self: base.rate(sides.self_total[0]),
             new_self: new.rate(sides.self_total[1]),
             p_adjusted: if statistics { Some(1.0) } else { None },
@@ -352,11 +361,20 @@ pub fn compare(base: &Profile, new: &Profile, thresholds: &Thresholds) -> Result
             improvements.push(change);
         }
     }
+    // Changes equal to a part per million rank as ties (sums over stacks in another order).
+    let coarse = |x: f64| {
+        if x.is_finite() {
+            (x.abs() * 1e6).round()
+        } else {
+            f64::INFINITY
+        }
+    };
     let rank = |a: &Change, b: &Change| {
         (a.kind, a.kernel)
             .cmp(&(b.kind, b.kernel))
-            .then(b.relative.abs().total_cmp(&a.relative.abs()))
-            .then(b.delta.abs().total_cmp(&a.delta.abs()))
+            .then(coarse(b.relative).total_cmp(&coarse(a.relative)))
+            .then(coarse(b.delta / 1e6).total_cmp(&coarse(a.delta / 1e6)))
+            .then(b.depth.cmp(&a.depth))
     };
     regressions.sort_by(rank);
     improvements.sort_by(rank);
@@ -478,6 +496,45 @@ mod tests {
                 .unwrap()
                 .regression
         );
+    }
+
+    #[test]
+    fn a_regression_spread_over_many_stacks_is_found_by_function() {
+        // `lock` is reached from 20 call sites; each stack grows by 8% (under the 10%
+        // threshold) and by 400 us/s (under the 1000 us/s floor), but `lock` as a whole grows
+        // by 8 ms/s: only the function view can see it.
+        let mut base_stacks = Vec::new();
+        let mut new_stacks = Vec::new();
+        for site in 0..20 {
+            base_stacks.push((
+                format!("app;main;caller{site};lock;futex_[k]"),
+                series(5_000.0),
+            ));
+            new_stacks.push((
+                format!("app;main;caller{site};lock;futex_[k]"),
+                series(5_400.0),
+            ));
+        }
+        let make = |stacks: &[(String, Vec<f64>)]| {
+            let borrowed: Vec<(&str, &[f64])> = stacks
+                .iter()
+                .map(|(p, v)| (p.as_str(), v.as_slice()))
+                .collect();
+            profile(&borrowed)
+        };
+        let thresholds = Thresholds {
+            relative: 0.05,
+            ..Thresholds::default()
+        };
+        let report = compare(&make(&base_stacks), &make(&new_stacks), &thresholds).unwrap();
+        assert!(report.regression);
+        assert!(
+            report
+                .regressions
+                .iter()
+                .all(|c| c.kind == EntityKind::Function)
+        );
+        assert_eq!(report.regressions[0].name, "lock");
     }
 
     #[test]
