@@ -311,3 +311,42 @@ pub fn diff_quality(pairs: usize, extra_ms: u64, seconds: &str, interval: &str) 
     let _ = std::fs::remove_dir_all(&dir);
     (false_alarms, found)
 }
+
+/// A finished recording of `offcpu-workload`.
+pub struct Recorded {
+    pub dir: PathBuf,
+    pub capture: Value,
+    pub stdout: String,
+    /// The workload's own measurement (its report).
+    pub report: Value,
+    pub pid: u32,
+}
+
+/// Records `offcpu-workload` (`iterations` × 20 ms in each blocking function), selected
+/// with `target_flag` (`-p` or `--tid`) and its pid, plus `extra` flags; ends with Ctrl-C
+/// once the workload is done.
+pub fn record_offcpu_workload(
+    name: &str,
+    iterations: u32,
+    target_flag: &str,
+    extra: &[&str],
+) -> Recorded {
+    require_root();
+    let dir = temp_dir(name);
+    let mut workload = Workload::start(iterations, 20, &dir.join("workload.json"));
+    let pid = workload.pid.to_string();
+    let mut args = vec!["--duration", "60s", target_flag, &pid];
+    args.extend_from_slice(extra);
+    let recording = Recording::start(&dir.join("out"), &args);
+    workload.go();
+    let report = workload.finish();
+    let (capture, stdout) = recording.interrupt();
+    let pid = report["pid"].as_u64().expect("pid") as u32;
+    Recorded {
+        dir,
+        capture,
+        stdout,
+        report,
+        pid,
+    }
+}

@@ -19,18 +19,8 @@ fn record_workload(
     name: &str,
     extra: &[&str],
 ) -> (serde_json::Value, String, serde_json::Value, u32) {
-    require_root();
-    let dir = temp_dir(name);
-    let mut workload = Workload::start(15, 20, &dir.join("workload.json"));
-    let pid = workload.pid.to_string();
-    let mut args = vec!["--duration", "60s", "-p", &pid];
-    args.extend_from_slice(extra);
-    let recording = Recording::start(&dir.join("out"), &args);
-    workload.go();
-    let report = workload.finish();
-    let (capture, stdout) = recording.interrupt();
-    let pid = report["pid"].as_u64().unwrap() as u32;
-    (capture, stdout, report, pid)
+    let r = record_offcpu_workload(name, 15, "-p", extra);
+    (r.capture, r.stdout, r.report, r.pid)
 }
 
 fn assert_matches_oracle(capture: &serde_json::Value, report: &serde_json::Value, pid: u32) {
@@ -114,14 +104,7 @@ fn blocked_time_per_function_matches_the_workloads_own_timing() {
 
 #[test]
 fn folded_and_svg_outputs_hold_the_workload_stacks() {
-    require_root();
-    let dir = temp_dir("views");
-    let mut workload = Workload::start(5, 20, &dir.join("workload.json"));
-    let pid = workload.pid.to_string();
-    let recording = Recording::start(&dir.join("out"), &["--duration", "60s", "-p", &pid]);
-    workload.go();
-    let report = workload.finish();
-    let (_capture, _) = recording.interrupt();
+    let Recorded { dir, report, .. } = record_offcpu_workload("views", 5, "-p", &[]);
     let folded = std::fs::read_to_string(dir.join("out/offcpu.folded")).unwrap();
     let line = folded
         .lines()
@@ -178,18 +161,8 @@ fn min_block_and_tid_filters_apply_in_the_kernel() {
     );
 
     // Only the main thread (tid == pid): the helper threads' sleeps are absent.
-    require_root();
-    let dir = temp_dir("tid");
-    let mut workload = Workload::start(5, 20, &dir.join("workload.json"));
-    let tid = workload.pid.to_string();
-    let recording = Recording::start(
-        &dir.join("out"),
-        &["--duration", "60s", "--tid", &tid, "--state", "sleeping"],
-    );
-    workload.go();
-    let report = workload.finish();
-    let (capture, _) = recording.interrupt();
-    let pid = report["pid"].as_u64().unwrap() as u32;
+    let Recorded { capture, pid, .. } =
+        record_offcpu_workload("tid", 5, "--tid", &["--state", "sleeping"]);
     let stacks = stacks_of(&capture, pid);
     assert!(!stacks.is_empty());
     assert!(stacks.iter().all(|s| s["tid"].as_u64() == Some(pid as u64)));

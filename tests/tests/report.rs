@@ -9,14 +9,7 @@ use profiler_tests::*;
 
 #[test]
 fn report_formats_render_the_saved_capture() {
-    require_root();
-    let dir = temp_dir("report");
-    let mut workload = Workload::start(5, 20, &dir.join("workload.json"));
-    let pid = workload.pid.to_string();
-    let recording = Recording::start(&dir.join("out"), &["--duration", "60s", "-p", &pid]);
-    workload.go();
-    let report = workload.finish();
-    let _ = recording.interrupt();
+    let Recorded { dir, report, .. } = record_offcpu_workload("report", 5, "-p", &[]);
     let capture = dir.join("out");
     let expected_ms = report["blocked_ns"]["workload_nanosleep"].as_u64().unwrap() as f64 / 1e6;
 
