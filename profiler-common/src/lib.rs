@@ -1,6 +1,9 @@
 //! `#[repr(C)]` types shared by the kernel side (`profiler-ebpf`) and userspace (`profiler`).
 //!
-//! One module per probe family, named like the family's kernel file and userspace module.
+//! One module per probe family, named like the family's kernel file and userspace module;
+//! `shared` holds what the families have in common (stacks, filters, new-task events).
 #![no_std]
 
 pub mod offcpu;
+pub mod oncpu;
+pub mod shared;

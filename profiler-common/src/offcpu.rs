@@ -17,10 +17,6 @@ pub struct OffcpuKey {
     pub _pad: u32,
 }
 
-/// Stack ids with this bit set live in the overflow stack map (`OFFCPU_STACKS_OVERFLOW`):
-/// a stack whose bucket in the main map holds another stack goes there instead of being lost.
-pub const OVERFLOW_STACK_BIT: i32 = 1 << 30;
-
 /// Aggregated blocked time for one key.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -41,16 +37,6 @@ pub struct OffcpuStart {
     pub state: u32,
 }
 
-/// Sent on the ring buffer the first time a key is created, so userspace can read the
-/// process's memory maps and name while it still lives.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct NewTaskEvent {
-    pub tgid: u32,
-    pub tid: u32,
-    pub comm: [u8; 16],
-}
-
 /// Why the thread left the CPU (the task state at sched_switch).
 pub const STATE_RUNQUEUE: u32 = 0;
 /// TASK_INTERRUPTIBLE (`S`): sleeping, waiting for an event.
@@ -65,11 +51,6 @@ pub const STATE_COUNT: u32 = 5;
 
 /// `STATE_FILTER` value that accepts every state.
 pub const STATE_MASK_ANY: u32 = (1 << STATE_COUNT) - 1;
-
-/// `THREAD_KIND` values.
-pub const THREADS_ALL: u32 = 0;
-pub const THREADS_USER: u32 = 1;
-pub const THREADS_KERNEL: u32 = 2;
 
 /// Indexes into the per-CPU `OFFCPU_COUNTERS` array. Nothing is dropped silently: every loss
 /// has a counter that the output shows.
@@ -112,14 +93,9 @@ pub mod counter {
 
 /// Map names, shared so that the loader and the programs cannot disagree.
 pub mod maps {
-    pub const STACKS: &str = "OFFCPU_STACKS";
-    pub const STACKS_OVERFLOW: &str = "OFFCPU_STACKS_OVERFLOW";
     pub const STARTS: &str = "OFFCPU_STARTS";
     pub const TOTALS: &str = "OFFCPU_TOTALS";
     pub const COUNTERS: &str = "OFFCPU_COUNTERS";
-    pub const NEW_TASKS: &str = "OFFCPU_NEW_TASKS";
-    pub const TGID_FILTER: &str = "OFFCPU_TGID_FILTER";
-    pub const TID_FILTER: &str = "OFFCPU_TID_FILTER";
 }
 
 #[cfg(feature = "user")]
@@ -128,5 +104,4 @@ mod pod {
     unsafe impl aya::Pod for super::OffcpuKey {}
     unsafe impl aya::Pod for super::OffcpuValue {}
     unsafe impl aya::Pod for super::OffcpuStart {}
-    unsafe impl aya::Pod for super::NewTaskEvent {}
 }

@@ -3,7 +3,9 @@
 #![no_std]
 #![no_main]
 
+mod common;
 mod offcpu;
+mod oncpu;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -10,29 +10,28 @@
 //! Two entry points share the logic: `tp_btf/sched_switch` (preferred) and the classic
 //! `sched:sched_switch` tracepoint (fallback), picked by the loader after probing the kernel.
 
-use aya_ebpf::helpers::bpf_probe_read_kernel;
-use aya_ebpf::programs::tracing::StackIdContext;
 use aya_ebpf::{
     EbpfContext,
     bindings::BPF_F_USER_STACK,
-    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+    },
     macros::{btf_tracepoint, map, tracepoint},
-    maps::{HashMap, PerCpuArray, RingBuf, StackTrace},
-    programs::{BtfTracePointContext, TracePointContext},
+    maps::{HashMap, PerCpuArray},
+    programs::{BtfTracePointContext, TracePointContext, tracing::StackIdContext},
 };
 use profiler_common::offcpu::{
-    NewTaskEvent, OVERFLOW_STACK_BIT, OffcpuKey, OffcpuStart, OffcpuValue, STATE_DISK, STATE_IDLE,
-    STATE_MASK_ANY, STATE_OTHER, STATE_RUNQUEUE, STATE_SLEEP, THREADS_ALL, THREADS_KERNEL, counter,
+    OffcpuKey, OffcpuStart, OffcpuValue, STATE_DISK, STATE_IDLE, STATE_MASK_ANY, STATE_OTHER,
+    STATE_RUNQUEUE, STATE_SLEEP, counter,
+};
+
+use crate::common::{
+    StackError, TASK_COMM_OFF, TASK_PID_OFF, TASK_STATE_OFF, config, notify_new_task, stack_id,
+    wanted,
 };
 
 // ---- Configuration, set by the loader before load (read-only globals). ----
 
-/// 1: only threads whose tgid is in `OFFCPU_TGID_FILTER`.
-#[unsafe(no_mangle)]
-static FILTER_TGID: u32 = 0;
-/// 1: only threads whose tid is in `OFFCPU_TID_FILTER`.
-#[unsafe(no_mangle)]
-static FILTER_TID: u32 = 0;
 #[unsafe(no_mangle)]
 static MIN_BLOCK_NS: u64 = 0;
 #[unsafe(no_mangle)]
@@ -40,18 +39,6 @@ static MAX_BLOCK_NS: u64 = u64::MAX;
 /// Bit `1 << STATE_*` set for each accepted state class.
 #[unsafe(no_mangle)]
 static STATE_FILTER: u32 = STATE_MASK_ANY;
-/// `THREADS_*`.
-#[unsafe(no_mangle)]
-static THREAD_KIND: u32 = THREADS_ALL;
-/// Offsets in `struct task_struct`, from the running kernel's BTF.
-#[unsafe(no_mangle)]
-static TASK_PID_OFF: u32 = 0;
-#[unsafe(no_mangle)]
-static TASK_FLAGS_OFF: u32 = 0;
-#[unsafe(no_mangle)]
-static TASK_COMM_OFF: u32 = 0;
-#[unsafe(no_mangle)]
-static TASK_STATE_OFF: u32 = 0;
 /// 1 when `btf_trace_sched_switch` carries `prev_state` as its 4th argument (5.18+).
 #[unsafe(no_mangle)]
 static BTF_HAS_PREV_STATE_ARG: u32 = 1;
@@ -66,18 +53,7 @@ static TP_NEXT_PID_OFF: u32 = 56;
 #[unsafe(no_mangle)]
 static TP_PREEMPT_STATE: u32 = 0x100;
 
-const PF_KTHREAD: u32 = 0x0020_0000;
-const EEXIST: i32 = 17;
-
-// ---- Maps. Sizes are defaults; the loader may resize them. ----
-
-#[map(name = "OFFCPU_STACKS")]
-static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
-
-/// Second chance for stacks whose bucket in `OFFCPU_STACKS` is taken (the kernel hashes
-/// with the same function, but a different bucket count spreads the colliders apart).
-#[map(name = "OFFCPU_STACKS_OVERFLOW")]
-static STACKS_OVERFLOW: StackTrace = StackTrace::with_max_entries(4096, 0);
+// ---- Maps. ----
 
 #[map(name = "OFFCPU_STARTS")]
 static STARTS: HashMap<u32, OffcpuStart> = HashMap::with_max_entries(32768, 0);
@@ -87,21 +63,6 @@ static TOTALS: HashMap<OffcpuKey, OffcpuValue> = HashMap::with_max_entries(16384
 
 #[map(name = "OFFCPU_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
-
-#[map(name = "OFFCPU_NEW_TASKS")]
-static NEW_TASKS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
-
-#[map(name = "OFFCPU_TGID_FILTER")]
-static TGID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
-
-#[map(name = "OFFCPU_TID_FILTER")]
-static TID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
-
-#[inline(always)]
-fn config<T: Copy>(global: &T) -> T {
-    // Volatile so the compiler does not fold the defaults: the loader rewrites them.
-    unsafe { core::ptr::read_volatile(global) }
-}
 
 #[inline(always)]
 fn count(index: u32, by: u64) {
@@ -153,16 +114,15 @@ fn classify_reported_state(state: u32) -> u32 {
 }
 
 #[inline(always)]
-fn stack_id<C: StackIdContext>(ctx: &C, flags: u64) -> i32 {
-    match ctx.get_stackid(&STACKS, flags) {
-        Ok(id) => id as i32,
-        Err(err) => {
-            if err == -EEXIST {
-                if let Ok(id) = ctx.get_stackid(&STACKS_OVERFLOW, flags) {
-                    return id as i32 | OVERFLOW_STACK_BIT;
-                }
-                count(counter::STACK_COLLISION, 1);
-            } else if flags & BPF_F_USER_STACK as u64 != 0 {
+fn counted_stack_id<C: StackIdContext>(ctx: &C, flags: u64) -> i32 {
+    match stack_id(ctx, flags) {
+        Ok(id) => id,
+        Err(StackError::Collision(err)) => {
+            count(counter::STACK_COLLISION, 1);
+            err
+        }
+        Err(StackError::Missing(err)) => {
+            if flags & BPF_F_USER_STACK as u64 != 0 {
                 count(counter::USER_STACK_MISSING, 1);
             } else {
                 count(counter::KERNEL_STACK_ERROR, 1);
@@ -181,28 +141,11 @@ fn switch_out<C: StackIdContext>(ctx: &C, task: *const u8, state: u32, now: u64)
     if tid == 0 {
         return; // the idle task
     }
-    if config(&FILTER_TGID) != 0 && unsafe { TGID_FILTER.get(tgid) }.is_none() {
+    if config(&STATE_FILTER) & (1 << state) == 0 || !wanted(tgid, tid, task) {
         return;
     }
-    if config(&FILTER_TID) != 0 && unsafe { TID_FILTER.get(tid) }.is_none() {
-        return;
-    }
-    if config(&STATE_FILTER) & (1 << state) == 0 {
-        return;
-    }
-    let kind = config(&THREAD_KIND);
-    if kind != THREADS_ALL {
-        let flags: u32 = unsafe {
-            bpf_probe_read_kernel(task.add(config(&TASK_FLAGS_OFF) as usize) as *const u32)
-        }
-        .unwrap_or(0);
-        let is_kernel = flags & PF_KTHREAD != 0;
-        if is_kernel != (kind == THREADS_KERNEL) {
-            return;
-        }
-    }
-    let kernel_stack_id = stack_id(ctx, 0);
-    let user_stack_id = stack_id(ctx, BPF_F_USER_STACK as u64);
+    let kernel_stack_id = counted_stack_id(ctx, 0);
+    let user_stack_id = counted_stack_id(ctx, BPF_F_USER_STACK as u64);
     let start = OffcpuStart {
         start_ns: now,
         tgid,
@@ -264,22 +207,8 @@ fn switch_in(tid: u32, comm: *const u8, now: u64) {
         count(counter::LOST_NS, delta);
         return;
     }
-    notify_new_task(start.tgid, tid, comm);
-}
-
-#[inline(always)]
-fn notify_new_task(tgid: u32, tid: u32, comm: *const u8) {
-    match NEW_TASKS.reserve::<NewTaskEvent>(0) {
-        Some(mut entry) => {
-            let event = entry.as_mut_ptr();
-            unsafe {
-                (*event).tgid = tgid;
-                (*event).tid = tid;
-                (*event).comm = bpf_probe_read_kernel(comm as *const [u8; 16]).unwrap_or([0; 16]);
-            }
-            entry.submit(0);
-        }
-        None => count(counter::EVENTS_LOST, 1),
+    if !notify_new_task(start.tgid, tid, comm) {
+        count(counter::EVENTS_LOST, 1);
     }
 }
 

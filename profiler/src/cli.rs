@@ -6,7 +6,9 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 
-use crate::probes::offcpu::{AttachMode, OffcpuConfig, StateFilter, ThreadFilter};
+use crate::probes::offcpu::{AttachMode, OffcpuConfig, StateFilter};
+use crate::probes::oncpu::OncpuConfig;
+use crate::probes::{ProbeConfig, ThreadFilter};
 use crate::record::RecordOptions;
 
 #[derive(Debug, Parser)]
@@ -125,9 +127,23 @@ pub struct RecordArgs {
     /// collide there go to a 4096-entry overflow map, and are counted as lost after that.
     #[arg(long, default_value_t = 16384)]
     pub stack_storage_size: u32,
+    /// Probe families to record, comma-separated: offcpu (where threads wait), oncpu
+    /// (where they run, sampled).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Event::Offcpu, Event::Oncpu])]
+    pub events: Vec<Event>,
+    /// On-CPU samples per second on each CPU.
+    #[arg(long, default_value_t = 99)]
+    pub freq: u64,
     /// Kernel BTF to read struct offsets from.
     #[arg(long, default_value = "/sys/kernel/btf/vmlinux", hide = true)]
     pub btf: PathBuf,
+}
+
+/// A probe family `record` can attach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Event {
+    Offcpu,
+    Oncpu,
 }
 
 impl RecordArgs {
@@ -143,22 +159,33 @@ impl RecordArgs {
         {
             bail!("--max-block is shorter than --min-block");
         }
+        if self.events.is_empty() {
+            bail!("--events names no probe family (offcpu, oncpu)");
+        }
+        if !(1..=10_000).contains(&self.freq) {
+            bail!("--freq must be between 1 and 10000 Hz");
+        }
         let state_name = format!("{:?}", self.state).to_lowercase();
         let threads_name = format!("{:?}", self.threads).to_lowercase();
         Ok(RecordOptions {
             duration: self.duration,
             interval: self.interval,
             output: self.output,
-            offcpu: OffcpuConfig {
+            probes: ProbeConfig {
                 pids: self.pids,
                 tids: self.tids,
-                min_block_ns: self.min_block.as_nanos() as u64,
-                max_block_ns: self.max_block.map(|d| d.as_nanos() as u64),
-                state: self.state,
                 threads: self.threads,
-                attach: self.attach,
                 btf_path: self.btf,
                 stack_storage_size: self.stack_storage_size,
+                offcpu: self.events.contains(&Event::Offcpu).then(|| OffcpuConfig {
+                    min_block_ns: self.min_block.as_nanos() as u64,
+                    max_block_ns: self.max_block.map(|d| d.as_nanos() as u64),
+                    state: self.state,
+                    attach: self.attach,
+                }),
+                oncpu: self.events.contains(&Event::Oncpu).then_some(OncpuConfig {
+                    frequency: self.freq,
+                }),
             },
             state_name,
             threads_name,

@@ -78,20 +78,27 @@ fn diff_command(args: cli::DiffArgs) -> Result<ExitCode> {
 
 fn report_command(args: cli::ReportArgs) -> Result<()> {
     let capture = model::Capture::load(&args.capture)?;
-    let stacks = capture
-        .offcpu
-        .as_ref()
-        .map(|o| o.stacks.as_slice())
-        .unwrap_or_default();
+    // folded and svg render one family: off-CPU when the capture has it, else on-CPU.
+    let (lines, style) = match (&capture.offcpu, &capture.oncpu) {
+        (Some(offcpu), _) => (
+            render::folded(&offcpu.stacks, |s| s.total_ns, 1000),
+            &render::OFFCPU_STYLE,
+        ),
+        (None, Some(oncpu)) => (
+            render::folded(&oncpu.stacks, |s| s.count, 1),
+            &render::ONCPU_STYLE,
+        ),
+        (None, None) => (Vec::new(), &render::OFFCPU_STYLE),
+    };
     let bytes: Vec<u8> = match args.format {
         cli::ReportFormat::Folded => {
-            let mut text = render::folded(stacks).join("\n");
+            let mut text = lines.join("\n");
             text.push('\n');
             text.into_bytes()
         }
         cli::ReportFormat::Svg => {
             let mut svg = Vec::new();
-            render::write_flamegraph(&render::folded(stacks), "Off-CPU time", "us", &mut svg)?;
+            render::write_flamegraph(&lines, style, &mut svg)?;
             svg
         }
         cli::ReportFormat::Json => serde_json::to_vec_pretty(&capture)?,

@@ -18,7 +18,13 @@ pub struct Capture {
     /// Bumped on incompatible changes; readers refuse versions they do not know.
     pub version: u32,
     pub metadata: Metadata,
+    /// Processes that appear in any family's stacks.
+    #[serde(default)]
+    pub processes: Vec<Process>,
+    #[serde(default)]
     pub offcpu: Option<OffcpuProfile>,
+    #[serde(default)]
+    pub oncpu: Option<OncpuProfile>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -49,10 +55,18 @@ pub struct Filters {
     pub threads: String,
 }
 
+/// Blocked time per stack; `Stack::total_ns` is time off the CPU, `count` the blocks.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct OffcpuProfile {
     pub stacks: Vec<Stack>,
-    pub processes: Vec<Process>,
+}
+
+/// CPU samples per stack; `Stack::count` is samples, `total_ns` their CPU time estimate
+/// (samples × 1/frequency), `state` is `running`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct OncpuProfile {
+    pub frequency_hz: u64,
+    pub stacks: Vec<Stack>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -114,7 +128,9 @@ impl Capture {
             format: CAPTURE_FORMAT.to_string(),
             version: CAPTURE_VERSION,
             metadata,
+            processes: Vec::new(),
             offcpu: None,
+            oncpu: None,
         }
     }
 
@@ -196,7 +212,6 @@ mod tests {
                 count: 1,
                 intervals: vec![5, 0],
             }],
-            processes: vec![],
         });
         capture
     }

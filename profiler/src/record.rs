@@ -1,21 +1,25 @@
-//! `profiler record`: attach, collect per-interval snapshots until the duration ends or the
-//! user interrupts, then symbolize and write the capture and its views to the output dir.
+//! `profiler record`: attach the probe families asked for, collect per-interval snapshots until
+//! the duration ends or the user interrupts, then symbolize and write the capture and its
+//! views to the output dir.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::Hash;
 use std::io::{IsTerminal as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail};
-use profiler_common::offcpu::{
-    NewTaskEvent, OffcpuKey, OffcpuValue, STATE_DISK, STATE_IDLE, STATE_RUNQUEUE, STATE_SLEEP,
-};
+use profiler_common::offcpu::{OffcpuKey, STATE_DISK, STATE_IDLE, STATE_RUNQUEUE, STATE_SLEEP};
+use profiler_common::oncpu::OncpuKey;
+use profiler_common::shared::NewTaskEvent;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::model::{Capture, Filters, FrameKind, Metadata, OffcpuProfile, Process, Stack};
-use crate::probes::offcpu::{OffcpuConfig, OffcpuProbe};
+use crate::model::{
+    Capture, Filters, FrameKind, Metadata, OffcpuProfile, OncpuProfile, Process, Stack,
+};
+use crate::probes::{ProbeConfig, Probes};
 use crate::procmaps::ProcessCache;
 use crate::render;
 use crate::symbolize::{Symbolizer, missing_stack_frame};
@@ -24,7 +28,7 @@ pub struct RecordOptions {
     pub duration: Duration,
     pub interval: Duration,
     pub output: PathBuf,
-    pub offcpu: OffcpuConfig,
+    pub probes: ProbeConfig,
     pub state_name: String,
     pub threads_name: String,
     /// Stacks shown in the text summary.
@@ -34,22 +38,22 @@ pub struct RecordOptions {
 /// Runs a capture and writes everything to `options.output`. Returns the capture.
 pub async fn record(options: RecordOptions) -> Result<Capture> {
     check_privileges()?;
-    crate::probes::offcpu::preflight(&options.offcpu)?;
-    for pid in &options.offcpu.pids {
+    let config = &options.probes;
+    for pid in &config.pids {
         check_task_exists(*pid, "process")?;
     }
-    for tid in &options.offcpu.tids {
+    for tid in &config.tids {
         check_task_exists(*tid, "thread")?;
     }
     prepare_output_dir(&options.output)?;
 
-    let mut probe = OffcpuProbe::load(&options.offcpu)?;
+    let mut probes = Probes::load(config)?;
     // SAFETY: the ring buffer owns its fd, which stays open as long as the AsyncFd holds it.
     let mut new_tasks =
-        unsafe { AsyncFd::register_with_interest(probe.take_new_tasks()?, Interest::READABLE) }
+        unsafe { AsyncFd::register_with_interest(probes.take_new_tasks()?, Interest::READABLE) }
             .map_err(|err| anyhow::anyhow!("cannot poll the new-task ring buffer: {err}"))?;
     let mut processes = ProcessCache::default();
-    for pid in &options.offcpu.pids {
+    for pid in &config.pids {
         processes.observe(*pid, "");
     }
 
@@ -58,7 +62,8 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
-    let mut series = Series::default();
+    let mut offcpu_series: Series<OffcpuKey> = Series::default();
+    let mut oncpu_series: Series<OncpuKey> = Series::default();
     let mut ticker = tokio::time::interval_at(
         tokio::time::Instant::now() + options.interval,
         options.interval,
@@ -69,11 +74,41 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let progress = Progress::new(options.duration);
     eprintln!(
-        "recording off-CPU time ({}) of {} for {:.1} s; Ctrl-C stops early",
-        probe.attached_with,
-        target_description(&options.offcpu),
+        "recording {} of {} for {:.1} s; Ctrl-C stops early",
+        families_description(&probes),
+        target_description(config),
         options.duration.as_secs_f64()
     );
+
+    let snapshot = |probes: &Probes,
+                    offcpu_series: &mut Series<OffcpuKey>,
+                    oncpu_series: &mut Series<OncpuKey>,
+                    processes: &mut ProcessCache|
+     -> Result<()> {
+        let elapsed = started.elapsed();
+        if probes.offcpu_attached_with.is_some() {
+            let totals = probes.offcpu_totals()?;
+            for key in totals.keys() {
+                if processes.get(key.tgid).is_none() {
+                    processes.observe(key.tgid, "");
+                }
+            }
+            offcpu_series.push(
+                totals.iter().map(|(k, v)| (*k, v.total_ns, v.count)),
+                elapsed,
+            );
+        }
+        if probes.oncpu_frequency.is_some() {
+            let counts = probes.oncpu_counts()?;
+            for key in counts.keys() {
+                if processes.get(key.tgid).is_none() {
+                    processes.observe(key.tgid, "");
+                }
+            }
+            oncpu_series.push(counts.iter().map(|(k, v)| (*k, *v, *v)), elapsed);
+        }
+        Ok(())
+    };
 
     loop {
         tokio::select! {
@@ -81,14 +116,8 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
             _ = sigint.recv() => { progress.interrupted(); break }
             _ = sigterm.recv() => { progress.interrupted(); break }
             _ = ticker.tick() => {
-                let totals = probe.totals()?;
-                for key in totals.keys() {
-                    if processes.get(key.tgid).is_none() {
-                        processes.observe(key.tgid, "");
-                    }
-                }
-                series.push(&totals, started.elapsed());
-                progress.update(started.elapsed(), &series, processes.len(), &probe);
+                snapshot(&probes, &mut offcpu_series, &mut oncpu_series, &mut processes)?;
+                progress.update(started.elapsed(), &offcpu_series, &oncpu_series, processes.len(), &probes);
             }
             guard = new_tasks.readable_mut() => {
                 let mut guard = guard.context("polling the new-task ring buffer failed")?;
@@ -97,48 +126,85 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
             }
         }
     }
-    let totals = probe.totals()?;
-    series.push(&totals, started.elapsed());
+    snapshot(
+        &probes,
+        &mut offcpu_series,
+        &mut oncpu_series,
+        &mut processes,
+    )?;
+    let ends = if probes.offcpu_attached_with.is_some() {
+        offcpu_series.ends.clone()
+    } else {
+        oncpu_series.ends.clone()
+    };
     drain_new_tasks(new_tasks.get_mut(), &mut processes);
     progress.finish();
     processes.refresh_all();
 
-    let mut counters: BTreeMap<String, u64> = probe
-        .counters()?
-        .into_iter()
-        .map(|(name, value)| (name.to_string(), value))
-        .collect();
+    let mut counters: BTreeMap<String, u64> = BTreeMap::new();
+    if probes.offcpu_attached_with.is_some() {
+        for (name, value) in probes.offcpu_counters()? {
+            counters.insert(name.to_string(), value);
+        }
+    }
+    if probes.oncpu_frequency.is_some() {
+        for (name, value) in probes.oncpu_counters()? {
+            counters.insert(format!("oncpu_{name}"), value);
+        }
+    }
 
     let mut symbolizer = Symbolizer::new();
-    let mut stacks = Vec::new();
-    for (key, value) in &totals {
-        let mut frames = Vec::new();
-        match probe.stack(key.user_stack_id)? {
-            Some(ips) => frames.extend(symbolizer.user_frames(processes.get(key.tgid), &ips)),
-            None => frames.push(missing_stack_frame(FrameKind::User, key.user_stack_id)),
+    let mut builder = StackBuilder {
+        probes: &probes,
+        processes: &processes,
+        symbolizer: &mut symbolizer,
+    };
+    let offcpu = match probes.offcpu_attached_with {
+        Some(_) => {
+            let mut stacks = Vec::new();
+            for (key, (total_ns, count)) in &offcpu_series.latest {
+                stacks.push(builder.build(
+                    (key.tgid, key.tid, key.kernel_stack_id, key.user_stack_id),
+                    state_name(key.state),
+                    *total_ns,
+                    *count,
+                    offcpu_series.values(key),
+                )?);
+            }
+            sort_stacks(&mut stacks);
+            Some(OffcpuProfile { stacks })
         }
-        match probe.stack(key.kernel_stack_id)? {
-            Some(ips) => frames.extend(symbolizer.kernel_frames(&ips)),
-            None => frames.push(missing_stack_frame(FrameKind::Kernel, key.kernel_stack_id)),
+        None => None,
+    };
+    let oncpu = match probes.oncpu_frequency {
+        Some(frequency) => {
+            // Each sample stands for one sampling period of CPU time.
+            let period_ns = 1_000_000_000 / frequency.max(1);
+            let mut stacks = Vec::new();
+            for (key, (samples, _)) in &oncpu_series.latest {
+                let intervals = oncpu_series
+                    .values(key)
+                    .iter()
+                    .map(|s| s * period_ns)
+                    .collect();
+                stacks.push(builder.build(
+                    (key.tgid, key.tid, key.kernel_stack_id, key.user_stack_id),
+                    "running",
+                    samples * period_ns,
+                    *samples,
+                    intervals,
+                )?);
+            }
+            sort_stacks(&mut stacks);
+            Some(OncpuProfile {
+                frequency_hz: frequency,
+                stacks,
+            })
         }
-        stacks.push(Stack {
-            pid: key.tgid,
-            tid: key.tid,
-            comm: processes
-                .get(key.tgid)
-                .map(|p| p.comm.clone())
-                .filter(|c| !c.is_empty())
-                .unwrap_or_else(|| format!("[pid {}]", key.tgid)),
-            state: state_name(key.state).to_string(),
-            frames,
-            total_ns: value.total_ns,
-            count: value.count,
-            intervals: series.values(key),
-        });
-    }
-    let attached_with = probe.attached_with;
-    drop(probe); // detach before the (slow) writing
-    stacks.sort_by(|a, b| b.total_ns.cmp(&a.total_ns).then(a.tid.cmp(&b.tid)));
+        None => None,
+    };
+    let attached_with = probes.offcpu_attached_with.unwrap_or("none");
+    drop(probes); // detach before the (slow) writing
 
     let stats = symbolizer.stats;
     counters.insert("user_frames".into(), stats.user_addresses);
@@ -146,7 +212,12 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
     counters.insert("unresolved_user_frames".into(), stats.unresolved_user);
     counters.insert("unresolved_kernel_frames".into(), stats.unresolved_kernel);
 
-    let mut seen_pids: Vec<u32> = stacks.iter().map(|s| s.pid).collect();
+    let mut seen_pids: Vec<u32> = offcpu
+        .iter()
+        .flat_map(|o| &o.stacks)
+        .chain(oncpu.iter().flat_map(|o| &o.stacks))
+        .map(|s| s.pid)
+        .collect();
     seen_pids.sort_unstable();
     seen_pids.dedup();
     let process_list = seen_pids
@@ -167,45 +238,87 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
         kernel: kernel_release(),
         profiler_version: env!("CARGO_PKG_VERSION").to_string(),
         start_unix_ms,
-        duration_ns: series.ends.last().copied().unwrap_or(0),
-        interval_ends_ns: series.ends.clone(),
+        duration_ns: ends.last().copied().unwrap_or(0),
+        interval_ends_ns: ends,
         filters: Filters {
-            pids: options.offcpu.pids.clone(),
-            tids: options.offcpu.tids.clone(),
-            min_block_ns: options.offcpu.min_block_ns,
-            max_block_ns: options.offcpu.max_block_ns,
+            pids: config.pids.clone(),
+            tids: config.tids.clone(),
+            min_block_ns: config.offcpu.as_ref().map(|o| o.min_block_ns).unwrap_or(0),
+            max_block_ns: config.offcpu.as_ref().and_then(|o| o.max_block_ns),
             state: options.state_name.clone(),
             threads: options.threads_name.clone(),
         },
         attach: attached_with.to_string(),
         counters,
     });
-    capture.offcpu = Some(OffcpuProfile {
-        stacks,
-        processes: process_list,
-    });
+    capture.processes = process_list;
+    capture.offcpu = offcpu;
+    capture.oncpu = oncpu;
     write_outputs(&capture, &options.output, options.top)?;
     Ok(capture)
 }
 
-/// Writes `capture.json`, `offcpu.folded`, `offcpu.svg` and `summary.txt`, and prints the
-/// summary.
+/// Turns aggregation keys into symbolized stacks.
+struct StackBuilder<'a> {
+    probes: &'a Probes,
+    processes: &'a ProcessCache,
+    symbolizer: &'a mut Symbolizer,
+}
+
+impl StackBuilder<'_> {
+    fn build(
+        &mut self,
+        (tgid, tid, kernel_stack_id, user_stack_id): (u32, u32, i32, i32),
+        state: &str,
+        total_ns: u64,
+        count: u64,
+        intervals: Vec<u64>,
+    ) -> Result<Stack> {
+        let mut frames = Vec::new();
+        match self.probes.stack(user_stack_id)? {
+            Some(ips) => frames.extend(self.symbolizer.user_frames(self.processes.get(tgid), &ips)),
+            None => frames.push(missing_stack_frame(FrameKind::User, user_stack_id)),
+        }
+        match self.probes.stack(kernel_stack_id)? {
+            Some(ips) => frames.extend(self.symbolizer.kernel_frames(&ips)),
+            None => frames.push(missing_stack_frame(FrameKind::Kernel, kernel_stack_id)),
+        }
+        Ok(Stack {
+            pid: tgid,
+            tid,
+            comm: self
+                .processes
+                .get(tgid)
+                .map(|p| p.comm.clone())
+                .filter(|c| !c.is_empty())
+                .unwrap_or_else(|| format!("[pid {tgid}]")),
+            state: state.to_string(),
+            frames,
+            total_ns,
+            count,
+            intervals,
+        })
+    }
+}
+
+fn sort_stacks(stacks: &mut [Stack]) {
+    stacks.sort_by(|a, b| b.total_ns.cmp(&a.total_ns).then(a.tid.cmp(&b.tid)));
+}
+
+/// Writes `capture.json`, the folded stacks and flamegraphs of each family recorded, and
+/// `summary.txt`, and prints the summary.
 pub fn write_outputs(capture: &Capture, dir: &Path, top: usize) -> Result<()> {
     capture.save(&dir.join(crate::model::CAPTURE_FILE))?;
-    let stacks = capture
-        .offcpu
-        .as_ref()
-        .map(|o| o.stacks.as_slice())
-        .unwrap_or_default();
-    let lines = render::folded(stacks);
-    let folded_path = dir.join("offcpu.folded");
-    let mut text = lines.join("\n");
-    if !text.is_empty() {
-        text.push('\n');
+    if let Some(offcpu) = &capture.offcpu {
+        let lines = render::folded(&offcpu.stacks, |s| s.total_ns, 1000);
+        write_folded(&dir.join("offcpu.folded"), &lines)?;
+        render::flamegraph_svg(&lines, &render::OFFCPU_STYLE, &dir.join("offcpu.svg"))?;
     }
-    std::fs::write(&folded_path, text)
-        .with_context(|| format!("cannot write {}", folded_path.display()))?;
-    render::flamegraph_svg(&lines, "Off-CPU time", "us", &dir.join("offcpu.svg"))?;
+    if let Some(oncpu) = &capture.oncpu {
+        let lines = render::folded(&oncpu.stacks, |s| s.count, 1);
+        write_folded(&dir.join("oncpu.folded"), &lines)?;
+        render::flamegraph_svg(&lines, &render::ONCPU_STYLE, &dir.join("oncpu.svg"))?;
+    }
     let summary = render::summary(capture, top);
     std::fs::write(dir.join("summary.txt"), &summary)
         .with_context(|| format!("cannot write {}", dir.join("summary.txt").display()))?;
@@ -214,32 +327,52 @@ pub fn write_outputs(capture: &Capture, dir: &Path, top: usize) -> Result<()> {
     Ok(())
 }
 
-/// Per-key deltas for every interval, kept sparse (most keys are idle most of the time).
-#[derive(Default)]
-struct Series {
-    previous: HashMap<OffcpuKey, u64>,
-    deltas: HashMap<OffcpuKey, Vec<(u32, u64)>>,
-    ends: Vec<u64>,
-    blocks: u64,
+fn write_folded(path: &Path, lines: &[String]) -> Result<()> {
+    let mut text = lines.join("\n");
+    if !text.is_empty() {
+        text.push('\n');
+    }
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
-impl Series {
-    fn push(&mut self, totals: &HashMap<OffcpuKey, OffcpuValue>, elapsed: Duration) {
+/// Per-key deltas for every interval, kept sparse (most keys are idle most of the time),
+/// and the latest cumulative (value, count) of every key.
+struct Series<K> {
+    latest: HashMap<K, (u64, u64)>,
+    deltas: HashMap<K, Vec<(u32, u64)>>,
+    ends: Vec<u64>,
+    events: u64,
+}
+
+impl<K> Default for Series<K> {
+    fn default() -> Self {
+        Self {
+            latest: HashMap::new(),
+            deltas: HashMap::new(),
+            ends: Vec::new(),
+            events: 0,
+        }
+    }
+}
+
+impl<K: Copy + Eq + Hash> Series<K> {
+    /// Records cumulative (key, value, count) triples at `elapsed`.
+    fn push(&mut self, totals: impl Iterator<Item = (K, u64, u64)>, elapsed: Duration) {
         let index = self.ends.len() as u32;
         self.ends.push(elapsed.as_nanos() as u64);
-        let mut blocks = 0;
-        for (key, value) in totals {
-            blocks += value.count;
-            let before = self.previous.insert(*key, value.total_ns).unwrap_or(0);
-            let delta = value.total_ns.saturating_sub(before);
+        let mut events = 0;
+        for (key, value, count) in totals {
+            events += count;
+            let before = self.latest.insert(key, (value, count)).map_or(0, |v| v.0);
+            let delta = value.saturating_sub(before);
             if delta > 0 {
-                self.deltas.entry(*key).or_default().push((index, delta));
+                self.deltas.entry(key).or_default().push((index, delta));
             }
         }
-        self.blocks = blocks;
+        self.events = events;
     }
 
-    fn values(&self, key: &OffcpuKey) -> Vec<u64> {
+    fn values(&self, key: &K) -> Vec<u64> {
         let mut dense = vec![0; self.ends.len()];
         for (index, value) in self.deltas.get(key).into_iter().flatten() {
             dense[*index as usize] = *value;
@@ -264,7 +397,18 @@ fn drain_new_tasks(
     }
 }
 
-fn target_description(config: &OffcpuConfig) -> String {
+fn families_description(probes: &Probes) -> String {
+    let mut parts = Vec::new();
+    if let Some(how) = probes.offcpu_attached_with {
+        parts.push(format!("off-CPU time ({how})"));
+    }
+    if let Some(frequency) = probes.oncpu_frequency {
+        parts.push(format!("on-CPU samples ({frequency} Hz)"));
+    }
+    parts.join(" and ")
+}
+
+fn target_description(config: &ProbeConfig) -> String {
     let ids = |ids: &[u32]| ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
     match (config.pids.is_empty(), config.tids.is_empty()) {
         (true, true) => "the whole host".to_string(),
@@ -297,27 +441,36 @@ impl Progress {
         }
     }
 
-    fn update(&self, elapsed: Duration, series: &Series, processes: usize, probe: &OffcpuProbe) {
+    fn update(
+        &self,
+        elapsed: Duration,
+        offcpu: &Series<OffcpuKey>,
+        oncpu: &Series<OncpuKey>,
+        processes: usize,
+        probes: &Probes,
+    ) {
         let secs = elapsed.as_secs();
         if !self.tty && !secs.is_multiple_of(5) {
             return;
         }
-        let lost: u64 = probe
-            .counters()
-            .map(|c| {
-                c.iter()
-                    .filter(|(n, _)| {
-                        matches!(*n, "stack_collisions" | "agg_map_full" | "start_map_full")
-                    })
-                    .map(|(_, v)| v)
-                    .sum()
-            })
-            .unwrap_or(0);
+        let is_loss = |n: &str| matches!(n, "stack_collisions" | "agg_map_full" | "start_map_full");
+        let mut lost = 0;
+        for counters in [probes.offcpu_counters(), probes.oncpu_counters()]
+            .into_iter()
+            .flatten()
+        {
+            lost += counters
+                .iter()
+                .filter(|(n, _)| is_loss(n))
+                .map(|(_, v)| v)
+                .sum::<u64>();
+        }
         let line = format!(
-            "recording off-CPU: {secs}/{} s, {} blocks, {} stacks, {} processes, {lost} lost",
+            "recording: {secs}/{} s, {} blocks, {} samples, {} stacks, {} processes, {lost} lost",
             self.duration.as_secs(),
-            series.blocks,
-            series.previous.len(),
+            offcpu.events,
+            oncpu.events,
+            offcpu.latest.len() + oncpu.latest.len(),
             processes,
         );
         let mut err = std::io::stderr();

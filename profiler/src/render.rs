@@ -9,21 +9,45 @@ use inferno::flamegraph::{self, Options, Palette, color::BasicPalette};
 
 use crate::model::{Capture, Frame, FrameKind, Stack};
 
-/// Folded-stack lines (`comm;root;…;leaf microseconds`), identical stacks merged, sorted.
+/// Folded-stack lines (`comm;root;…;leaf value`), identical stacks merged, sorted. `value`
+/// picks what a stack weighs (ns, samples); merged sums are divided by `divisor` (1000: ns →
+/// microseconds) and rounded; lines that round to zero are left out.
 /// Kernel frames carry the `_[k]` suffix that FlameGraph and inferno colour as kernel code.
-pub fn folded(stacks: &[Stack]) -> Vec<String> {
+pub fn folded(stacks: &[Stack], value: impl Fn(&Stack) -> u64, divisor: u64) -> Vec<String> {
     let mut merged: BTreeMap<String, u64> = BTreeMap::new();
     for stack in stacks {
-        *merged.entry(folded_path(stack)).or_default() += stack.total_ns;
+        *merged.entry(folded_path(stack)).or_default() += value(stack);
     }
+    let divisor = divisor.max(1);
     merged
         .into_iter()
-        .filter_map(|(path, ns)| {
-            let us = (ns + 500) / 1000;
-            (us > 0).then(|| format!("{path} {us}"))
+        .filter_map(|(path, sum)| {
+            let rounded = (sum + divisor / 2) / divisor;
+            (rounded > 0).then(|| format!("{path} {rounded}"))
         })
         .collect()
 }
+
+/// How a family's flamegraph looks.
+pub struct FlameStyle {
+    pub title: &'static str,
+    pub count_name: &'static str,
+    pub palette: BasicPalette,
+}
+
+/// Off-CPU: microseconds, a cool palette.
+pub const OFFCPU_STYLE: FlameStyle = FlameStyle {
+    title: "Off-CPU time",
+    count_name: "us",
+    palette: BasicPalette::Blue,
+};
+
+/// On-CPU: samples, the classic warm palette.
+pub const ONCPU_STYLE: FlameStyle = FlameStyle {
+    title: "On-CPU samples",
+    count_name: "samples",
+    palette: BasicPalette::Hot,
+};
 
 /// The `;`-joined path of a stack, process name first.
 pub fn folded_path(stack: &Stack) -> String {
@@ -54,23 +78,22 @@ fn clean(name: &str) -> String {
 }
 
 /// Writes a flamegraph SVG of folded lines to a file.
-pub fn flamegraph_svg(lines: &[String], title: &str, count_name: &str, path: &Path) -> Result<()> {
+pub fn flamegraph_svg(lines: &[String], style: &FlameStyle, path: &Path) -> Result<()> {
     let file =
         std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    write_flamegraph(lines, title, count_name, std::io::BufWriter::new(file))
+    write_flamegraph(lines, style, std::io::BufWriter::new(file))
 }
 
-/// Writes a flamegraph SVG of folded lines (inferno; blue palette, counts in `count_name`).
+/// Writes a flamegraph SVG of folded lines (inferno).
 pub fn write_flamegraph<W: std::io::Write>(
     lines: &[String],
-    title: &str,
-    count_name: &str,
+    style: &FlameStyle,
     writer: W,
 ) -> Result<()> {
     let mut options = Options::default();
-    options.title = title.to_string();
-    options.count_name = count_name.to_string();
-    options.colors = Palette::Basic(BasicPalette::Blue);
+    options.title = style.title.to_string();
+    options.count_name = style.count_name.to_string();
+    options.colors = Palette::Basic(style.palette);
     let blank = ["[no samples] 1".to_string()];
     let lines = if lines.is_empty() {
         // inferno refuses empty input; an empty capture still gets a (blank) picture.
@@ -108,45 +131,82 @@ fn seconds(ns: u64) -> String {
     }
 }
 
-/// The short text summary: totals, losses, and the top blocking stacks.
+/// The short text summary: per family, totals, losses, and the top stacks.
 pub fn summary(capture: &Capture, top: usize) -> String {
     let mut out = String::new();
     let meta = &capture.metadata;
-    let Some(offcpu) = &capture.offcpu else {
-        return "no off-CPU data\n".to_string();
-    };
-    let total: u64 = offcpu.stacks.iter().map(|s| s.total_ns).sum();
-    let blocks: u64 = offcpu.stacks.iter().map(|s| s.count).sum();
-    let _ = writeln!(
-        out,
-        "off-CPU: {} blocked in {} blocks, {} stacks, {} processes ({:.3} s capture, {})",
-        seconds(total),
-        blocks,
-        offcpu.stacks.len(),
-        offcpu.processes.len(),
-        meta.duration_ns as f64 / 1e9,
-        meta.attach,
-    );
     let counter = |name: &str| meta.counters.get(name).copied().unwrap_or(0);
     let _ = writeln!(
         out,
-        "losses: stack collisions {}, kernel stack errors {}, start map full {}, \
-         aggregation map full {} ({} lost), new-task events lost {}; \
-         unresolved frames: user {}/{}, kernel {}/{}",
-        counter("stack_collisions"),
-        counter("kernel_stack_errors"),
-        counter("start_map_full"),
-        counter("agg_map_full"),
-        seconds(counter("lost_ns")),
-        counter("events_lost"),
+        "capture: {:.3} s, {} processes; unresolved frames: user {}/{}, kernel {}/{}",
+        meta.duration_ns as f64 / 1e9,
+        capture.processes.len(),
         counter("unresolved_user_frames"),
         counter("user_frames"),
         counter("unresolved_kernel_frames"),
         counter("kernel_frames"),
     );
-    // Merge threads of a process that blocked in the same place.
+    if let Some(offcpu) = &capture.offcpu {
+        let total: u64 = offcpu.stacks.iter().map(|s| s.total_ns).sum();
+        let blocks: u64 = offcpu.stacks.iter().map(|s| s.count).sum();
+        let _ = writeln!(
+            out,
+            "off-CPU: {} blocked in {} blocks, {} stacks ({})",
+            seconds(total),
+            blocks,
+            offcpu.stacks.len(),
+            meta.attach,
+        );
+        let _ = writeln!(
+            out,
+            "losses: stack collisions {}, kernel stack errors {}, start map full {}, \
+             aggregation map full {} ({} lost), new-task events lost {}",
+            counter("stack_collisions"),
+            counter("kernel_stack_errors"),
+            counter("start_map_full"),
+            counter("agg_map_full"),
+            seconds(counter("lost_ns")),
+            counter("events_lost"),
+        );
+        let _ = writeln!(out, "top blocking stacks:");
+        top_stacks(&mut out, &offcpu.stacks, top, "blocks", seconds);
+    }
+    if let Some(oncpu) = &capture.oncpu {
+        let samples: u64 = oncpu.stacks.iter().map(|s| s.count).sum();
+        let _ = writeln!(
+            out,
+            "on-CPU: {} samples at {} Hz ({} of CPU), {} stacks, {} idle samples",
+            samples,
+            oncpu.frequency_hz,
+            seconds(samples * 1_000_000_000 / oncpu.frequency_hz.max(1)),
+            oncpu.stacks.len(),
+            counter("oncpu_idle_samples"),
+        );
+        let _ = writeln!(
+            out,
+            "losses: stack collisions {}, kernel stack errors {}, aggregation map full {}, \
+             new-task events lost {}",
+            counter("oncpu_stack_collisions"),
+            counter("oncpu_kernel_stack_errors"),
+            counter("oncpu_agg_map_full"),
+            counter("oncpu_events_lost"),
+        );
+        let _ = writeln!(out, "top on-CPU stacks:");
+        top_stacks(&mut out, &oncpu.stacks, top, "samples", seconds);
+    }
+    out
+}
+
+/// The `top` heaviest stacks, threads of a process that were in the same place merged.
+fn top_stacks(
+    out: &mut String,
+    stacks: &[Stack],
+    top: usize,
+    count_name: &str,
+    amount: impl Fn(u64) -> String,
+) {
     let mut merged: BTreeMap<(String, u32, String), (u64, u64, &Stack)> = BTreeMap::new();
-    for stack in &offcpu.stacks {
+    for stack in stacks {
         let entry = merged
             .entry((folded_path(stack), stack.pid, stack.state.clone()))
             .or_insert((0, 0, stack));
@@ -155,23 +215,21 @@ pub fn summary(capture: &Capture, top: usize) -> String {
     }
     let mut ranked: Vec<_> = merged.into_values().collect();
     ranked.sort_by_key(|entry| std::cmp::Reverse(entry.0));
-    let _ = writeln!(out, "top blocking stacks:");
     for (rank, (ns, count, stack)) in ranked.iter().take(top).enumerate() {
         let avg = if *count > 0 { ns / count } else { 0 };
         let _ = writeln!(
             out,
-            "{:>3}. {:>12}  {:>7} blocks  avg {:>10}  {}[{}] {}",
+            "{:>3}. {:>12}  {:>7} {count_name}  avg {:>10}  {}[{}] {}",
             rank + 1,
-            seconds(*ns),
+            amount(*ns),
             count,
-            seconds(avg),
+            amount(avg),
             stack.comm,
             stack.pid,
             stack.state,
         );
         let _ = writeln!(out, "     {}", short_stack(&stack.frames));
     }
-    out
 }
 
 /// Leaf-first, a few user frames then the innermost kernel frame: where it waited, and why.
@@ -228,7 +286,11 @@ mod tests {
 
     #[test]
     fn folded_merges_threads_and_marks_kernel_frames() {
-        let lines = folded(&[stack(1, 1_000_000), stack(2, 499), stack(3, 2_000_000)]);
+        let lines = folded(
+            &[stack(1, 1_000_000), stack(2, 499), stack(3, 2_000_000)],
+            |s| s.total_ns,
+            1000,
+        );
         assert_eq!(
             lines,
             vec!["app;main;wait:here;schedule_[k] 3000".to_string()]
@@ -240,18 +302,12 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("profiler-render-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("t.svg");
-        flamegraph_svg(
-            &["app;main;sleep_[k] 30".to_string()],
-            "Off-CPU time",
-            "us",
-            &path,
-        )
-        .unwrap();
+        flamegraph_svg(&["app;main;sleep_[k] 30".to_string()], &OFFCPU_STYLE, &path).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
         assert!(svg.contains("Off-CPU time"));
         assert!(svg.contains("main"));
         assert!(svg.contains("30 us"));
-        flamegraph_svg(&[], "Off-CPU time", "us", &path).unwrap();
+        flamegraph_svg(&[], &OFFCPU_STYLE, &path).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -133,7 +133,7 @@ impl Recording {
         let mut seen = Vec::new();
         loop {
             match rx.recv_timeout(Duration::from_secs(60)) {
-                Ok(line) if line.starts_with("recording off-CPU time") => break,
+                Ok(line) if line.starts_with("recording ") && line.contains("Ctrl-C") => break,
                 Ok(line) => seen.push(line),
                 Err(_) => {
                     let _ = child.kill();

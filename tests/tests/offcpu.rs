@@ -217,7 +217,7 @@ fn whole_host_capture_symbolizes_a_process_that_exited_before_the_end() {
     let report = workload.finish(); // ~0.4 s of work, long before the 4 s end
     let (capture, _) = recording.wait();
     let pid = report["pid"].as_u64().unwrap() as u32;
-    let process = capture["offcpu"]["processes"]
+    let process = capture["processes"]
         .as_array()
         .unwrap()
         .iter()

@@ -182,7 +182,16 @@ fn perf_bench(loops: u64, cpu: Option<&str>) -> Result<f64> {
 fn start_profiler(attach: &str) -> Result<Child> {
     let out_dir = std::env::temp_dir().join(format!("profiler-bench-{}", std::process::id()));
     let mut child = Command::new(workspace_root().join("target/release/profiler"))
-        .args(["record", "--duration", "1h", "--attach", attach, "-o"])
+        .args([
+            "record",
+            "--events",
+            "offcpu",
+            "--duration",
+            "1h",
+            "--attach",
+            attach,
+            "-o",
+        ])
         .arg(&out_dir)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -193,7 +202,7 @@ fn start_profiler(attach: &str) -> Result<Child> {
     let mut lines = BufReader::new(stderr).lines();
     loop {
         match lines.next() {
-            Some(Ok(line)) if line.starts_with("recording off-CPU time") => break,
+            Some(Ok(line)) if line.starts_with("recording ") && line.contains("Ctrl-C") => break,
             Some(Ok(_)) => continue,
             _ => {
                 let status = child.wait()?;

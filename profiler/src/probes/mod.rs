@@ -1,9 +1,255 @@
-//! Loading, configuring, attaching and reading the kernel programs: one module per probe
-//! family, named like the family's file in `profiler-ebpf/src/`.
+//! Loading, configuring, attaching and reading the kernel programs. One eBPF object holds
+//! every family; `Probes::load` sets the shared configuration (filters, kernel offsets) and
+//! each family's globals, then attaches the families asked for. One module per family, named
+//! like the family's file in `profiler-ebpf/src/`.
+//!
+//! ```no_run
+//! # use profiler::probes::{ProbeConfig, Probes, offcpu::OffcpuConfig};
+//! let config = ProbeConfig { offcpu: Some(OffcpuConfig::default()), ..Default::default() };
+//! let probes = Probes::load(&config)?;
+//! std::thread::sleep(std::time::Duration::from_secs(1));
+//! let totals = probes.offcpu_totals()?; // (tgid, tid, stacks, state) → blocked ns, count
+//! # anyhow::Ok(())
+//! ```
 
 pub mod offcpu;
+pub mod oncpu;
 pub mod tracefs;
 
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result, bail};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf, StackTraceMap};
+use aya::{Ebpf, EbpfLoader, Pod};
+use profiler_common::shared::{
+    OVERFLOW_STACK_BIT, THREADS_ALL, THREADS_KERNEL, THREADS_USER, maps,
+};
+
+use crate::btf::Btf;
+
 /// The eBPF object built from `profiler-ebpf` by build.rs.
-pub(crate) static EBPF_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler-ebpf"));
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler-ebpf"));
+
+/// Which threads to trace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ThreadFilter {
+    #[default]
+    All,
+    User,
+    Kernel,
+}
+
+/// What to load and how to filter. A family is attached when its config is present.
+#[derive(Debug, Clone)]
+pub struct ProbeConfig {
+    pub pids: Vec<u32>,
+    pub tids: Vec<u32>,
+    pub threads: ThreadFilter,
+    pub btf_path: PathBuf,
+    /// Entries in the main stack map (the overflow map has 4096 more).
+    pub stack_storage_size: u32,
+    pub offcpu: Option<offcpu::OffcpuConfig>,
+    pub oncpu: Option<oncpu::OncpuConfig>,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        Self {
+            pids: Vec::new(),
+            tids: Vec::new(),
+            threads: ThreadFilter::All,
+            btf_path: PathBuf::from("/sys/kernel/btf/vmlinux"),
+            stack_storage_size: 16384,
+            offcpu: None,
+            oncpu: None,
+        }
+    }
+}
+
+/// Global values for the loader: name → bytes.
+pub(crate) type Globals = Vec<(&'static str, Vec<u8>)>;
+
+pub(crate) fn global<T: Pod>(globals: &mut Globals, name: &'static str, value: T) {
+    // SAFETY: T is Pod: plain bytes, no padding that matters to the kernel.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(&value as *const T as *const u8, std::mem::size_of::<T>())
+    };
+    globals.push((name, bytes.to_vec()));
+}
+
+/// The loaded object and what is attached. Dropping it detaches everything.
+pub struct Probes {
+    ebpf: Ebpf,
+    /// How off-CPU attached (`tp_btf` or `tracepoint`), when it did.
+    pub offcpu_attached_with: Option<&'static str>,
+    /// On-CPU sampling frequency, when attached.
+    pub oncpu_frequency: Option<u64>,
+}
+
+impl Probes {
+    pub fn load(config: &ProbeConfig) -> Result<Self> {
+        if !config.btf_path.exists() {
+            bail!(
+                "the kernel exposes no BTF at {} (it needs CONFIG_DEBUG_INFO_BTF=y); cannot \
+                 compute the kernel offsets the probes need",
+                config.btf_path.display()
+            );
+        }
+        let btf = Btf::from_file(&config.btf_path)?;
+        let mut globals = Globals::new();
+        global(
+            &mut globals,
+            "FILTER_TGID",
+            u32::from(!config.pids.is_empty()),
+        );
+        global(
+            &mut globals,
+            "FILTER_TID",
+            u32::from(!config.tids.is_empty()),
+        );
+        let thread_kind = match config.threads {
+            ThreadFilter::All => THREADS_ALL,
+            ThreadFilter::User => THREADS_USER,
+            ThreadFilter::Kernel => THREADS_KERNEL,
+        };
+        global(&mut globals, "THREAD_KIND", thread_kind);
+        global(
+            &mut globals,
+            "TASK_PID_OFF",
+            btf.member_offset("task_struct", "pid")?,
+        );
+        global(
+            &mut globals,
+            "TASK_FLAGS_OFF",
+            btf.member_offset("task_struct", "flags")?,
+        );
+        global(
+            &mut globals,
+            "TASK_COMM_OFF",
+            btf.member_offset("task_struct", "comm")?,
+        );
+        let state_off = btf
+            .member_offset("task_struct", "__state")
+            .or_else(|_| btf.member_offset("task_struct", "state"))?;
+        global(&mut globals, "TASK_STATE_OFF", state_off);
+        if let Some(offcpu) = &config.offcpu {
+            offcpu::globals(offcpu, &btf, &mut globals)?;
+        }
+
+        let mut loader = EbpfLoader::new();
+        for (name, bytes) in &globals {
+            loader.override_global(name, bytes.as_slice(), true);
+        }
+        loader.map_max_entries(maps::STACKS, config.stack_storage_size.max(1));
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF programs into the kernel failed")?;
+        fill_filter(&mut ebpf, maps::TGID_FILTER, &config.pids)?;
+        fill_filter(&mut ebpf, maps::TID_FILTER, &config.tids)?;
+
+        let offcpu_attached_with = match &config.offcpu {
+            Some(offcpu) => Some(offcpu::attach(&mut ebpf, offcpu, &config.btf_path)?),
+            None => None,
+        };
+        let oncpu_frequency = match &config.oncpu {
+            Some(oncpu) => Some(oncpu::attach(&mut ebpf, oncpu)?),
+            None => None,
+        };
+        Ok(Self {
+            ebpf,
+            offcpu_attached_with,
+            oncpu_frequency,
+        })
+    }
+
+    /// The ring buffer of first-seen tasks; can be taken once.
+    pub fn take_new_tasks(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map(maps::NEW_TASKS)
+            .context("new-task ring buffer already taken")?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    /// Instruction pointers of a stack, innermost first; `None` when the id is an error or
+    /// gone.
+    pub fn stack(&self, stack_id: i32) -> Result<Option<Vec<u64>>> {
+        if stack_id < 0 {
+            return Ok(None);
+        }
+        let (name, id) = if stack_id & OVERFLOW_STACK_BIT != 0 {
+            (maps::STACKS_OVERFLOW, stack_id & !OVERFLOW_STACK_BIT)
+        } else {
+            (maps::STACKS, stack_id)
+        };
+        let map = self.ebpf.map(name).context("no stack map")?;
+        let stacks = StackTraceMap::try_from(map)?;
+        match stacks.get(&(id as u32), 0) {
+            Ok(trace) => Ok(Some(trace.frames().iter().map(|f| f.ip).collect())),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(err) => Err(err).context("reading a stack trace failed"),
+        }
+    }
+
+    pub(crate) fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
+    }
+}
+
+/// Every entry of a hash map (a key deleted between listing and lookup is skipped).
+pub(crate) fn read_hash<K: Pod + Eq + std::hash::Hash, V: Pod>(
+    ebpf: &Ebpf,
+    name: &str,
+) -> Result<HashMap<K, V>> {
+    let map = ebpf.map(name).with_context(|| format!("no map {name}"))?;
+    let map: BpfHashMap<&MapData, K, V> = BpfHashMap::try_from(map)?;
+    let mut out = HashMap::new();
+    for entry in map.iter() {
+        match entry {
+            Ok((key, value)) => {
+                out.insert(key, value);
+            }
+            Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(err) => return Err(err).with_context(|| format!("reading {name} failed")),
+        }
+    }
+    Ok(out)
+}
+
+/// Per-CPU counters summed over CPUs, with their names.
+pub(crate) fn read_counters(
+    ebpf: &Ebpf,
+    name: &str,
+    names: &[&'static str],
+) -> Result<Vec<(&'static str, u64)>> {
+    let map = ebpf.map(name).with_context(|| format!("no map {name}"))?;
+    let counters: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
+    let mut out = Vec::new();
+    for (index, counter) in names.iter().enumerate() {
+        let values = counters.get(&(index as u32), 0)?;
+        out.push((*counter, values.iter().sum()));
+    }
+    Ok(out)
+}
+
+pub(crate) fn program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+) -> Result<&'a mut aya::programs::Program> {
+    ebpf.program_mut(name)
+        .with_context(|| format!("program {name} missing from the eBPF object"))
+}
+
+fn fill_filter(ebpf: &mut Ebpf, name: &str, ids: &[u32]) -> Result<()> {
+    let map = ebpf
+        .map_mut(name)
+        .with_context(|| format!("map {name} missing"))?;
+    let mut filter: BpfHashMap<&mut MapData, u32, u8> = BpfHashMap::try_from(map)?;
+    for id in ids {
+        filter
+            .insert(id, 1, 0)
+            .with_context(|| format!("cannot add {id} to the {name} filter (at most 1024)"))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,36 @@
+//! What every probe family shares: the stack maps, the pid/tid filters and the ring buffer
+//! of first-seen tasks.
+
+/// Stack ids with this bit set live in the overflow stack map (`STACKS_OVERFLOW`): a stack
+/// whose bucket in the main map holds another stack goes there instead of being lost.
+pub const OVERFLOW_STACK_BIT: i32 = 1 << 30;
+
+/// Sent on the ring buffer the first time a family creates an aggregation key, so userspace
+/// can read the process's memory maps and name while the process lives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NewTaskEvent {
+    pub tgid: u32,
+    pub tid: u32,
+    pub comm: [u8; 16],
+}
+
+/// `THREAD_KIND` values.
+pub const THREADS_ALL: u32 = 0;
+pub const THREADS_USER: u32 = 1;
+pub const THREADS_KERNEL: u32 = 2;
+
+/// Map names, shared so that the loader and the programs cannot disagree.
+pub mod maps {
+    pub const STACKS: &str = "STACKS";
+    pub const STACKS_OVERFLOW: &str = "STACKS_OVERFLOW";
+    pub const NEW_TASKS: &str = "NEW_TASKS";
+    pub const TGID_FILTER: &str = "TGID_FILTER";
+    pub const TID_FILTER: &str = "TID_FILTER";
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain #[repr(C)] integers; every bit pattern is valid.
+    unsafe impl aya::Pod for super::NewTaskEvent {}
+}

@@ -1,0 +1,123 @@
+//! What the probe families share: pid/tid filters, the stack maps (with an overflow map for
+//! hash collisions) and the ring buffer that tells userspace about new tasks.
+
+use aya_ebpf::{
+    helpers::bpf_probe_read_kernel,
+    macros::map,
+    maps::{HashMap, RingBuf, StackTrace},
+    programs::tracing::StackIdContext,
+};
+use profiler_common::shared::{NewTaskEvent, OVERFLOW_STACK_BIT, THREADS_ALL, THREADS_KERNEL};
+
+// ---- Configuration, set by the loader before load (read-only globals). ----
+
+/// 1: only threads whose tgid is in `TGID_FILTER`.
+#[unsafe(no_mangle)]
+static FILTER_TGID: u32 = 0;
+/// 1: only threads whose tid is in `TID_FILTER`.
+#[unsafe(no_mangle)]
+static FILTER_TID: u32 = 0;
+/// `THREADS_*`.
+#[unsafe(no_mangle)]
+static THREAD_KIND: u32 = THREADS_ALL;
+/// Offsets in `struct task_struct`, from the running kernel's BTF.
+#[unsafe(no_mangle)]
+pub static TASK_PID_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static TASK_FLAGS_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+pub static TASK_COMM_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+pub static TASK_STATE_OFF: u32 = 0;
+
+const PF_KTHREAD: u32 = 0x0020_0000;
+const EEXIST: i32 = 17;
+
+// ---- Maps. Sizes are defaults; the loader may resize them. ----
+
+#[map(name = "STACKS")]
+static STACKS: StackTrace = StackTrace::with_max_entries(16384, 0);
+
+/// Second chance for stacks whose bucket in `STACKS` is taken (the kernel hashes with the
+/// same function, but a different bucket count spreads the colliders apart).
+#[map(name = "STACKS_OVERFLOW")]
+static STACKS_OVERFLOW: StackTrace = StackTrace::with_max_entries(4096, 0);
+
+#[map(name = "NEW_TASKS")]
+static NEW_TASKS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+#[map(name = "TGID_FILTER")]
+static TGID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
+
+#[map(name = "TID_FILTER")]
+static TID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
+
+#[inline(always)]
+pub fn config<T: Copy>(global: &T) -> T {
+    // Volatile so the compiler does not fold the defaults: the loader rewrites them.
+    unsafe { core::ptr::read_volatile(global) }
+}
+
+/// Whether a thread passes the pid/tid filters and, when asked, the user/kernel thread
+/// filter (`task` is its task_struct).
+#[inline(always)]
+pub fn wanted(tgid: u32, tid: u32, task: *const u8) -> bool {
+    if config(&FILTER_TGID) != 0 && unsafe { TGID_FILTER.get(tgid) }.is_none() {
+        return false;
+    }
+    if config(&FILTER_TID) != 0 && unsafe { TID_FILTER.get(tid) }.is_none() {
+        return false;
+    }
+    let kind = config(&THREAD_KIND);
+    if kind != THREADS_ALL {
+        let flags: u32 = unsafe {
+            bpf_probe_read_kernel(task.add(config(&TASK_FLAGS_OFF) as usize) as *const u32)
+        }
+        .unwrap_or(0);
+        let is_kernel = flags & PF_KTHREAD != 0;
+        if is_kernel != (kind == THREADS_KERNEL) {
+            return false;
+        }
+    }
+    true
+}
+
+/// Why a stack could not be stored.
+pub enum StackError {
+    /// Both stack maps had another stack in this one's bucket.
+    Collision(i32),
+    /// No stack to walk (kernel thread's user stack) or the walk failed.
+    Missing(i32),
+}
+
+/// A stack id for the current context, trying the overflow map on a collision.
+#[inline(always)]
+pub fn stack_id<C: StackIdContext>(ctx: &C, flags: u64) -> Result<i32, StackError> {
+    match ctx.get_stackid(&STACKS, flags) {
+        Ok(id) => Ok(id as i32),
+        Err(err) if err == -EEXIST => match ctx.get_stackid(&STACKS_OVERFLOW, flags) {
+            Ok(id) => Ok(id as i32 | OVERFLOW_STACK_BIT),
+            Err(err) => Err(StackError::Collision(err)),
+        },
+        Err(err) => Err(StackError::Missing(err)),
+    }
+}
+
+/// Tells userspace about a task it may not know yet. `comm` points at its 16-byte name
+/// (kernel memory). Returns false when the ring buffer is full.
+#[inline(always)]
+pub fn notify_new_task(tgid: u32, tid: u32, comm: *const u8) -> bool {
+    match NEW_TASKS.reserve::<NewTaskEvent>(0) {
+        Some(mut entry) => {
+            let event = entry.as_mut_ptr();
+            unsafe {
+                (*event).tgid = tgid;
+                (*event).tid = tid;
+                (*event).comm = bpf_probe_read_kernel(comm as *const [u8; 16]).unwrap_or([0; 16]);
+            }
+            entry.submit(0);
+            true
+        }
+        None => false,
+    }
+}

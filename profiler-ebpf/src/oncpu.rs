@@ -1,0 +1,82 @@
+//! On-CPU samples: a perf_event cpu-clock program on every CPU counts samples per
+//! (tgid, tid, kernel stack, user stack). A new key notifies userspace (rare), as off-CPU does.
+
+use aya_ebpf::{
+    bindings::BPF_F_USER_STACK,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task},
+    macros::{map, perf_event},
+    maps::{HashMap, PerCpuArray},
+    programs::PerfEventContext,
+};
+use profiler_common::oncpu::{OncpuKey, counter};
+
+use crate::common::{StackError, TASK_COMM_OFF, config, notify_new_task, stack_id, wanted};
+
+#[map(name = "ONCPU_COUNTS")]
+static COUNTS: HashMap<OncpuKey, u64> = HashMap::with_max_entries(16384, 0);
+
+#[map(name = "ONCPU_COUNTERS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // Per-CPU slot: no other CPU writes it.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+fn counted_stack_id(ctx: &PerfEventContext, flags: u64) -> i32 {
+    match stack_id(ctx, flags) {
+        Ok(id) => id,
+        Err(StackError::Collision(err)) => {
+            count(counter::STACK_COLLISION);
+            err
+        }
+        Err(StackError::Missing(err)) => {
+            count(if flags & BPF_F_USER_STACK as u64 != 0 {
+                counter::USER_STACK_MISSING
+            } else {
+                counter::KERNEL_STACK_ERROR
+            });
+            err
+        }
+    }
+}
+
+#[perf_event]
+pub fn oncpu_sample(ctx: PerfEventContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    let tgid = (pid_tgid >> 32) as u32;
+    if tid == 0 {
+        count(counter::IDLE_SAMPLES);
+        return 0;
+    }
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    if !wanted(tgid, tid, task) {
+        return 0;
+    }
+    let key = OncpuKey {
+        tgid,
+        tid,
+        kernel_stack_id: counted_stack_id(&ctx, 0),
+        user_stack_id: counted_stack_id(&ctx, BPF_F_USER_STACK as u64),
+    };
+    count(counter::SAMPLES);
+    if let Some(samples) = COUNTS.get_ptr_mut(&key) {
+        // The key holds the tid, and a thread runs on one CPU at a time.
+        unsafe { *samples += 1 };
+        return 0;
+    }
+    if COUNTS.insert(&key, &1, 0).is_err() {
+        count(counter::AGG_MAP_FULL);
+        return 0;
+    }
+    let comm = unsafe { task.add(config(&TASK_COMM_OFF) as usize) };
+    if !notify_new_task(tgid, tid, comm) {
+        count(counter::EVENTS_LOST);
+    }
+    0
+}

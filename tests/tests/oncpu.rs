@@ -1,0 +1,88 @@
+//! End-to-end tests of on-CPU sampling on the running kernel.
+//!
+//! Oracle: the workload's own CPU time from getrusage. At `--freq F`, a process that used C
+//! CPU-seconds must collect about F × C samples, and a function that is all it does must hold
+//! nearly all of them.
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::process::{Command, Stdio};
+
+use profiler_tests::*;
+
+#[test]
+fn samples_match_cpu_time_and_land_in_the_busy_function() {
+    require_root();
+    let dir = temp_dir("oncpu");
+    let mut child = Command::new(built_binary("oncpu-workload"))
+        .arg("1500")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let pid = line.trim().trim_start_matches("ready ").to_string();
+    let recording = Recording::start(
+        &dir.join("out"),
+        &["-d", "60s", "-p", &pid, "--events", "oncpu", "--freq", "99"],
+    );
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    line.clear();
+    stdout.read_line(&mut line).unwrap();
+    let cpu_ns: f64 = line.trim().trim_start_matches("cpu_ns ").parse().unwrap();
+    assert!(child.wait().unwrap().success());
+    let (capture, stdout_text) = recording.interrupt();
+
+    assert!(capture["offcpu"].is_null(), "only oncpu was asked for");
+    assert_eq!(capture["oncpu"]["frequency_hz"], 99);
+    let pid: u64 = pid.parse().unwrap();
+    let stacks: Vec<&serde_json::Value> = capture["oncpu"]["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["pid"].as_u64() == Some(pid))
+        .collect();
+    let samples = |pred: &dyn Fn(&serde_json::Value) -> bool| -> f64 {
+        stacks
+            .iter()
+            .filter(|s| pred(s))
+            .map(|s| s["count"].as_u64().unwrap() as f64)
+            .sum()
+    };
+    let total = samples(&|_| true);
+    let expected = 99.0 * cpu_ns / 1e9;
+    println!(
+        "samples {total}, expected 99 Hz x {:.3} s = {expected:.1}",
+        cpu_ns / 1e9
+    );
+    assert!(
+        (total - expected).abs() <= expected * 0.10,
+        "{total} samples, expected {expected:.1}"
+    );
+    let busy = samples(&|s| frame_names(s).iter().any(|n| is_function(n, "busy_spin")));
+    assert!(
+        busy >= 0.9 * total,
+        "busy_spin holds {busy} of {total} samples"
+    );
+    // Callers: main → busy_spin.
+    let stack = stacks
+        .iter()
+        .find(|s| frame_names(s).iter().any(|n| is_function(n, "busy_spin")))
+        .unwrap();
+    let names = frame_names(stack);
+    let at = names
+        .iter()
+        .position(|n| is_function(n, "busy_spin"))
+        .unwrap();
+    assert!(is_function(names[at - 1], "main"), "{names:?}");
+    assert!(stdout_text.contains("top on-CPU stacks"), "{stdout_text}");
+    let folded = std::fs::read_to_string(dir.join("out/oncpu.folded")).unwrap();
+    assert!(
+        folded
+            .lines()
+            .any(|l| l.starts_with("oncpu-workload;") && l.contains("busy_spin"))
+    );
+    let svg = std::fs::read_to_string(dir.join("out/oncpu.svg")).unwrap();
+    assert!(svg.contains("On-CPU samples") && svg.contains("busy_spin"));
+}
