@@ -17,7 +17,8 @@ pub mod counter {
     pub const SAMPLES: u32 = 0;
     /// Samples that hit the idle task.
     pub const IDLE_SAMPLES: u32 = 1;
-    pub const KERNEL_STACK_ERROR: u32 = 2;
+    /// No kernel stack: the sample was taken in user mode (normal), or the walk failed.
+    pub const KERNEL_STACK_MISSING: u32 = 2;
     pub const USER_STACK_MISSING: u32 = 3;
     pub const STACK_COLLISION: u32 = 4;
     /// The aggregation map was full: a sample was lost.
@@ -28,7 +29,7 @@ pub mod counter {
     pub const NAMES: [&str; COUNT as usize] = [
         "samples",
         "idle_samples",
-        "kernel_stack_errors",
+        "kernel_stack_missing",
         "user_stack_missing",
         "stack_collisions",
         "agg_map_full",

@@ -38,7 +38,7 @@ fn counted_stack_id(ctx: &PerfEventContext, flags: u64) -> i32 {
             count(if flags & BPF_F_USER_STACK as u64 != 0 {
                 counter::USER_STACK_MISSING
             } else {
-                counter::KERNEL_STACK_ERROR
+                counter::KERNEL_STACK_MISSING
             });
             err
         }

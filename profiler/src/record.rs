@@ -319,6 +319,15 @@ pub fn write_outputs(capture: &Capture, dir: &Path, top: usize) -> Result<()> {
         write_folded(&dir.join("oncpu.folded"), &lines)?;
         render::flamegraph_svg(&lines, &render::ONCPU_STYLE, &dir.join("oncpu.svg"))?;
     }
+    let wallclock = render::wallclock(capture);
+    if !wallclock.is_empty() {
+        write_folded(&dir.join("wallclock.folded"), &wallclock)?;
+        render::flamegraph_svg(
+            &wallclock,
+            &render::WALLCLOCK_STYLE,
+            &dir.join("wallclock.svg"),
+        )?;
+    }
     let summary = render::summary(capture, top);
     std::fs::write(dir.join("summary.txt"), &summary)
         .with_context(|| format!("cannot write {}", dir.join("summary.txt").display()))?;

@@ -86,3 +86,56 @@ fn samples_match_cpu_time_and_land_in_the_busy_function() {
     let svg = std::fs::read_to_string(dir.join("out/oncpu.svg")).unwrap();
     assert!(svg.contains("On-CPU samples") && svg.contains("busy_spin"));
 }
+
+#[test]
+fn wallclock_view_splits_busy_and_sleeping_time() {
+    require_root();
+    let dir = temp_dir("wallclock");
+    let mut child = Command::new(built_binary("oncpu-workload"))
+        .args(["alternate", "10"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let pid = line.trim().trim_start_matches("ready ").to_string();
+    let recording = Recording::start(&dir.join("out"), &["-d", "60s", "-p", &pid]);
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    line.clear();
+    stdout.read_line(&mut line).unwrap();
+    let fields: Vec<f64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let (busy_ns, sleep_ns) = (fields[0], fields[1]);
+    assert!(child.wait().unwrap().success());
+    let _ = recording.interrupt();
+
+    // The main thread's lines of the wall-clock view, by leaf.
+    let folded = std::fs::read_to_string(dir.join("out/wallclock.folded")).unwrap();
+    let prefix = format!("oncpu-workload;[tid {pid}];");
+    let total_us = |leaf: &str| -> f64 {
+        folded
+            .lines()
+            .filter(|l| l.starts_with(&prefix) && l.contains("alternate"))
+            .filter_map(|l| l.rsplit_once(' '))
+            .filter(|(path, _)| path.ends_with(leaf))
+            .map(|(_, us)| us.parse::<f64>().unwrap())
+            .sum()
+    };
+    let running_us = total_us(";[running]");
+    let sleep_us = total_us(";[sleep]");
+    println!(
+        "running {running_us} us (workload: {} us), sleep {sleep_us} us (workload: {} us)",
+        busy_ns / 1e3,
+        sleep_ns / 1e3
+    );
+    assert!((running_us - busy_ns / 1e3).abs() <= 0.10 * busy_ns / 1e3);
+    assert!((sleep_us - sleep_ns / 1e3).abs() <= 0.10 * sleep_ns / 1e3);
+    let share = running_us / (running_us + sleep_us);
+    assert!((0.45..=0.55).contains(&share), "running share {share}");
+    let svg = std::fs::read_to_string(dir.join("out/wallclock.svg")).unwrap();
+    assert!(svg.contains("[running]") && svg.contains("[sleep]"));
+}
