@@ -35,7 +35,22 @@ pub struct OffcpuStart {
     pub kernel_stack_id: i32,
     pub user_stack_id: i32,
     pub state: u32,
+    /// When sched_wakeup made the thread runnable again (0: not yet, or preempted).
+    pub wakeup_ns: u64,
 }
+
+/// Run-queue latency histogram key: per process, log2 bucket of the nanoseconds a thread
+/// waited for a CPU (after a wakeup, or after being preempted). Bucket `b` holds waits in
+/// [2^(b-1), 2^b) ns; bucket 0 holds 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RunqKey {
+    pub tgid: u32,
+    pub bucket: u32,
+}
+
+/// Buckets in the run-queue histogram (the last one takes everything above 2^38 ns).
+pub const RUNQ_BUCKETS: u32 = 40;
 
 /// Why the thread left the CPU (the task state at sched_switch).
 pub const STATE_RUNQUEUE: u32 = 0;
@@ -96,6 +111,7 @@ pub mod maps {
     pub const STARTS: &str = "OFFCPU_STARTS";
     pub const TOTALS: &str = "OFFCPU_TOTALS";
     pub const COUNTERS: &str = "OFFCPU_COUNTERS";
+    pub const RUNQ_HIST: &str = "OFFCPU_RUNQ_HIST";
 }
 
 #[cfg(feature = "user")]
@@ -104,4 +120,5 @@ mod pod {
     unsafe impl aya::Pod for super::OffcpuKey {}
     unsafe impl aya::Pod for super::OffcpuValue {}
     unsafe impl aya::Pod for super::OffcpuStart {}
+    unsafe impl aya::Pod for super::RunqKey {}
 }

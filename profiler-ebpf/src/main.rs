@@ -2,6 +2,8 @@
 //! are loaded and attached by the userspace module of the same name (`profiler/src/probes/`).
 #![no_std]
 #![no_main]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod common;
 mod offcpu;

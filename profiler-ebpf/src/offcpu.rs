@@ -21,8 +21,8 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext, tracing::StackIdContext},
 };
 use profiler_common::offcpu::{
-    OffcpuKey, OffcpuStart, OffcpuValue, STATE_DISK, STATE_IDLE, STATE_MASK_ANY, STATE_OTHER,
-    STATE_RUNQUEUE, STATE_SLEEP, counter,
+    OffcpuKey, OffcpuStart, OffcpuValue, RUNQ_BUCKETS, RunqKey, STATE_DISK, STATE_IDLE,
+    STATE_MASK_ANY, STATE_OTHER, STATE_RUNQUEUE, STATE_SLEEP, counter,
 };
 
 use crate::common::{
@@ -49,6 +49,9 @@ static TP_PREV_STATE_OFF: u32 = 32;
 static TP_NEXT_COMM_OFF: u32 = 40;
 #[unsafe(no_mangle)]
 static TP_NEXT_PID_OFF: u32 = 56;
+/// `pid` in the `sched:sched_wakeup` record.
+#[unsafe(no_mangle)]
+static TP_WAKEUP_PID_OFF: u32 = 24;
 /// The tracepoint's value for "preempted" in `prev_state` (TASK_REPORT_MAX).
 #[unsafe(no_mangle)]
 static TP_PREEMPT_STATE: u32 = 0x100;
@@ -60,6 +63,9 @@ static STARTS: HashMap<u32, OffcpuStart> = HashMap::with_max_entries(32768, 0);
 
 #[map(name = "OFFCPU_TOTALS")]
 static TOTALS: HashMap<OffcpuKey, OffcpuValue> = HashMap::with_max_entries(16384, 0);
+
+#[map(name = "OFFCPU_RUNQ_HIST")]
+static RUNQ_HIST: HashMap<RunqKey, u64> = HashMap::with_max_entries(16384, 0);
 
 #[map(name = "OFFCPU_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -152,6 +158,7 @@ fn switch_out<C: StackIdContext>(ctx: &C, task: *const u8, state: u32, now: u64)
         kernel_stack_id,
         user_stack_id,
         state,
+        wakeup_ns: 0,
     };
     if let Some(slot) = STARTS.get_ptr_mut(tid) {
         // Overwrite in place: cheaper than a map update on every switch.
@@ -162,6 +169,8 @@ fn switch_out<C: StackIdContext>(ctx: &C, task: *const u8, state: u32, now: u64)
 }
 
 /// Switch-in of thread `tid` (`next`). `comm` points at its 16-byte name (kernel memory).
+/// The time since switch-out is split at the wakeup: before it the thread was blocked (its
+/// state at switch-out), after it the thread waited for a CPU (`STATE_RUNQUEUE`).
 #[inline(always)]
 fn switch_in(tid: u32, comm: *const u8, now: u64) {
     if tid == 0 {
@@ -180,7 +189,8 @@ fn switch_in(tid: u32, comm: *const u8, now: u64) {
         count(counter::FILTERED_DURATION, 1);
         return;
     }
-    let key = OffcpuKey {
+    count(counter::BLOCKS, 1);
+    let mut key = OffcpuKey {
         tgid: start.tgid,
         tid,
         kernel_stack_id: start.kernel_stack_id,
@@ -188,28 +198,119 @@ fn switch_in(tid: u32, comm: *const u8, now: u64) {
         state: start.state,
         _pad: 0,
     };
-    count(counter::BLOCKS, 1);
-    if let Some(total) = TOTALS.get_ptr_mut(&key) {
+    let runq = if start.state == STATE_RUNQUEUE {
+        delta
+    } else if start.wakeup_ns > start.start_ns && start.wakeup_ns <= now {
+        add(&key, start.wakeup_ns - start.start_ns, comm);
+        key.state = STATE_RUNQUEUE;
+        now - start.wakeup_ns
+    } else {
+        // No wakeup seen (it happened before we attached): all of it counts as blocked.
+        add(&key, delta, comm);
+        return;
+    };
+    add(&key, runq, comm);
+    count_runq(start.tgid, runq);
+}
+
+#[inline(always)]
+fn add(key: &OffcpuKey, ns: u64, comm: *const u8) {
+    if let Some(total) = TOTALS.get_ptr_mut(key) {
         // The key holds the tid and a thread switches in on one CPU at a time, so no other
         // CPU updates this entry concurrently.
         unsafe {
-            (*total).total_ns += delta;
+            (*total).total_ns += ns;
             (*total).count += 1;
         }
         return;
     }
     let value = OffcpuValue {
-        total_ns: delta,
+        total_ns: ns,
         count: 1,
     };
-    if TOTALS.insert(&key, &value, 0).is_err() {
+    if TOTALS.insert(key, &value, 0).is_err() {
         count(counter::AGG_MAP_FULL, 1);
-        count(counter::LOST_NS, delta);
+        count(counter::LOST_NS, ns);
         return;
     }
-    if !notify_new_task(start.tgid, tid, comm) {
+    if !notify_new_task(key.tgid, key.tid, comm) {
         count(counter::EVENTS_LOST, 1);
     }
+}
+
+/// log2 bucket: `b` such that 2^(b-1) <= ns < 2^b (0 for 0), capped.
+#[inline(always)]
+fn log2_bucket(ns: u64) -> u32 {
+    let mut v = ns;
+    let mut bucket = 0;
+    for shift in [32u32, 16, 8, 4, 2, 1] {
+        if v >> shift != 0 {
+            v >>= shift;
+            bucket += shift;
+        }
+    }
+    let bucket = if ns == 0 { 0 } else { bucket + 1 };
+    if bucket >= RUNQ_BUCKETS {
+        RUNQ_BUCKETS - 1
+    } else {
+        bucket
+    }
+}
+
+#[inline(always)]
+fn count_runq(tgid: u32, ns: u64) {
+    let key = RunqKey {
+        tgid,
+        bucket: log2_bucket(ns),
+    };
+    if let Some(slot) = RUNQ_HIST.get_ptr_mut(&key) {
+        // Several CPUs may switch in threads of one process at once.
+        unsafe {
+            core::intrinsics::atomic_xadd::<_, _, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                slot, 1u64,
+            )
+        };
+    } else if RUNQ_HIST.insert(&key, &1, 1 /* BPF_NOEXIST */).is_err()
+        && let Some(slot) = RUNQ_HIST.get_ptr_mut(&key)
+    {
+        // Another CPU inserted it first.
+        unsafe {
+            core::intrinsics::atomic_xadd::<_, _, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                slot, 1u64,
+            )
+        };
+    }
+}
+
+/// sched_wakeup of thread `tid`: remember when it became runnable.
+#[inline(always)]
+fn wakeup(tid: u32) {
+    if let Some(slot) = STARTS.get_ptr_mut(tid) {
+        unsafe {
+            if (*slot).start_ns != 0 && (*slot).wakeup_ns == 0 {
+                (*slot).wakeup_ns = bpf_ktime_get_ns();
+            }
+        }
+    }
+}
+
+/// `tp_btf/sched_wakeup(struct task_struct *p)`.
+#[btf_tracepoint(function = "sched_wakeup")]
+pub fn offcpu_wakeup_btf(ctx: BtfTracePointContext) -> u32 {
+    let task: *const u8 = ctx.arg(0);
+    let tid: u32 =
+        unsafe { bpf_probe_read_kernel(task.add(config(&TASK_PID_OFF) as usize) as *const u32) }
+            .unwrap_or(0);
+    wakeup(tid);
+    0
+}
+
+/// Classic `sched:sched_wakeup` tracepoint.
+#[tracepoint(category = "sched", name = "sched_wakeup")]
+pub fn offcpu_wakeup_tp(ctx: TracePointContext) -> u32 {
+    let tid: u32 = unsafe { ctx.read_at::<u32>(config(&TP_WAKEUP_PID_OFF) as usize) }.unwrap_or(0);
+    wakeup(tid);
+    0
 }
 
 /// `tp_btf/sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next,

@@ -55,10 +55,45 @@ pub struct Filters {
     pub threads: String,
 }
 
-/// Blocked time per stack; `Stack::total_ns` is time off the CPU, `count` the blocks.
+/// Blocked time per stack; `Stack::total_ns` is time off the CPU, `count` the blocks. A
+/// block that ended with a wakeup is split: the part before the wakeup keeps the thread's
+/// state, the wait for a CPU after it is a `runqueue` stack with the same frames.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct OffcpuProfile {
     pub stacks: Vec<Stack>,
+    /// Run-queue latency per process.
+    #[serde(default)]
+    pub runqueue: Vec<RunqueueHistogram>,
+}
+
+/// Run-queue latency of one process: how long its threads waited for a CPU once runnable
+/// (after a wakeup, or after being preempted).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RunqueueHistogram {
+    pub pid: u32,
+    pub comm: String,
+    pub waits: u64,
+    /// `buckets[b]`: waits in [2^(b-1), 2^b) ns (`buckets[0]`: zero).
+    pub buckets: Vec<u64>,
+}
+
+impl RunqueueHistogram {
+    /// Upper bound (ns) of the bucket that holds quantile `q` of the waits.
+    pub fn quantile_ns(&self, q: f64) -> u64 {
+        let target = (q * self.waits as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (bucket, count) in self.buckets.iter().enumerate() {
+            seen += count;
+            if seen >= target {
+                return if bucket == 0 {
+                    0
+                } else {
+                    1u64 << bucket.min(63)
+                };
+            }
+        }
+        0
+    }
 }
 
 /// CPU samples per stack; `Stack::count` is samples, `total_ns` their CPU time estimate
@@ -212,6 +247,7 @@ mod tests {
                 count: 1,
                 intervals: vec![5, 0],
             }],
+            runqueue: vec![],
         });
         capture
     }

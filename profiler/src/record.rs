@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail};
-use profiler_common::offcpu::{OffcpuKey, STATE_DISK, STATE_IDLE, STATE_RUNQUEUE, STATE_SLEEP};
+use profiler_common::offcpu::{
+    OffcpuKey, RUNQ_BUCKETS, STATE_DISK, STATE_IDLE, STATE_RUNQUEUE, STATE_SLEEP,
+};
 use profiler_common::oncpu::OncpuKey;
 use profiler_common::shared::NewTaskEvent;
 use tokio::io::Interest;
@@ -17,7 +19,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::model::{
-    Capture, Filters, FrameKind, Metadata, OffcpuProfile, OncpuProfile, Process, Stack,
+    Capture, Filters, FrameKind, Metadata, OffcpuProfile, OncpuProfile, Process, RunqueueHistogram,
+    Stack,
 };
 use crate::probes::{ProbeConfig, Probes};
 use crate::procmaps::ProcessCache;
@@ -172,7 +175,8 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
                 )?);
             }
             sort_stacks(&mut stacks);
-            Some(OffcpuProfile { stacks })
+            let runqueue = runqueue_histograms(&probes, &processes)?;
+            Some(OffcpuProfile { stacks, runqueue })
         }
         None => None,
     };
@@ -299,6 +303,31 @@ impl StackBuilder<'_> {
             intervals,
         })
     }
+}
+
+fn runqueue_histograms(
+    probes: &Probes,
+    processes: &ProcessCache,
+) -> Result<Vec<RunqueueHistogram>> {
+    let mut by_pid: BTreeMap<u32, RunqueueHistogram> = BTreeMap::new();
+    for (key, waits) in probes.runqueue_histograms()? {
+        let entry = by_pid.entry(key.tgid).or_insert_with(|| RunqueueHistogram {
+            pid: key.tgid,
+            comm: processes
+                .get(key.tgid)
+                .map(|p| p.comm.clone())
+                .unwrap_or_default(),
+            waits: 0,
+            buckets: vec![0; RUNQ_BUCKETS as usize],
+        });
+        if let Some(slot) = entry.buckets.get_mut(key.bucket as usize) {
+            *slot += waits;
+            entry.waits += waits;
+        }
+    }
+    let mut histograms: Vec<_> = by_pid.into_values().collect();
+    histograms.sort_by_key(|h| std::cmp::Reverse(h.waits));
+    Ok(histograms)
 }
 
 fn sort_stacks(stacks: &mut [Stack]) {

@@ -225,6 +225,23 @@ pub fn summary(capture: &Capture, top: usize) -> String {
         );
         let _ = writeln!(out, "top blocking stacks:");
         top_stacks(&mut out, &offcpu.stacks, top, "blocks", seconds);
+        if !offcpu.runqueue.is_empty() {
+            let _ = writeln!(
+                out,
+                "run-queue latency (waiting for a CPU once runnable), by process:"
+            );
+            for histogram in offcpu.runqueue.iter().take(top) {
+                let _ = writeln!(
+                    out,
+                    "  {:>8} waits  p50 < {:>10}  p99 < {:>10}  {}[{}]",
+                    histogram.waits,
+                    seconds(histogram.quantile_ns(0.5)),
+                    seconds(histogram.quantile_ns(0.99)),
+                    histogram.comm,
+                    histogram.pid,
+                );
+            }
+        }
     }
     if let Some(oncpu) = &capture.oncpu {
         let samples: u64 = oncpu.stacks.iter().map(|s| s.count).sum();

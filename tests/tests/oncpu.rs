@@ -139,3 +139,71 @@ fn wallclock_view_splits_busy_and_sleeping_time() {
     let svg = std::fs::read_to_string(dir.join("out/wallclock.svg")).unwrap();
     assert!(svg.contains("[running]") && svg.contains("[sleep]"));
 }
+
+/// Oracle: the kernel's own schedstat run_delay of each thread.
+#[test]
+fn runqueue_time_matches_the_kernels_run_delay() {
+    require_root();
+    let dir = temp_dir("runqueue");
+    let mut child = Command::new(built_binary("oncpu-workload"))
+        .args(["contend", "3", "1000"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let pid = line.trim().trim_start_matches("ready ").to_string();
+    let recording = Recording::start(
+        &dir.join("out"),
+        &["-d", "60s", "-p", &pid, "--events", "offcpu"],
+    );
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut delays = Vec::new();
+    for line in stdout.lines() {
+        let line = line.unwrap();
+        if line == "done" {
+            break;
+        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        delays.push((
+            words[1].parse::<u64>().unwrap(),
+            words[3].parse::<f64>().unwrap(),
+        ));
+    }
+    assert!(child.wait().unwrap().success());
+    let (capture, stdout_text) = recording.interrupt();
+    assert_eq!(delays.len(), 3);
+    for (tid, run_delay) in delays {
+        let ours: f64 = capture["offcpu"]["stacks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["tid"].as_u64() == Some(tid) && s["state"] == "runqueue")
+            .map(|s| s["total_ns"].as_u64().unwrap() as f64)
+            .sum();
+        println!(
+            "tid {tid}: runqueue {:.1} ms, schedstat run_delay {:.1} ms",
+            ours / 1e6,
+            run_delay / 1e6
+        );
+        // Three spinners on one CPU: each waits about two thirds of the time.
+        assert!(
+            run_delay > 300e6,
+            "the threads did not contend: {run_delay}"
+        );
+        assert!(
+            (ours - run_delay).abs() <= 0.10 * run_delay,
+            "tid {tid}: {ours} ns vs run_delay {run_delay} ns"
+        );
+    }
+    let histogram = capture["offcpu"]["runqueue"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["pid"].as_u64().map(|p| p.to_string()) == Some(pid.clone()))
+        .expect("a run-queue histogram for the workload");
+    assert!(histogram["waits"].as_u64().unwrap() > 10);
+    assert!(stdout_text.contains("run-queue latency"));
+}

@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result};
 use aya::Ebpf;
 use aya::programs::{BtfTracePoint, TracePoint};
 use profiler_common::offcpu::{
-    OffcpuKey, OffcpuValue, STATE_DISK, STATE_MASK_ANY, STATE_SLEEP, counter, maps,
+    OffcpuKey, OffcpuValue, RunqKey, STATE_DISK, STATE_MASK_ANY, STATE_SLEEP, counter, maps,
 };
 
 use super::{Globals, Probes, global, program, read_counters, read_hash, tracefs};
@@ -91,6 +91,12 @@ pub(super) fn globals(config: &OffcpuConfig, btf: &Btf, globals: &mut Globals) -
     global(globals, "TP_PREV_STATE_OFF", field("prev_state")?);
     global(globals, "TP_NEXT_COMM_OFF", field("next_comm")?);
     global(globals, "TP_NEXT_PID_OFF", field("next_pid")?);
+    let wakeup = tracefs::field_offsets("sched", "sched_wakeup")?;
+    let wakeup_pid = wakeup
+        .get("pid")
+        .copied()
+        .context("sched_wakeup tracepoint has no field pid")?;
+    global(globals, "TP_WAKEUP_PID_OFF", wakeup_pid);
     Ok(())
 }
 
@@ -116,23 +122,34 @@ pub(super) fn attach(
     }
 }
 
+/// sched_wakeup first (it only marks threads that sched_switch recorded), then sched_switch.
 fn attach_btf(ebpf: &mut Ebpf, btf_path: &Path) -> Result<&'static str> {
     let btf = aya::Btf::parse_file(btf_path, aya::Endianness::default())
         .context("parsing the kernel BTF failed")?;
-    let prog: &mut BtfTracePoint = program(ebpf, "offcpu_switch_btf")?.try_into()?;
-    prog.load("sched_switch", &btf)
-        .context("loading tp_btf/sched_switch failed")?;
-    prog.attach()
-        .context("attaching tp_btf/sched_switch failed")?;
+    for (name, event) in [
+        ("offcpu_wakeup_btf", "sched_wakeup"),
+        ("offcpu_switch_btf", "sched_switch"),
+    ] {
+        let prog: &mut BtfTracePoint = program(ebpf, name)?.try_into()?;
+        prog.load(event, &btf)
+            .with_context(|| format!("loading tp_btf/{event} failed"))?;
+        prog.attach()
+            .with_context(|| format!("attaching tp_btf/{event} failed"))?;
+    }
     Ok("tp_btf")
 }
 
 fn attach_tracepoint(ebpf: &mut Ebpf) -> Result<&'static str> {
-    let prog: &mut TracePoint = program(ebpf, "offcpu_switch_tp")?.try_into()?;
-    prog.load()
-        .context("loading the sched_switch tracepoint program failed")?;
-    prog.attach("sched", "sched_switch")
-        .context("attaching to sched:sched_switch failed")?;
+    for (name, event) in [
+        ("offcpu_wakeup_tp", "sched_wakeup"),
+        ("offcpu_switch_tp", "sched_switch"),
+    ] {
+        let prog: &mut TracePoint = program(ebpf, name)?.try_into()?;
+        prog.load()
+            .with_context(|| format!("loading the {event} tracepoint program failed"))?;
+        prog.attach("sched", event)
+            .with_context(|| format!("attaching to sched:{event} failed"))?;
+    }
     Ok("tracepoint")
 }
 
@@ -140,6 +157,11 @@ impl Probes {
     /// Off-CPU totals so far (monotonic while the programs run).
     pub fn offcpu_totals(&self) -> Result<HashMap<OffcpuKey, OffcpuValue>> {
         read_hash(self.ebpf(), maps::TOTALS)
+    }
+
+    /// Run-queue latency histograms: (tgid, log2 bucket) → waits.
+    pub fn runqueue_histograms(&self) -> Result<HashMap<RunqKey, u64>> {
+        read_hash(self.ebpf(), maps::RUNQ_HIST)
     }
 
     pub fn offcpu_counters(&self) -> Result<Vec<(&'static str, u64)>> {

@@ -2,7 +2,10 @@
 //! `oncpu-workload MS` spins MS ms and prints its CPU time from getrusage as `cpu_ns N`;
 //! `oncpu-workload alternate N` does N cycles of 100 ms spinning and 100 ms sleeping and
 //! prints its own timing of both as `busy_ns B sleep_ns S`. Either way it prints `ready PID`
-//! first and waits for a line on stdin. These are the oracles the tests compare with.
+//! first and waits for a line on stdin. `oncpu-workload contend N MS` runs N threads pinned
+//! to CPU 0, each spinning MS ms of wall time, and prints for each `tid T run_delay_ns D`:
+//! the time the kernel says (/proc/thread-self/schedstat) the thread waited on a run queue.
+//! These are the oracles the tests compare with.
 
 use std::hint::black_box;
 use std::io::BufRead as _;
@@ -63,8 +66,52 @@ fn alternate(cycles: u32) -> (Duration, Duration) {
     (busy, slept)
 }
 
+/// The kernel's run_delay (ns waiting on a run queue) of the calling thread.
+fn run_delay_ns() -> u64 {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").expect("schedstat");
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("run_delay")
+}
+
+/// A thread pinned to CPU 0 that spins, returning (tid, run_delay while it spun).
+#[inline(never)]
+fn contend_on_cpu0(wall: Duration) -> (i32, u64) {
+    // SAFETY: a zeroed cpu_set_t with one CPU set, for the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set),
+            0
+        );
+    }
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    let before = run_delay_ns();
+    black_box(busy_spin(wall));
+    (tid, run_delay_ns() - before)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("contend") {
+        let threads: usize = args.get(1).and_then(|v| v.parse().ok()).unwrap_or(3);
+        let ms: u64 = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(1000);
+        println!("ready {}", std::process::id());
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line).expect("stdin");
+        let handles: Vec<_> = (0..threads)
+            .map(|_| std::thread::spawn(move || contend_on_cpu0(Duration::from_millis(ms))))
+            .collect();
+        for handle in handles {
+            let (tid, delay) = handle.join().expect("thread");
+            println!("tid {tid} run_delay_ns {delay}");
+        }
+        println!("done");
+        return;
+    }
     println!("ready {}", std::process::id());
     let mut line = String::new();
     std::io::stdin().lock().read_line(&mut line).expect("stdin");
