@@ -7,3 +7,4 @@
 pub mod offcpu;
 pub mod oncpu;
 pub mod shared;
+pub mod syscalls;

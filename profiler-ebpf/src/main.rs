@@ -8,6 +8,7 @@
 mod common;
 mod offcpu;
 mod oncpu;
+mod syscalls;
 
 #[cfg(not(test))]
 #[panic_handler]

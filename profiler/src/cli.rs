@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 use crate::probes::offcpu::{AttachMode, OffcpuConfig, StateFilter};
 use crate::probes::oncpu::OncpuConfig;
+use crate::probes::syscalls::SyscallsConfig;
 use crate::probes::{ProbeConfig, ThreadFilter};
 use crate::record::RecordOptions;
 
@@ -123,14 +124,21 @@ pub struct RecordArgs {
     /// How to hook sched_switch.
     #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
     pub attach: AttachMode,
+    /// Do not hook sched_wakeup: cheaper (one program run less per wakeup), but off-CPU time
+    /// is not split into blocked time and the wait for a CPU after the wakeup.
+    #[arg(long)]
+    pub no_runqueue_split: bool,
     /// Stacks the main stack map holds (about 1 KiB of kernel memory each); stacks that
     /// collide there go to a 4096-entry overflow map, and are counted as lost after that.
     #[arg(long, default_value_t = 16384)]
     pub stack_storage_size: u32,
     /// Probe families to record, comma-separated: offcpu (where threads wait), oncpu
-    /// (where they run, sampled).
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Event::Offcpu, Event::Oncpu])]
+    /// (where they run, sampled), syscalls (latency per process and syscall).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Event::Offcpu, Event::Oncpu, Event::Syscalls])]
     pub events: Vec<Event>,
+    /// Syscalls at least this long keep their user stack (a plain number is microseconds).
+    #[arg(long, default_value = "10ms", value_parser = parse_micros)]
+    pub slow_syscall: Duration,
     /// On-CPU samples per second on each CPU.
     #[arg(long, default_value_t = 99)]
     pub freq: u64,
@@ -144,6 +152,7 @@ pub struct RecordArgs {
 pub enum Event {
     Offcpu,
     Oncpu,
+    Syscalls,
 }
 
 impl RecordArgs {
@@ -160,7 +169,7 @@ impl RecordArgs {
             bail!("--max-block is shorter than --min-block");
         }
         if self.events.is_empty() {
-            bail!("--events names no probe family (offcpu, oncpu)");
+            bail!("--events names no probe family (offcpu, oncpu, syscalls)");
         }
         if !(1..=10_000).contains(&self.freq) {
             bail!("--freq must be between 1 and 10000 Hz");
@@ -182,10 +191,17 @@ impl RecordArgs {
                     max_block_ns: self.max_block.map(|d| d.as_nanos() as u64),
                     state: self.state,
                     attach: self.attach,
+                    runqueue_split: !self.no_runqueue_split,
                 }),
                 oncpu: self.events.contains(&Event::Oncpu).then_some(OncpuConfig {
                     frequency: self.freq,
                 }),
+                syscalls: self
+                    .events
+                    .contains(&Event::Syscalls)
+                    .then_some(SyscallsConfig {
+                        slow_ns: self.slow_syscall.as_nanos() as u64,
+                    }),
             },
             state_name,
             threads_name,

@@ -16,6 +16,7 @@ pub mod record;
 pub mod render;
 pub mod stats;
 pub mod symbolize;
+pub mod syscall_names;
 
 use std::io::Write as _;
 use std::process::ExitCode;

@@ -25,6 +25,8 @@ pub struct Capture {
     pub offcpu: Option<OffcpuProfile>,
     #[serde(default)]
     pub oncpu: Option<OncpuProfile>,
+    #[serde(default)]
+    pub syscalls: Option<SyscallProfile>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -80,19 +82,56 @@ pub struct RunqueueHistogram {
 impl RunqueueHistogram {
     /// Upper bound (ns) of the bucket that holds quantile `q` of the waits.
     pub fn quantile_ns(&self, q: f64) -> u64 {
-        let target = (q * self.waits as f64).ceil().max(1.0) as u64;
-        let mut seen = 0;
-        for (bucket, count) in self.buckets.iter().enumerate() {
-            seen += count;
-            if seen >= target {
-                return if bucket == 0 {
-                    0
-                } else {
-                    1u64 << bucket.min(63)
-                };
-            }
+        log2_quantile_ns(&self.buckets, self.waits, q)
+    }
+}
+
+/// Upper bound (ns) of the log2 bucket (`b`: [2^(b-1), 2^b)) that holds quantile `q`.
+pub fn log2_quantile_ns(buckets: &[u64], total: u64, q: f64) -> u64 {
+    let target = (q * total as f64).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (bucket, count) in buckets.iter().enumerate() {
+        seen += count;
+        if seen >= target {
+            return if bucket == 0 {
+                0
+            } else {
+                1u64 << bucket.min(63)
+            };
         }
-        0
+    }
+    0
+}
+
+/// Syscall latency: per process and syscall, and the user stacks of slow calls.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SyscallProfile {
+    pub slow_threshold_ns: u64,
+    /// Sorted by total time, largest first.
+    pub stats: Vec<SyscallStat>,
+    /// Calls at least `slow_threshold_ns` long: user frames, then `[syscall NAME]`; `state`
+    /// is `syscall`.
+    pub slow: Vec<Stack>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SyscallStat {
+    pub pid: u32,
+    pub comm: String,
+    pub nr: u32,
+    pub name: String,
+    pub count: u64,
+    /// Calls that returned an error.
+    pub errors: u64,
+    pub total_ns: u64,
+    pub max_ns: u64,
+    /// `buckets[b]`: calls that took [2^(b-1), 2^b) ns.
+    pub buckets: Vec<u64>,
+}
+
+impl SyscallStat {
+    pub fn quantile_ns(&self, q: f64) -> u64 {
+        log2_quantile_ns(&self.buckets, self.count, q)
     }
 }
 
@@ -166,6 +205,7 @@ impl Capture {
             processes: Vec::new(),
             offcpu: None,
             oncpu: None,
+            syscalls: None,
         }
     }
 

@@ -19,8 +19,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::model::{
-    Capture, Filters, FrameKind, Metadata, OffcpuProfile, OncpuProfile, Process, RunqueueHistogram,
-    Stack,
+    Capture, Filters, Frame, FrameKind, Metadata, OffcpuProfile, OncpuProfile, Process,
+    RunqueueHistogram, Stack, SyscallProfile, SyscallStat,
 };
 use crate::probes::{ProbeConfig, Probes};
 use crate::procmaps::ProcessCache;
@@ -155,6 +155,11 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
             counters.insert(format!("oncpu_{name}"), value);
         }
     }
+    if probes.syscalls_slow_ns.is_some() {
+        for (name, value) in probes.syscall_counters()? {
+            counters.insert(format!("syscalls_{name}"), value);
+        }
+    }
 
     let mut symbolizer = Symbolizer::new();
     let mut builder = StackBuilder {
@@ -207,6 +212,51 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
         }
         None => None,
     };
+    let syscalls = match probes.syscalls_slow_ns {
+        Some(slow_threshold_ns) => {
+            let mut stats: Vec<SyscallStat> = probes
+                .syscall_stats()?
+                .into_iter()
+                .map(|(key, value)| SyscallStat {
+                    pid: key.tgid,
+                    comm: comm_of(&processes, key.tgid),
+                    nr: key.nr,
+                    name: crate::probes::syscalls::name(key.nr),
+                    count: value.count,
+                    errors: value.errors,
+                    total_ns: value.total_ns,
+                    max_ns: value.max_ns,
+                    buckets: value.hist.to_vec(),
+                })
+                .collect();
+            stats.sort_by(|a, b| b.total_ns.cmp(&a.total_ns).then(a.pid.cmp(&b.pid)));
+            let mut slow = Vec::new();
+            for (key, value) in probes.slow_syscalls()? {
+                let mut stack = builder.build(
+                    (key.tgid, key.tid, NO_STACK, key.user_stack_id),
+                    "syscall",
+                    value.total_ns,
+                    value.count,
+                    Vec::new(),
+                )?;
+                // No kernel stack was taken (at sys_exit it is only the exit path): drop its
+                // placeholder; the syscall's name says more.
+                stack.frames.pop();
+                stack.frames.push(synthetic_frame(format!(
+                    "[syscall {}]",
+                    crate::probes::syscalls::name(key.nr)
+                )));
+                slow.push(stack);
+            }
+            sort_stacks(&mut slow);
+            Some(SyscallProfile {
+                slow_threshold_ns,
+                stats,
+                slow,
+            })
+        }
+        None => None,
+    };
     let attached_with = probes.offcpu_attached_with.unwrap_or("none");
     drop(probes); // detach before the (slow) writing
 
@@ -221,6 +271,7 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
         .flat_map(|o| &o.stacks)
         .chain(oncpu.iter().flat_map(|o| &o.stacks))
         .map(|s| s.pid)
+        .chain(syscalls.iter().flat_map(|s| &s.stats).map(|s| s.pid))
         .collect();
     seen_pids.sort_unstable();
     seen_pids.dedup();
@@ -258,6 +309,7 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
     capture.processes = process_list;
     capture.offcpu = offcpu;
     capture.oncpu = oncpu;
+    capture.syscalls = syscalls;
     write_outputs(&capture, &options.output, options.top)?;
     Ok(capture)
 }
@@ -290,12 +342,7 @@ impl StackBuilder<'_> {
         Ok(Stack {
             pid: tgid,
             tid,
-            comm: self
-                .processes
-                .get(tgid)
-                .map(|p| p.comm.clone())
-                .filter(|c| !c.is_empty())
-                .unwrap_or_else(|| format!("[pid {tgid}]")),
+            comm: comm_of(self.processes, tgid),
             state: state.to_string(),
             frames,
             total_ns,
@@ -330,6 +377,28 @@ fn runqueue_histograms(
     Ok(histograms)
 }
 
+/// A stack id that stands for "not captured" (-EFAULT).
+const NO_STACK: i32 = -14;
+
+fn comm_of(processes: &ProcessCache, pid: u32) -> String {
+    processes
+        .get(pid)
+        .map(|p| p.comm.clone())
+        .filter(|c| !c.is_empty())
+        .unwrap_or_else(|| format!("[pid {pid}]"))
+}
+
+fn synthetic_frame(name: String) -> Frame {
+    Frame {
+        name,
+        kind: FrameKind::Synthetic,
+        module: None,
+        offset: None,
+        inlined: false,
+        unresolved: false,
+    }
+}
+
 fn sort_stacks(stacks: &mut [Stack]) {
     stacks.sort_by(|a, b| b.total_ns.cmp(&a.total_ns).then(a.tid.cmp(&b.tid)));
 }
@@ -347,6 +416,10 @@ pub fn write_outputs(capture: &Capture, dir: &Path, top: usize) -> Result<()> {
         let lines = render::folded(&oncpu.stacks, |s| s.count, 1);
         write_folded(&dir.join("oncpu.folded"), &lines)?;
         render::flamegraph_svg(&lines, &render::ONCPU_STYLE, &dir.join("oncpu.svg"))?;
+    }
+    if let Some(syscalls) = &capture.syscalls {
+        let lines = render::folded(&syscalls.slow, |s| s.total_ns, 1000);
+        write_folded(&dir.join("syscalls.folded"), &lines)?;
     }
     let wallclock = render::wallclock(capture);
     if !wallclock.is_empty() {

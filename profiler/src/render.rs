@@ -243,6 +243,42 @@ pub fn summary(capture: &Capture, top: usize) -> String {
             }
         }
     }
+    if let Some(syscalls) = &capture.syscalls {
+        let calls: u64 = syscalls.stats.iter().map(|s| s.count).sum();
+        let _ = writeln!(
+            out,
+            "syscalls: {calls} calls; losses: start map full {}, stats map full {}, slow map \
+             full {}, stack collisions {}",
+            counter("syscalls_start_map_full"),
+            counter("syscalls_stats_map_full"),
+            counter("syscalls_slow_map_full"),
+            counter("syscalls_stack_collisions"),
+        );
+        let _ = writeln!(out, "slowest syscalls by total time:");
+        for stat in syscalls.stats.iter().take(top) {
+            let _ = writeln!(
+                out,
+                "  {:<16} {:>8} calls {:>5} errors  total {:>11}  avg {:>10}  p99 < {:>10}  max {:>10}  {}[{}]",
+                stat.name,
+                stat.count,
+                stat.errors,
+                seconds(stat.total_ns),
+                seconds(stat.total_ns / stat.count.max(1)),
+                seconds(stat.quantile_ns(0.99)),
+                seconds(stat.max_ns),
+                stat.comm,
+                stat.pid,
+            );
+        }
+        if !syscalls.slow.is_empty() {
+            let _ = writeln!(
+                out,
+                "calls slower than {} (syscalls.folded):",
+                seconds(syscalls.slow_threshold_ns)
+            );
+            top_stacks(&mut out, &syscalls.slow, top, "calls", seconds);
+        }
+    }
     if let Some(oncpu) = &capture.oncpu {
         let samples: u64 = oncpu.stacks.iter().map(|s| s.count).sum();
         let _ = writeln!(

@@ -33,6 +33,7 @@ pub fn run(args: &[String]) -> Result<()> {
 enum Variant {
     Baseline,
     Profiler,
+    ProfilerNoSplit,
     ProfilerTracepoint,
     Offcputime,
 }
@@ -42,6 +43,7 @@ impl Variant {
         match self {
             Self::Baseline => "nothing attached",
             Self::Profiler => "profiler record (tp_btf)",
+            Self::ProfilerNoSplit => "profiler (tp_btf, no runq split)",
             Self::ProfilerTracepoint => "profiler record (tracepoint)",
             Self::Offcputime => "libbpf-tools offcputime",
         }
@@ -64,6 +66,7 @@ fn offcpu() -> Result<()> {
     let variants = [
         Variant::Baseline,
         Variant::Profiler,
+        Variant::ProfilerNoSplit,
         Variant::ProfilerTracepoint,
         Variant::Offcputime,
     ];
@@ -138,8 +141,9 @@ fn median(values: &mut [f64]) -> f64 {
 fn measure(variant: Variant, loops: u64) -> Result<Vec<f64>> {
     let tracer = match variant {
         Variant::Baseline => None,
-        Variant::Profiler => Some(start_profiler("tp-btf")?),
-        Variant::ProfilerTracepoint => Some(start_profiler("tracepoint")?),
+        Variant::Profiler => Some(start_profiler("tp-btf", &[])?),
+        Variant::ProfilerNoSplit => Some(start_profiler("tp-btf", &["--no-runqueue-split"])?),
+        Variant::ProfilerTracepoint => Some(start_profiler("tracepoint", &[])?),
         Variant::Offcputime => Some(start_offcputime()?),
     };
     let result: Result<Vec<f64>> = MODES
@@ -179,7 +183,7 @@ fn perf_bench(loops: u64, cpu: Option<&str>) -> Result<f64> {
         .with_context(|| format!("no usecs/op in perf output: {text}"))
 }
 
-fn start_profiler(attach: &str) -> Result<Child> {
+fn start_profiler(attach: &str, extra: &[&str]) -> Result<Child> {
     let out_dir = std::env::temp_dir().join(format!("profiler-bench-{}", std::process::id()));
     let mut child = Command::new(workspace_root().join("target/release/profiler"))
         .args([
@@ -190,8 +194,9 @@ fn start_profiler(attach: &str) -> Result<Child> {
             "1h",
             "--attach",
             attach,
-            "-o",
         ])
+        .args(extra)
+        .arg("-o")
         .arg(&out_dir)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -14,6 +14,7 @@
 
 pub mod offcpu;
 pub mod oncpu;
+pub mod syscalls;
 pub mod tracefs;
 
 use std::collections::HashMap;
@@ -51,6 +52,7 @@ pub struct ProbeConfig {
     pub stack_storage_size: u32,
     pub offcpu: Option<offcpu::OffcpuConfig>,
     pub oncpu: Option<oncpu::OncpuConfig>,
+    pub syscalls: Option<syscalls::SyscallsConfig>,
 }
 
 impl Default for ProbeConfig {
@@ -63,6 +65,7 @@ impl Default for ProbeConfig {
             stack_storage_size: 16384,
             offcpu: None,
             oncpu: None,
+            syscalls: None,
         }
     }
 }
@@ -85,6 +88,8 @@ pub struct Probes {
     pub offcpu_attached_with: Option<&'static str>,
     /// On-CPU sampling frequency, when attached.
     pub oncpu_frequency: Option<u64>,
+    /// Slow-syscall threshold, when the syscalls family is attached.
+    pub syscalls_slow_ns: Option<u64>,
 }
 
 impl Probes {
@@ -136,6 +141,9 @@ impl Probes {
         if let Some(offcpu) = &config.offcpu {
             offcpu::globals(offcpu, &btf, &mut globals)?;
         }
+        if let Some(syscalls) = &config.syscalls {
+            syscalls::globals(syscalls, &mut globals)?;
+        }
 
         let mut loader = EbpfLoader::new();
         for (name, bytes) in &globals {
@@ -156,10 +164,18 @@ impl Probes {
             Some(oncpu) => Some(oncpu::attach(&mut ebpf, oncpu)?),
             None => None,
         };
+        let syscalls_slow_ns = match &config.syscalls {
+            Some(syscalls) => {
+                syscalls::attach(&mut ebpf)?;
+                Some(syscalls.slow_ns)
+            }
+            None => None,
+        };
         Ok(Self {
             ebpf,
             offcpu_attached_with,
             oncpu_frequency,
+            syscalls_slow_ns,
         })
     }
 

@@ -52,6 +52,9 @@ pub struct OffcpuConfig {
     pub max_block_ns: Option<u64>,
     pub state: StateFilter,
     pub attach: AttachMode,
+    /// Hook sched_wakeup to split each block into blocked time and run-queue wait. Costs a
+    /// program run per wakeup; without it a block counts whole in its switch-out state.
+    pub runqueue_split: bool,
 }
 
 impl Default for OffcpuConfig {
@@ -61,6 +64,7 @@ impl Default for OffcpuConfig {
             max_block_ns: None,
             state: StateFilter::Any,
             attach: AttachMode::Auto,
+            runqueue_split: true,
         }
     }
 }
@@ -112,24 +116,26 @@ pub(super) fn attach(
     exit.attach("sched", "sched_process_exit")
         .context("attaching to sched:sched_process_exit failed")?;
     match config.attach {
-        AttachMode::TpBtf => attach_btf(ebpf, btf_path),
-        AttachMode::Tracepoint => attach_tracepoint(ebpf),
-        AttachMode::Auto => match attach_btf(ebpf, btf_path) {
+        AttachMode::TpBtf => attach_btf(ebpf, btf_path, config.runqueue_split),
+        AttachMode::Tracepoint => attach_tracepoint(ebpf, config.runqueue_split),
+        AttachMode::Auto => match attach_btf(ebpf, btf_path, config.runqueue_split) {
             Ok(how) => Ok(how),
-            Err(btf_err) => attach_tracepoint(ebpf)
+            Err(btf_err) => attach_tracepoint(ebpf, config.runqueue_split)
                 .with_context(|| format!("tp_btf/sched_switch failed too ({btf_err:#})")),
         },
     }
 }
 
 /// sched_wakeup first (it only marks threads that sched_switch recorded), then sched_switch.
-fn attach_btf(ebpf: &mut Ebpf, btf_path: &Path) -> Result<&'static str> {
+fn attach_btf(ebpf: &mut Ebpf, btf_path: &Path, wakeups: bool) -> Result<&'static str> {
     let btf = aya::Btf::parse_file(btf_path, aya::Endianness::default())
         .context("parsing the kernel BTF failed")?;
-    for (name, event) in [
+    let programs = [
         ("offcpu_wakeup_btf", "sched_wakeup"),
         ("offcpu_switch_btf", "sched_switch"),
-    ] {
+    ];
+    for (name, event) in &programs[usize::from(!wakeups)..] {
+        let (name, event) = (*name, *event);
         let prog: &mut BtfTracePoint = program(ebpf, name)?.try_into()?;
         prog.load(event, &btf)
             .with_context(|| format!("loading tp_btf/{event} failed"))?;
@@ -139,11 +145,13 @@ fn attach_btf(ebpf: &mut Ebpf, btf_path: &Path) -> Result<&'static str> {
     Ok("tp_btf")
 }
 
-fn attach_tracepoint(ebpf: &mut Ebpf) -> Result<&'static str> {
-    for (name, event) in [
+fn attach_tracepoint(ebpf: &mut Ebpf, wakeups: bool) -> Result<&'static str> {
+    let programs = [
         ("offcpu_wakeup_tp", "sched_wakeup"),
         ("offcpu_switch_tp", "sched_switch"),
-    ] {
+    ];
+    for (name, event) in &programs[usize::from(!wakeups)..] {
+        let (name, event) = (*name, *event);
         let prog: &mut TracePoint = program(ebpf, name)?.try_into()?;
         prog.load()
             .with_context(|| format!("loading the {event} tracepoint program failed"))?;

@@ -1,0 +1,197 @@
+//! Syscall latency from raw_syscalls sys_enter/sys_exit: per (tgid, syscall) count, errors,
+//! total, max and a log2 histogram; the user stack of calls slower than `SLOW_SYSCALL_NS`.
+
+use aya_ebpf::{
+    bindings::BPF_F_USER_STACK,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns},
+    macros::{map, tracepoint},
+    maps::{HashMap, LruHashMap, PerCpuArray},
+    programs::TracePointContext,
+};
+use profiler_common::syscalls::{
+    HIST_BUCKETS, SlowKey, SlowValue, SyscallKey, SyscallStart, SyscallStats, counter,
+};
+
+use crate::common::{StackError, TASK_COMM_OFF, config, notify_new_task, stack_id, wanted};
+
+/// Calls at least this long keep their user stack.
+#[unsafe(no_mangle)]
+static SLOW_SYSCALL_NS: u64 = 10_000_000;
+/// Offsets of `id` and `ret` in the raw_syscalls records (from their format files).
+#[unsafe(no_mangle)]
+static TP_SYS_ENTER_ID_OFF: u32 = 8;
+#[unsafe(no_mangle)]
+static TP_SYS_EXIT_ID_OFF: u32 = 8;
+#[unsafe(no_mangle)]
+static TP_SYS_EXIT_RET_OFF: u32 = 16;
+
+/// LRU: threads that die inside a call (exit) never reach sys_exit; their entries age out.
+#[map(name = "SYSCALL_STARTS")]
+static STARTS: LruHashMap<u32, SyscallStart> = LruHashMap::with_max_entries(32768, 0);
+
+#[map(name = "SYSCALL_STATS")]
+static STATS: HashMap<SyscallKey, SyscallStats> = HashMap::with_max_entries(16384, 0);
+
+#[map(name = "SYSCALL_SLOW")]
+static SLOW: HashMap<SlowKey, SlowValue> = HashMap::with_max_entries(16384, 0);
+
+#[map(name = "SYSCALL_COUNTERS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+const BPF_NOEXIST: u64 = 1;
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // Per-CPU slot: no other CPU writes it.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+fn add(slot: *mut u64, value: u64) {
+    // Threads of one process update its entry from several CPUs at once.
+    unsafe {
+        core::intrinsics::atomic_xadd::<_, _, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            slot, value,
+        )
+    };
+}
+
+/// log2 bucket: `b` such that 2^(b-1) <= ns < 2^b (0 for 0), capped.
+#[inline(always)]
+fn bucket(ns: u64) -> usize {
+    let mut v = ns;
+    let mut b = 0usize;
+    for shift in [32u32, 16, 8, 4, 2, 1] {
+        if v >> shift != 0 {
+            v >>= shift;
+            b += shift as usize;
+        }
+    }
+    let b = if ns == 0 { 0 } else { b + 1 };
+    if b >= HIST_BUCKETS {
+        HIST_BUCKETS - 1
+    } else {
+        b
+    }
+}
+
+#[tracepoint(category = "raw_syscalls", name = "sys_enter")]
+pub fn syscalls_enter(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    let tgid = (pid_tgid >> 32) as u32;
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    if !wanted(tgid, tid, task) {
+        return 0;
+    }
+    let nr = unsafe { ctx.read_at::<i64>(config(&TP_SYS_ENTER_ID_OFF) as usize) }.unwrap_or(-1);
+    if nr < 0 {
+        return 0;
+    }
+    let start = SyscallStart {
+        start_ns: unsafe { bpf_ktime_get_ns() },
+        nr: nr as u32,
+        _pad: 0,
+    };
+    if let Some(slot) = STARTS.get_ptr_mut(tid) {
+        unsafe { *slot = start };
+    } else if STARTS.insert(tid, start, 0).is_err() {
+        count(counter::START_MAP_FULL);
+    }
+    0
+}
+
+#[tracepoint(category = "raw_syscalls", name = "sys_exit")]
+pub fn syscalls_exit(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    let tgid = (pid_tgid >> 32) as u32;
+    let Some(slot) = STARTS.get_ptr_mut(tid) else {
+        return 0;
+    };
+    let start = unsafe { *slot };
+    if start.start_ns == 0 {
+        return 0;
+    }
+    unsafe { (*slot).start_ns = 0 };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let delta = now.wrapping_sub(start.start_ns);
+    let ret = unsafe { ctx.read_at::<i64>(config(&TP_SYS_EXIT_RET_OFF) as usize) }.unwrap_or(0);
+    count(counter::CALLS);
+    let key = SyscallKey { tgid, nr: start.nr };
+    let stats = match STATS.get_ptr_mut(&key) {
+        Some(stats) => Some(stats),
+        None => {
+            let _ = STATS.insert(&key, &SyscallStats::default(), BPF_NOEXIST);
+            let stats = STATS.get_ptr_mut(&key);
+            if stats.is_some() {
+                let comm = unsafe {
+                    (bpf_get_current_task() as *const u8).add(config(&TASK_COMM_OFF) as usize)
+                };
+                if !notify_new_task(tgid, tid, comm) {
+                    count(counter::EVENTS_LOST);
+                }
+            }
+            stats
+        }
+    };
+    match stats {
+        Some(stats) => unsafe {
+            add(&mut (*stats).count, 1);
+            add(&mut (*stats).total_ns, delta);
+            if ret < 0 {
+                add(&mut (*stats).errors, 1);
+            }
+            if delta > (*stats).max_ns {
+                (*stats).max_ns = delta;
+            }
+            let b = bucket(delta);
+            if b < HIST_BUCKETS {
+                add(&mut (*stats).hist[b], 1);
+            }
+        },
+        None => count(counter::STATS_MAP_FULL),
+    }
+    if delta < config(&SLOW_SYSCALL_NS) {
+        return 0;
+    }
+    let user_stack_id = match stack_id(&ctx, BPF_F_USER_STACK as u64) {
+        Ok(id) => id,
+        Err(StackError::Collision(err)) => {
+            count(counter::STACK_COLLISION);
+            err
+        }
+        Err(StackError::Missing(err)) => {
+            count(counter::USER_STACK_MISSING);
+            err
+        }
+    };
+    let key = SlowKey {
+        tgid,
+        tid,
+        nr: start.nr,
+        user_stack_id,
+    };
+    if let Some(value) = SLOW.get_ptr_mut(&key) {
+        // The key holds the tid: one CPU at a time.
+        unsafe {
+            (*value).count += 1;
+            (*value).total_ns += delta;
+        }
+    } else if SLOW
+        .insert(
+            &key,
+            &SlowValue {
+                count: 1,
+                total_ns: delta,
+            },
+            0,
+        )
+        .is_err()
+    {
+        count(counter::SLOW_MAP_FULL);
+    }
+    0
+}

@@ -1,0 +1,117 @@
+//! Syscalls family: attaches `profiler-ebpf/src/syscalls.rs` to raw_syscalls sys_enter and
+//! sys_exit and reads its per-(process, syscall) statistics and slow-call stacks.
+
+use std::collections::HashMap;
+
+use anyhow::{Context as _, Result};
+use aya::Ebpf;
+use aya::programs::TracePoint;
+use profiler_common::syscalls::{SlowKey, SlowValue, SyscallKey, SyscallStats, counter, maps};
+
+use super::{Globals, Probes, global, program, read_counters, read_hash, tracefs};
+
+#[derive(Debug, Clone)]
+pub struct SyscallsConfig {
+    /// Calls at least this long keep their user stack.
+    pub slow_ns: u64,
+}
+
+impl Default for SyscallsConfig {
+    fn default() -> Self {
+        Self {
+            slow_ns: 10_000_000,
+        }
+    }
+}
+
+pub(super) fn globals(config: &SyscallsConfig, globals: &mut Globals) -> Result<()> {
+    let enter = tracefs::field_offsets("raw_syscalls", "sys_enter")?;
+    let exit = tracefs::field_offsets("raw_syscalls", "sys_exit")?;
+    let field = |fields: &HashMap<String, u32>, name: &str, event: &str| {
+        fields
+            .get(name)
+            .copied()
+            .with_context(|| format!("raw_syscalls:{event} has no field {name}"))
+    };
+    global(globals, "SLOW_SYSCALL_NS", config.slow_ns);
+    global(
+        globals,
+        "TP_SYS_ENTER_ID_OFF",
+        field(&enter, "id", "sys_enter")?,
+    );
+    global(
+        globals,
+        "TP_SYS_EXIT_ID_OFF",
+        field(&exit, "id", "sys_exit")?,
+    );
+    global(
+        globals,
+        "TP_SYS_EXIT_RET_OFF",
+        field(&exit, "ret", "sys_exit")?,
+    );
+    Ok(())
+}
+
+/// Exit first, so that no call is entered without its exit being watched.
+pub(super) fn attach(ebpf: &mut Ebpf) -> Result<()> {
+    for (name, event) in [
+        ("syscalls_exit", "sys_exit"),
+        ("syscalls_enter", "sys_enter"),
+    ] {
+        let prog: &mut TracePoint = program(ebpf, name)?.try_into()?;
+        prog.load()
+            .with_context(|| format!("loading the {event} program failed"))?;
+        prog.attach("raw_syscalls", event)
+            .with_context(|| format!("attaching to raw_syscalls:{event} failed"))?;
+    }
+    Ok(())
+}
+
+impl Probes {
+    pub fn syscall_stats(&self) -> Result<HashMap<SyscallKey, SyscallStats>> {
+        read_hash(self.ebpf(), maps::STATS)
+    }
+
+    pub fn slow_syscalls(&self) -> Result<HashMap<SlowKey, SlowValue>> {
+        read_hash(self.ebpf(), maps::SLOW)
+    }
+
+    pub fn syscall_counters(&self) -> Result<Vec<(&'static str, u64)>> {
+        read_counters(self.ebpf(), maps::COUNTERS, &counter::NAMES)
+    }
+}
+
+/// The name of syscall `nr` on the architecture this profiler runs on.
+pub fn name(nr: u32) -> String {
+    #[cfg(target_arch = "aarch64")]
+    let table = crate::syscall_names::AARCH64;
+    #[cfg(not(target_arch = "aarch64"))]
+    let table = crate::syscall_names::X86_64;
+    table
+        .binary_search_by_key(&nr, |(n, _)| *n)
+        .map(|i| table[i].1.to_string())
+        .unwrap_or_else(|_| format!("syscall_{nr}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::syscall_names::{AARCH64, X86_64};
+
+    #[test]
+    fn tables_are_sorted_and_known_numbers_have_their_names() {
+        for table in [X86_64, AARCH64] {
+            assert!(table.windows(2).all(|w| w[0].0 < w[1].0));
+        }
+        fn find(table: &[(u32, &'static str)], nr: u32) -> &'static str {
+            table.iter().find(|(n, _)| *n == nr).unwrap().1
+        }
+        assert_eq!(find(X86_64, 0), "read");
+        assert_eq!(find(X86_64, 35), "nanosleep");
+        assert_eq!(find(X86_64, 202), "futex");
+        assert_eq!(find(AARCH64, 63), "read");
+        assert_eq!(find(AARCH64, 101), "nanosleep");
+        assert_eq!(find(AARCH64, 98), "futex");
+        assert_eq!(find(AARCH64, 79), "newfstatat");
+        assert_eq!(super::name(999_999), "syscall_999999");
+    }
+}
