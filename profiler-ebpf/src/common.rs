@@ -121,3 +121,23 @@ pub fn notify_new_task(tgid: u32, tid: u32, comm: *const u8) -> bool {
         None => false,
     }
 }
+
+/// log2 histogram bucket: `b` such that 2^(b-1) <= ns < 2^b (0 for 0), capped at
+/// `buckets - 1`. Unrolled binary search: no loop for the verifier, no clz instruction.
+#[inline(always)]
+pub fn log2_bucket(ns: u64, buckets: u32) -> u32 {
+    let mut v = ns;
+    let mut bucket = 0;
+    for shift in [32u32, 16, 8, 4, 2, 1] {
+        if v >> shift != 0 {
+            v >>= shift;
+            bucket += shift;
+        }
+    }
+    let bucket = if ns == 0 { 0 } else { bucket + 1 };
+    if bucket >= buckets {
+        buckets - 1
+    } else {
+        bucket
+    }
+}

@@ -26,8 +26,8 @@ use profiler_common::offcpu::{
 };
 
 use crate::common::{
-    StackError, TASK_COMM_OFF, TASK_PID_OFF, TASK_STATE_OFF, config, notify_new_task, stack_id,
-    wanted,
+    StackError, TASK_COMM_OFF, TASK_PID_OFF, TASK_STATE_OFF, config, log2_bucket, notify_new_task,
+    stack_id, wanted,
 };
 
 // ---- Configuration, set by the loader before load (read-only globals). ----
@@ -238,30 +238,11 @@ fn add(key: &OffcpuKey, ns: u64, comm: *const u8) {
     }
 }
 
-/// log2 bucket: `b` such that 2^(b-1) <= ns < 2^b (0 for 0), capped.
-#[inline(always)]
-fn log2_bucket(ns: u64) -> u32 {
-    let mut v = ns;
-    let mut bucket = 0;
-    for shift in [32u32, 16, 8, 4, 2, 1] {
-        if v >> shift != 0 {
-            v >>= shift;
-            bucket += shift;
-        }
-    }
-    let bucket = if ns == 0 { 0 } else { bucket + 1 };
-    if bucket >= RUNQ_BUCKETS {
-        RUNQ_BUCKETS - 1
-    } else {
-        bucket
-    }
-}
-
 #[inline(always)]
 fn count_runq(tgid: u32, ns: u64) {
     let key = RunqKey {
         tgid,
-        bucket: log2_bucket(ns),
+        bucket: log2_bucket(ns, RUNQ_BUCKETS),
     };
     if let Some(slot) = RUNQ_HIST.get_ptr_mut(&key) {
         // Several CPUs may switch in threads of one process at once.

@@ -12,7 +12,9 @@ use profiler_common::syscalls::{
     HIST_BUCKETS, SlowKey, SlowValue, SyscallKey, SyscallStart, SyscallStats, counter,
 };
 
-use crate::common::{StackError, TASK_COMM_OFF, config, notify_new_task, stack_id, wanted};
+use crate::common::{
+    StackError, TASK_COMM_OFF, config, log2_bucket, notify_new_task, stack_id, wanted,
+};
 
 /// Calls at least this long keep their user stack.
 #[unsafe(no_mangle)]
@@ -56,25 +58,6 @@ fn add(slot: *mut u64, value: u64) {
             slot, value,
         )
     };
-}
-
-/// log2 bucket: `b` such that 2^(b-1) <= ns < 2^b (0 for 0), capped.
-#[inline(always)]
-fn bucket(ns: u64) -> usize {
-    let mut v = ns;
-    let mut b = 0usize;
-    for shift in [32u32, 16, 8, 4, 2, 1] {
-        if v >> shift != 0 {
-            v >>= shift;
-            b += shift as usize;
-        }
-    }
-    let b = if ns == 0 { 0 } else { b + 1 };
-    if b >= HIST_BUCKETS {
-        HIST_BUCKETS - 1
-    } else {
-        b
-    }
 }
 
 #[tracepoint(category = "raw_syscalls", name = "sys_enter")]
@@ -147,7 +130,7 @@ pub fn syscalls_exit(ctx: TracePointContext) -> u32 {
             if delta > (*stats).max_ns {
                 (*stats).max_ns = delta;
             }
-            let b = bucket(delta);
+            let b = log2_bucket(delta, HIST_BUCKETS as u32) as usize;
             if b < HIST_BUCKETS {
                 add(&mut (*stats).hist[b], 1);
             }

@@ -350,3 +350,51 @@ pub fn record_offcpu_workload(
         pid,
     }
 }
+
+/// A workload started with piped stdio that printed `ready PID` and waits for a line on
+/// stdin before it works.
+pub struct ReadyProcess {
+    pub pid: String,
+    child: Child,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl ReadyProcess {
+    pub fn spawn(command: &mut Command) -> Self {
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start {command:?}: {err}"));
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("ready line");
+        let pid = line
+            .trim()
+            .strip_prefix("ready ")
+            .unwrap_or_else(|| panic!("workload said {line:?}"))
+            .to_string();
+        Self { pid, child, stdout }
+    }
+
+    /// Lets it work.
+    pub fn go(&mut self) {
+        let mut stdin = self.child.stdin.take().expect("go once");
+        stdin.write_all(b"go\n").expect("write go");
+    }
+
+    /// Its next line of output, trimmed (`None` at the end).
+    pub fn line(&mut self) -> Option<String> {
+        let mut line = String::new();
+        match self.stdout.read_line(&mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(line.trim().to_string()),
+        }
+    }
+
+    /// Waits for it to exit successfully.
+    pub fn finish(mut self) {
+        let status = self.child.wait().expect("wait");
+        assert!(status.success(), "workload failed: {status}");
+    }
+}

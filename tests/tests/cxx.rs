@@ -3,8 +3,7 @@
 //!
 //! Oracle: the workload's own clock around each blocking call.
 
-use std::io::{BufRead as _, BufReader, Write as _};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use profiler_tests::*;
 
@@ -22,25 +21,13 @@ fn cxx_frames_are_demangled_with_their_time() {
         .expect("g++ (package g++)");
     assert!(status.success());
 
-    let mut child = Command::new(&bin)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    let pid = line.trim().trim_start_matches("ready ").to_string();
+    let mut workload = ReadyProcess::spawn(&mut Command::new(&bin));
+    let pid = workload.pid.clone();
     let recording = Recording::start(&dir.join("out"), &["-d", "60s", "-p", &pid]);
-    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
-    line.clear();
-    stdout.read_line(&mut line).unwrap();
-    let expected: f64 = line
-        .trim()
-        .trim_start_matches("blocked_ns ")
-        .parse()
-        .unwrap();
-    assert!(child.wait().unwrap().success());
+    workload.go();
+    let line = workload.line().expect("blocked_ns line");
+    let expected: f64 = line.trim_start_matches("blocked_ns ").parse().unwrap();
+    workload.finish();
     let (capture, _) = recording.interrupt();
 
     let pid: u32 = pid.parse().unwrap();

@@ -4,8 +4,7 @@
 //! CPU-seconds must collect about F × C samples, and a function that is all it does must hold
 //! nearly all of them.
 
-use std::io::{BufRead as _, BufReader, Write as _};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use profiler_tests::*;
 
@@ -13,25 +12,17 @@ use profiler_tests::*;
 fn samples_match_cpu_time_and_land_in_the_busy_function() {
     require_root();
     let dir = temp_dir("oncpu");
-    let mut child = Command::new(built_binary("oncpu-workload"))
-        .arg("1500")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    let pid = line.trim().trim_start_matches("ready ").to_string();
+    let mut workload =
+        ReadyProcess::spawn(Command::new(built_binary("oncpu-workload")).arg("1500"));
+    let pid = workload.pid.clone();
     let recording = Recording::start(
         &dir.join("out"),
         &["-d", "60s", "-p", &pid, "--events", "oncpu", "--freq", "99"],
     );
-    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
-    line.clear();
-    stdout.read_line(&mut line).unwrap();
-    let cpu_ns: f64 = line.trim().trim_start_matches("cpu_ns ").parse().unwrap();
-    assert!(child.wait().unwrap().success());
+    workload.go();
+    let line = workload.line().expect("cpu_ns line");
+    let cpu_ns: f64 = line.trim_start_matches("cpu_ns ").parse().unwrap();
+    workload.finish();
     let (capture, stdout_text) = recording.interrupt();
 
     assert!(capture["offcpu"].is_null(), "only oncpu was asked for");
@@ -91,26 +82,18 @@ fn samples_match_cpu_time_and_land_in_the_busy_function() {
 fn wallclock_view_splits_busy_and_sleeping_time() {
     require_root();
     let dir = temp_dir("wallclock");
-    let mut child = Command::new(built_binary("oncpu-workload"))
-        .args(["alternate", "10"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    let pid = line.trim().trim_start_matches("ready ").to_string();
+    let mut workload =
+        ReadyProcess::spawn(Command::new(built_binary("oncpu-workload")).args(["alternate", "10"]));
+    let pid = workload.pid.clone();
     let recording = Recording::start(&dir.join("out"), &["-d", "60s", "-p", &pid]);
-    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
-    line.clear();
-    stdout.read_line(&mut line).unwrap();
+    workload.go();
+    let line = workload.line().expect("timing line");
     let fields: Vec<f64> = line
         .split_whitespace()
         .filter_map(|w| w.parse().ok())
         .collect();
     let (busy_ns, sleep_ns) = (fields[0], fields[1]);
-    assert!(child.wait().unwrap().success());
+    workload.finish();
     let _ = recording.interrupt();
 
     // The main thread's lines of the wall-clock view, by leaf.
@@ -145,24 +128,17 @@ fn wallclock_view_splits_busy_and_sleeping_time() {
 fn runqueue_time_matches_the_kernels_run_delay() {
     require_root();
     let dir = temp_dir("runqueue");
-    let mut child = Command::new(built_binary("oncpu-workload"))
-        .args(["contend", "3", "1000"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    let pid = line.trim().trim_start_matches("ready ").to_string();
+    let mut workload = ReadyProcess::spawn(
+        Command::new(built_binary("oncpu-workload")).args(["contend", "3", "1000"]),
+    );
+    let pid = workload.pid.clone();
     let recording = Recording::start(
         &dir.join("out"),
         &["-d", "60s", "-p", &pid, "--events", "offcpu"],
     );
-    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    workload.go();
     let mut delays = Vec::new();
-    for line in stdout.lines() {
-        let line = line.unwrap();
+    while let Some(line) = workload.line() {
         if line == "done" {
             break;
         }
@@ -172,7 +148,7 @@ fn runqueue_time_matches_the_kernels_run_delay() {
             words[3].parse::<f64>().unwrap(),
         ));
     }
-    assert!(child.wait().unwrap().success());
+    workload.finish();
     let (capture, stdout_text) = recording.interrupt();
     assert_eq!(delays.len(), 3);
     for (tid, run_delay) in delays {
