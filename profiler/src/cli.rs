@@ -35,6 +35,29 @@ pub enum Command {
     Diff(DiffArgs),
     /// Re-render a saved capture in another format.
     Report(ReportArgs),
+    /// Live view, refreshed every interval: processes by off-CPU and run-queue time, and the
+    /// slowest syscalls. `q` quits; when stdout is not a terminal it prints plain-text
+    /// snapshots instead (for scripts).
+    Top(TopArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TopArgs {
+    /// Only this process (repeatable). Default: the whole host.
+    #[arg(short, long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Refresh interval.
+    #[arg(long, default_value = "1s", value_parser = parse_seconds)]
+    pub interval: Duration,
+    /// Stop after this many refreshes (default: until `q` or Ctrl-C).
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Rows per table.
+    #[arg(long, default_value_t = 10)]
+    pub rows: usize,
+    /// Kernel BTF to read struct offsets from.
+    #[arg(long, default_value = "/sys/kernel/btf/vmlinux", hide = true)]
+    pub btf: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]

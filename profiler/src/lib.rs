@@ -17,6 +17,7 @@ pub mod render;
 pub mod stats;
 pub mod symbolize;
 pub mod syscall_names;
+pub mod top;
 
 use std::io::Write as _;
 use std::process::ExitCode;
@@ -31,6 +32,7 @@ pub fn run(cli: cli::Cli) -> ExitCode {
         cli::Command::Record(args) => (record_command(args), 1),
         cli::Command::Diff(args) => (diff_command(args), 2),
         cli::Command::Report(args) => (report_command(args).map(|()| ExitCode::SUCCESS), 2),
+        cli::Command::Top(args) => (top::run(args).map(|()| ExitCode::SUCCESS), 1),
     };
     match result {
         Ok(code) => code,

@@ -608,7 +608,7 @@ impl Progress {
 }
 
 /// Loading eBPF programs needs root, or CAP_BPF with CAP_PERFMON (5.8+).
-fn check_privileges() -> Result<()> {
+pub(crate) fn check_privileges() -> Result<()> {
     const CAP_SYS_ADMIN: u32 = 21;
     const CAP_PERFMON: u32 = 38;
     const CAP_BPF: u32 = 39;
@@ -628,7 +628,7 @@ fn check_privileges() -> Result<()> {
     )
 }
 
-fn check_task_exists(id: u32, what: &str) -> Result<()> {
+pub(crate) fn check_task_exists(id: u32, what: &str) -> Result<()> {
     if id == 0 || !Path::new(&format!("/proc/{id}")).exists() {
         bail!("no {what} with id {id} (nothing in /proc/{id})");
     }

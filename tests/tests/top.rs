@@ -1,0 +1,74 @@
+//! `profiler top`: plain-text snapshots when stdout is not a terminal, and `q` quits the live
+//! view on a real terminal (a pty from util-linux's `script`).
+//!
+//! Oracle: what the workload is known to do in each snapshot (block in nanosleep from its
+//! main thread, 20 ms per call).
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use profiler_tests::*;
+
+#[test]
+fn plain_text_snapshots_show_the_workload_and_its_syscalls() {
+    require_root();
+    let dir = temp_dir("top");
+    let mut workload = Workload::start(40, 20, &dir.join("workload.json"));
+    let pid = workload.pid.to_string();
+    let top = Command::new(profiler_bin())
+        .args(["top", "-p", &pid, "--interval", "500ms", "--count", "3"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Give it time to attach before the workload starts.
+    std::thread::sleep(Duration::from_millis(700));
+    workload.go();
+    let output = top.wait_with_output().unwrap();
+    let _ = workload.finish();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(text.matches("profiler top: last").count(), 3, "{text}");
+    assert!(!text.contains("\x1b["), "no terminal codes when piped");
+    let last = text.rsplit("profiler top: last").next().unwrap();
+    assert!(last.contains("offcpu-workload"), "{last}");
+    // nanosleep calls of 20 ms: the average column reads about 20.
+    let line = last
+        .lines()
+        .find(|l| l.contains(" nanosleep "))
+        .unwrap_or_else(|| panic!("no nanosleep row: {last}"));
+    let avg_ms: f64 = line.split_whitespace().nth(5).unwrap().parse().unwrap();
+    assert!((19.0..=22.0).contains(&avg_ms), "{line}");
+}
+
+#[test]
+fn q_quits_the_live_view_on_a_terminal() {
+    require_root();
+    let command = format!("{} top --interval 200ms --rows 3", profiler_bin().display());
+    let started = Instant::now();
+    let mut script = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("script (util-linux)");
+    std::thread::sleep(Duration::from_millis(1500));
+    use std::io::Write as _;
+    script.stdin.take().unwrap().write_all(b"q").unwrap();
+    let output = script.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "q did not quit"
+    );
+    assert!(text.contains("PROCESSES BY OFF-CPU TIME"), "{text}");
+    assert!(
+        text.contains("\x1b[H\x1b[2J"),
+        "redraws in place on a terminal"
+    );
+}
