@@ -21,11 +21,13 @@ pub fn run(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("offcpu") => offcpu(),
         Some("diff") => diff(),
+        Some("all") => all_families(),
         None => {
             offcpu()?;
+            all_families()?;
             diff()
         }
-        Some(other) => bail!("unknown benchmark {other:?} (available: offcpu, diff)"),
+        Some(other) => bail!("unknown benchmark {other:?} (available: offcpu, all, diff)"),
     }
 }
 
@@ -132,6 +134,81 @@ fn diff() -> Result<()> {
     )
 }
 
+/// `record` with every family on (off-CPU + run-queue split, on-CPU at 99 Hz, syscalls),
+/// whole host, against nothing attached: perf bench sched pipe (context switches) and a
+/// syscall-heavy loop (dd copying 1-byte blocks: two syscalls per block), alternating.
+fn all_families() -> Result<()> {
+    let rounds = env_number("BENCH_ROUNDS", 5) as usize;
+    let loops = env_number("BENCH_LOOPS", 200_000);
+    let blocks = env_number("BENCH_DD_BLOCKS", 500_000);
+    println!(
+        "[bench all] record (all families, whole host) vs nothing: perf bench sched pipe -l \
+         {loops} and dd bs=1 count={blocks}, {rounds} rounds"
+    );
+    // [attached][workload] = values over rounds
+    let mut results = vec![vec![Vec::new(); 2]; 2];
+    for round in 0..rounds {
+        for i in 0..2 {
+            let attached = (i + round) % 2 == 1;
+            let tracer = if attached {
+                Some(start_profiler(&[])?)
+            } else {
+                None
+            };
+            let pipe = perf_bench(loops, None);
+            let dd = dd_ns_per_syscall(blocks);
+            if let Some(tracer) = tracer {
+                stop(tracer, Variant::Profiler)?;
+            }
+            let (pipe, dd) = (pipe?, dd?);
+            let label = if attached {
+                "all families"
+            } else {
+                "nothing attached"
+            };
+            println!(
+                "  round {round}: {label:<18} pipe {pipe:>8.3} usecs/op   dd {dd:>7.1} ns/syscall"
+            );
+            results[usize::from(attached)][0].push(pipe);
+            results[usize::from(attached)][1].push(dd);
+        }
+    }
+    let m = |attached: usize, workload: usize| median(&mut results[attached][workload].clone());
+    println!("[bench all] medians over {rounds} rounds:");
+    println!(
+        "  perf bench sched pipe: {:.3} -> {:.3} usecs/op, ratio {:.3}x",
+        m(0, 0),
+        m(1, 0),
+        m(1, 0) / m(0, 0)
+    );
+    println!(
+        "  dd bs=1 (syscalls):    {:.1} -> {:.1} ns/syscall, ratio {:.3}x",
+        m(0, 1),
+        m(1, 1),
+        m(1, 1) / m(0, 1)
+    );
+    Ok(())
+}
+
+/// Wall time per syscall of `dd if=/dev/zero of=/dev/null bs=1 count=N` (2N syscalls).
+fn dd_ns_per_syscall(blocks: u64) -> Result<f64> {
+    let start = std::time::Instant::now();
+    let status = Command::new("dd")
+        .args([
+            "if=/dev/zero",
+            "of=/dev/null",
+            "bs=1",
+            &format!("count={blocks}"),
+        ])
+        .stderr(Stdio::null())
+        .status()
+        .context("cannot run dd")?;
+    if !status.success() {
+        bail!("dd failed ({status})");
+    }
+    Ok(start.elapsed().as_nanos() as f64 / (2 * blocks) as f64)
+}
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     values[values.len() / 2]
@@ -141,9 +218,22 @@ fn median(values: &mut [f64]) -> f64 {
 fn measure(variant: Variant, loops: u64) -> Result<Vec<f64>> {
     let tracer = match variant {
         Variant::Baseline => None,
-        Variant::Profiler => Some(start_profiler("tp-btf", &[])?),
-        Variant::ProfilerNoSplit => Some(start_profiler("tp-btf", &["--no-runqueue-split"])?),
-        Variant::ProfilerTracepoint => Some(start_profiler("tracepoint", &[])?),
+        Variant::Profiler => Some(start_profiler(&[
+            "--events", "offcpu", "--attach", "tp-btf",
+        ])?),
+        Variant::ProfilerNoSplit => Some(start_profiler(&[
+            "--events",
+            "offcpu",
+            "--attach",
+            "tp-btf",
+            "--no-runqueue-split",
+        ])?),
+        Variant::ProfilerTracepoint => Some(start_profiler(&[
+            "--events",
+            "offcpu",
+            "--attach",
+            "tracepoint",
+        ])?),
         Variant::Offcputime => Some(start_offcputime()?),
     };
     let result: Result<Vec<f64>> = MODES
@@ -183,19 +273,12 @@ fn perf_bench(loops: u64, cpu: Option<&str>) -> Result<f64> {
         .with_context(|| format!("no usecs/op in perf output: {text}"))
 }
 
-fn start_profiler(attach: &str, extra: &[&str]) -> Result<Child> {
+/// Starts `profiler record --duration 1h ARGS -o TMP` and waits until it is recording.
+fn start_profiler(args: &[&str]) -> Result<Child> {
     let out_dir = std::env::temp_dir().join(format!("profiler-bench-{}", std::process::id()));
     let mut child = Command::new(workspace_root().join("target/release/profiler"))
-        .args([
-            "record",
-            "--events",
-            "offcpu",
-            "--duration",
-            "1h",
-            "--attach",
-            attach,
-        ])
-        .args(extra)
+        .args(["record", "--duration", "1h"])
+        .args(args)
         .arg("-o")
         .arg(&out_dir)
         .stdout(Stdio::null())
