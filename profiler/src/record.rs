@@ -155,6 +155,7 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
             counters.insert(format!("oncpu_{name}"), value);
         }
     }
+    counters.insert("program_misses".to_string(), probes.recursion_misses());
     if probes.syscalls_slow_ns.is_some() {
         for (name, value) in probes.syscall_counters()? {
             counters.insert(format!("syscalls_{name}"), value);

@@ -193,9 +193,11 @@ pub fn summary(capture: &Capture, top: usize) -> String {
     let counter = |name: &str| meta.counters.get(name).copied().unwrap_or(0);
     let _ = writeln!(
         out,
-        "capture: {:.3} s, {} processes; unresolved frames: user {}/{}, kernel {}/{}",
+        "capture: {:.3} s, {} processes; program runs skipped by the kernel {}; unresolved \
+         frames: user {}/{}, kernel {}/{}",
         meta.duration_ns as f64 / 1e9,
         capture.processes.len(),
+        counter("program_misses"),
         counter("unresolved_user_frames"),
         counter("user_frames"),
         counter("unresolved_kernel_frames"),

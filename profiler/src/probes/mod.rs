@@ -208,6 +208,46 @@ impl Probes {
         }
     }
 
+    /// Runs of our programs the kernel skipped because another BPF program (or a bpf()
+    /// syscall holding `bpf_prog_active`, such as our own map reads) was active on that CPU:
+    /// each is an event we did not see. Summed over every loaded program.
+    pub fn recursion_misses(&self) -> u64 {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        #[repr(C)]
+        struct InfoAttr {
+            bpf_fd: u32,
+            info_len: u32,
+            info: u64,
+        }
+        const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+        let mut total = 0;
+        for (_, program) in self.ebpf.programs() {
+            let Ok(fd) = program.fd() else {
+                continue; // not loaded
+            };
+            // SAFETY: bpf_prog_info is plain data; zero is a valid value.
+            let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+            let mut attr = InfoAttr {
+                bpf_fd: fd.as_fd().as_raw_fd() as u32,
+                info_len: std::mem::size_of_val(&info) as u32,
+                info: &mut info as *mut _ as u64,
+            };
+            // SAFETY: BPF_OBJ_GET_INFO_BY_FD writes at most info_len bytes into `info`.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    BPF_OBJ_GET_INFO_BY_FD,
+                    &mut attr as *mut InfoAttr,
+                    std::mem::size_of::<InfoAttr>(),
+                )
+            };
+            if rc == 0 {
+                total += info.recursion_misses;
+            }
+        }
+        total
+    }
+
     pub(crate) fn ebpf(&self) -> &Ebpf {
         &self.ebpf
     }
