@@ -78,14 +78,21 @@ fn count(index: u32, by: u64) {
     }
 }
 
+/// A thread's last switch-out (it exited): nothing to measure, and recording it would leave
+/// a start entry that no switch-in ever clears (sched_process_exit already ran).
+const DEAD: u32 = u32::MAX;
+
 /// Raw `prev_state` bits (TASK_*) → state class.
 #[inline(always)]
 fn classify_raw_state(preempt: bool, state: u32) -> u32 {
     const TASK_INTERRUPTIBLE: u32 = 0x1;
     const TASK_UNINTERRUPTIBLE: u32 = 0x2;
+    const TASK_DEAD: u32 = 0x80;
     const TASK_NOLOAD: u32 = 0x400;
     if preempt || state == 0 {
         STATE_RUNQUEUE
+    } else if state & TASK_DEAD != 0 {
+        DEAD
     } else if state & TASK_INTERRUPTIBLE != 0 {
         STATE_SLEEP
     } else if state & TASK_UNINTERRUPTIBLE != 0 {
@@ -105,9 +112,12 @@ fn classify_raw_state(preempt: bool, state: u32) -> u32 {
 fn classify_reported_state(state: u32) -> u32 {
     const REPORT_S: u32 = 0x1;
     const REPORT_D: u32 = 0x2;
+    const REPORT_DEAD_OR_ZOMBIE: u32 = 0x10 | 0x20;
     const REPORT_I: u32 = 0x80;
     if state == 0 || state == config(&TP_PREEMPT_STATE) {
         STATE_RUNQUEUE
+    } else if state & REPORT_DEAD_OR_ZOMBIE != 0 {
+        DEAD
     } else if state & REPORT_S != 0 {
         STATE_SLEEP
     } else if state & REPORT_D != 0 {
@@ -147,7 +157,7 @@ fn switch_out<C: StackIdContext>(ctx: &C, task: *const u8, state: u32, now: u64)
     if tid == 0 {
         return; // the idle task
     }
-    if config(&STATE_FILTER) & (1 << state) == 0 || !wanted(tgid, tid, task) {
+    if state == DEAD || config(&STATE_FILTER) & (1 << state) == 0 || !wanted(tgid, tid, task) {
         return;
     }
     let kernel_stack_id = counted_stack_id(ctx, 0);
