@@ -567,8 +567,14 @@ impl Progress {
         }
         let is_loss = |n: &str| matches!(n, "stack_collisions" | "agg_map_full" | "start_map_full");
         let mut lost = 0;
-        for counters in [probes.offcpu_counters(), probes.oncpu_counters()]
+        // Only the families that are attached: the others' maps hold nothing.
+        let offcpu_counters = probes
+            .offcpu_attached_with
+            .map(|_| probes.offcpu_counters());
+        let oncpu_counters = probes.oncpu_frequency.map(|_| probes.oncpu_counters());
+        for counters in [offcpu_counters, oncpu_counters]
             .into_iter()
+            .flatten()
             .flatten()
         {
             lost += counters

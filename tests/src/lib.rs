@@ -3,7 +3,7 @@
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -55,50 +55,34 @@ pub fn temp_dir(name: &str) -> PathBuf {
 /// The off-CPU workload, started and waiting for `go()`.
 pub struct Workload {
     pub pid: u32,
-    child: Child,
-    stdin: Option<ChildStdin>,
+    process: ReadyProcess,
     report: PathBuf,
 }
 
 impl Workload {
     pub fn start(iterations: u32, block_ms: u64, report: &Path) -> Self {
-        let mut child = Command::new(built_binary("offcpu-workload"))
-            .args(["--iterations", &iterations.to_string()])
-            .args(["--block-ms", &block_ms.to_string()])
-            .arg("--report")
-            .arg(report)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start offcpu-workload");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("ready line");
-        let pid = line
-            .trim()
-            .strip_prefix("ready ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("workload said {line:?}"));
+        let process = ReadyProcess::spawn(
+            Command::new(built_binary("offcpu-workload"))
+                .args(["--iterations", &iterations.to_string()])
+                .args(["--block-ms", &block_ms.to_string()])
+                .arg("--report")
+                .arg(report),
+        );
         Self {
-            pid,
-            stdin: child.stdin.take(),
-            child,
+            pid: process.pid.parse().expect("numeric pid"),
+            process,
             report: report.to_path_buf(),
         }
     }
 
     /// Lets it run its iterations.
     pub fn go(&mut self) {
-        let mut stdin = self.stdin.take().expect("go once");
-        stdin.write_all(b"go\n").expect("write go");
+        self.process.go();
     }
 
     /// Waits for it to finish and returns its own measurement of blocked time per function.
-    pub fn finish(mut self) -> Value {
-        let status = self.child.wait().expect("wait workload");
-        assert!(status.success(), "workload failed: {status}");
+    pub fn finish(self) -> Value {
+        self.process.finish();
         let text = std::fs::read_to_string(&self.report).expect("workload report");
         serde_json::from_str(&text).expect("report json")
     }
