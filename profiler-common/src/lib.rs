@@ -8,3 +8,4 @@ pub mod offcpu;
 pub mod oncpu;
 pub mod shared;
 pub mod syscalls;
+pub mod tcp;

@@ -58,14 +58,23 @@ pub fn config<T: Copy>(global: &T) -> T {
     unsafe { core::ptr::read_volatile(global) }
 }
 
-/// Whether a thread passes the pid/tid filters and, when asked, the user/kernel thread
-/// filter (`task` is its task_struct).
+/// Whether a thread passes the pid/tid filters.
 #[inline(always)]
-pub fn wanted(tgid: u32, tid: u32, task: *const u8) -> bool {
+pub fn wanted_ids(tgid: u32, tid: u32) -> bool {
     if config(&FILTER_TGID) != 0 && unsafe { TGID_FILTER.get(tgid) }.is_none() {
         return false;
     }
     if config(&FILTER_TID) != 0 && unsafe { TID_FILTER.get(tid) }.is_none() {
+        return false;
+    }
+    true
+}
+
+/// Whether a thread passes the pid/tid filters and, when asked, the user/kernel thread
+/// filter (`task` is its task_struct).
+#[inline(always)]
+pub fn wanted(tgid: u32, tid: u32, task: *const u8) -> bool {
+    if !wanted_ids(tgid, tid) {
         return false;
     }
     let kind = config(&THREAD_KIND);

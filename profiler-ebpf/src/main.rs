@@ -9,6 +9,7 @@ mod common;
 mod offcpu;
 mod oncpu;
 mod syscalls;
+mod tcp;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -156,8 +156,9 @@ pub struct RecordArgs {
     #[arg(long, default_value_t = 16384)]
     pub stack_storage_size: u32,
     /// Probe families to record, comma-separated: offcpu (where threads wait), oncpu
-    /// (where they run, sampled), syscalls (latency per process and syscall).
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Event::Offcpu, Event::Oncpu, Event::Syscalls])]
+    /// (where they run, sampled), syscalls (latency per process and syscall), tcp (connect
+    /// latency, lifetime, bytes, RTT and retransmits per process and remote endpoint).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Event::Offcpu, Event::Oncpu, Event::Syscalls, Event::Tcp])]
     pub events: Vec<Event>,
     /// Syscalls at least this long keep their user stack (a plain number is microseconds).
     #[arg(long, default_value = "10ms", value_parser = parse_micros)]
@@ -176,6 +177,7 @@ pub enum Event {
     Offcpu,
     Oncpu,
     Syscalls,
+    Tcp,
 }
 
 impl RecordArgs {
@@ -192,7 +194,7 @@ impl RecordArgs {
             bail!("--max-block is shorter than --min-block");
         }
         if self.events.is_empty() {
-            bail!("--events names no probe family (offcpu, oncpu, syscalls)");
+            bail!("--events names no probe family (offcpu, oncpu, syscalls, tcp)");
         }
         if !(1..=10_000).contains(&self.freq) {
             bail!("--freq must be between 1 and 10000 Hz");
@@ -225,6 +227,7 @@ impl RecordArgs {
                     .then_some(SyscallsConfig {
                         slow_ns: self.slow_syscall.as_nanos() as u64,
                     }),
+                tcp: self.events.contains(&Event::Tcp),
             },
             state_name,
             threads_name,

@@ -17,6 +17,7 @@ pub mod render;
 pub mod stats;
 pub mod symbolize;
 pub mod syscall_names;
+pub mod tcpstats;
 pub mod top;
 
 use std::io::Write as _;

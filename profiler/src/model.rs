@@ -27,6 +27,8 @@ pub struct Capture {
     pub oncpu: Option<OncpuProfile>,
     #[serde(default)]
     pub syscalls: Option<SyscallProfile>,
+    #[serde(default)]
+    pub tcp: Option<TcpProfile>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -196,6 +198,97 @@ pub enum FrameKind {
     Synthetic,
 }
 
+/// TCP connections: per (process, role, remote endpoint) aggregates, and the connections one
+/// by one up to a limit.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct TcpProfile {
+    pub endpoints: Vec<TcpEndpoint>,
+    /// Closed connections and failed connects, in the order they ended.
+    pub connections: Vec<TcpConnection>,
+    /// Connections left out of `connections` by its limit (still in `endpoints`).
+    pub connections_not_listed: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct TcpEndpoint {
+    /// 0 when no process acted on the socket in process context (e.g. reset by the peer
+    /// before anyone accepted it).
+    pub pid: u32,
+    pub comm: String,
+    /// `connect`: this process connected to `remote`:`port`; `accept`: clients at `remote`
+    /// connected to this process's local `port`.
+    pub role: String,
+    pub remote: String,
+    pub port: u16,
+    pub connects: u64,
+    pub connect_failures: u64,
+    pub connect_total_ns: u64,
+    pub connect_max_ns: u64,
+    /// `connect_buckets[b]`: connects (established or failed) that took [2^(b-1), 2^b) ns.
+    pub connect_buckets: Vec<u64>,
+    /// Connections that closed.
+    pub closed: u64,
+    pub lifetime_total_ns: u64,
+    pub lifetime_max_ns: u64,
+    pub bytes_received: u64,
+    /// Bytes the peer acknowledged.
+    pub bytes_sent: u64,
+    pub retransmits: u64,
+    /// Sum and max of the smoothed RTT at close, microseconds.
+    pub srtt_total_us: u64,
+    pub srtt_max_us: u64,
+}
+
+impl TcpEndpoint {
+    /// Upper bound (ns) of the log2 bucket that holds quantile `q` of the connect times.
+    pub fn connect_quantile_ns(&self, q: f64) -> u64 {
+        log2_quantile_ns(
+            &self.connect_buckets,
+            self.connects + self.connect_failures,
+            q,
+        )
+    }
+
+    /// `remote:port` for connects, `remote → :port` for accepted clients.
+    pub fn label(&self) -> String {
+        let host = if self.remote.contains(':') {
+            format!("[{}]", self.remote)
+        } else {
+            self.remote.clone()
+        };
+        if self.role == "accept" {
+            format!("{host} -> :{}", self.port)
+        } else {
+            format!("{host}:{}", self.port)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct TcpConnection {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub role: String,
+    /// `ip:port` (IPv6 as `[ip]:port`).
+    pub local: String,
+    pub remote: String,
+    /// Connect latency (connects only).
+    pub connect_ns: Option<u64>,
+    /// The connect failed (refused, timed out, reset).
+    pub failed: bool,
+    /// From connect() or the accepted connection's establishment to CLOSE.
+    pub lifetime_ns: u64,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    /// Retransmitted segments seen by the profiler.
+    pub retransmits: u64,
+    /// The kernel's own retransmit count for the socket (`tcp_sock.total_retrans`).
+    pub kernel_retransmits: u64,
+    /// Smoothed RTT at close, microseconds.
+    pub srtt_us: u64,
+}
+
 impl Capture {
     pub fn new(metadata: Metadata) -> Self {
         Self {
@@ -206,6 +299,7 @@ impl Capture {
             offcpu: None,
             oncpu: None,
             syscalls: None,
+            tcp: None,
         }
     }
 

@@ -26,6 +26,7 @@ use crate::probes::{ProbeConfig, Probes};
 use crate::procmaps::ProcessCache;
 use crate::render;
 use crate::symbolize::{Symbolizer, missing_stack_frame};
+use crate::tcpstats::TcpAggregator;
 
 pub struct RecordOptions {
     pub duration: Duration,
@@ -55,6 +56,17 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
     let mut new_tasks =
         unsafe { AsyncFd::register_with_interest(probes.take_new_tasks()?, Interest::READABLE) }
             .map_err(|err| anyhow::anyhow!("cannot poll the new-task ring buffer: {err}"))?;
+    let mut tcp_events = match probes.tcp {
+        // SAFETY: as above.
+        true => Some(
+            unsafe {
+                AsyncFd::register_with_interest(probes.take_tcp_events()?, Interest::READABLE)
+            }
+            .map_err(|err| anyhow::anyhow!("cannot poll the TCP event ring buffer: {err}"))?,
+        ),
+        false => None,
+    };
+    let mut tcp = TcpAggregator::default();
     let mut processes = ProcessCache::default();
     for pid in &config.pids {
         processes.observe(*pid, "");
@@ -127,6 +139,11 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
                 drain_new_tasks(guard.get_inner_mut(), &mut processes);
                 guard.clear_ready();
             }
+            guard = async { tcp_events.as_mut().expect("checked").readable_mut().await }, if tcp_events.is_some() => {
+                let mut guard = guard.context("polling the TCP event ring buffer failed")?;
+                drain_tcp_events(guard.get_inner_mut(), &mut tcp, &mut processes);
+                guard.clear_ready();
+            }
         }
     }
     snapshot(
@@ -137,10 +154,16 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
     )?;
     let ends = if probes.offcpu_attached_with.is_some() {
         offcpu_series.ends.clone()
-    } else {
+    } else if probes.oncpu_frequency.is_some() {
         oncpu_series.ends.clone()
+    } else {
+        // Families without snapshots: one interval, the whole capture.
+        vec![started.elapsed().as_nanos() as u64]
     };
     drain_new_tasks(new_tasks.get_mut(), &mut processes);
+    if let Some(events) = tcp_events.as_mut() {
+        drain_tcp_events(events.get_mut(), &mut tcp, &mut processes);
+    }
     progress.finish();
     processes.refresh_all();
 
@@ -159,6 +182,11 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
     if probes.syscalls_slow_ns.is_some() {
         for (name, value) in probes.syscall_counters()? {
             counters.insert(format!("syscalls_{name}"), value);
+        }
+    }
+    if probes.tcp {
+        for (name, value) in probes.tcp_counters()? {
+            counters.insert(format!("tcp_{name}"), value);
         }
     }
 
@@ -258,6 +286,7 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
         }
         None => None,
     };
+    let tcp = probes.tcp.then(|| tcp.profile());
     let attached_with = probes.offcpu_attached_with.unwrap_or("none");
     drop(probes); // detach before the (slow) writing
 
@@ -273,6 +302,8 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
         .chain(oncpu.iter().flat_map(|o| &o.stacks))
         .map(|s| s.pid)
         .chain(syscalls.iter().flat_map(|s| &s.stats).map(|s| s.pid))
+        .chain(tcp.iter().flat_map(|t| &t.endpoints).map(|e| e.pid))
+        .filter(|pid| *pid != 0)
         .collect();
     seen_pids.sort_unstable();
     seen_pids.dedup();
@@ -311,6 +342,7 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
     capture.offcpu = offcpu;
     capture.oncpu = oncpu;
     capture.syscalls = syscalls;
+    capture.tcp = tcp;
     write_outputs(&capture, &options.output, options.top)?;
     Ok(capture)
 }
@@ -509,6 +541,21 @@ fn drain_new_tasks(
     }
 }
 
+fn drain_tcp_events(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    tcp: &mut TcpAggregator,
+    processes: &mut ProcessCache,
+) {
+    while let Some(item) = ring.next() {
+        if let Some(record) = crate::probes::tcp::decode(&item) {
+            if record.pid != 0 && processes.get(record.pid).is_none() {
+                processes.observe(record.pid, &record.comm);
+            }
+            tcp.add(&record);
+        }
+    }
+}
+
 fn families_description(probes: &Probes) -> String {
     let mut parts = Vec::new();
     if let Some(how) = probes.offcpu_attached_with {
@@ -517,7 +564,16 @@ fn families_description(probes: &Probes) -> String {
     if let Some(frequency) = probes.oncpu_frequency {
         parts.push(format!("on-CPU samples ({frequency} Hz)"));
     }
-    parts.join(" and ")
+    if probes.syscalls_slow_ns.is_some() {
+        parts.push("syscall latency".to_string());
+    }
+    if probes.tcp {
+        parts.push("TCP connections".to_string());
+    }
+    match parts.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+        _ => parts.join(""),
+    }
 }
 
 fn target_description(config: &ProbeConfig) -> String {

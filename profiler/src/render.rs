@@ -281,6 +281,9 @@ pub fn summary(capture: &Capture, top: usize) -> String {
             top_stacks(&mut out, &syscalls.slow, top, "calls", seconds);
         }
     }
+    if let Some(tcp) = &capture.tcp {
+        tcp_summary(&mut out, tcp, &meta.counters, top);
+    }
     if let Some(oncpu) = &capture.oncpu {
         let samples: u64 = oncpu.stacks.iter().map(|s| s.count).sum();
         let _ = writeln!(
@@ -303,6 +306,94 @@ pub fn summary(capture: &Capture, top: usize) -> String {
         top_stacks(&mut out, &oncpu.stacks, top, "samples", seconds);
     }
     out
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        n if n >= 10 << 30 => format!("{} GiB", n >> 30),
+        n if n >= 10 << 20 => format!("{} MiB", n >> 20),
+        n if n >= 10 << 10 => format!("{} KiB", n >> 10),
+        n => format!("{n} B"),
+    }
+}
+
+fn tcp_summary(
+    out: &mut String,
+    tcp: &crate::model::TcpProfile,
+    counters: &std::collections::BTreeMap<String, u64>,
+    top: usize,
+) {
+    let counter = |name: &str| counters.get(name).copied().unwrap_or(0);
+    let sum = |f: fn(&crate::model::TcpEndpoint) -> u64| tcp.endpoints.iter().map(f).sum::<u64>();
+    let _ = writeln!(
+        out,
+        "TCP: {} connects ({} failed), {} closed, {} retransmits; whole host: {} retransmits \
+         ({} on sockets opened before the capture), {} SYN-ACK retransmits; losses: events \
+         lost {}, connection map full {}, closes with no owner {}, connections not listed {}",
+        sum(|e| e.connects),
+        sum(|e| e.connect_failures),
+        sum(|e| e.closed),
+        sum(|e| e.retransmits),
+        counter("tcp_retransmits"),
+        counter("tcp_retransmits_untracked"),
+        counter("tcp_synack_retransmits"),
+        counter("tcp_events_lost"),
+        counter("tcp_conns_map_full"),
+        counter("tcp_unknown_owner"),
+        tcp.connections_not_listed,
+    );
+    if tcp.endpoints.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "TCP by process and remote endpoint:");
+    let _ = writeln!(
+        out,
+        "  {:<7} {:<30} {:>6} {:>5} {:>10} {:>10} {:>6} {:>10} {:>9} {:>9} {:>7} {:>9}  process",
+        "role",
+        "endpoint",
+        "conns",
+        "fail",
+        "conn avg",
+        "conn max",
+        "closed",
+        "life avg",
+        "rx",
+        "tx",
+        "retrans",
+        "srtt avg"
+    );
+    for e in tcp.endpoints.iter().take(top) {
+        let attempts = e.connects + e.connect_failures;
+        let avg = |total: u64, n: u64| {
+            if n == 0 {
+                "-".to_string()
+            } else {
+                seconds(total / n)
+            }
+        };
+        let _ = writeln!(
+            out,
+            "  {:<7} {:<30} {:>6} {:>5} {:>10} {:>10} {:>6} {:>10} {:>9} {:>9} {:>7} {:>9}  {}[{}]",
+            e.role,
+            e.label(),
+            attempts,
+            e.connect_failures,
+            avg(e.connect_total_ns, attempts),
+            if attempts == 0 {
+                "-".to_string()
+            } else {
+                seconds(e.connect_max_ns)
+            },
+            e.closed,
+            avg(e.lifetime_total_ns, e.closed),
+            bytes(e.bytes_received),
+            bytes(e.bytes_sent),
+            e.retransmits,
+            avg(e.srtt_total_us * 1000, e.closed),
+            if e.comm.is_empty() { "?" } else { &e.comm },
+            e.pid,
+        );
+    }
 }
 
 /// The `top` heaviest stacks, threads of a process that were in the same place merged.

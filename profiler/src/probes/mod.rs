@@ -15,6 +15,7 @@
 pub mod offcpu;
 pub mod oncpu;
 pub mod syscalls;
+pub mod tcp;
 pub mod tracefs;
 
 use std::collections::HashMap;
@@ -53,6 +54,8 @@ pub struct ProbeConfig {
     pub offcpu: Option<offcpu::OffcpuConfig>,
     pub oncpu: Option<oncpu::OncpuConfig>,
     pub syscalls: Option<syscalls::SyscallsConfig>,
+    /// The TCP family has no settings of its own.
+    pub tcp: bool,
 }
 
 impl Default for ProbeConfig {
@@ -66,6 +69,7 @@ impl Default for ProbeConfig {
             offcpu: None,
             oncpu: None,
             syscalls: None,
+            tcp: false,
         }
     }
 }
@@ -90,6 +94,8 @@ pub struct Probes {
     pub oncpu_frequency: Option<u64>,
     /// Slow-syscall threshold, when the syscalls family is attached.
     pub syscalls_slow_ns: Option<u64>,
+    /// Whether the TCP family is attached.
+    pub tcp: bool,
 }
 
 impl Probes {
@@ -144,6 +150,9 @@ impl Probes {
         if let Some(syscalls) = &config.syscalls {
             syscalls::globals(syscalls, &mut globals)?;
         }
+        if config.tcp {
+            tcp::globals(&btf, &mut globals)?;
+        }
 
         let mut loader = EbpfLoader::new();
         for (name, bytes) in &globals {
@@ -171,11 +180,15 @@ impl Probes {
             }
             None => None,
         };
+        if config.tcp {
+            tcp::attach(&mut ebpf)?;
+        }
         Ok(Self {
             ebpf,
             offcpu_attached_with,
             oncpu_frequency,
             syscalls_slow_ns,
+            tcp: config.tcp,
         })
     }
 
