@@ -364,13 +364,7 @@ fn tcp_summary(
     );
     for e in tcp.endpoints.iter().take(top) {
         let attempts = e.connects + e.connect_failures;
-        let avg = |total: u64, n: u64| {
-            if n == 0 {
-                "-".to_string()
-            } else {
-                seconds(total / n)
-            }
-        };
+        let avg = |total: u64, n: u64| total.checked_div(n).map_or("-".to_string(), seconds);
         let _ = writeln!(
             out,
             "  {:<7} {:<30} {:>6} {:>5} {:>10} {:>10} {:>6} {:>10} {:>9} {:>9} {:>7} {:>9}  {}[{}]",
