@@ -12,6 +12,7 @@ pub mod state {
     pub const CLOSE: i32 = 7;
     pub const CLOSE_WAIT: i32 = 8;
     pub const LAST_ACK: i32 = 9;
+    pub const LISTEN: i32 = 10;
 }
 
 /// This side called connect().
@@ -83,7 +84,8 @@ pub mod counter {
     pub const STATE_CHANGES: u32 = 0;
     pub const CONNS_MAP_FULL: u32 = 1;
     pub const EVENTS_LOST: u32 = 2;
-    /// Closes of sockets opened before the capture started.
+    /// Closes of connections not tracked: opened before the capture started, or (with
+    /// -p/--tid) connected by a process that is not watched.
     pub const UNTRACKED_CLOSES: u32 = 3;
     /// Closes of connections no process was seen to own (e.g. reset before close()).
     pub const UNKNOWN_OWNER: u32 = 4;

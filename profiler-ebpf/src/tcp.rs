@@ -157,7 +157,7 @@ pub fn tcp_state(ctx: TracePointContext) -> u32 {
             if CONNS.insert(&sk, &conn, 0).is_err() {
                 count(counter::CONNS_MAP_FULL);
             }
-        } else if new == state::CLOSE {
+        } else if new == state::CLOSE && old != state::LISTEN {
             count(counter::UNTRACKED_CLOSES);
         }
         return 0;
