@@ -1,5 +1,6 @@
-//! `profiler top`: a live view over the off-CPU and syscall families. Each refresh reads the
-//! cumulative kernel maps and shows what changed since the previous one.
+//! `profiler top`: a live view over the off-CPU, syscall and TCP families. Each refresh reads
+//! the cumulative kernel maps (and the TCP events that arrived) and shows what changed since
+//! the previous one.
 
 use std::collections::HashMap;
 use std::io::{IsTerminal as _, Read as _, Write as _};
@@ -12,10 +13,12 @@ use profiler_common::offcpu::{OffcpuKey, STATE_RUNQUEUE};
 use profiler_common::syscalls::SyscallKey;
 
 use crate::cli::TopArgs;
+use crate::model::{TcpEndpoint, TcpProfile};
 use crate::probes::offcpu::OffcpuConfig;
 use crate::probes::syscalls::{SyscallsConfig, name as syscall_name};
 use crate::probes::{ProbeConfig, Probes};
 use crate::record::{check_privileges, check_task_exists};
+use crate::tcpstats::TcpAggregator;
 
 /// Per-process figures of one refresh interval.
 #[derive(Default, Clone, Copy)]
@@ -41,9 +44,11 @@ pub fn run(args: TopArgs) -> Result<()> {
         btf_path: args.btf.clone(),
         offcpu: Some(OffcpuConfig::default()),
         syscalls: Some(SyscallsConfig::default()),
+        tcp: true,
         ..Default::default()
     };
-    let probes = Probes::load(&config)?;
+    let mut probes = Probes::load(&config)?;
+    let mut tcp_events = probes.take_tcp_events()?;
     let tty = std::io::stdout().is_terminal();
     let _raw = if tty { RawTerminal::enter() } else { None };
     let quit = Arc::new(AtomicBool::new(false));
@@ -92,7 +97,26 @@ pub fn run(args: TopArgs) -> Result<()> {
                 syscalls.push(((key.tgid, key.nr), row));
             }
         }
-        let text = render(&processes, &mut syscalls, &mut names, elapsed, args.rows);
+        let mut tcp = TcpAggregator::default();
+        while let Some(item) = tcp_events.next() {
+            if let Some(record) = crate::probes::tcp::decode(&item) {
+                tcp.add(&record);
+            }
+        }
+        let tcp_lost = probes
+            .tcp_counters()?
+            .iter()
+            .find(|(name, _)| *name == "events_lost")
+            .map_or(0, |(_, v)| *v);
+        let text = render(
+            &processes,
+            &mut syscalls,
+            &tcp.profile(),
+            tcp_lost,
+            &mut names,
+            elapsed,
+            args.rows,
+        );
         let mut out = std::io::stdout().lock();
         if tty {
             // Home and clear; output processing (kept on) turns \n into \r\n.
@@ -112,6 +136,8 @@ pub fn run(args: TopArgs) -> Result<()> {
 fn render(
     processes: &HashMap<u32, ProcessRow>,
     syscalls: &mut [((u32, u32), SyscallRow)],
+    tcp: &TcpProfile,
+    tcp_lost: u64,
     names: &mut HashMap<u32, String>,
     elapsed: Duration,
     rows: usize,
@@ -182,6 +208,50 @@ fn render(
             row.errors,
             ms(row.total_ns / row.calls.max(1)),
             ms(row.total_ns)
+        ));
+    }
+    out.push_str(&format!(
+        "\nTCP PEERS (connects and closes in the interval; events lost so far: {tcp_lost})\n\
+         {:>8} {:<16} {:<7} {:<30} {:>6} {:>5} {:>12} {:>6} {:>8} {:>9}\n",
+        "PID",
+        "COMM",
+        "ROLE",
+        "ENDPOINT",
+        "CONNS",
+        "FAIL",
+        "CONN avg ms",
+        "CLOSED",
+        "RETRANS",
+        "SRTT ms"
+    ));
+    let mut peers: Vec<&TcpEndpoint> = tcp.endpoints.iter().collect();
+    peers.sort_by(|a, b| {
+        let avg = |e: &TcpEndpoint| e.connect_total_ns / (e.connects + e.connect_failures).max(1);
+        b.retransmits
+            .cmp(&a.retransmits)
+            .then(avg(b).cmp(&avg(a)))
+            .then(b.closed.cmp(&a.closed))
+            .then(a.pid.cmp(&b.pid))
+    });
+    for e in peers.iter().take(rows) {
+        let attempts = e.connects + e.connect_failures;
+        let comm = if e.comm.is_empty() { "?" } else { &e.comm };
+        out.push_str(&format!(
+            "{:>8} {:<16.16} {:<7} {:<30} {:>6} {:>5} {:>12} {:>6} {:>8} {:>9}\n",
+            e.pid,
+            comm,
+            e.role,
+            e.label(),
+            attempts,
+            e.connect_failures,
+            e.connect_total_ns
+                .checked_div(attempts)
+                .map_or("-".to_string(), |ns| format!("{:.3}", ms(ns))),
+            e.closed,
+            e.retransmits,
+            (e.srtt_total_us * 1000)
+                .checked_div(e.closed)
+                .map_or("-".to_string(), |ns| format!("{:.3}", ms(ns))),
         ));
     }
     out
@@ -290,9 +360,36 @@ mod tests {
             ),
         ];
         let mut names = HashMap::from([(1, "a".to_string()), (2, "b".to_string())]);
+        let tcp = TcpProfile {
+            endpoints: vec![
+                TcpEndpoint {
+                    pid: 1,
+                    comm: "a".into(),
+                    role: "connect".into(),
+                    remote: "10.0.0.1".into(),
+                    port: 80,
+                    connects: 3,
+                    connect_total_ns: 3_000_000,
+                    ..TcpEndpoint::default()
+                },
+                TcpEndpoint {
+                    pid: 2,
+                    comm: "b".into(),
+                    role: "connect".into(),
+                    remote: "10.0.0.2".into(),
+                    port: 5432,
+                    connects: 1,
+                    retransmits: 4,
+                    ..TcpEndpoint::default()
+                },
+            ],
+            ..TcpProfile::default()
+        };
         let text = render(
             &processes,
             &mut syscalls,
+            &tcp,
+            0,
             &mut names,
             Duration::from_secs(1),
             10,
@@ -301,5 +398,9 @@ mod tests {
         assert!(offcpu < text.find("       1 a").unwrap(), "{text}");
         let slow = text.find("SLOWEST").unwrap();
         assert!(text[slow..].find("nanosleep").unwrap() < text[slow..].find("read").unwrap());
+        // Peers with retransmits first.
+        let peers = &text[text.find("TCP PEERS").unwrap()..];
+        assert!(peers.find("10.0.0.2:5432").unwrap() < peers.find("10.0.0.1:80").unwrap());
+        assert!(peers.contains("1.000"), "{peers}");
     }
 }

@@ -72,3 +72,58 @@ fn q_quits_the_live_view_on_a_terminal() {
         "redraws in place on a terminal"
     );
 }
+
+#[test]
+fn tcp_peers_count_every_connection_of_the_workload() {
+    require_root();
+    let mut workload = ReadyProcess::spawn(Command::new(built_binary("tcp-workload")).args([
+        "--conns",
+        "10",
+        "--delay-ms",
+        "30",
+    ]));
+    let top = Command::new(profiler_bin())
+        .args([
+            "top",
+            "-p",
+            &workload.pid,
+            "--interval",
+            "1s",
+            "--count",
+            "3",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    workload.go();
+    let mut port = String::new();
+    while let Some(line) = workload.line() {
+        if let Some(p) = line.strip_prefix("server_port ") {
+            port = p.to_string();
+        }
+        if line == "done" {
+            break;
+        }
+    }
+    workload.finish();
+    let output = top.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // Each connect and close lands in exactly one snapshot: the sums are the workload's 10.
+    let endpoint = format!("127.0.0.1:{port}");
+    let (mut conns, mut closed) = (0, 0);
+    for line in text.lines().filter(|l| l.contains(&endpoint)) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(fields[2], "connect", "{line}");
+        conns += fields[4].parse::<u64>().unwrap();
+        closed += fields[7].parse::<u64>().unwrap();
+    }
+    assert_eq!((conns, closed), (10, 10), "{text}");
+    assert!(text.contains(&format!("127.0.0.1 -> :{port}")), "{text}");
+}

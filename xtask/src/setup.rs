@@ -31,6 +31,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ),
     ("bpftool", "inspecting loaded programs"),
     ("util-linux", "setpriv, for the unprivileged-user tests"),
+    ("iproute2", "ip netns, for the TCP retransmit tests"),
+    (
+        "nftables",
+        "nft, which drops packets in the TCP retransmit tests",
+    ),
     (
         "golang-go",
         "go tool pprof, which the pprof-output tests read with",
