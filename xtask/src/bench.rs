@@ -134,60 +134,101 @@ fn diff() -> Result<()> {
     )
 }
 
-/// `record` with every family on (off-CPU + run-queue split, on-CPU at 99 Hz, syscalls),
-/// whole host, against nothing attached: perf bench sched pipe (context switches) and a
-/// syscall-heavy loop (dd copying 1-byte blocks: two syscalls per block), alternating.
+/// `record` with every family on (off-CPU + run-queue split, on-CPU at 99 Hz, syscalls,
+/// tcp), whole host, against nothing attached: perf bench sched pipe (context switches), a
+/// syscall-heavy loop (dd copying 1-byte blocks: two syscalls per block) and loopback TCP
+/// connection churn (connect, 1-byte request and answer, close), alternating.
 fn all_families() -> Result<()> {
     let rounds = env_number("BENCH_ROUNDS", 5) as usize;
     let loops = env_number("BENCH_LOOPS", 200_000);
     let blocks = env_number("BENCH_DD_BLOCKS", 500_000);
+    let connections = env_number("BENCH_TCP_CONNECTIONS", 5_000);
     println!(
         "[bench all] record (all families, whole host) vs nothing: perf bench sched pipe -l \
-         {loops} and dd bs=1 count={blocks}, {rounds} rounds"
+         {loops}, dd bs=1 count={blocks} and {connections} loopback TCP connections, {rounds} \
+         rounds"
     );
-    // [attached][workload] = values over rounds
-    let mut results = vec![vec![Vec::new(); 2]; 2];
+    // Configurations: what `record` attaches (None: nothing).
+    let configs: [(&str, Option<&[&str]>); 3] = [
+        ("nothing attached", None),
+        ("all families", Some(&[])),
+        ("tcp family only", Some(&["--events", "tcp"])),
+    ];
+    // [config][workload] = values over rounds
+    let mut results = vec![vec![Vec::new(); 3]; configs.len()];
     for round in 0..rounds {
-        for i in 0..2 {
-            let attached = (i + round) % 2 == 1;
-            let tracer = if attached {
-                Some(start_profiler(&[])?)
-            } else {
-                None
+        for i in 0..configs.len() {
+            let c = (i + round) % configs.len();
+            let (label, args) = configs[c];
+            let tracer = match args {
+                Some(args) => Some(start_profiler(args)?),
+                None => None,
             };
             let pipe = perf_bench(loops, None);
             let dd = dd_ns_per_syscall(blocks);
+            let tcp = tcp_us_per_connection(connections);
             if let Some(tracer) = tracer {
                 stop(tracer, Variant::Profiler)?;
             }
-            let (pipe, dd) = (pipe?, dd?);
-            let label = if attached {
-                "all families"
-            } else {
-                "nothing attached"
-            };
+            let (pipe, dd, tcp) = (pipe?, dd?, tcp?);
             println!(
-                "  round {round}: {label:<18} pipe {pipe:>8.3} usecs/op   dd {dd:>7.1} ns/syscall"
+                "  round {round}: {label:<18} pipe {pipe:>8.3} usecs/op   dd {dd:>7.1} ns/syscall   \
+                 tcp {tcp:>7.2} us/connection"
             );
-            results[usize::from(attached)][0].push(pipe);
-            results[usize::from(attached)][1].push(dd);
+            results[c][0].push(pipe);
+            results[c][1].push(dd);
+            results[c][2].push(tcp);
         }
     }
-    let m = |attached: usize, workload: usize| median(&mut results[attached][workload].clone());
-    println!("[bench all] medians over {rounds} rounds:");
-    println!(
-        "  perf bench sched pipe: {:.3} -> {:.3} usecs/op, ratio {:.3}x",
-        m(0, 0),
-        m(1, 0),
-        m(1, 0) / m(0, 0)
-    );
-    println!(
-        "  dd bs=1 (syscalls):    {:.1} -> {:.1} ns/syscall, ratio {:.3}x",
-        m(0, 1),
-        m(1, 1),
-        m(1, 1) / m(0, 1)
-    );
+    let m = |config: usize, workload: usize| median(&mut results[config][workload].clone());
+    println!("[bench all] medians over {rounds} rounds (ratio to nothing attached):");
+    for (c, (label, _)) in configs.iter().enumerate().skip(1) {
+        println!(
+            "  {label}: perf bench sched pipe {:.3} -> {:.3} usecs/op = {:.3}x; dd bs=1 {:.1} -> \
+             {:.1} ns/syscall = {:.3}x; TCP churn {:.2} -> {:.2} us/connection = {:.3}x",
+            m(0, 0),
+            m(c, 0),
+            m(c, 0) / m(0, 0),
+            m(0, 1),
+            m(c, 1),
+            m(c, 1) / m(0, 1),
+            m(0, 2),
+            m(c, 2),
+            m(c, 2) / m(0, 2)
+        );
+    }
     Ok(())
+}
+
+/// Wall time per loopback TCP connection: connect, 1-byte request, 1-byte answer, close
+/// (the server answers from a thread of this process).
+fn tcp_us_per_connection(connections: u64) -> Result<f64> {
+    use std::io::{Read as _, Write as _};
+    use std::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").context("bind")?;
+    let addr = listener.local_addr()?;
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut byte = [0u8; 1];
+        for _ in 0..connections {
+            let (mut stream, _) = listener.accept()?;
+            stream.read_exact(&mut byte)?;
+            stream.write_all(&byte)?;
+        }
+        Ok(())
+    });
+    let start = std::time::Instant::now();
+    let mut byte = [1u8; 1];
+    for _ in 0..connections {
+        let mut stream = TcpStream::connect(addr).context("connect")?;
+        stream.write_all(&byte)?;
+        stream.read_exact(&mut byte)?;
+    }
+    let elapsed = start.elapsed();
+    server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server thread panicked"))?
+        .context("server")?;
+    Ok(elapsed.as_secs_f64() * 1e6 / connections as f64)
 }
 
 /// Wall time per syscall of `dd if=/dev/zero of=/dev/null bs=1 count=N` (2N syscalls).
