@@ -70,7 +70,15 @@ static TCP_SOCK_TOTAL_RETRANS_OFF: u32 = 0;
 static CONNS: HashMap<u64, TcpConn> = HashMap::with_max_entries(32768, 0);
 
 #[map(name = "TCP_EVENTS")]
-static EVENTS: RingBuf = RingBuf::with_byte_size(512 * 1024, 0);
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES as u32, 0);
+
+const EVENTS_BYTES: u64 = 1024 * 1024;
+/// Userspace drains the ring on a timer; it is woken early only past this much backlog (a
+/// wakeup per event would cost more than the event).
+const WAKEUP_BACKLOG: u64 = EVENTS_BYTES / 4;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
 
 #[map(name = "TCP_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -275,7 +283,12 @@ fn emit(
         },
         _pad: 0,
     });
-    entry.submit(0);
+    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BACKLOG {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(flags);
 }
 
 #[tracepoint(category = "tcp", name = "tcp_retransmit_skb")]

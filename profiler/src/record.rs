@@ -83,6 +83,8 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
         tokio::time::Instant::now() + options.interval,
         options.interval,
     );
+    // The TCP programs wake us only when their ring fills up; drain it often.
+    let mut tcp_drain = tokio::time::interval(Duration::from_millis(100));
     let deadline = tokio::time::sleep(options.duration);
     tokio::pin!(deadline);
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
@@ -138,6 +140,11 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
                 let mut guard = guard.context("polling the new-task ring buffer failed")?;
                 drain_new_tasks(guard.get_inner_mut(), &mut processes);
                 guard.clear_ready();
+            }
+            _ = tcp_drain.tick(), if tcp_events.is_some() => {
+                if let Some(events) = tcp_events.as_mut() {
+                    drain_tcp_events(events.get_mut(), &mut tcp, &mut processes);
+                }
             }
             guard = async { tcp_events.as_mut().expect("checked").readable_mut().await }, if tcp_events.is_some() => {
                 let mut guard = guard.context("polling the TCP event ring buffer failed")?;
