@@ -4,6 +4,7 @@
 //! `shared` holds what the families have in common (stacks, filters, new-task events).
 #![no_std]
 
+pub mod db;
 pub mod offcpu;
 pub mod oncpu;
 pub mod shared;

@@ -6,6 +6,7 @@
 #![allow(internal_features)]
 
 mod common;
+mod db;
 mod offcpu;
 mod oncpu;
 mod syscalls;

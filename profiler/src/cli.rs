@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 
+use crate::probes::db::DbConfig;
 use crate::probes::offcpu::{AttachMode, OffcpuConfig, StateFilter};
 use crate::probes::oncpu::OncpuConfig;
 use crate::probes::syscalls::SyscallsConfig;
@@ -157,9 +158,19 @@ pub struct RecordArgs {
     pub stack_storage_size: u32,
     /// Probe families to record, comma-separated: offcpu (where threads wait), oncpu
     /// (where they run, sampled), syscalls (latency per process and syscall), tcp (connect
-    /// latency, lifetime, bytes, RTT and retransmits per process and remote endpoint).
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Event::Offcpu, Event::Oncpu, Event::Syscalls, Event::Tcp])]
-    pub events: Vec<Event>,
+    /// latency, lifetime, bytes, RTT and retransmits per process and remote endpoint), db
+    /// (query latency of PostgreSQL servers, from their USDT probes). Default: all; db
+    /// only where a PostgreSQL server is found.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub events: Option<Vec<Event>>,
+    /// PostgreSQL server binary whose query probes to attach (repeatable); default: the
+    /// running servers (among -p), else the installed ones.
+    #[arg(long = "postgres-binary", value_name = "PATH")]
+    pub postgres_binaries: Vec<PathBuf>,
+    /// Keep one example of each query with its literals (default: only the fingerprint,
+    /// literals replaced by `?`).
+    #[arg(long)]
+    pub show_literals: bool,
     /// Syscalls at least this long keep their user stack (a plain number is microseconds).
     #[arg(long, default_value = "10ms", value_parser = parse_micros)]
     pub slow_syscall: Duration,
@@ -178,6 +189,7 @@ pub enum Event {
     Oncpu,
     Syscalls,
     Tcp,
+    Db,
 }
 
 impl RecordArgs {
@@ -193,8 +205,21 @@ impl RecordArgs {
         {
             bail!("--max-block is shorter than --min-block");
         }
-        if self.events.is_empty() {
-            bail!("--events names no probe family (offcpu, oncpu, syscalls, tcp)");
+        let db_required = self.events.is_some() || !self.postgres_binaries.is_empty();
+        let events = self.events.clone().unwrap_or_else(|| {
+            vec![
+                Event::Offcpu,
+                Event::Oncpu,
+                Event::Syscalls,
+                Event::Tcp,
+                Event::Db,
+            ]
+        });
+        if events.is_empty() {
+            bail!("--events names no probe family (offcpu, oncpu, syscalls, tcp, db)");
+        }
+        if !self.postgres_binaries.is_empty() && !events.contains(&Event::Db) {
+            bail!("--postgres-binary needs the db family (--events ...,db)");
         }
         if !(1..=10_000).contains(&self.freq) {
             bail!("--freq must be between 1 and 10000 Hz");
@@ -211,27 +236,29 @@ impl RecordArgs {
                 threads: self.threads,
                 btf_path: self.btf,
                 stack_storage_size: self.stack_storage_size,
-                offcpu: self.events.contains(&Event::Offcpu).then(|| OffcpuConfig {
+                offcpu: events.contains(&Event::Offcpu).then(|| OffcpuConfig {
                     min_block_ns: self.min_block.as_nanos() as u64,
                     max_block_ns: self.max_block.map(|d| d.as_nanos() as u64),
                     state: self.state,
                     attach: self.attach,
                     runqueue_split: !self.no_runqueue_split,
                 }),
-                oncpu: self.events.contains(&Event::Oncpu).then_some(OncpuConfig {
+                oncpu: events.contains(&Event::Oncpu).then_some(OncpuConfig {
                     frequency: self.freq,
                 }),
-                syscalls: self
-                    .events
-                    .contains(&Event::Syscalls)
-                    .then_some(SyscallsConfig {
-                        slow_ns: self.slow_syscall.as_nanos() as u64,
-                    }),
-                tcp: self.events.contains(&Event::Tcp),
+                syscalls: events.contains(&Event::Syscalls).then_some(SyscallsConfig {
+                    slow_ns: self.slow_syscall.as_nanos() as u64,
+                }),
+                tcp: events.contains(&Event::Tcp),
+                db: events.contains(&Event::Db).then(|| DbConfig {
+                    postgres_binaries: self.postgres_binaries.clone(),
+                }),
             },
             state_name,
             threads_name,
             top: self.top,
+            db_required: db_required && events.contains(&Event::Db),
+            show_literals: self.show_literals,
         })
     }
 }

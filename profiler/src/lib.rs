@@ -6,6 +6,7 @@
 pub mod btf;
 pub mod cli;
 pub mod compare;
+pub mod dbstats;
 pub mod diffreport;
 pub mod folded;
 pub mod model;
@@ -19,6 +20,8 @@ pub mod symbolize;
 pub mod syscall_names;
 pub mod tcpstats;
 pub mod top;
+pub mod uprobe;
+pub mod usdt;
 
 use std::io::Write as _;
 use std::process::ExitCode;

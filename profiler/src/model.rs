@@ -29,6 +29,8 @@ pub struct Capture {
     pub syscalls: Option<SyscallProfile>,
     #[serde(default)]
     pub tcp: Option<TcpProfile>,
+    #[serde(default)]
+    pub db: Option<DbProfile>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -198,6 +200,40 @@ pub enum FrameKind {
     Synthetic,
 }
 
+/// Database queries by fingerprint.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DbProfile {
+    /// Whether `example` holds query text with its literals (`--show-literals`).
+    pub show_literals: bool,
+    pub queries: Vec<DbQuery>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DbQuery {
+    /// `postgres-usdt`: timed inside the server by its query__start/query__done probes.
+    pub source: String,
+    /// The server (postmaster) the backends that ran it belong to.
+    pub server_pid: u32,
+    pub comm: String,
+    /// Literals replaced by `?`, lists collapsed, whitespace and comments normalized.
+    pub fingerprint: String,
+    pub calls: u64,
+    /// Queries that ended without their done probe (failed).
+    pub errors: u64,
+    pub total_ns: u64,
+    pub max_ns: u64,
+    /// Exact quantiles (over a uniform sample of 100 000 calls at most).
+    pub p50_ns: u64,
+    pub p95_ns: u64,
+    pub p99_ns: u64,
+    /// `buckets[b]`: calls that took [2^(b-1), 2^b) ns.
+    pub buckets: Vec<u64>,
+    /// One query as sent, literals included (only with `--show-literals`).
+    pub example: Option<String>,
+    /// Some query text was cut at the kernel side's limit (256 bytes).
+    pub truncated: bool,
+}
+
 /// TCP connections: per (process, role, remote endpoint) aggregates, and the connections one
 /// by one up to a limit.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -300,6 +336,7 @@ impl Capture {
             oncpu: None,
             syscalls: None,
             tcp: None,
+            db: None,
         }
     }
 

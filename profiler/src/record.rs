@@ -18,6 +18,7 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::dbstats::DbAggregator;
 use crate::model::{
     Capture, Filters, Frame, FrameKind, Metadata, OffcpuProfile, OncpuProfile, Process,
     RunqueueHistogram, Stack, SyscallProfile, SyscallStat,
@@ -37,6 +38,9 @@ pub struct RecordOptions {
     pub threads_name: String,
     /// Stacks shown in the text summary.
     pub top: usize,
+    /// The db family was asked for explicitly: finding no server is an error.
+    pub db_required: bool,
+    pub show_literals: bool,
 }
 
 /// Runs a capture and writes everything to `options.output`. Returns the capture.
@@ -67,6 +71,28 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
         false => None,
     };
     let mut tcp = TcpAggregator::default();
+    if options.db_required && probes.db_targets.is_empty() {
+        bail!(
+            "no PostgreSQL server found {}; name its binary with --postgres-binary PATH",
+            if config.pids.is_empty() {
+                "running or installed on this host"
+            } else {
+                "among the given processes"
+            }
+        );
+    }
+    let mut db_events = match probes.db_targets.is_empty() {
+        true => None,
+        // SAFETY: as above.
+        false => Some(
+            unsafe {
+                AsyncFd::register_with_interest(probes.take_db_events()?, Interest::READABLE)
+            }
+            .map_err(|err| anyhow::anyhow!("cannot poll the database event ring buffer: {err}"))?,
+        ),
+    };
+    let mut db = DbAggregator::new(options.show_literals);
+    let mut db_owners = DbOwners::new(&config.pids);
     let mut processes = ProcessCache::default();
     for pid in &config.pids {
         processes.observe(*pid, "");
@@ -141,10 +167,18 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
                 drain_new_tasks(guard.get_inner_mut(), &mut processes);
                 guard.clear_ready();
             }
-            _ = tcp_drain.tick(), if tcp_events.is_some() => {
+            _ = tcp_drain.tick(), if tcp_events.is_some() || db_events.is_some() => {
                 if let Some(events) = tcp_events.as_mut() {
                     drain_tcp_events(events.get_mut(), &mut tcp, &mut processes);
                 }
+                if let Some(events) = db_events.as_mut() {
+                    drain_db_events(events.get_mut(), &mut db, &mut db_owners);
+                }
+            }
+            guard = async { db_events.as_mut().expect("checked").readable_mut().await }, if db_events.is_some() => {
+                let mut guard = guard.context("polling the database event ring buffer failed")?;
+                drain_db_events(guard.get_inner_mut(), &mut db, &mut db_owners);
+                guard.clear_ready();
             }
             guard = async { tcp_events.as_mut().expect("checked").readable_mut().await }, if tcp_events.is_some() => {
                 let mut guard = guard.context("polling the TCP event ring buffer failed")?;
@@ -171,6 +205,9 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
     if let Some(events) = tcp_events.as_mut() {
         drain_tcp_events(events.get_mut(), &mut tcp, &mut processes);
     }
+    if let Some(events) = db_events.as_mut() {
+        drain_db_events(events.get_mut(), &mut db, &mut db_owners);
+    }
     progress.finish();
     processes.refresh_all();
 
@@ -195,6 +232,12 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
         for (name, value) in probes.tcp_counters()? {
             counters.insert(format!("tcp_{name}"), value);
         }
+    }
+    if !probes.db_targets.is_empty() {
+        for (name, value) in probes.db_counters()? {
+            counters.insert(format!("db_{name}"), value);
+        }
+        counters.insert("db_filtered_out".into(), db_owners.filtered_out);
     }
 
     let mut symbolizer = Symbolizer::new();
@@ -294,6 +337,7 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
         None => None,
     };
     let tcp = probes.tcp.then(|| tcp.profile());
+    let db = (!probes.db_targets.is_empty()).then(|| db.profile());
     let attached_with = probes.offcpu_attached_with.unwrap_or("none");
     drop(probes); // detach before the (slow) writing
 
@@ -310,6 +354,7 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
         .map(|s| s.pid)
         .chain(syscalls.iter().flat_map(|s| &s.stats).map(|s| s.pid))
         .chain(tcp.iter().flat_map(|t| &t.endpoints).map(|e| e.pid))
+        .chain(db.iter().flat_map(|d| &d.queries).map(|q| q.server_pid))
         .filter(|pid| *pid != 0)
         .collect();
     seen_pids.sort_unstable();
@@ -350,6 +395,7 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
     capture.oncpu = oncpu;
     capture.syscalls = syscalls;
     capture.tcp = tcp;
+    capture.db = db;
     write_outputs(&capture, &options.output, options.top)?;
     Ok(capture)
 }
@@ -461,6 +507,9 @@ pub fn write_outputs(capture: &Capture, dir: &Path, top: usize) -> Result<()> {
         let lines = render::folded(&syscalls.slow, |s| s.total_ns, 1000);
         write_folded(&dir.join("syscalls.folded"), &lines)?;
     }
+    if let Some(db) = &capture.db {
+        write_folded(&dir.join("db.folded"), &render::db_folded(db))?;
+    }
     let wallclock = render::wallclock(capture);
     if !wallclock.is_empty() {
         write_folded(&dir.join("wallclock.folded"), &wallclock)?;
@@ -548,6 +597,78 @@ fn drain_new_tasks(
     }
 }
 
+/// Which server a query's backend belongs to, and whether it passes -p: a backend is the
+/// server's child, so -p SERVER_PID selects it.
+struct DbOwners {
+    pids: Vec<u32>,
+    known: HashMap<u32, Option<(u32, String)>>,
+    filtered_out: u64,
+}
+
+impl DbOwners {
+    fn new(pids: &[u32]) -> Self {
+        Self {
+            pids: pids.to_vec(),
+            known: HashMap::new(),
+            filtered_out: 0,
+        }
+    }
+
+    fn owner(&mut self, pid: u32) -> Option<(u32, String)> {
+        let pids = &self.pids;
+        let owner = self
+            .known
+            .entry(pid)
+            .or_insert_with(|| {
+                let comm = |p: u32| {
+                    std::fs::read_to_string(format!("/proc/{p}/comm"))
+                        .map(|c| c.trim().to_string())
+                        .unwrap_or_default()
+                };
+                let parent = crate::probes::db::parent_of(pid);
+                let server = match parent {
+                    // A backend: the postmaster forked it and runs the same binary.
+                    Some(ppid)
+                        if std::fs::read_link(format!("/proc/{ppid}/exe")).ok()
+                            == std::fs::read_link(format!("/proc/{pid}/exe")).ok() =>
+                    {
+                        ppid
+                    }
+                    _ => pid,
+                };
+                let wanted = pids.is_empty() || pids.contains(&pid) || pids.contains(&server);
+                wanted.then(|| (server, comm(server)))
+            })
+            .clone();
+        if owner.is_none() {
+            self.filtered_out += 1;
+        }
+        owner
+    }
+}
+
+fn drain_db_events(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    db: &mut DbAggregator,
+    owners: &mut DbOwners,
+) {
+    while let Some(item) = ring.next() {
+        if let Some(query) = crate::probes::db::decode(&item)
+            && let Some((server, comm)) = owners.owner(query.pid)
+        {
+            db.add(
+                "postgres-usdt",
+                server,
+                &comm,
+                &query.text,
+                query.truncated,
+                query.error,
+                query.duration_ns,
+            );
+        }
+    }
+}
+
 fn drain_tcp_events(
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
     tcp: &mut TcpAggregator,
@@ -576,6 +697,17 @@ fn families_description(probes: &Probes) -> String {
     }
     if probes.tcp {
         parts.push("TCP connections".to_string());
+    }
+    if !probes.db_targets.is_empty() {
+        parts.push(format!(
+            "PostgreSQL queries ({})",
+            probes
+                .db_targets
+                .iter()
+                .map(|p| crate::probes::db::describe(p))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
     }
     match parts.split_last() {
         Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),

@@ -284,6 +284,9 @@ pub fn summary(capture: &Capture, top: usize) -> String {
     if let Some(tcp) = &capture.tcp {
         tcp_summary(&mut out, tcp, &meta.counters, top);
     }
+    if let Some(db) = &capture.db {
+        db_summary(&mut out, db, &meta.counters, top);
+    }
     if let Some(oncpu) = &capture.oncpu {
         let samples: u64 = oncpu.stacks.iter().map(|s| s.count).sum();
         let _ = writeln!(
@@ -306,6 +309,76 @@ pub fn summary(capture: &Capture, top: usize) -> String {
         top_stacks(&mut out, &oncpu.stacks, top, "samples", seconds);
     }
     out
+}
+
+/// `db.folded`: `server;[db SOURCE] fingerprint` with the total time in microseconds.
+pub fn db_folded(db: &crate::model::DbProfile) -> Vec<String> {
+    db.queries
+        .iter()
+        .filter(|q| q.total_ns >= 1000)
+        .map(|q| {
+            format!(
+                "{};[db {}] {} {}",
+                clean(if q.comm.is_empty() {
+                    "postgres"
+                } else {
+                    &q.comm
+                }),
+                q.source,
+                clean(&q.fingerprint),
+                q.total_ns / 1000
+            )
+        })
+        .collect()
+}
+
+fn db_summary(
+    out: &mut String,
+    db: &crate::model::DbProfile,
+    counters: &std::collections::BTreeMap<String, u64>,
+    top: usize,
+) {
+    let counter = |name: &str| counters.get(name).copied().unwrap_or(0);
+    let calls: u64 = db.queries.iter().map(|q| q.calls).sum();
+    let _ = writeln!(
+        out,
+        "database: {calls} queries, {} fingerprints; failed (no done probe) {}; losses: events \
+         lost {}, in-flight map full {}, unreadable text {}; not in the -p filter {}",
+        db.queries.len(),
+        counter("db_abandoned"),
+        counter("db_events_lost"),
+        counter("db_pending_map_full"),
+        counter("db_text_unreadable"),
+        counter("db_filtered_out"),
+    );
+    if db.queries.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "queries by total time (db.folded):");
+    let _ = writeln!(
+        out,
+        "  {:>8} {:>6} {:>11} {:>10} {:>10} {:>10} {:>10} {:>10}  server  query",
+        "calls", "errors", "total", "avg", "p50", "p95", "p99", "max"
+    );
+    for q in db.queries.iter().take(top) {
+        let _ = writeln!(
+            out,
+            "  {:>8} {:>6} {:>11} {:>10} {:>10} {:>10} {:>10} {:>10}  {}[{}]  {}",
+            q.calls,
+            q.errors,
+            seconds(q.total_ns),
+            q.total_ns
+                .checked_div(q.calls)
+                .map_or("-".to_string(), seconds),
+            seconds(q.p50_ns),
+            seconds(q.p95_ns),
+            seconds(q.p99_ns),
+            seconds(q.max_ns),
+            q.comm,
+            q.server_pid,
+            q.fingerprint,
+        );
+    }
 }
 
 fn bytes(n: u64) -> String {

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+pub mod pg;
 pub mod rawsys;
 
 /// These tests load eBPF programs: without root they cannot run, and that is a failure.

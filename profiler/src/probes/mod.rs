@@ -12,6 +12,7 @@
 //! # anyhow::Ok(())
 //! ```
 
+pub mod db;
 pub mod offcpu;
 pub mod oncpu;
 pub mod syscalls;
@@ -56,6 +57,7 @@ pub struct ProbeConfig {
     pub syscalls: Option<syscalls::SyscallsConfig>,
     /// The TCP family has no settings of its own.
     pub tcp: bool,
+    pub db: Option<db::DbConfig>,
 }
 
 impl Default for ProbeConfig {
@@ -70,6 +72,7 @@ impl Default for ProbeConfig {
             oncpu: None,
             syscalls: None,
             tcp: false,
+            db: None,
         }
     }
 }
@@ -96,6 +99,11 @@ pub struct Probes {
     pub syscalls_slow_ns: Option<u64>,
     /// Whether the TCP family is attached.
     pub tcp: bool,
+    /// PostgreSQL binaries whose query probes are attached (empty: db family off or no
+    /// server found).
+    pub db_targets: Vec<PathBuf>,
+    /// Detaches the database uprobes when dropped.
+    _db_links: Vec<crate::uprobe::UprobeLink>,
 }
 
 impl Probes {
@@ -153,6 +161,11 @@ impl Probes {
         if config.tcp {
             tcp::globals(&btf, &mut globals)?;
         }
+        let db_targets = match &config.db {
+            Some(db_config) => db::discover(db_config, &config.pids)?,
+            None => Vec::new(),
+        };
+        db::globals(&db_targets, &mut globals)?;
 
         let mut loader = EbpfLoader::new();
         for (name, bytes) in &globals {
@@ -183,12 +196,15 @@ impl Probes {
         if config.tcp {
             tcp::attach(&mut ebpf)?;
         }
+        let db_links = db::attach(&mut ebpf, &db_targets)?;
         Ok(Self {
             ebpf,
             offcpu_attached_with,
             oncpu_frequency,
             syscalls_slow_ns,
             tcp: config.tcp,
+            db_targets: db_targets.into_iter().map(|t| t.path).collect(),
+            _db_links: db_links,
         })
     }
 

@@ -1,0 +1,92 @@
+//! Database family: query latency from probes in database servers and client libraries.
+//! Today: PostgreSQL's `query__start` / `query__done` USDT probes. One event per query.
+
+/// Bytes of query text kept (longer text is cut).
+pub const QUERY_MAX: usize = 256;
+
+/// Where an event comes from.
+pub const SOURCE_POSTGRES_USDT: u32 = 1;
+
+/// The query ended without its done probe: a new query started on the same thread first
+/// (PostgreSQL leaves a failed query with a longjmp past `query__done`).
+pub const FLAG_ERROR: u32 = 1;
+
+/// How a probe argument is read (see `profiler/src/usdt.rs`).
+pub const ARG_KIND_REGISTER: u32 = 1;
+pub const ARG_KIND_MEMORY: u32 = 2;
+pub const ARG_KIND_CONSTANT: u32 = 3;
+
+/// A query in flight on a thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DbPending {
+    /// 0 when no query is in flight.
+    pub start_ns: u64,
+    pub source: u32,
+    /// Bytes of `query` used (without the NUL).
+    pub len: u32,
+    pub query: [u8; QUERY_MAX],
+}
+
+/// One finished (or abandoned) query, on the `DB_EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DbEvent {
+    pub tgid: u32,
+    pub tid: u32,
+    pub source: u32,
+    pub flags: u32,
+    pub start_ns: u64,
+    /// 0 for abandoned queries (`FLAG_ERROR`).
+    pub duration_ns: u64,
+    pub len: u32,
+    pub _pad: u32,
+    pub query: [u8; QUERY_MAX],
+}
+
+pub mod counter {
+    pub const QUERIES: u32 = 0;
+    pub const PENDING_MAP_FULL: u32 = 1;
+    pub const EVENTS_LOST: u32 = 2;
+    /// Queries that started again before the previous one reported done.
+    pub const ABANDONED: u32 = 3;
+    /// Query text that could not be read from the process.
+    pub const TEXT_UNREADABLE: u32 = 4;
+    pub const COUNT: u32 = 5;
+
+    pub const NAMES: [&str; COUNT as usize] = [
+        "queries",
+        "pending_map_full",
+        "events_lost",
+        "abandoned",
+        "text_unreadable",
+    ];
+}
+
+pub mod maps {
+    pub const PENDING: &str = "DB_PENDING";
+    pub const EVENTS: &str = "DB_EVENTS";
+    pub const COUNTERS: &str = "DB_COUNTERS";
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain #[repr(C)] integers and bytes with explicit padding.
+    unsafe impl aya::Pod for super::DbPending {}
+    unsafe impl aya::Pod for super::DbEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(
+            core::mem::size_of::<super::DbPending>(),
+            16 + super::QUERY_MAX
+        );
+        assert_eq!(
+            core::mem::size_of::<super::DbEvent>(),
+            40 + super::QUERY_MAX
+        );
+    }
+}

@@ -1,0 +1,388 @@
+//! Query fingerprints (literals → `?`, IN-lists collapsed, comments and extra whitespace
+//! gone) and per-fingerprint latency statistics: what `record` writes for the db family.
+
+use std::collections::HashMap;
+
+use crate::model::{DbProfile, DbQuery};
+
+/// Longest fingerprint kept (in characters); longer ones end in `…`.
+pub const FINGERPRINT_MAX: usize = 200;
+/// Latencies kept per fingerprint for exact quantiles; beyond, a uniform reservoir sample.
+const SAMPLES_MAX: usize = 100_000;
+const BUCKETS: usize = 40;
+
+/// The query with every literal (numbers, strings, `$n` parameters, booleans are kept as
+/// words) replaced by `?`, lists of literals collapsed to one `?`, comments removed and
+/// whitespace collapsed; keywords and identifiers as written.
+pub fn fingerprint(sql: &str) -> String {
+    let chars: Vec<char> = sql.chars().collect();
+    let mut tokens: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c.is_whitespace() {
+            i += 1;
+        } else if c == '-' && chars.get(i + 1) == Some(&'-') {
+            while i < chars.len() && chars[i] != '\n' {
+                i += 1;
+            }
+        } else if c == '/' && chars.get(i + 1) == Some(&'*') {
+            i += 2;
+            while i < chars.len() && !(chars[i] == '*' && chars.get(i + 1) == Some(&'/')) {
+                i += 1;
+            }
+            i += 2;
+        } else if c == '\'' || ((c == 'E' || c == 'e') && chars.get(i + 1) == Some(&'\'')) {
+            // String literal; '' is an escaped quote.
+            i += if c == '\'' { 1 } else { 2 };
+            loop {
+                match chars.get(i) {
+                    None => break,
+                    Some('\\') if c != '\'' => i += 2,
+                    Some('\'') if chars.get(i + 1) == Some(&'\'') => i += 2,
+                    Some('\'') => {
+                        i += 1;
+                        break;
+                    }
+                    Some(_) => i += 1,
+                }
+            }
+            tokens.push("?".into());
+        } else if c == '$' && chars.get(i + 1).is_some_and(|d| d.is_ascii_digit()) {
+            i += 1;
+            while chars.get(i).is_some_and(|d| d.is_ascii_digit()) {
+                i += 1;
+            }
+            tokens.push("?".into());
+        } else if c.is_ascii_digit()
+            || (c == '.' && chars.get(i + 1).is_some_and(|d| d.is_ascii_digit()))
+        {
+            while chars
+                .get(i)
+                .is_some_and(|d| d.is_ascii_alphanumeric() || *d == '.')
+            {
+                i += 1;
+            }
+            // A sign right after an operator or "(" / "," belongs to the number.
+            if tokens.last().is_some_and(|t| t == "-")
+                && tokens
+                    .len()
+                    .checked_sub(2)
+                    .and_then(|k| tokens.get(k))
+                    .is_none_or(|t| is_operator_or_open(t))
+            {
+                tokens.pop();
+            }
+            tokens.push("?".into());
+        } else if c.is_alphanumeric() || c == '_' {
+            let start = i;
+            while chars
+                .get(i)
+                .is_some_and(|d| d.is_alphanumeric() || *d == '_' || *d == '$')
+            {
+                i += 1;
+            }
+            tokens.push(chars[start..i].iter().collect());
+        } else if c == '"' {
+            let start = i;
+            i += 1;
+            while i < chars.len() && chars[i] != '"' {
+                i += 1;
+            }
+            i += 1;
+            tokens.push(chars[start..i.min(chars.len())].iter().collect());
+        } else {
+            // Operators: keep runs of symbol characters together (<=, ::, ->>).
+            let start = i;
+            i += 1;
+            if !matches!(c, '(' | ')' | ',' | ';') {
+                while chars
+                    .get(i)
+                    .is_some_and(|d| "<>=!~+-*/%^|&#@:".contains(*d))
+                {
+                    i += 1;
+                }
+            }
+            tokens.push(chars[start..i].iter().collect());
+        }
+    }
+    while tokens.last().is_some_and(|t| t == ";") {
+        tokens.pop();
+    }
+    // Collapse "( ? , ? , … )" to "( ? )": IN lists and VALUES rows of any length alike.
+    let mut collapsed: Vec<String> = Vec::new();
+    let mut k = 0;
+    while k < tokens.len() {
+        if tokens[k] == "(" {
+            let mut j = k + 1;
+            let mut only_literals = true;
+            let mut items = 0;
+            while j < tokens.len() && tokens[j] != ")" {
+                match tokens[j].as_str() {
+                    "?" => items += 1,
+                    "," => {}
+                    _ => {
+                        only_literals = false;
+                        break;
+                    }
+                }
+                j += 1;
+            }
+            if only_literals && items > 1 && j < tokens.len() {
+                collapsed.extend(["(".into(), "?".into(), ")".into()]);
+                k = j + 1;
+                continue;
+            }
+        }
+        collapsed.push(tokens[k].clone());
+        k += 1;
+    }
+    let mut out = String::new();
+    for (n, token) in collapsed.iter().enumerate() {
+        let previous = n.checked_sub(1).map(|p| collapsed[p].as_str());
+        let glue = matches!(token.as_str(), ")" | "," | ";" | "::")
+            || matches!(previous, Some("(" | "::"))
+            || (token == "(" && previous.is_some_and(|p| p.chars().all(is_word_char)))
+            || previous.is_none();
+        if !glue {
+            out.push(' ');
+        }
+        out.push_str(token);
+    }
+    if out.chars().count() > FINGERPRINT_MAX {
+        out = out.chars().take(FINGERPRINT_MAX - 1).collect();
+        out.push('…');
+    }
+    out
+}
+
+fn is_word_char(c: char) -> bool {
+    c.is_alphanumeric() || c == '_'
+}
+
+fn is_operator_or_open(token: &str) -> bool {
+    !token.chars().any(is_word_char) && token != ")" && token != "?"
+}
+
+#[derive(Debug, Default)]
+struct Stat {
+    source: String,
+    server_pid: u32,
+    comm: String,
+    calls: u64,
+    errors: u64,
+    total_ns: u64,
+    max_ns: u64,
+    buckets: Vec<u64>,
+    samples: Vec<u64>,
+    seen: u64,
+    example: Option<String>,
+    truncated: bool,
+}
+
+/// Per (source, server process, fingerprint) statistics.
+#[derive(Debug, Default)]
+pub struct DbAggregator {
+    stats: HashMap<(String, u32, String), Stat>,
+    show_literals: bool,
+    rng: u64,
+}
+
+impl DbAggregator {
+    pub fn new(show_literals: bool) -> Self {
+        Self {
+            show_literals,
+            rng: 0x9E37_79B9_7F4A_7C15,
+            ..Self::default()
+        }
+    }
+
+    /// One query of `server_pid` (the server a backend belongs to).
+    #[allow(clippy::too_many_arguments)]
+    pub fn add(
+        &mut self,
+        source: &str,
+        server_pid: u32,
+        comm: &str,
+        text: &str,
+        truncated: bool,
+        error: bool,
+        duration_ns: u64,
+    ) {
+        let fp = fingerprint(text);
+        let stat = self
+            .stats
+            .entry((source.to_string(), server_pid, fp))
+            .or_insert_with(|| Stat {
+                source: source.to_string(),
+                server_pid,
+                comm: comm.to_string(),
+                buckets: vec![0; BUCKETS],
+                ..Stat::default()
+            });
+        stat.truncated |= truncated;
+        if self.show_literals && stat.example.is_none() {
+            stat.example = Some(text.to_string());
+        }
+        if error {
+            stat.errors += 1;
+            return;
+        }
+        stat.calls += 1;
+        stat.total_ns += duration_ns;
+        stat.max_ns = stat.max_ns.max(duration_ns);
+        let bucket = (64 - duration_ns.leading_zeros() as usize).min(BUCKETS - 1);
+        stat.buckets[bucket] += 1;
+        stat.seen += 1;
+        if stat.samples.len() < SAMPLES_MAX {
+            stat.samples.push(duration_ns);
+        } else {
+            // Reservoir sampling (xorshift): every call equally likely to be kept.
+            self.rng ^= self.rng << 13;
+            self.rng ^= self.rng >> 7;
+            self.rng ^= self.rng << 17;
+            let slot = self.rng % stat.seen;
+            if (slot as usize) < SAMPLES_MAX {
+                stat.samples[slot as usize] = duration_ns;
+            }
+        }
+    }
+
+    /// Queries sorted by total time.
+    pub fn profile(&self) -> DbProfile {
+        let mut queries: Vec<DbQuery> = self
+            .stats
+            .iter()
+            .map(|((_, _, fp), s)| {
+                let mut samples = s.samples.clone();
+                samples.sort_unstable();
+                let q = |p: f64| -> u64 {
+                    if samples.is_empty() {
+                        0
+                    } else {
+                        samples[((samples.len() - 1) as f64 * p).round() as usize]
+                    }
+                };
+                DbQuery {
+                    source: s.source.clone(),
+                    server_pid: s.server_pid,
+                    comm: s.comm.clone(),
+                    fingerprint: fp.clone(),
+                    calls: s.calls,
+                    errors: s.errors,
+                    total_ns: s.total_ns,
+                    max_ns: s.max_ns,
+                    p50_ns: q(0.5),
+                    p95_ns: q(0.95),
+                    p99_ns: q(0.99),
+                    buckets: s.buckets.clone(),
+                    example: s.example.clone(),
+                    truncated: s.truncated,
+                }
+            })
+            .collect();
+        queries.sort_by(|a, b| {
+            b.total_ns
+                .cmp(&a.total_ns)
+                .then(b.calls.cmp(&a.calls))
+                .then(a.fingerprint.cmp(&b.fingerprint))
+        });
+        DbProfile {
+            show_literals: self.show_literals,
+            queries,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literals_become_placeholders() {
+        assert_eq!(
+            fingerprint("SELECT abalance FROM pgbench_accounts WHERE aid = 12345;"),
+            "SELECT abalance FROM pgbench_accounts WHERE aid = ?"
+        );
+        assert_eq!(
+            fingerprint("UPDATE pgbench_accounts SET abalance = abalance + -4215 WHERE aid = 77;"),
+            "UPDATE pgbench_accounts SET abalance = abalance + ? WHERE aid = ?"
+        );
+        assert_eq!(
+            fingerprint(
+                "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (3, 1, 4, -10, CURRENT_TIMESTAMP);"
+            ),
+            "INSERT INTO pgbench_history(tid, bid, aid, delta, mtime) VALUES(?, ?, ?, ?, CURRENT_TIMESTAMP)"
+        );
+        assert_eq!(
+            fingerprint("select * from t where name = 'O''Brien' and x = E'a\\'b' and y = 1.5e3"),
+            "select * from t where name = ? and x = ? and y = ?"
+        );
+        assert_eq!(fingerprint("SELECT $1::int, $2"), "SELECT ?::int, ?");
+        assert_eq!(fingerprint("SELECT a - 1 FROM t"), "SELECT a - ? FROM t");
+    }
+
+    #[test]
+    fn in_lists_collapse_and_comments_and_whitespace_go() {
+        let a = fingerprint("SELECT * FROM t WHERE id IN (1, 2, 3) -- three\n");
+        let b = fingerprint("select /* hint */ *  FROM t\n WHERE id IN (7,8)");
+        assert_eq!(a, "SELECT * FROM t WHERE id IN(?)");
+        assert_eq!(b, "select * FROM t WHERE id IN(?)");
+        assert_eq!(fingerprint("BEGIN;"), "BEGIN");
+        assert_eq!(fingerprint("END;"), "END");
+        // Identifiers that contain digits are not literals.
+        assert_eq!(fingerprint("SELECT col1 FROM t2"), "SELECT col1 FROM t2");
+    }
+
+    #[test]
+    fn fingerprints_are_bounded() {
+        let long = format!("SELECT {}", "x, ".repeat(500));
+        let fp = fingerprint(&long);
+        assert_eq!(fp.chars().count(), FINGERPRINT_MAX);
+        assert!(fp.ends_with('…'));
+    }
+
+    #[test]
+    fn statistics_per_fingerprint_with_exact_quantiles_and_errors() {
+        let mut agg = DbAggregator::new(false);
+        for i in 1..=100u64 {
+            agg.add(
+                "postgres-usdt",
+                10,
+                "postgres",
+                &format!("SELECT * FROM t WHERE id = {i}"),
+                false,
+                false,
+                i * 1000,
+            );
+        }
+        agg.add(
+            "postgres-usdt",
+            10,
+            "postgres",
+            "SELECT * FROM t WHERE id = 5",
+            false,
+            true,
+            0,
+        );
+        agg.add("postgres-usdt", 10, "postgres", "COMMIT", false, false, 10);
+        let profile = agg.profile();
+        assert_eq!(profile.queries.len(), 2);
+        let q = &profile.queries[0];
+        assert_eq!(q.fingerprint, "SELECT * FROM t WHERE id = ?");
+        assert_eq!((q.calls, q.errors), (100, 1));
+        assert_eq!(q.total_ns, 5_050_000);
+        assert_eq!(
+            (q.p50_ns, q.p95_ns, q.p99_ns, q.max_ns),
+            (51_000, 95_000, 99_000, 100_000)
+        );
+        assert_eq!(q.buckets.iter().sum::<u64>(), 100);
+        assert!(q.example.is_none(), "literals stay out unless asked for");
+        let mut shown = DbAggregator::new(true);
+        shown.add("s", 1, "c", "SELECT 42", false, false, 1);
+        assert_eq!(
+            shown.profile().queries[0].example.as_deref(),
+            Some("SELECT 42")
+        );
+    }
+}

@@ -1,0 +1,241 @@
+//! Database family: finds PostgreSQL servers, reads their `query__start`/`query__done` USDT
+//! probes from the binary, and attaches `profiler-ebpf/src/db.rs` to them with the probes'
+//! semaphores raised by the kernel.
+
+use std::collections::HashSet;
+use std::os::fd::AsFd as _;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result, bail};
+use aya::Ebpf;
+use aya::maps::{MapData, RingBuf};
+use aya::programs::UProbe;
+use profiler_common::db::{DbEvent, FLAG_ERROR, QUERY_MAX, counter, maps};
+
+use super::{Globals, Probes, global, program, read_counters};
+use crate::uprobe::{self, UprobeLink};
+use crate::usdt::{self, UsdtProbe};
+
+#[derive(Debug, Clone, Default)]
+pub struct DbConfig {
+    /// PostgreSQL server binaries to probe; found automatically when empty.
+    pub postgres_binaries: Vec<PathBuf>,
+}
+
+/// A PostgreSQL binary and its two query probes.
+#[derive(Debug, Clone)]
+pub struct PostgresTarget {
+    pub path: PathBuf,
+    start: UsdtProbe,
+    done: UsdtProbe,
+}
+
+/// PostgreSQL server binaries installed the Debian way (`/usr/lib/postgresql/*/bin`).
+pub fn postgres_binaries_installed() -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin/postgres"))
+        .filter(|p| p.is_file())
+        .collect();
+    out.sort();
+    out
+}
+
+/// Executables of running PostgreSQL servers (`/proc/PID/exe`, which works across mount
+/// namespaces), among `pids` or on the whole host.
+fn running_postgres(pids: &[u32]) -> Vec<PathBuf> {
+    let candidates: Vec<u32> = if pids.is_empty() {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect()
+    } else {
+        pids.to_vec()
+    };
+    candidates
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/exe"))
+                .ok()
+                .and_then(|exe| {
+                    exe.file_name()
+                        .map(|n| n == "postgres" || n == "postmaster")
+                })
+                .unwrap_or(false)
+        })
+        .map(|pid| PathBuf::from(format!("/proc/{pid}/exe")))
+        .collect()
+}
+
+/// The binaries to probe: the ones given; else the running servers (among `pids`); else,
+/// for the whole host, the installed ones (servers started later are caught too). One per
+/// file (device, inode).
+pub fn discover(config: &DbConfig, pids: &[u32]) -> Result<Vec<PostgresTarget>> {
+    let mut paths = config.postgres_binaries.clone();
+    for path in &paths {
+        if !path.is_file() {
+            bail!("PostgreSQL binary {} does not exist", path.display());
+        }
+    }
+    if paths.is_empty() {
+        paths = running_postgres(pids);
+    }
+    if paths.is_empty() && pids.is_empty() {
+        paths = postgres_binaries_installed();
+    }
+    let mut seen = HashSet::new();
+    let mut targets = Vec::new();
+    for path in paths {
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue; // the process exited meanwhile
+        };
+        if !seen.insert((meta.dev(), meta.ino())) {
+            continue;
+        }
+        let probes = usdt::probes(&path)?;
+        let find = |name: &str| {
+            probes
+                .iter()
+                .find(|p| p.provider == "postgresql" && p.name == name)
+                .cloned()
+        };
+        match (find("query__start"), find("query__done")) {
+            (Some(start), _) if start.args.is_empty() => bail!(
+                "{}: cannot read the argument of postgresql:query__start: {}",
+                path.display(),
+                start
+                    .unsupported_args
+                    .as_deref()
+                    .unwrap_or("the probe has no argument")
+            ),
+            (Some(start), Some(done)) => targets.push(PostgresTarget { path, start, done }),
+            _ => bail!(
+                "{} has no postgresql:query__start/query__done USDT probes (a PostgreSQL built \
+                 without --enable-dtrace); cannot time its queries",
+                path.display()
+            ),
+        }
+    }
+    Ok(targets)
+}
+
+pub(super) fn globals(targets: &[PostgresTarget], globals: &mut Globals) -> Result<()> {
+    let Some(first) = targets.first() else {
+        return Ok(());
+    };
+    let arg = &first.start.args[0];
+    for other in &targets[1..] {
+        if other.start.args.first() != Some(arg) {
+            bail!(
+                "{} and {} pass query__start's argument differently; probe one at a time \
+                 (--postgres-binary)",
+                first.path.display(),
+                other.path.display()
+            );
+        }
+    }
+    let (kind, reg, disp) = arg.location.encode();
+    global(globals, "PG_START_ARG_KIND", kind);
+    global(globals, "PG_START_ARG_REG", reg);
+    global(globals, "PG_START_ARG_DISP", disp);
+    Ok(())
+}
+
+/// Attaches done before start (so no start is seen without its done being watched).
+pub(super) fn attach(ebpf: &mut Ebpf, targets: &[PostgresTarget]) -> Result<Vec<UprobeLink>> {
+    let mut links = Vec::new();
+    if targets.is_empty() {
+        return Ok(links);
+    }
+    for (name, pick) in [
+        (
+            "pg_query_done",
+            (|t: &PostgresTarget| &t.done) as fn(&PostgresTarget) -> &UsdtProbe,
+        ),
+        ("pg_query_start", |t: &PostgresTarget| &t.start),
+    ] {
+        let prog: &mut UProbe = program(ebpf, name)?.try_into()?;
+        prog.load()
+            .with_context(|| format!("loading the {name} program failed"))?;
+        let fd = prog.fd()?.as_fd().try_clone_to_owned()?;
+        for target in targets {
+            let probe = pick(target);
+            links.push(uprobe::attach(
+                fd.as_fd(),
+                &target.path,
+                probe.offset,
+                probe.semaphore_offset,
+                false,
+                None,
+            )?);
+        }
+    }
+    Ok(links)
+}
+
+impl Probes {
+    /// The ring buffer of finished queries; can be taken once.
+    pub fn take_db_events(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map(maps::EVENTS)
+            .context("database event ring buffer already taken")?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    pub fn db_counters(&self) -> Result<Vec<(&'static str, u64)>> {
+        read_counters(self.ebpf(), maps::COUNTERS, &counter::NAMES)
+    }
+}
+
+/// A decoded query event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryRecord {
+    pub pid: u32,
+    pub tid: u32,
+    pub error: bool,
+    pub duration_ns: u64,
+    pub text: String,
+    /// The text was cut at `QUERY_MAX` bytes.
+    pub truncated: bool,
+}
+
+pub fn decode(bytes: &[u8]) -> Option<QueryRecord> {
+    if bytes.len() < std::mem::size_of::<DbEvent>() {
+        return None;
+    }
+    // SAFETY: DbEvent is plain data; read_unaligned copes with any alignment.
+    let e: DbEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const DbEvent) };
+    let len = (e.len as usize).min(QUERY_MAX);
+    let text = &e.query[..len];
+    let text = &text[..text.iter().position(|b| *b == 0).unwrap_or(text.len())];
+    Some(QueryRecord {
+        pid: e.tgid,
+        tid: e.tid,
+        error: e.flags & FLAG_ERROR != 0,
+        duration_ns: e.duration_ns,
+        text: String::from_utf8_lossy(text).into_owned(),
+        truncated: len >= QUERY_MAX - 1,
+    })
+}
+
+/// The parent of `pid` (from /proc/PID/stat), if it is alive.
+pub fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // comm may hold spaces and parentheses: the fields after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Whether `path` looks like it was given by us as a process's executable.
+pub fn describe(path: &Path) -> String {
+    match std::fs::read_link(path) {
+        Ok(real) => format!("{} ({})", real.display(), path.display()),
+        Err(_) => path.display().to_string(),
+    }
+}
