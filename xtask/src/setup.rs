@@ -37,6 +37,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "nft, which drops packets in the TCP retransmit tests",
     ),
     (
+        "postgresql",
+        "PostgreSQL server (with USDT probes), pgbench and pg_stat_statements for the db tests",
+    ),
+    (
         "golang-go",
         "go tool pprof, which the pprof-output tests read with",
     ),
