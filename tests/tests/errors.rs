@@ -92,3 +92,55 @@ fn bad_arguments_are_usage_errors() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("not a duration"));
 }
+
+#[test]
+fn db_family_on_a_process_that_is_no_database_server_is_refused() {
+    require_root();
+    let dir = temp_dir("db-no-server");
+    let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
+    let pid = sleeper.id().to_string();
+    let output = run_profiler(&[
+        "record",
+        "-d",
+        "1s",
+        "--events",
+        "db",
+        "-p",
+        &pid,
+        "-o",
+        dir.join("out").to_str().unwrap(),
+    ]);
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    assert_one_error_line(&output, "no PostgreSQL server found among the given processes");
+}
+
+#[test]
+fn a_binary_without_query_probes_is_refused() {
+    require_root();
+    let dir = temp_dir("db-no-probes");
+    let output = run_profiler(&[
+        "record",
+        "-d",
+        "1s",
+        "--events",
+        "db",
+        "--postgres-binary",
+        "/bin/true",
+        "-o",
+        dir.join("out").to_str().unwrap(),
+    ]);
+    assert_one_error_line(&output, "no postgresql:query__start/query__done USDT probes");
+    let output = run_profiler(&[
+        "record",
+        "-d",
+        "1s",
+        "--events",
+        "db",
+        "--postgres-binary",
+        "/nonexistent/postgres",
+        "-o",
+        dir.join("out2").to_str().unwrap(),
+    ]);
+    assert_one_error_line(&output, "/nonexistent/postgres does not exist");
+}
