@@ -252,6 +252,7 @@ impl RecordArgs {
                 tcp: events.contains(&Event::Tcp),
                 db: events.contains(&Event::Db).then(|| DbConfig {
                     postgres_binaries: self.postgres_binaries.clone(),
+                    optional: !db_required,
                 }),
             },
             state_name,

@@ -599,14 +599,14 @@ fn drain_new_tasks(
 
 /// Which server a query's backend belongs to, and whether it passes -p: a backend is the
 /// server's child, so -p SERVER_PID selects it.
-struct DbOwners {
+pub(crate) struct DbOwners {
     pids: Vec<u32>,
     known: HashMap<u32, Option<(u32, String)>>,
     filtered_out: u64,
 }
 
 impl DbOwners {
-    fn new(pids: &[u32]) -> Self {
+    pub(crate) fn new(pids: &[u32]) -> Self {
         Self {
             pids: pids.to_vec(),
             known: HashMap::new(),
@@ -614,7 +614,7 @@ impl DbOwners {
         }
     }
 
-    fn owner(&mut self, pid: u32) -> Option<(u32, String)> {
+    pub(crate) fn owner(&mut self, pid: u32) -> Option<(u32, String)> {
         let pids = &self.pids;
         let owner = self
             .known
@@ -647,7 +647,7 @@ impl DbOwners {
     }
 }
 
-fn drain_db_events(
+pub(crate) fn drain_db_events(
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
     db: &mut DbAggregator,
     owners: &mut DbOwners,

@@ -13,11 +13,13 @@ use profiler_common::offcpu::{OffcpuKey, STATE_RUNQUEUE};
 use profiler_common::syscalls::SyscallKey;
 
 use crate::cli::TopArgs;
-use crate::model::{TcpEndpoint, TcpProfile};
+use crate::dbstats::DbAggregator;
+use crate::model::{DbProfile, DbQuery, TcpEndpoint, TcpProfile};
+use crate::probes::db::DbConfig;
 use crate::probes::offcpu::OffcpuConfig;
 use crate::probes::syscalls::{SyscallsConfig, name as syscall_name};
 use crate::probes::{ProbeConfig, Probes};
-use crate::record::{check_privileges, check_task_exists};
+use crate::record::{DbOwners, check_privileges, check_task_exists, drain_db_events};
 use crate::tcpstats::TcpAggregator;
 
 /// Per-process figures of one refresh interval.
@@ -45,10 +47,20 @@ pub fn run(args: TopArgs) -> Result<()> {
         offcpu: Some(OffcpuConfig::default()),
         syscalls: Some(SyscallsConfig::default()),
         tcp: true,
+        db: Some(DbConfig {
+            optional: true,
+            ..DbConfig::default()
+        }),
         ..Default::default()
     };
     let mut probes = Probes::load(&config)?;
     let mut tcp_events = probes.take_tcp_events()?;
+    let mut db_events = if probes.db_targets.is_empty() {
+        None
+    } else {
+        Some(probes.take_db_events()?)
+    };
+    let mut db_owners = DbOwners::new(&args.pids);
     let tty = std::io::stdout().is_terminal();
     let _raw = if tty { RawTerminal::enter() } else { None };
     let quit = Arc::new(AtomicBool::new(false));
@@ -108,7 +120,7 @@ pub fn run(args: TopArgs) -> Result<()> {
             .iter()
             .find(|(name, _)| *name == "events_lost")
             .map_or(0, |(_, v)| *v);
-        let text = render(
+        let mut text = render(
             &processes,
             &mut syscalls,
             &tcp.profile(),
@@ -117,6 +129,11 @@ pub fn run(args: TopArgs) -> Result<()> {
             elapsed,
             args.rows,
         );
+        if let Some(events) = db_events.as_mut() {
+            let mut db = DbAggregator::new(false);
+            drain_db_events(events, &mut db, &mut db_owners);
+            text.push_str(&render_queries(&db.profile(), args.rows));
+        }
         let mut out = std::io::stdout().lock();
         if tty {
             // Home and clear; output processing (kept on) turns \n into \r\n.
@@ -253,6 +270,42 @@ fn render(
                 .checked_div(e.closed)
                 .map_or("-".to_string(), |ns| format!("{:.3}", ms(ns))),
         ));
+    }
+    out
+}
+
+/// The queries of the interval: slowest (by total time) and most frequent.
+fn render_queries(db: &DbProfile, rows: usize) -> String {
+    let mut out = String::new();
+    let row = |q: &DbQuery| {
+        format!(
+            "{:>8} {:>10.3} {:>10.3} {:>10.1}  {}\n",
+            q.calls,
+            q.total_ns.checked_div(q.calls).unwrap_or(0) as f64 / 1e6,
+            q.max_ns as f64 / 1e6,
+            q.total_ns as f64 / 1e6,
+            q.fingerprint
+        )
+    };
+    let header = format!(
+        "{:>8} {:>10} {:>10} {:>10}  QUERY\n",
+        "CALLS", "AVG ms", "MAX ms", "TOTAL ms"
+    );
+    out.push_str(&format!(
+        "\nSLOWEST QUERIES (by total time in the interval)\n{header}"
+    ));
+    for q in db.queries.iter().take(rows) {
+        out.push_str(&row(q));
+    }
+    let mut frequent: Vec<&DbQuery> = db.queries.iter().collect();
+    frequent.sort_by(|a, b| {
+        b.calls
+            .cmp(&a.calls)
+            .then(a.fingerprint.cmp(&b.fingerprint))
+    });
+    out.push_str(&format!("\nMOST FREQUENT QUERIES\n{header}"));
+    for q in frequent.into_iter().take(rows) {
+        out.push_str(&row(q));
     }
     out
 }

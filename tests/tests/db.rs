@@ -154,3 +154,111 @@ fn pgbench_default_script_statement_counts_match_pg_stat_statements() {
     // BEGIN, 3 UPDATEs, SELECT, INSERT, END.
     check_statements(&capture, &bench, &cluster, 7);
 }
+
+/// `cargo xtask bench db`: pgbench select-only TPS with the db probes attached vs not,
+/// alternating, as a ratio; the added time per query follows from the client count.
+#[test]
+#[ignore = "benchmark: run with cargo xtask bench db"]
+fn bench_db_select_only_tps() {
+    require_root();
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let seconds = std::env::var("BENCH_SECONDS").unwrap_or_else(|_| "5".into());
+    let clients = 2.0;
+    let cluster = PgCluster::start("bench");
+    cluster.pgbench(&["-i", "-q", "-s", "10"]);
+    let tps = |output: &str| -> f64 {
+        output
+            .lines()
+            .find(|l| l.starts_with("tps = "))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no tps in {output}"))
+    };
+    let pid = cluster.postmaster_pid.to_string();
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    println!("[bench db] pgbench -S -c 2 -T {seconds}, probes off vs on, {rounds} rounds");
+    for round in 0..rounds {
+        for attached in [round % 2 == 1, round % 2 == 0] {
+            let dir = temp_dir("bench-db");
+            let recording = attached.then(|| {
+                Recording::start(
+                    &dir.join("out"),
+                    &["--events", "db", "-p", &pid, "--duration", "1h"],
+                )
+            });
+            let value = tps(&cluster.pgbench(&["-S", "-n", "-c", "2", "-T", &seconds]));
+            if let Some(recording) = recording {
+                let (capture, _) = recording.interrupt();
+                let lost = capture["metadata"]["counters"]["db_events_lost"]
+                    .as_u64()
+                    .unwrap_or(0);
+                println!("  round {round}: probes on  {value:>9.1} tps (events lost {lost})");
+                on.push(value);
+            } else {
+                println!("  round {round}: probes off {value:>9.1} tps");
+                off.push(value);
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (off, on) = (median(&mut off), median(&mut on));
+    let added_ns = clients * (1.0 / on - 1.0 / off) * 1e9;
+    println!(
+        "[bench db] median tps off {off:.1}, on {on:.1}: ratio {:.3} ({:+.2} % TPS); added time \
+         per query {added_ns:.0} ns (from {clients} clients' closed loop)",
+        on / off,
+        (on / off - 1.0) * 100.0
+    );
+}
+
+#[test]
+fn top_shows_the_servers_queries_live() {
+    require_root();
+    let cluster = PgCluster::start("top");
+    cluster.pgbench(&["-i", "-q", "-s", "1"]);
+    let pid = cluster.postmaster_pid.to_string();
+    let top = std::process::Command::new(profiler_bin())
+        .args(["top", "-p", &pid, "--interval", "1s", "--count", "3"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let bench = cluster.pgbench(&["-S", "-n", "-c", "1", "-T", "3"]);
+    let output = top.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // Oracle: pgbench's own count of transactions (one SELECT each); the snapshots cover
+    // part of the run, so the sum is at most that, and the busiest second is well above 0.
+    let transactions: u64 = bench
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no transaction count in {bench}"));
+    let calls: Vec<u64> = text
+        .split("SLOWEST QUERIES")
+        .skip(1)
+        .filter_map(|section| {
+            section
+                .lines()
+                .find(|l| l.ends_with("SELECT abalance FROM pgbench_accounts WHERE aid = ?"))
+                .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        })
+        .collect();
+    println!("calls per snapshot {calls:?}, pgbench transactions {transactions}");
+    assert!(!calls.is_empty(), "{text}");
+    assert!(calls.iter().sum::<u64>() <= transactions);
+    assert!(*calls.iter().max().unwrap() >= transactions / 10, "{text}");
+    assert!(text.contains("MOST FREQUENT QUERIES"), "{text}");
+}

@@ -112,7 +112,10 @@ fn db_family_on_a_process_that_is_no_database_server_is_refused() {
     ]);
     let _ = sleeper.kill();
     let _ = sleeper.wait();
-    assert_one_error_line(&output, "no PostgreSQL server found among the given processes");
+    assert_one_error_line(
+        &output,
+        "no PostgreSQL server found among the given processes",
+    );
 }
 
 #[test]
@@ -130,7 +133,10 @@ fn a_binary_without_query_probes_is_refused() {
         "-o",
         dir.join("out").to_str().unwrap(),
     ]);
-    assert_one_error_line(&output, "no postgresql:query__start/query__done USDT probes");
+    assert_one_error_line(
+        &output,
+        "no postgresql:query__start/query__done USDT probes",
+    );
     let output = run_profiler(&[
         "record",
         "-d",

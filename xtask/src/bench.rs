@@ -1,4 +1,4 @@
-//! `cargo xtask bench [offcpu]`: overhead measured as ratios against a baseline run in the
+//! `cargo xtask bench [offcpu|all|db|diff]`: overhead measured as ratios against a baseline run in the
 //! same invocation, alternating the variants so drift hits them all alike.
 //!
 //! offcpu: cost per operation of `perf bench sched pipe` (two tasks ping-ponging through a
@@ -22,12 +22,14 @@ pub fn run(args: &[String]) -> Result<()> {
         Some("offcpu") => offcpu(),
         Some("diff") => diff(),
         Some("all") => all_families(),
+        Some("db") => db(),
         None => {
             offcpu()?;
             all_families()?;
+            db()?;
             diff()
         }
-        Some(other) => bail!("unknown benchmark {other:?} (available: offcpu, all, diff)"),
+        Some(other) => bail!("unknown benchmark {other:?} (available: offcpu, all, db, diff)"),
     }
 }
 
@@ -131,6 +133,27 @@ fn diff() -> Result<()> {
             "--nocapture",
         ]),
         "diff quality benchmark",
+    )
+}
+
+/// pgbench select-only TPS with the db family's probes on vs off (release build).
+fn db() -> Result<()> {
+    crate::run_checked(crate::cargo().args(["build", "--release"]), "release build")?;
+    crate::run_checked(
+        crate::cargo().args([
+            "test",
+            "--release",
+            "-p",
+            "profiler-tests",
+            "--test",
+            "db",
+            "--",
+            "--ignored",
+            "--exact",
+            "bench_db_select_only_tps",
+            "--nocapture",
+        ]),
+        "db benchmark",
     )
 }
 

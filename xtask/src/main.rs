@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build | run -- ARGS | test | bench [offcpu]`.
+//! Project tasks: `cargo xtask setup | build | run -- ARGS | test | bench [offcpu|all|db|diff]`.
 //!
 //! `setup` is idempotent and prints one progress line per step; every other task runs it
 //! first, so a fresh Debian/Ubuntu machine needs nothing but `cargo xtask run` or
@@ -24,7 +24,7 @@ fn main() -> ExitCode {
 }
 
 const USAGE: &str =
-    "usage: cargo xtask <setup | build | run -- PROFILER_ARGS | test | bench [offcpu]>";
+    "usage: cargo xtask <setup | build | run -- PROFILER_ARGS | test | bench [offcpu|all|db|diff]>";
 
 fn dispatch(args: &[String]) -> Result<()> {
     let Some(task) = args.first() else {

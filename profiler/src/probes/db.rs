@@ -21,6 +21,8 @@ use crate::usdt::{self, UsdtProbe};
 pub struct DbConfig {
     /// PostgreSQL server binaries to probe; found automatically when empty.
     pub postgres_binaries: Vec<PathBuf>,
+    /// Not asked for explicitly: a server that cannot be probed is a note, not an error.
+    pub optional: bool,
 }
 
 /// A PostgreSQL binary and its two query probes.

@@ -162,7 +162,14 @@ impl Probes {
             tcp::globals(&btf, &mut globals)?;
         }
         let db_targets = match &config.db {
-            Some(db_config) => db::discover(db_config, &config.pids)?,
+            Some(db_config) => match db::discover(db_config, &config.pids) {
+                Ok(targets) => targets,
+                Err(err) if db_config.optional => {
+                    eprintln!("profiler: note: database queries are not recorded: {err:#}");
+                    Vec::new()
+                }
+                Err(err) => return Err(err),
+            },
             None => Vec::new(),
         };
         db::globals(&db_targets, &mut globals)?;
