@@ -6,10 +6,18 @@ pub const QUERY_MAX: usize = 256;
 
 /// Where an event comes from.
 pub const SOURCE_POSTGRES_USDT: u32 = 1;
+/// libpq in the client: PQsendQuery* / PQsendPrepare entry to PQgetResult returning NULL.
+pub const SOURCE_LIBPQ: u32 = 2;
 
 /// The query ended without its done probe: a new query started on the same thread first
 /// (PostgreSQL leaves a failed query with a longjmp past `query__done`).
 pub const FLAG_ERROR: u32 = 1;
+/// libpq: `query` holds a prepared statement's name (PQsendQueryPrepared).
+pub const FLAG_PREPARED: u32 = 2;
+/// libpq: a PQsendPrepare; `query` holds the name at [0, PREPARE_NAME_MAX) and the text
+/// after it. Not a query of its own: it tells userspace what the name stands for.
+pub const FLAG_PREPARE: u32 = 4;
+pub const PREPARE_NAME_MAX: usize = 64;
 
 /// How a probe argument is read (see `profiler/src/usdt.rs`).
 pub const ARG_KIND_REGISTER: u32 = 1;

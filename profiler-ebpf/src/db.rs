@@ -9,16 +9,16 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_kernel_buf, bpf_probe_read_user, bpf_probe_read_user_str_bytes,
     },
-    macros::{map, uprobe},
+    macros::{map, uprobe, uretprobe},
     maps::{LruHashMap, PerCpuArray, RingBuf},
-    programs::ProbeContext,
+    programs::{ProbeContext, RetProbeContext},
 };
 use profiler_common::db::{
-    ARG_KIND_CONSTANT, ARG_KIND_MEMORY, DbEvent, DbPending, FLAG_ERROR, QUERY_MAX,
-    SOURCE_POSTGRES_USDT, counter,
+    ARG_KIND_CONSTANT, ARG_KIND_MEMORY, DbEvent, DbPending, FLAG_ERROR, FLAG_PREPARE,
+    FLAG_PREPARED, PREPARE_NAME_MAX, QUERY_MAX, SOURCE_LIBPQ, SOURCE_POSTGRES_USDT, counter,
 };
 
-use crate::common::config;
+use crate::common::{config, wanted_ids};
 
 /// How to read query__start's argument (the query text pointer), from its USDT spec.
 #[unsafe(no_mangle)]
@@ -27,6 +27,35 @@ static PG_START_ARG_KIND: u32 = 1;
 static PG_START_ARG_REG: u32 = 0;
 #[unsafe(no_mangle)]
 static PG_START_ARG_DISP: i64 = 0;
+
+/// Offsets in pt_regs of the 1st, 2nd and 3rd function arguments and of the return value
+/// (x86_64: rdi, rsi, rdx, rax).
+#[unsafe(no_mangle)]
+static ARG1_REG: u32 = 112;
+#[unsafe(no_mangle)]
+static ARG2_REG: u32 = 104;
+#[unsafe(no_mangle)]
+static ARG3_REG: u32 = 96;
+#[unsafe(no_mangle)]
+static RET_REG: u32 = 80;
+
+/// Client-side commands in flight (libpq), per connection: one thread may drive several
+/// connections at once (pgbench -c 2 -j 1 does).
+#[map(name = "DB_CLIENT_PENDING")]
+static CLIENT_PENDING: LruHashMap<ConnKey, DbPending> = LruHashMap::with_max_entries(16384, 0);
+
+/// The connection a thread's PQgetResult call is about (saved at entry, used at return).
+#[map(name = "DB_CLIENT_CURRENT")]
+static CLIENT_CURRENT: LruHashMap<u32, u64> = LruHashMap::with_max_entries(16384, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ConnKey {
+    tgid: u32,
+    _pad: u32,
+    /// The `PGconn *`.
+    conn: u64,
+}
 
 /// LRU: a backend killed mid-query never reports done; its entry ages out.
 #[map(name = "DB_PENDING")]
@@ -57,12 +86,11 @@ fn count(index: u32) {
 }
 
 #[inline(always)]
-fn read_arg(ctx: &ProbeContext, kind: u32, reg_offset: u32, displacement: i64) -> u64 {
+fn read_arg(regs: *const u8, kind: u32, reg_offset: u32, displacement: i64) -> u64 {
     if kind == ARG_KIND_CONSTANT {
         return displacement as u64;
     }
     // As libbpf's usdt.bpf.h: pt_regs is kernel memory; any register offset is fine here.
-    let regs = ctx.regs as *const u8;
     let value: u64 =
         unsafe { bpf_probe_read_kernel(regs.add(reg_offset as usize) as *const u64) }.unwrap_or(0);
     if kind == ARG_KIND_MEMORY {
@@ -115,7 +143,7 @@ pub fn pg_query_start(ctx: ProbeContext) -> u32 {
         return 0;
     };
     let text = read_arg(
-        &ctx,
+        ctx.regs as *const u8,
         config(&PG_START_ARG_KIND),
         config(&PG_START_ARG_REG),
         config(&PG_START_ARG_DISP),
@@ -152,6 +180,123 @@ pub fn pg_query_done(_ctx: ProbeContext) -> u32 {
     }
     count(counter::QUERIES);
     emit(pending, tgid, tid, 0, now.wrapping_sub(start));
+    unsafe { (*pending).start_ns = 0 };
+    0
+}
+
+#[inline(always)]
+fn reg(regs: *const u8, offset: &u32) -> u64 {
+    read_arg(regs, 1, config(offset), 0)
+}
+
+/// A libpq call that sends something and whose end PQgetResult will report: stores the
+/// start time and `text` (a user pointer) as the thread's client query.
+#[inline(always)]
+fn client_start(ctx: &ProbeContext, flags: u32) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    if !wanted_ids(tgid, tid) {
+        return 0;
+    }
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    unsafe {
+        (*scratch).start_ns = bpf_ktime_get_ns();
+        (*scratch).source = SOURCE_LIBPQ | (flags << 8);
+        let text = reg(ctx.regs as *const u8, &ARG2_REG) as *const u8;
+        let len = if flags & FLAG_PREPARE != 0 {
+            // Name, then the statement text after PREPARE_NAME_MAX bytes.
+            let (name, rest) = (*scratch).query.split_at_mut(PREPARE_NAME_MAX);
+            let _ = bpf_probe_read_user_str_bytes(text, name);
+            let query = reg(ctx.regs as *const u8, &ARG3_REG) as *const u8;
+            match bpf_probe_read_user_str_bytes(query, rest) {
+                Ok(bytes) => PREPARE_NAME_MAX + bytes.len(),
+                Err(_) => PREPARE_NAME_MAX,
+            }
+        } else {
+            match bpf_probe_read_user_str_bytes(text, &mut (*scratch).query) {
+                Ok(bytes) => bytes.len(),
+                Err(_) => {
+                    count(counter::TEXT_UNREADABLE);
+                    0
+                }
+            }
+        };
+        (*scratch).len = len.min(QUERY_MAX) as u32;
+        let key = ConnKey {
+            tgid,
+            _pad: 0,
+            conn: reg(ctx.regs as *const u8, &ARG1_REG),
+        };
+        if CLIENT_PENDING.insert(&key, &*scratch, 0).is_err() {
+            count(counter::PENDING_MAP_FULL);
+        }
+    }
+    0
+}
+
+/// PQsendQuery(conn, query), PQsendQueryParams(conn, command, …).
+#[uprobe]
+pub fn libpq_send_query(ctx: ProbeContext) -> u32 {
+    client_start(&ctx, 0)
+}
+
+/// PQsendQueryPrepared(conn, stmtName, …).
+#[uprobe]
+pub fn libpq_send_prepared(ctx: ProbeContext) -> u32 {
+    client_start(&ctx, FLAG_PREPARED)
+}
+
+/// PQsendPrepare(conn, stmtName, query, …).
+#[uprobe]
+pub fn libpq_send_prepare(ctx: ProbeContext) -> u32 {
+    client_start(&ctx, FLAG_PREPARE)
+}
+
+/// PQgetResult(conn) entry: remember which connection this thread asks about.
+#[uprobe]
+pub fn libpq_get_result(ctx: ProbeContext) -> u32 {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let conn = reg(ctx.regs as *const u8, &ARG1_REG);
+    if let Some(slot) = CLIENT_CURRENT.get_ptr_mut(&tid) {
+        unsafe { *slot = conn };
+    } else {
+        let _ = CLIENT_CURRENT.insert(&tid, &conn, 0);
+    }
+    0
+}
+
+/// PQgetResult returning NULL: the command's results are all in.
+#[uretprobe]
+pub fn libpq_get_result_return(ctx: RetProbeContext) -> u32 {
+    if reg(ctx.regs as *const u8, &RET_REG) != 0 {
+        return 0;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    let Some(conn) = (unsafe { CLIENT_CURRENT.get(&tid) }).copied() else {
+        return 0;
+    };
+    let key = ConnKey {
+        tgid,
+        _pad: 0,
+        conn,
+    };
+    let Some(pending) = CLIENT_PENDING.get_ptr_mut(&key) else {
+        return 0;
+    };
+    let start = unsafe { (*pending).start_ns };
+    if start == 0 {
+        return 0;
+    }
+    let flags = unsafe { (*pending).source } >> 8;
+    unsafe { (*pending).source = SOURCE_LIBPQ };
+    if flags & FLAG_PREPARE == 0 {
+        count(counter::QUERIES);
+    }
+    emit(pending, tgid, tid, flags, now.wrapping_sub(start));
     unsafe { (*pending).start_ns = 0 };
     0
 }

@@ -167,6 +167,10 @@ pub struct RecordArgs {
     /// running servers (among -p), else the installed ones.
     #[arg(long = "postgres-binary", value_name = "PATH")]
     pub postgres_binaries: Vec<PathBuf>,
+    /// libpq library to probe for client-side query latency (repeatable); default: the
+    /// ones the -p processes map, else the system's libpq.so.5.
+    #[arg(long = "libpq", value_name = "PATH")]
+    pub libpq: Vec<PathBuf>,
     /// Keep one example of each query with its literals (default: only the fingerprint,
     /// literals replaced by `?`).
     #[arg(long)]
@@ -205,7 +209,8 @@ impl RecordArgs {
         {
             bail!("--max-block is shorter than --min-block");
         }
-        let db_required = self.events.is_some() || !self.postgres_binaries.is_empty();
+        let db_required =
+            self.events.is_some() || !self.postgres_binaries.is_empty() || !self.libpq.is_empty();
         let events = self.events.clone().unwrap_or_else(|| {
             vec![
                 Event::Offcpu,
@@ -218,8 +223,10 @@ impl RecordArgs {
         if events.is_empty() {
             bail!("--events names no probe family (offcpu, oncpu, syscalls, tcp, db)");
         }
-        if !self.postgres_binaries.is_empty() && !events.contains(&Event::Db) {
-            bail!("--postgres-binary needs the db family (--events ...,db)");
+        if (!self.postgres_binaries.is_empty() || !self.libpq.is_empty())
+            && !events.contains(&Event::Db)
+        {
+            bail!("--postgres-binary and --libpq need the db family (--events ...,db)");
         }
         if !(1..=10_000).contains(&self.freq) {
             bail!("--freq must be between 1 and 10000 Hz");
@@ -252,6 +259,7 @@ impl RecordArgs {
                 tcp: events.contains(&Event::Tcp),
                 db: events.contains(&Event::Db).then(|| DbConfig {
                     postgres_binaries: self.postgres_binaries.clone(),
+                    libpq: self.libpq.clone(),
                     optional: !db_required,
                 }),
             },

@@ -167,7 +167,7 @@ fn is_operator_or_open(token: &str) -> bool {
 #[derive(Debug, Default)]
 struct Stat {
     source: String,
-    server_pid: u32,
+    pid: u32,
     comm: String,
     calls: u64,
     errors: u64,
@@ -197,12 +197,12 @@ impl DbAggregator {
         }
     }
 
-    /// One query of `server_pid` (the server a backend belongs to).
+    /// One query of `pid` (the server a backend belongs to).
     #[allow(clippy::too_many_arguments)]
     pub fn add(
         &mut self,
         source: &str,
-        server_pid: u32,
+        pid: u32,
         comm: &str,
         text: &str,
         truncated: bool,
@@ -212,10 +212,10 @@ impl DbAggregator {
         let fp = fingerprint(text);
         let stat = self
             .stats
-            .entry((source.to_string(), server_pid, fp))
+            .entry((source.to_string(), pid, fp))
             .or_insert_with(|| Stat {
                 source: source.to_string(),
-                server_pid,
+                pid,
                 comm: comm.to_string(),
                 buckets: vec![0; BUCKETS],
                 ..Stat::default()
@@ -265,7 +265,7 @@ impl DbAggregator {
                 };
                 DbQuery {
                     source: s.source.clone(),
-                    server_pid: s.server_pid,
+                    pid: s.pid,
                     comm: s.comm.clone(),
                     fingerprint: fp.clone(),
                     calls: s.calls,

@@ -210,10 +210,11 @@ pub struct DbProfile {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct DbQuery {
-    /// `postgres-usdt`: timed inside the server by its query__start/query__done probes.
+    /// `postgres-usdt`: timed inside the server by its query__start/query__done probes;
+    /// `libpq`: timed in the client, from PQsendQuery* to the last PQgetResult.
     pub source: String,
-    /// The server (postmaster) the backends that ran it belong to.
-    pub server_pid: u32,
+    /// The server (postmaster) whose backends ran it, or the libpq client process.
+    pub pid: u32,
     pub comm: String,
     /// Literals replaced by `?`, lists collapsed, whitespace and comments normalized.
     pub fingerprint: String,

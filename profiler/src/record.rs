@@ -73,7 +73,8 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
     let mut tcp = TcpAggregator::default();
     if options.db_required && probes.db_targets.is_empty() {
         bail!(
-            "no PostgreSQL server found {}; name its binary with --postgres-binary PATH",
+            "no PostgreSQL server or libpq client found {}; name them with --postgres-binary \
+             PATH or --libpq PATH",
             if config.pids.is_empty() {
                 "running or installed on this host"
             } else {
@@ -354,7 +355,7 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
         .map(|s| s.pid)
         .chain(syscalls.iter().flat_map(|s| &s.stats).map(|s| s.pid))
         .chain(tcp.iter().flat_map(|t| &t.endpoints).map(|e| e.pid))
-        .chain(db.iter().flat_map(|d| &d.queries).map(|q| q.server_pid))
+        .chain(db.iter().flat_map(|d| &d.queries).map(|q| q.pid))
         .filter(|pid| *pid != 0)
         .collect();
     seen_pids.sort_unstable();
@@ -601,6 +602,8 @@ fn drain_new_tasks(
 /// server's child, so -p SERVER_PID selects it.
 pub(crate) struct DbOwners {
     pids: Vec<u32>,
+    /// Prepared statements' text by (process, name), from PQsendPrepare.
+    prepared: HashMap<(u32, String), String>,
     known: HashMap<u32, Option<(u32, String)>>,
     filtered_out: u64,
 }
@@ -609,6 +612,7 @@ impl DbOwners {
     pub(crate) fn new(pids: &[u32]) -> Self {
         Self {
             pids: pids.to_vec(),
+            prepared: HashMap::new(),
             known: HashMap::new(),
             filtered_out: 0,
         }
@@ -656,11 +660,24 @@ pub(crate) fn drain_db_events(
         if let Some(query) = crate::probes::db::decode(&item)
             && let Some((server, comm)) = owners.owner(query.pid)
         {
+            if let Some(name) = query.prepare_name {
+                owners.prepared.insert((query.pid, name), query.text);
+                continue;
+            }
+            let text = if query.prepared {
+                owners
+                    .prepared
+                    .get(&(query.pid, query.text.clone()))
+                    .cloned()
+                    .unwrap_or_else(|| format!("EXECUTE {}", query.text))
+            } else {
+                query.text
+            };
             db.add(
-                "postgres-usdt",
+                query.source,
                 server,
                 &comm,
-                &query.text,
+                &text,
                 query.truncated,
                 query.error,
                 query.duration_ns,

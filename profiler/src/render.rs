@@ -375,7 +375,7 @@ fn db_summary(
             seconds(q.p99_ns),
             seconds(q.max_ns),
             q.comm,
-            q.server_pid,
+            q.pid,
             q.fingerprint,
         );
     }

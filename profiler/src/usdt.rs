@@ -164,6 +164,36 @@ pub fn probes_in(data: &[u8]) -> Result<Vec<UsdtProbe>> {
     Ok(out)
 }
 
+/// File offsets of the named functions (dynamic or static symbol table), for uprobes.
+pub fn function_offsets(path: &Path, names: &[&str]) -> Result<Vec<(String, u64)>> {
+    use object::ObjectSymbol as _;
+    let data = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let file = object::File::parse(&*data).with_context(|| {
+        format!(
+            "{} is not an ELF file this profiler can read",
+            path.display()
+        )
+    })?;
+    let mut out = Vec::new();
+    for symbol in file.dynamic_symbols().chain(file.symbols()) {
+        let Ok(name) = symbol.name() else { continue };
+        if !names.contains(&name) || symbol.address() == 0 || out.iter().any(|(n, _)| n == name) {
+            continue;
+        }
+        let offset = file
+            .segments()
+            .find_map(|s| {
+                let (offset, size) = s.file_range();
+                let addr = s.address();
+                (symbol.address() >= addr && symbol.address() < addr + size)
+                    .then(|| symbol.address() - addr + offset)
+            })
+            .with_context(|| format!("{name} in {} is in no segment", path.display()))?;
+        out.push((name.to_string(), offset));
+    }
+    Ok(out)
+}
+
 /// One argument spec: `SIZE@LOCATION`, LOCATION being `%reg`, `DISP(%reg)` or `$CONST`
 /// (x86_64), or `xN`, `[xN, DISP]` (aarch64).
 pub fn parse_arg(spec: &str) -> Result<UsdtArg> {

@@ -108,10 +108,7 @@ fn check_statements(capture: &Value, bench: &str, cluster: &PgCluster, expected:
         );
         assert_eq!(ours["errors"].as_u64(), Some(0));
         assert_eq!(ours["source"], "postgres-usdt");
-        assert_eq!(
-            ours["server_pid"].as_u64(),
-            Some(cluster.postmaster_pid as u64)
-        );
+        assert_eq!(ours["pid"].as_u64(), Some(cluster.postmaster_pid as u64));
         assert!(
             ours["example"].is_null(),
             "literals are redacted by default"
@@ -261,4 +258,86 @@ fn top_shows_the_servers_queries_live() {
     assert!(calls.iter().sum::<u64>() <= transactions);
     assert!(*calls.iter().max().unwrap() >= transactions / 10, "{text}");
     assert!(text.contains("MOST FREQUENT QUERIES"), "{text}");
+}
+
+fn pgbench_transactions(output: &str) -> u64 {
+    output
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no transaction count in {output}"))
+}
+
+/// Records pgbench `args` on the whole host (pgbench does not exist yet when the recording
+/// starts; its libpq is the system's); returns pgbench's transactions and SELECT latency,
+/// and our libpq query of pgbench for that statement.
+fn record_libpq(cluster: &PgCluster, name: &str, args: &[&str]) -> (u64, f64, Value) {
+    let dir = temp_dir(name);
+    let recording = Recording::start(&dir.join("out"), &["--events", "db", "--duration", "120s"]);
+    let bench = cluster.pgbench(args);
+    let (capture, _) = recording.interrupt();
+    let (statement, client_ms) = pgbench_statement_latencies(&bench)
+        .into_iter()
+        .find(|(s, _)| s.starts_with("SELECT abalance"))
+        .expect("select latency");
+    let queries = capture["db"]["queries"].as_array().expect("db queries");
+    let ours = queries
+        .iter()
+        .find(|q| {
+            q["source"] == "libpq"
+                && q["comm"] == "pgbench"
+                && normalized(q["fingerprint"].as_str().unwrap()) == normalized(&statement)
+        })
+        .unwrap_or_else(|| panic!("no libpq query of pgbench in {queries:?}"))
+        .clone();
+    (pgbench_transactions(&bench), client_ms, ours)
+}
+
+/// Client-side timing through libpq's PQsendQuery*/PQgetResult (simple or prepared
+/// protocol). pgbench -S runs one SELECT per transaction, so our call count must be its
+/// transaction count. With one connection, our mean must be pgbench -r's latency (±10 %);
+/// with two connections driven by one thread (`-c 2 -j 1`, commands in flight on both at
+/// once) the count must still be exact. (pgbench's per-statement figure is not comparable
+/// there: it is taken with a cached clock while it serves the other connection.)
+fn check_libpq(mode: &str) {
+    require_root();
+    let cluster = PgCluster::start(&format!("libpq-{mode}"));
+    cluster.pgbench(&["-i", "-q", "-s", "1"]);
+    let (transactions, client_ms, ours) = record_libpq(
+        &cluster,
+        &format!("db-libpq-{mode}"),
+        &["-S", "-n", "-r", "-M", mode, "-c", "1", "-T", "2"],
+    );
+    let calls = ours["calls"].as_u64().unwrap();
+    let mean_ms = ours["total_ns"].as_u64().unwrap() as f64 / calls as f64 / 1e6;
+    println!(
+        "libpq {mode}, 1 connection: calls {calls} vs pgbench transactions {transactions}; mean \
+         {mean_ms:.4} ms vs pgbench -r {client_ms:.4} ms"
+    );
+    assert_eq!(calls, transactions);
+    assert!(
+        (mean_ms - client_ms).abs() <= 0.10 * client_ms,
+        "mean {mean_ms} ms vs pgbench's {client_ms} ms"
+    );
+    assert_eq!(ours["errors"].as_u64(), Some(0));
+    let (transactions, _, ours) = record_libpq(
+        &cluster,
+        &format!("db-libpq-{mode}-2"),
+        &[
+            "-S", "-n", "-r", "-M", mode, "-c", "2", "-j", "1", "-T", "2",
+        ],
+    );
+    let calls = ours["calls"].as_u64().unwrap();
+    println!("libpq {mode}, 2 connections on 1 thread: calls {calls} vs pgbench {transactions}");
+    assert_eq!(calls, transactions);
+}
+
+#[test]
+fn libpq_client_latency_matches_pgbench_simple_protocol() {
+    check_libpq("simple");
+}
+
+#[test]
+fn libpq_client_latency_matches_pgbench_prepared_statements() {
+    check_libpq("prepared");
 }

@@ -114,7 +114,7 @@ fn db_family_on_a_process_that_is_no_database_server_is_refused() {
     let _ = sleeper.wait();
     assert_one_error_line(
         &output,
-        "no PostgreSQL server found among the given processes",
+        "no PostgreSQL server or libpq client found among the given processes",
     );
 }
 
@@ -149,4 +149,16 @@ fn a_binary_without_query_probes_is_refused() {
         dir.join("out2").to_str().unwrap(),
     ]);
     assert_one_error_line(&output, "/nonexistent/postgres does not exist");
+    let output = run_profiler(&[
+        "record",
+        "-d",
+        "1s",
+        "--events",
+        "db",
+        "--libpq",
+        "/bin/true",
+        "-o",
+        dir.join("out3").to_str().unwrap(),
+    ]);
+    assert_one_error_line(&output, "has no PQgetResult symbol");
 }

@@ -11,7 +11,10 @@ use anyhow::{Context as _, Result, bail};
 use aya::Ebpf;
 use aya::maps::{MapData, RingBuf};
 use aya::programs::UProbe;
-use profiler_common::db::{DbEvent, FLAG_ERROR, QUERY_MAX, counter, maps};
+use profiler_common::db::{
+    DbEvent, FLAG_ERROR, FLAG_PREPARE, FLAG_PREPARED, PREPARE_NAME_MAX, QUERY_MAX, SOURCE_LIBPQ,
+    counter, maps,
+};
 
 use super::{Globals, Probes, global, program, read_counters};
 use crate::uprobe::{self, UprobeLink};
@@ -21,8 +24,105 @@ use crate::usdt::{self, UsdtProbe};
 pub struct DbConfig {
     /// PostgreSQL server binaries to probe; found automatically when empty.
     pub postgres_binaries: Vec<PathBuf>,
+    /// libpq libraries to probe; found automatically when empty.
+    pub libpq: Vec<PathBuf>,
     /// Not asked for explicitly: a server that cannot be probed is a note, not an error.
     pub optional: bool,
+}
+
+/// libpq's functions: (symbol, program). Entry probes, except PQgetResult's return.
+const LIBPQ_FUNCTIONS: [(&str, &str); 6] = [
+    ("PQgetResult", "libpq_get_result_return"),
+    ("PQgetResult", "libpq_get_result"),
+    ("PQsendQuery", "libpq_send_query"),
+    ("PQsendQueryParams", "libpq_send_query"),
+    ("PQsendQueryPrepared", "libpq_send_prepared"),
+    ("PQsendPrepare", "libpq_send_prepare"),
+];
+
+/// A libpq library and where its functions are.
+#[derive(Debug, Clone)]
+pub struct LibpqTarget {
+    pub path: PathBuf,
+    functions: Vec<(String, u64)>,
+}
+
+/// Everything the db family attaches to.
+#[derive(Debug, Clone, Default)]
+pub struct DbTargets {
+    pub postgres: Vec<PostgresTarget>,
+    pub libpq: Vec<LibpqTarget>,
+}
+
+impl DbTargets {
+    pub fn is_empty(&self) -> bool {
+        self.postgres.is_empty() && self.libpq.is_empty()
+    }
+
+    pub fn paths(&self) -> Vec<PathBuf> {
+        self.postgres
+            .iter()
+            .map(|t| t.path.clone())
+            .chain(self.libpq.iter().map(|t| t.path.clone()))
+            .collect()
+    }
+}
+
+/// libpq libraries: the ones mapped by `pids`, or for the whole host the system's.
+fn find_libpq(pids: &[u32]) -> Vec<PathBuf> {
+    if !pids.is_empty() {
+        let mut out = Vec::new();
+        for pid in pids {
+            let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+            for line in maps.lines() {
+                if let Some(path) = line.split_whitespace().nth(5)
+                    && Path::new(path)
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("libpq.so"))
+                {
+                    out.push(PathBuf::from(format!("/proc/{pid}/root{path}")));
+                }
+            }
+        }
+        return out;
+    }
+    let mut out = Vec::new();
+    for dir in ["/usr/lib", "/usr/lib64", "/usr/local/lib", "/lib"] {
+        let mut dirs = vec![PathBuf::from(dir)];
+        dirs.extend(
+            std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().contains("-linux-"))
+                }),
+        );
+        for d in dirs {
+            let candidate = d.join("libpq.so.5");
+            if candidate.is_file() {
+                out.push(candidate);
+            }
+        }
+    }
+    out
+}
+
+fn libpq_target(path: PathBuf) -> Result<LibpqTarget> {
+    let names: Vec<&str> = LIBPQ_FUNCTIONS.iter().map(|(n, _)| *n).collect();
+    let functions = crate::usdt::function_offsets(&path, &names)?;
+    for name in ["PQgetResult", "PQsendQuery"] {
+        if !functions.iter().any(|(n, _)| n == name) {
+            bail!(
+                "{} has no {name} symbol: not a libpq this profiler can probe",
+                path.display()
+            );
+        }
+    }
+    Ok(LibpqTarget { path, functions })
 }
 
 /// A PostgreSQL binary and its two query probes.
@@ -77,18 +177,49 @@ fn running_postgres(pids: &[u32]) -> Vec<PathBuf> {
 /// The binaries to probe: the ones given; else the running servers (among `pids`); else,
 /// for the whole host, the installed ones (servers started later are caught too). One per
 /// file (device, inode).
-pub fn discover(config: &DbConfig, pids: &[u32]) -> Result<Vec<PostgresTarget>> {
+pub fn discover(config: &DbConfig, pids: &[u32]) -> Result<DbTargets> {
+    let postgres = discover_postgres(config, pids)?;
+    let mut libpq = Vec::new();
+    let explicit = !config.libpq.is_empty();
+    for path in &config.libpq {
+        if !path.is_file() {
+            bail!("libpq library {} does not exist", path.display());
+        }
+    }
+    let paths = if explicit {
+        config.libpq.clone()
+    } else {
+        find_libpq(pids)
+    };
+    let mut seen = HashSet::new();
+    for path in paths {
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if !seen.insert((meta.dev(), meta.ino())) {
+            continue;
+        }
+        match libpq_target(path) {
+            Ok(target) => libpq.push(target),
+            Err(err) if explicit => return Err(err),
+            Err(err) => eprintln!("profiler: note: {err:#}"),
+        }
+    }
+    Ok(DbTargets { postgres, libpq })
+}
+
+fn discover_postgres(config: &DbConfig, pids: &[u32]) -> Result<Vec<PostgresTarget>> {
     let mut paths = config.postgres_binaries.clone();
     for path in &paths {
         if !path.is_file() {
             bail!("PostgreSQL binary {} does not exist", path.display());
         }
     }
-    if paths.is_empty() {
+    if paths.is_empty() && config.libpq.is_empty() {
         paths = running_postgres(pids);
-    }
-    if paths.is_empty() && pids.is_empty() {
-        paths = postgres_binaries_installed();
+        if paths.is_empty() && pids.is_empty() {
+            paths = postgres_binaries_installed();
+        }
     }
     let mut seen = HashSet::new();
     let mut targets = Vec::new();
@@ -126,7 +257,20 @@ pub fn discover(config: &DbConfig, pids: &[u32]) -> Result<Vec<PostgresTarget>> 
     Ok(targets)
 }
 
-pub(super) fn globals(targets: &[PostgresTarget], globals: &mut Globals) -> Result<()> {
+pub(super) fn globals(targets: &DbTargets, globals: &mut Globals) -> Result<()> {
+    let arg_register = |name: &str| {
+        crate::usdt::register_offset(name)
+            .with_context(|| format!("no register {name} on this architecture"))
+    };
+    #[cfg(target_arch = "aarch64")]
+    let (arg1, arg2, arg3, ret) = ("x0", "x1", "x2", "x0");
+    #[cfg(not(target_arch = "aarch64"))]
+    let (arg1, arg2, arg3, ret) = ("rdi", "rsi", "rdx", "rax");
+    global(globals, "ARG1_REG", arg_register(arg1)?);
+    global(globals, "ARG2_REG", arg_register(arg2)?);
+    global(globals, "ARG3_REG", arg_register(arg3)?);
+    global(globals, "RET_REG", arg_register(ret)?);
+    let targets = &targets.postgres;
     let Some(first) = targets.first() else {
         return Ok(());
     };
@@ -149,8 +293,33 @@ pub(super) fn globals(targets: &[PostgresTarget], globals: &mut Globals) -> Resu
 }
 
 /// Attaches done before start (so no start is seen without its done being watched).
-pub(super) fn attach(ebpf: &mut Ebpf, targets: &[PostgresTarget]) -> Result<Vec<UprobeLink>> {
+pub(super) fn attach(ebpf: &mut Ebpf, all: &DbTargets) -> Result<Vec<UprobeLink>> {
     let mut links = Vec::new();
+    // libpq: PQgetResult's return first, then the calls that start a command.
+    if !all.libpq.is_empty() {
+        for (symbol, name) in LIBPQ_FUNCTIONS {
+            let prog: &mut UProbe = program(ebpf, name)?.try_into()?;
+            if prog.fd().is_err() {
+                prog.load()
+                    .with_context(|| format!("loading the {name} program failed"))?;
+            }
+            let fd = prog.fd()?.as_fd().try_clone_to_owned()?;
+            for target in &all.libpq {
+                let Some((_, offset)) = target.functions.iter().find(|(n, _)| n == symbol) else {
+                    continue; // an old libpq without this function
+                };
+                links.push(uprobe::attach(
+                    fd.as_fd(),
+                    &target.path,
+                    *offset,
+                    0,
+                    name == "libpq_get_result_return",
+                    None,
+                )?);
+            }
+        }
+    }
+    let targets = &all.postgres;
     if targets.is_empty() {
         return Ok(links);
     }
@@ -200,6 +369,12 @@ impl Probes {
 pub struct QueryRecord {
     pub pid: u32,
     pub tid: u32,
+    /// `postgres-usdt` or `libpq`.
+    pub source: &'static str,
+    /// A PQsendPrepare: `text` is the statement and this its name (not a query itself).
+    pub prepare_name: Option<String>,
+    /// `text` is the name of a prepared statement (PQsendQueryPrepared).
+    pub prepared: bool,
     pub error: bool,
     pub duration_ns: u64,
     pub text: String,
@@ -214,14 +389,32 @@ pub fn decode(bytes: &[u8]) -> Option<QueryRecord> {
     // SAFETY: DbEvent is plain data; read_unaligned copes with any alignment.
     let e: DbEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const DbEvent) };
     let len = (e.len as usize).min(QUERY_MAX);
-    let text = &e.query[..len];
-    let text = &text[..text.iter().position(|b| *b == 0).unwrap_or(text.len())];
+    let until_nul = |bytes: &[u8]| -> String {
+        let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+        String::from_utf8_lossy(&bytes[..end]).into_owned()
+    };
+    let (text, prepare_name) = if e.flags & FLAG_PREPARE != 0 {
+        let name = until_nul(&e.query[..PREPARE_NAME_MAX]);
+        (
+            until_nul(&e.query[PREPARE_NAME_MAX..len.max(PREPARE_NAME_MAX)]),
+            Some(name),
+        )
+    } else {
+        (until_nul(&e.query[..len]), None)
+    };
     Some(QueryRecord {
         pid: e.tgid,
         tid: e.tid,
+        source: if e.source == SOURCE_LIBPQ {
+            "libpq"
+        } else {
+            "postgres-usdt"
+        },
+        prepare_name,
+        prepared: e.flags & FLAG_PREPARED != 0,
         error: e.flags & FLAG_ERROR != 0,
         duration_ns: e.duration_ns,
-        text: String::from_utf8_lossy(text).into_owned(),
+        text,
         truncated: len >= QUERY_MAX - 1,
     })
 }

@@ -166,11 +166,11 @@ impl Probes {
                 Ok(targets) => targets,
                 Err(err) if db_config.optional => {
                     eprintln!("profiler: note: database queries are not recorded: {err:#}");
-                    Vec::new()
+                    db::DbTargets::default()
                 }
                 Err(err) => return Err(err),
             },
-            None => Vec::new(),
+            None => db::DbTargets::default(),
         };
         db::globals(&db_targets, &mut globals)?;
 
@@ -210,7 +210,7 @@ impl Probes {
             oncpu_frequency,
             syscalls_slow_ns,
             tcp: config.tcp,
-            db_targets: db_targets.into_iter().map(|t| t.path).collect(),
+            db_targets: db_targets.paths(),
             _db_links: db_links,
         })
     }
