@@ -33,6 +33,9 @@ pub struct DbPending {
     pub source: u32,
     /// Bytes of `query` used (without the NUL).
     pub len: u32,
+    /// The caller's user stack (client-side sources), or a negative error.
+    pub user_stack_id: i32,
+    pub _pad: u32,
     pub query: [u8; QUERY_MAX],
 }
 
@@ -48,7 +51,11 @@ pub struct DbEvent {
     /// 0 for abandoned queries (`FLAG_ERROR`).
     pub duration_ns: u64,
     pub len: u32,
+    pub user_stack_id: i32,
+    /// The process's parent (for a server backend: the postmaster).
+    pub ppid: u32,
     pub _pad: u32,
+    pub comm: [u8; 16],
     pub query: [u8; QUERY_MAX],
 }
 
@@ -60,7 +67,9 @@ pub mod counter {
     pub const ABANDONED: u32 = 3;
     /// Query text that could not be read from the process.
     pub const TEXT_UNREADABLE: u32 = 4;
-    pub const COUNT: u32 = 5;
+    /// Client-side calls whose user stack could not be taken.
+    pub const STACK_LOST: u32 = 5;
+    pub const COUNT: u32 = 6;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "queries",
@@ -68,6 +77,7 @@ pub mod counter {
         "events_lost",
         "abandoned",
         "text_unreadable",
+        "stack_lost",
     ];
 }
 
@@ -90,11 +100,11 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(
             core::mem::size_of::<super::DbPending>(),
-            16 + super::QUERY_MAX
+            24 + super::QUERY_MAX
         );
         assert_eq!(
             core::mem::size_of::<super::DbEvent>(),
-            40 + super::QUERY_MAX
+            64 + super::QUERY_MAX
         );
     }
 }

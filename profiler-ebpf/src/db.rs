@@ -5,9 +5,11 @@
 //! backends are other processes than the one named with -p; userspace filters by ancestry.
 
 use aya_ebpf::{
+    bindings::BPF_F_USER_STACK,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        bpf_probe_read_kernel_buf, bpf_probe_read_user, bpf_probe_read_user_str_bytes,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, bpf_probe_read_kernel_buf, bpf_probe_read_user,
+        bpf_probe_read_user_str_bytes,
     },
     macros::{map, uprobe, uretprobe},
     maps::{LruHashMap, PerCpuArray, RingBuf},
@@ -18,7 +20,7 @@ use profiler_common::db::{
     FLAG_PREPARED, PREPARE_NAME_MAX, QUERY_MAX, SOURCE_LIBPQ, SOURCE_POSTGRES_USDT, counter,
 };
 
-use crate::common::{config, wanted_ids};
+use crate::common::{StackError, TASK_COMM_OFF, config, notify_new_task, stack_id, wanted_ids};
 
 /// How to read query__start's argument (the query text pointer), from its USDT spec.
 #[unsafe(no_mangle)]
@@ -38,6 +40,17 @@ static ARG2_REG: u32 = 104;
 static ARG3_REG: u32 = 96;
 #[unsafe(no_mangle)]
 static RET_REG: u32 = 80;
+
+/// Offsets in task_struct of `real_parent` and `tgid` (BTF).
+#[unsafe(no_mangle)]
+static TASK_REAL_PARENT_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static TASK_TGID_OFF: u32 = 0;
+
+/// Client processes already announced to userspace (which reads their memory maps to
+/// symbolize the issuing stacks, while they live).
+#[map(name = "DB_SEEN")]
+static SEEN: LruHashMap<u32, u8> = LruHashMap::with_max_entries(4096, 0);
 
 /// Client-side commands in flight (libpq), per connection: one thread may drive several
 /// connections at once (pgbench -c 2 -j 1 does).
@@ -116,7 +129,21 @@ fn emit(pending: *const DbPending, tgid: u32, tid: u32, flags: u32, duration_ns:
         (*event).start_ns = (*pending).start_ns;
         (*event).duration_ns = duration_ns;
         (*event).len = (*pending).len;
+        (*event).user_stack_id = (*pending).user_stack_id;
+        (*event).comm = bpf_get_current_comm().unwrap_or_default();
         (*event)._pad = 0;
+        let task = bpf_get_current_task() as *const u8;
+        let parent: u64 =
+            bpf_probe_read_kernel(task.add(config(&TASK_REAL_PARENT_OFF) as usize) as *const u64)
+                .unwrap_or(0);
+        (*event).ppid = if parent == 0 {
+            0
+        } else {
+            bpf_probe_read_kernel(
+                (parent as *const u8).add(config(&TASK_TGID_OFF) as usize) as *const u32
+            )
+            .unwrap_or(0)
+        };
         if bpf_probe_read_kernel_buf((*pending).query.as_ptr(), &mut (*event).query).is_err() {
             (*event).len = 0;
         }
@@ -151,6 +178,7 @@ pub fn pg_query_start(ctx: ProbeContext) -> u32 {
     unsafe {
         (*scratch).start_ns = bpf_ktime_get_ns();
         (*scratch).source = SOURCE_POSTGRES_USDT;
+        (*scratch).user_stack_id = -1;
         (*scratch).len =
             match bpf_probe_read_user_str_bytes(text as *const u8, &mut (*scratch).query) {
                 Ok(bytes) => bytes.len().min(QUERY_MAX) as u32,
@@ -198,12 +226,27 @@ fn client_start(ctx: &ProbeContext, flags: u32) -> u32 {
     if !wanted_ids(tgid, tid) {
         return 0;
     }
+    if unsafe { SEEN.get(&tgid) }.is_none() {
+        let _ = SEEN.insert(&tgid, &1, 0);
+        let comm =
+            unsafe { (bpf_get_current_task() as *const u8).add(config(&TASK_COMM_OFF) as usize) };
+        if !notify_new_task(tgid, tid, comm) {
+            count(counter::EVENTS_LOST);
+        }
+    }
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
     unsafe {
         (*scratch).start_ns = bpf_ktime_get_ns();
         (*scratch).source = SOURCE_LIBPQ | (flags << 8);
+        (*scratch).user_stack_id = match stack_id(ctx, BPF_F_USER_STACK as u64) {
+            Ok(id) => id,
+            Err(StackError::Collision(err)) | Err(StackError::Missing(err)) => {
+                count(counter::STACK_LOST);
+                err
+            }
+        };
         let text = reg(ctx.regs as *const u8, &ARG2_REG) as *const u8;
         let len = if flags & FLAG_PREPARE != 0 {
             // Name, then the statement text after PREPARE_NAME_MAX bytes.

@@ -10,6 +10,55 @@ pub const FINGERPRINT_MAX: usize = 200;
 /// Latencies kept per fingerprint for exact quantiles; beyond, a uniform reservoir sample.
 const SAMPLES_MAX: usize = 100_000;
 const BUCKETS: usize = 40;
+/// N+1 suspects: at least this many calls of one fingerprint in a row from one thread…
+pub const N_PLUS_ONE_MIN_RUN: u64 = 10;
+/// …each starting within this long of the previous one's end.
+pub const N_PLUS_ONE_MAX_GAP_NS: u64 = 1_000_000;
+
+/// One query as observed.
+#[derive(Debug, Clone)]
+pub struct Observed<'a> {
+    pub source: &'a str,
+    /// The server (server-side sources) or the client process.
+    pub pid: u32,
+    pub comm: &'a str,
+    pub tid: u32,
+    pub text: &'a str,
+    pub truncated: bool,
+    pub error: bool,
+    pub start_ns: u64,
+    pub duration_ns: u64,
+    /// The issuing code path (client-side sources), negative when none.
+    pub user_stack_id: i32,
+}
+
+type QueryKey = (String, u32, String);
+
+/// Consecutive calls of one fingerprint by one thread.
+#[derive(Debug, Clone)]
+struct Run {
+    key: QueryKey,
+    comm: String,
+    stack_id: i32,
+    count: u64,
+    total_ns: u64,
+    last_end_ns: u64,
+}
+
+/// An N+1 suspect before its stack is symbolized.
+#[derive(Debug, Clone, Default)]
+pub struct Suspect {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub source: String,
+    pub fingerprint: String,
+    pub user_stack_id: i32,
+    pub runs: u64,
+    pub longest_run: u64,
+    pub queries: u64,
+    pub total_ns: u64,
+}
 
 /// The query with every literal (numbers, strings, `$n` parameters, booleans are kept as
 /// words) replaced by `?`, lists of literals collapsed to one `?`, comments removed and
@@ -178,14 +227,18 @@ struct Stat {
     seen: u64,
     example: Option<String>,
     truncated: bool,
+    /// Calls and time per issuing stack (user stack id) and thread.
+    stacks: HashMap<(i32, u32), (u64, u64)>,
 }
 
 /// Per (source, server process, fingerprint) statistics.
 #[derive(Debug, Default)]
 pub struct DbAggregator {
-    stats: HashMap<(String, u32, String), Stat>,
+    stats: HashMap<QueryKey, Stat>,
     show_literals: bool,
     rng: u64,
+    runs: HashMap<(u32, u32), Run>,
+    suspects: HashMap<(QueryKey, i32), Suspect>,
 }
 
 impl DbAggregator {
@@ -197,29 +250,28 @@ impl DbAggregator {
         }
     }
 
-    /// One query of `pid` (the server a backend belongs to).
-    #[allow(clippy::too_many_arguments)]
-    pub fn add(
-        &mut self,
-        source: &str,
-        pid: u32,
-        comm: &str,
-        text: &str,
-        truncated: bool,
-        error: bool,
-        duration_ns: u64,
-    ) {
+    pub fn add(&mut self, q: &Observed) {
+        let (source, pid, comm, text, truncated, error, duration_ns) = (
+            q.source,
+            q.pid,
+            q.comm,
+            q.text,
+            q.truncated,
+            q.error,
+            q.duration_ns,
+        );
         let fp = fingerprint(text);
-        let stat = self
-            .stats
-            .entry((source.to_string(), pid, fp))
-            .or_insert_with(|| Stat {
-                source: source.to_string(),
-                pid,
-                comm: comm.to_string(),
-                buckets: vec![0; BUCKETS],
-                ..Stat::default()
-            });
+        let key: QueryKey = (source.to_string(), pid, fp);
+        if !error {
+            self.follow_run(&key, q);
+        }
+        let stat = self.stats.entry(key).or_insert_with(|| Stat {
+            source: source.to_string(),
+            pid,
+            comm: comm.to_string(),
+            buckets: vec![0; BUCKETS],
+            ..Stat::default()
+        });
         stat.truncated |= truncated;
         if self.show_literals && stat.example.is_none() {
             stat.example = Some(text.to_string());
@@ -230,6 +282,9 @@ impl DbAggregator {
         }
         stat.calls += 1;
         stat.total_ns += duration_ns;
+        let per_stack = stat.stacks.entry((q.user_stack_id, q.tid)).or_default();
+        per_stack.0 += 1;
+        per_stack.1 += duration_ns;
         stat.max_ns = stat.max_ns.max(duration_ns);
         let bucket = (64 - duration_ns.leading_zeros() as usize).min(BUCKETS - 1);
         stat.buckets[bucket] += 1;
@@ -246,6 +301,87 @@ impl DbAggregator {
                 stat.samples[slot as usize] = duration_ns;
             }
         }
+    }
+
+    /// Extends the thread's run of one fingerprint, or closes it and starts another.
+    fn follow_run(&mut self, key: &QueryKey, q: &Observed) {
+        let thread = (q.pid, q.tid);
+        let end = q.start_ns + q.duration_ns;
+        if let Some(run) = self.runs.get_mut(&thread)
+            && run.key == *key
+            && q.start_ns.saturating_sub(run.last_end_ns) <= N_PLUS_ONE_MAX_GAP_NS
+        {
+            run.count += 1;
+            run.total_ns += q.duration_ns;
+            run.last_end_ns = end;
+            return;
+        }
+        let new = Run {
+            key: key.clone(),
+            comm: q.comm.to_string(),
+            stack_id: q.user_stack_id,
+            count: 1,
+            total_ns: q.duration_ns,
+            last_end_ns: end,
+        };
+        if let Some(old) = self.runs.insert(thread, new) {
+            Self::close_run(&mut self.suspects, thread.1, old);
+        }
+    }
+
+    fn close_run(suspects: &mut HashMap<(QueryKey, i32), Suspect>, tid: u32, run: Run) {
+        if run.count < N_PLUS_ONE_MIN_RUN {
+            return;
+        }
+        let suspect = suspects
+            .entry((run.key.clone(), run.stack_id))
+            .or_insert_with(|| Suspect {
+                pid: run.key.1,
+                tid,
+                comm: run.comm.clone(),
+                source: run.key.0.clone(),
+                fingerprint: run.key.2.clone(),
+                user_stack_id: run.stack_id,
+                ..Suspect::default()
+            });
+        suspect.runs += 1;
+        suspect.longest_run = suspect.longest_run.max(run.count);
+        suspect.queries += run.count;
+        suspect.total_ns += run.total_ns;
+    }
+
+    /// N+1 suspects (runs still open count too), most queries first.
+    pub fn suspects(&self) -> Vec<Suspect> {
+        let mut suspects = self.suspects.clone();
+        for ((_, tid), run) in &self.runs {
+            Self::close_run(&mut suspects, *tid, run.clone());
+        }
+        let mut out: Vec<Suspect> = suspects.into_values().collect();
+        out.sort_by(|a, b| {
+            b.queries
+                .cmp(&a.queries)
+                .then(a.fingerprint.cmp(&b.fingerprint))
+        });
+        out
+    }
+
+    /// (source, pid, fingerprint, user stack id, tid, calls, total ns) of every issuing stack.
+    pub fn stack_usage(&self) -> Vec<(String, u32, String, i32, u32, u64, u64)> {
+        let mut out = Vec::new();
+        for ((source, pid, fp), stat) in &self.stats {
+            for ((stack, tid), (calls, total)) in &stat.stacks {
+                out.push((
+                    source.clone(),
+                    *pid,
+                    fp.clone(),
+                    *stack,
+                    *tid,
+                    *calls,
+                    *total,
+                ));
+            }
+        }
+        out
     }
 
     /// Queries sorted by total time.
@@ -290,6 +426,7 @@ impl DbAggregator {
         DbProfile {
             show_literals: self.show_literals,
             queries,
+            ..DbProfile::default()
         }
     }
 }
@@ -297,6 +434,56 @@ impl DbAggregator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn obs(text: &str, duration_ns: u64, start_ns: u64) -> Observed<'_> {
+        Observed {
+            source: "postgres-usdt",
+            pid: 10,
+            comm: "postgres",
+            tid: 11,
+            text,
+            truncated: false,
+            error: false,
+            start_ns,
+            duration_ns,
+            user_stack_id: 3,
+        }
+    }
+
+    #[test]
+    fn tight_runs_of_one_fingerprint_are_n_plus_one_suspects() {
+        let mut agg = DbAggregator::new(false);
+        let mut t = 0;
+        // Three runs of 30 lookups (100 us each, 50 us apart), each followed by another query.
+        for _ in 0..3 {
+            for i in 0..30 {
+                agg.add(&obs(
+                    &format!("SELECT * FROM users WHERE id = {i}"),
+                    100_000,
+                    t,
+                ));
+                t += 150_000;
+            }
+            agg.add(&obs("SELECT count(*) FROM orders", 100_000, t));
+            t += 150_000;
+        }
+        // A slow trickle of the same lookup (2 ms apart) is no suspect.
+        for i in 0..30 {
+            agg.add(&obs(
+                &format!("SELECT * FROM items WHERE id = {i}"),
+                100_000,
+                t,
+            ));
+            t += 2_100_000;
+        }
+        let suspects = agg.suspects();
+        assert_eq!(suspects.len(), 1, "{suspects:?}");
+        let s = &suspects[0];
+        assert_eq!(s.fingerprint, "SELECT * FROM users WHERE id = ?");
+        assert_eq!((s.runs, s.longest_run, s.queries), (3, 30, 90));
+        assert_eq!(s.total_ns, 90 * 100_000);
+        assert_eq!(s.user_stack_id, 3);
+    }
 
     #[test]
     fn literals_become_placeholders() {
@@ -346,26 +533,14 @@ mod tests {
     fn statistics_per_fingerprint_with_exact_quantiles_and_errors() {
         let mut agg = DbAggregator::new(false);
         for i in 1..=100u64 {
-            agg.add(
-                "postgres-usdt",
-                10,
-                "postgres",
-                &format!("SELECT * FROM t WHERE id = {i}"),
-                false,
-                false,
-                i * 1000,
-            );
+            let text = format!("SELECT * FROM t WHERE id = {i}");
+            agg.add(&obs(&text, i * 1000, 10_000_000 * i));
         }
-        agg.add(
-            "postgres-usdt",
-            10,
-            "postgres",
-            "SELECT * FROM t WHERE id = 5",
-            false,
-            true,
-            0,
-        );
-        agg.add("postgres-usdt", 10, "postgres", "COMMIT", false, false, 10);
+        agg.add(&Observed {
+            error: true,
+            ..obs("SELECT * FROM t WHERE id = 5", 0, 0)
+        });
+        agg.add(&obs("COMMIT", 10, 0));
         let profile = agg.profile();
         assert_eq!(profile.queries.len(), 2);
         let q = &profile.queries[0];
@@ -379,7 +554,7 @@ mod tests {
         assert_eq!(q.buckets.iter().sum::<u64>(), 100);
         assert!(q.example.is_none(), "literals stay out unless asked for");
         let mut shown = DbAggregator::new(true);
-        shown.add("s", 1, "c", "SELECT 42", false, false, 1);
+        shown.add(&obs("SELECT 42", 1, 0));
         assert_eq!(
             shown.profile().queries[0].example.as_deref(),
             Some("SELECT 42")

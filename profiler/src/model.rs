@@ -206,6 +206,30 @@ pub struct DbProfile {
     /// Whether `example` holds query text with its literals (`--show-literals`).
     pub show_literals: bool,
     pub queries: Vec<DbQuery>,
+    /// Client-side queries by the code path that issued them: the stack's leaf is a synthetic
+    /// `[db] FINGERPRINT` frame; `total_ns` is query time, `count` calls.
+    #[serde(default)]
+    pub stacks: Vec<Stack>,
+    /// N+1 suspects: one fingerprint issued many times in a row by one thread.
+    #[serde(default)]
+    pub n_plus_one: Vec<NPlusOne>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct NPlusOne {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub source: String,
+    pub fingerprint: String,
+    /// Runs of at least 10 calls, each within 1 ms of the previous one's end.
+    pub runs: u64,
+    pub longest_run: u64,
+    /// Calls in those runs, and their time.
+    pub queries: u64,
+    pub total_ns: u64,
+    /// The code path of the first run, root first (client-side sources).
+    pub frames: Vec<Frame>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

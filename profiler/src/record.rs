@@ -18,9 +18,9 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::dbstats::DbAggregator;
+use crate::dbstats::{DbAggregator, Observed};
 use crate::model::{
-    Capture, Filters, Frame, FrameKind, Metadata, OffcpuProfile, OncpuProfile, Process,
+    Capture, Filters, Frame, FrameKind, Metadata, NPlusOne, OffcpuProfile, OncpuProfile, Process,
     RunqueueHistogram, Stack, SyscallProfile, SyscallStat,
 };
 use crate::probes::{ProbeConfig, Probes};
@@ -173,12 +173,12 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
                     drain_tcp_events(events.get_mut(), &mut tcp, &mut processes);
                 }
                 if let Some(events) = db_events.as_mut() {
-                    drain_db_events(events.get_mut(), &mut db, &mut db_owners);
+                    drain_db_events(events.get_mut(), &mut db, &mut db_owners, Some(&mut processes));
                 }
             }
             guard = async { db_events.as_mut().expect("checked").readable_mut().await }, if db_events.is_some() => {
                 let mut guard = guard.context("polling the database event ring buffer failed")?;
-                drain_db_events(guard.get_inner_mut(), &mut db, &mut db_owners);
+                drain_db_events(guard.get_inner_mut(), &mut db, &mut db_owners, Some(&mut processes));
                 guard.clear_ready();
             }
             guard = async { tcp_events.as_mut().expect("checked").readable_mut().await }, if tcp_events.is_some() => {
@@ -207,7 +207,12 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
         drain_tcp_events(events.get_mut(), &mut tcp, &mut processes);
     }
     if let Some(events) = db_events.as_mut() {
-        drain_db_events(events.get_mut(), &mut db, &mut db_owners);
+        drain_db_events(
+            events.get_mut(),
+            &mut db,
+            &mut db_owners,
+            Some(&mut processes),
+        );
     }
     progress.finish();
     processes.refresh_all();
@@ -338,7 +343,58 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
         None => None,
     };
     let tcp = probes.tcp.then(|| tcp.profile());
-    let db = (!probes.db_targets.is_empty()).then(|| db.profile());
+    let db = match probes.db_targets.is_empty() {
+        true => None,
+        false => {
+            let mut profile = db.profile();
+            for (_, pid, fingerprint, stack_id, tid, calls, total_ns) in db.stack_usage() {
+                if stack_id < 0 {
+                    continue; // server-side: no client code path
+                }
+                let mut stack = builder.build(
+                    (pid, tid, NO_STACK, stack_id),
+                    "db",
+                    total_ns,
+                    calls,
+                    Vec::new(),
+                )?;
+                stack.frames.pop(); // no kernel stack was taken
+                stack
+                    .frames
+                    .push(synthetic_frame(format!("[db] {fingerprint}")));
+                profile.stacks.push(stack);
+            }
+            sort_stacks(&mut profile.stacks);
+            for suspect in db.suspects() {
+                let frames = if suspect.user_stack_id >= 0 {
+                    let mut stack = builder.build(
+                        (suspect.pid, suspect.tid, NO_STACK, suspect.user_stack_id),
+                        "db",
+                        0,
+                        0,
+                        Vec::new(),
+                    )?;
+                    stack.frames.pop();
+                    stack.frames
+                } else {
+                    Vec::new()
+                };
+                profile.n_plus_one.push(NPlusOne {
+                    pid: suspect.pid,
+                    tid: suspect.tid,
+                    comm: suspect.comm,
+                    source: suspect.source,
+                    fingerprint: suspect.fingerprint,
+                    runs: suspect.runs,
+                    longest_run: suspect.longest_run,
+                    queries: suspect.queries,
+                    total_ns: suspect.total_ns,
+                    frames,
+                });
+            }
+            Some(profile)
+        }
+    };
     let attached_with = probes.offcpu_attached_with.unwrap_or("none");
     drop(probes); // detach before the (slow) writing
 
@@ -509,7 +565,9 @@ pub fn write_outputs(capture: &Capture, dir: &Path, top: usize) -> Result<()> {
         write_folded(&dir.join("syscalls.folded"), &lines)?;
     }
     if let Some(db) = &capture.db {
-        write_folded(&dir.join("db.folded"), &render::db_folded(db))?;
+        let lines = render::db_folded(db);
+        write_folded(&dir.join("db.folded"), &lines)?;
+        render::flamegraph_svg(&lines, &render::DB_STYLE, &dir.join("db.svg"))?;
     }
     let wallclock = render::wallclock(capture);
     if !wallclock.is_empty() {
@@ -598,13 +656,13 @@ fn drain_new_tasks(
     }
 }
 
-/// Which server a query's backend belongs to, and whether it passes -p: a backend is the
-/// server's child, so -p SERVER_PID selects it.
+/// Whose a query is, and whether it passes -p: a server-side query belongs to the server
+/// (the backend's parent, the postmaster; -p SERVER_PID selects its backends), a client-side
+/// one to the client process.
 pub(crate) struct DbOwners {
     pids: Vec<u32>,
     /// Prepared statements' text by (process, name), from PQsendPrepare.
     prepared: HashMap<(u32, String), String>,
-    known: HashMap<u32, Option<(u32, String)>>,
     filtered_out: u64,
 }
 
@@ -613,41 +671,22 @@ impl DbOwners {
         Self {
             pids: pids.to_vec(),
             prepared: HashMap::new(),
-            known: HashMap::new(),
             filtered_out: 0,
         }
     }
 
-    pub(crate) fn owner(&mut self, pid: u32) -> Option<(u32, String)> {
-        let pids = &self.pids;
-        let owner = self
-            .known
-            .entry(pid)
-            .or_insert_with(|| {
-                let comm = |p: u32| {
-                    std::fs::read_to_string(format!("/proc/{p}/comm"))
-                        .map(|c| c.trim().to_string())
-                        .unwrap_or_default()
-                };
-                let parent = crate::probes::db::parent_of(pid);
-                let server = match parent {
-                    // A backend: the postmaster forked it and runs the same binary.
-                    Some(ppid)
-                        if std::fs::read_link(format!("/proc/{ppid}/exe")).ok()
-                            == std::fs::read_link(format!("/proc/{pid}/exe")).ok() =>
-                    {
-                        ppid
-                    }
-                    _ => pid,
-                };
-                let wanted = pids.is_empty() || pids.contains(&pid) || pids.contains(&server);
-                wanted.then(|| (server, comm(server)))
-            })
-            .clone();
-        if owner.is_none() {
+    fn owner(&mut self, query: &crate::probes::db::QueryRecord) -> Option<u32> {
+        let owner = if query.source == "postgres-usdt" && query.ppid != 0 {
+            query.ppid
+        } else {
+            query.pid
+        };
+        let wanted =
+            self.pids.is_empty() || self.pids.contains(&query.pid) || self.pids.contains(&owner);
+        if !wanted {
             self.filtered_out += 1;
         }
-        owner
+        wanted.then_some(owner)
     }
 }
 
@@ -655,10 +694,11 @@ pub(crate) fn drain_db_events(
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
     db: &mut DbAggregator,
     owners: &mut DbOwners,
+    mut processes: Option<&mut ProcessCache>,
 ) {
     while let Some(item) = ring.next() {
         if let Some(query) = crate::probes::db::decode(&item)
-            && let Some((server, comm)) = owners.owner(query.pid)
+            && let Some(owner) = owners.owner(&query)
         {
             if let Some(name) = query.prepare_name {
                 owners.prepared.insert((query.pid, name), query.text);
@@ -673,15 +713,25 @@ pub(crate) fn drain_db_events(
             } else {
                 query.text
             };
-            db.add(
-                query.source,
-                server,
-                &comm,
-                &text,
-                query.truncated,
-                query.error,
-                query.duration_ns,
-            );
+            if query.user_stack_id >= 0
+                && let Some(processes) = processes.as_deref_mut()
+                && processes.get(query.pid).is_none()
+            {
+                // Its memory maps, while it lives, to symbolize the issuing stacks.
+                processes.observe(query.pid, &query.comm);
+            }
+            db.add(&Observed {
+                source: query.source,
+                pid: owner,
+                comm: &query.comm,
+                tid: query.tid,
+                text: &text,
+                truncated: query.truncated,
+                error: query.error,
+                start_ns: query.start_ns,
+                duration_ns: query.duration_ns,
+                user_stack_id: query.user_stack_id,
+            });
         }
     }
 }

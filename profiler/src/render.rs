@@ -49,6 +49,13 @@ pub const WALLCLOCK_STYLE: FlameStyle = FlameStyle {
     palette: BasicPalette::Aqua,
 };
 
+/// Database query time by issuing code path.
+pub const DB_STYLE: FlameStyle = FlameStyle {
+    title: "Database query time",
+    count_name: "us",
+    palette: BasicPalette::Yellow,
+};
+
 /// The leaf a wall-clock stack ends in: where the time went.
 pub fn wallclock_leaf(stack: &Stack) -> &'static str {
     match stack.state.as_str() {
@@ -311,25 +318,37 @@ pub fn summary(capture: &Capture, top: usize) -> String {
     out
 }
 
-/// `db.folded`: `server;[db SOURCE] fingerprint` with the total time in microseconds.
+/// `db.folded`, microseconds of query time: client-side queries under the code path that
+/// issued them (`comm;frames…;[db] FINGERPRINT`), server-side ones under their server
+/// (`server;[db postgres-usdt] FINGERPRINT`).
 pub fn db_folded(db: &crate::model::DbProfile) -> Vec<String> {
-    db.queries
+    let mut lines = folded(&db.stacks, |s| s.total_ns, 1000);
+    let with_stacks: std::collections::HashSet<(u32, &str)> = db
+        .stacks
         .iter()
-        .filter(|q| q.total_ns >= 1000)
-        .map(|q| {
-            format!(
-                "{};[db {}] {} {}",
-                clean(if q.comm.is_empty() {
-                    "postgres"
-                } else {
-                    &q.comm
-                }),
-                q.source,
-                clean(&q.fingerprint),
-                q.total_ns / 1000
-            )
-        })
-        .collect()
+        .filter_map(|s| Some((s.pid, s.frames.last()?.name.strip_prefix("[db] ")?)))
+        .collect();
+    lines.extend(
+        db.queries
+            .iter()
+            .filter(|q| {
+                q.total_ns >= 1000 && !with_stacks.contains(&(q.pid, q.fingerprint.as_str()))
+            })
+            .map(|q| {
+                format!(
+                    "{};[db {}] {} {}",
+                    clean(if q.comm.is_empty() {
+                        "postgres"
+                    } else {
+                        &q.comm
+                    }),
+                    q.source,
+                    clean(&q.fingerprint),
+                    q.total_ns / 1000
+                )
+            }),
+    );
+    lines
 }
 
 fn db_summary(
@@ -353,6 +372,37 @@ fn db_summary(
     );
     if db.queries.is_empty() {
         return;
+    }
+    if !db.n_plus_one.is_empty() {
+        let _ = writeln!(
+            out,
+            "N+1 suspects (one query issued again and again by one thread):"
+        );
+        for s in db.n_plus_one.iter().take(top) {
+            let path: Vec<&str> = s
+                .frames
+                .iter()
+                .rev()
+                .take(4)
+                .map(|f| f.name.as_str())
+                .collect();
+            let _ = writeln!(
+                out,
+                "  {} calls in {} runs (longest {}), {} total  {}[{}]  {}{}",
+                s.queries,
+                s.runs,
+                s.longest_run,
+                seconds(s.total_ns),
+                s.comm,
+                s.pid,
+                s.fingerprint,
+                if path.is_empty() {
+                    String::new()
+                } else {
+                    format!("  from {}", path.join(" <- "))
+                }
+            );
+        }
     }
     let _ = writeln!(out, "queries by total time (db.folded):");
     let _ = writeln!(

@@ -341,3 +341,55 @@ fn libpq_client_latency_matches_pgbench_simple_protocol() {
 fn libpq_client_latency_matches_pgbench_prepared_statements() {
     check_libpq("prepared");
 }
+
+/// A script of 30 single-row lookups and one different query, run as pgbench transactions:
+/// one run of 30 per transaction (pgbench counts them), the N+1 pattern, issued from
+/// libpq's PQsendQuery.
+#[test]
+fn repeated_lookups_are_reported_as_n_plus_one_with_their_code_path() {
+    require_root();
+    let cluster = PgCluster::start("nplus1");
+    cluster.pgbench(&["-i", "-q", "-s", "1"]);
+    let script = cluster.dir.join("nplus1.sql");
+    let mut text = String::from("\\set aid random(1, 100000)\n");
+    for _ in 0..30 {
+        text.push_str("SELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n");
+    }
+    text.push_str("SELECT count(*) FROM pgbench_branches;\n");
+    std::fs::write(&script, text).unwrap();
+    let dir = temp_dir("db-nplus1");
+    let recording = Recording::start(&dir.join("out"), &["--events", "db", "--duration", "120s"]);
+    let bench = cluster.pgbench(&["-n", "-c", "1", "-T", "2", "-f", script.to_str().unwrap()]);
+    let transactions = pgbench_transactions(&bench);
+    let (capture, stdout) = recording.interrupt();
+    let suspects = capture["db"]["n_plus_one"].as_array().expect("n_plus_one");
+    let suspect = suspects
+        .iter()
+        .find(|s| s["comm"] == "pgbench" && s["source"] == "libpq")
+        .unwrap_or_else(|| panic!("no N+1 suspect for pgbench in {suspects:?}"));
+    println!("{suspect}");
+    assert_eq!(
+        suspect["fingerprint"],
+        "SELECT abalance FROM pgbench_accounts WHERE aid = ?"
+    );
+    assert_eq!(suspect["runs"].as_u64(), Some(transactions));
+    assert_eq!(suspect["longest_run"].as_u64(), Some(30));
+    assert_eq!(suspect["queries"].as_u64(), Some(30 * transactions));
+    // The other query never repeats in a row: no suspect.
+    assert!(
+        !suspects
+            .iter()
+            .any(|s| s["fingerprint"].as_str().unwrap().contains("count(*)")),
+        "{suspects:?}"
+    );
+    // The code path: the innermost frame is libpq's PQsendQuery, where the stack was taken.
+    let frames = frame_names(suspect);
+    assert_eq!(frames.last().copied(), Some("PQsendQuery"), "{frames:?}");
+    assert!(stdout.contains("N+1 suspects"), "{stdout}");
+    let folded = std::fs::read_to_string(dir.join("out/db.folded")).unwrap();
+    assert!(
+        folded.lines().any(|l| l.starts_with("pgbench;")
+            && l.contains("PQsendQuery;[db] SELECT abalance FROM pgbench_accounts WHERE aid = ? ")),
+        "{folded}"
+    );
+}

@@ -17,6 +17,7 @@ use profiler_common::db::{
 };
 
 use super::{Globals, Probes, global, program, read_counters};
+use crate::btf::Btf;
 use crate::uprobe::{self, UprobeLink};
 use crate::usdt::{self, UsdtProbe};
 
@@ -257,7 +258,17 @@ fn discover_postgres(config: &DbConfig, pids: &[u32]) -> Result<Vec<PostgresTarg
     Ok(targets)
 }
 
-pub(super) fn globals(targets: &DbTargets, globals: &mut Globals) -> Result<()> {
+pub(super) fn globals(targets: &DbTargets, btf: &Btf, globals: &mut Globals) -> Result<()> {
+    global(
+        globals,
+        "TASK_REAL_PARENT_OFF",
+        btf.member_offset("task_struct", "real_parent")?,
+    );
+    global(
+        globals,
+        "TASK_TGID_OFF",
+        btf.member_offset("task_struct", "tgid")?,
+    );
     let arg_register = |name: &str| {
         crate::usdt::register_offset(name)
             .with_context(|| format!("no register {name} on this architecture"))
@@ -376,6 +387,11 @@ pub struct QueryRecord {
     /// `text` is the name of a prepared statement (PQsendQueryPrepared).
     pub prepared: bool,
     pub error: bool,
+    pub start_ns: u64,
+    pub user_stack_id: i32,
+    /// The process's parent when the query ran (a backend's postmaster).
+    pub ppid: u32,
+    pub comm: String,
     pub duration_ns: u64,
     pub text: String,
     /// The text was cut at `QUERY_MAX` bytes.
@@ -413,6 +429,10 @@ pub fn decode(bytes: &[u8]) -> Option<QueryRecord> {
         prepare_name,
         prepared: e.flags & FLAG_PREPARED != 0,
         error: e.flags & FLAG_ERROR != 0,
+        start_ns: e.start_ns,
+        user_stack_id: e.user_stack_id,
+        ppid: e.ppid,
+        comm: until_nul(&e.comm),
         duration_ns: e.duration_ns,
         text,
         truncated: len >= QUERY_MAX - 1,

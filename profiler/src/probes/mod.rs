@@ -172,7 +172,7 @@ impl Probes {
             },
             None => db::DbTargets::default(),
         };
-        db::globals(&db_targets, &mut globals)?;
+        db::globals(&db_targets, &btf, &mut globals)?;
 
         let mut loader = EbpfLoader::new();
         for (name, bytes) in &globals {
