@@ -8,6 +8,9 @@ pub const QUERY_MAX: usize = 256;
 pub const SOURCE_POSTGRES_USDT: u32 = 1;
 /// libpq in the client: PQsendQuery* / PQsendPrepare entry to PQgetResult returning NULL.
 pub const SOURCE_LIBPQ: u32 = 2;
+/// SQLite in the process: time inside sqlite3_step from a statement's first step to the
+/// one that returns DONE or an error (or to its reset).
+pub const SOURCE_SQLITE: u32 = 3;
 
 /// The query ended without its done probe: a new query started on the same thread first
 /// (PostgreSQL leaves a failed query with a longjmp past `query__done`).
@@ -18,6 +21,9 @@ pub const FLAG_PREPARED: u32 = 2;
 /// after it. Not a query of its own: it tells userspace what the name stands for.
 pub const FLAG_PREPARE: u32 = 4;
 pub const PREPARE_NAME_MAX: usize = 64;
+/// SQLite: `handle` is a statement whose text came with an earlier FLAG_PREPARE event of
+/// the same handle (`query` is empty).
+pub const FLAG_STATEMENT: u32 = 8;
 
 /// How a probe argument is read (see `profiler/src/usdt.rs`).
 pub const ARG_KIND_REGISTER: u32 = 1;
@@ -55,6 +61,8 @@ pub struct DbEvent {
     /// The process's parent (for a server backend: the postmaster).
     pub ppid: u32,
     pub _pad: u32,
+    /// SQLite: the `sqlite3_stmt *` the event is about.
+    pub handle: u64,
     pub comm: [u8; 16],
     pub query: [u8; QUERY_MAX],
 }
@@ -104,7 +112,7 @@ mod tests {
         );
         assert_eq!(
             core::mem::size_of::<super::DbEvent>(),
-            64 + super::QUERY_MAX
+            72 + super::QUERY_MAX
         );
     }
 }

@@ -171,6 +171,10 @@ pub struct RecordArgs {
     /// ones the -p processes map, else the system's libpq.so.5.
     #[arg(long = "libpq", value_name = "PATH")]
     pub libpq: Vec<PathBuf>,
+    /// SQLite library to probe (repeatable); default: the ones the -p processes map, else
+    /// the system's libsqlite3.so.0.
+    #[arg(long = "sqlite", value_name = "PATH")]
+    pub sqlite: Vec<PathBuf>,
     /// Keep one example of each query with its literals (default: only the fingerprint,
     /// literals replaced by `?`).
     #[arg(long)]
@@ -209,8 +213,9 @@ impl RecordArgs {
         {
             bail!("--max-block is shorter than --min-block");
         }
-        let db_required =
-            self.events.is_some() || !self.postgres_binaries.is_empty() || !self.libpq.is_empty();
+        let db_named =
+            !self.postgres_binaries.is_empty() || !self.libpq.is_empty() || !self.sqlite.is_empty();
+        let db_required = self.events.is_some() || db_named;
         let events = self.events.clone().unwrap_or_else(|| {
             vec![
                 Event::Offcpu,
@@ -223,10 +228,8 @@ impl RecordArgs {
         if events.is_empty() {
             bail!("--events names no probe family (offcpu, oncpu, syscalls, tcp, db)");
         }
-        if (!self.postgres_binaries.is_empty() || !self.libpq.is_empty())
-            && !events.contains(&Event::Db)
-        {
-            bail!("--postgres-binary and --libpq need the db family (--events ...,db)");
+        if db_named && !events.contains(&Event::Db) {
+            bail!("--postgres-binary, --libpq and --sqlite need the db family (--events ...,db)");
         }
         if !(1..=10_000).contains(&self.freq) {
             bail!("--freq must be between 1 and 10000 Hz");
@@ -260,6 +263,7 @@ impl RecordArgs {
                 db: events.contains(&Event::Db).then(|| DbConfig {
                     postgres_binaries: self.postgres_binaries.clone(),
                     libpq: self.libpq.clone(),
+                    sqlite: self.sqlite.clone(),
                     optional: !db_required,
                 }),
             },

@@ -158,11 +158,11 @@ pub fn fingerprint(sql: &str) -> String {
     while tokens.last().is_some_and(|t| t == ";") {
         tokens.pop();
     }
-    // Collapse "( ? , ? , … )" to "( ? )": IN lists and VALUES rows of any length alike.
+    // Collapse "IN ( ? , ? , … )" to "IN ( ? )": lists of any length alike.
     let mut collapsed: Vec<String> = Vec::new();
     let mut k = 0;
     while k < tokens.len() {
-        if tokens[k] == "(" {
+        if tokens[k] == "(" && k > 0 && tokens[k - 1].eq_ignore_ascii_case("in") {
             let mut j = k + 1;
             let mut only_literals = true;
             let mut items = 0;
@@ -189,8 +189,8 @@ pub fn fingerprint(sql: &str) -> String {
     let mut out = String::new();
     for (n, token) in collapsed.iter().enumerate() {
         let previous = n.checked_sub(1).map(|p| collapsed[p].as_str());
-        let glue = matches!(token.as_str(), ")" | "," | ";" | "::")
-            || matches!(previous, Some("(" | "::"))
+        let glue = matches!(token.as_str(), ")" | "," | ";" | "::" | ".")
+            || matches!(previous, Some("(" | "::" | "."))
             || (token == "(" && previous.is_some_and(|p| p.chars().all(is_word_char)))
             || previous.is_none();
         if !glue {
@@ -519,6 +519,15 @@ mod tests {
         assert_eq!(fingerprint("END;"), "END");
         // Identifiers that contain digits are not literals.
         assert_eq!(fingerprint("SELECT col1 FROM t2"), "SELECT col1 FROM t2");
+        // Only IN lists collapse: a row's arity stays visible.
+        assert_eq!(
+            fingerprint("INSERT INTO t VALUES (1, 'a')"),
+            "INSERT INTO t VALUES(?, ?)"
+        );
+        assert_eq!(
+            fingerprint("SELECT a.k FROM \"main\".t a WHERE a.k = 1"),
+            "SELECT a.k FROM \"main\".t a WHERE a.k = ?"
+        );
     }
 
     #[test]

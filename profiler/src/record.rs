@@ -73,8 +73,8 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
     let mut tcp = TcpAggregator::default();
     if options.db_required && probes.db_targets.is_empty() {
         bail!(
-            "no PostgreSQL server or libpq client found {}; name them with --postgres-binary \
-             PATH or --libpq PATH",
+            "no PostgreSQL server or libpq/SQLite client found {}; name them with \
+             --postgres-binary, --libpq or --sqlite PATH",
             if config.pids.is_empty() {
                 "running or installed on this host"
             } else {
@@ -663,6 +663,8 @@ pub(crate) struct DbOwners {
     pids: Vec<u32>,
     /// Prepared statements' text by (process, name), from PQsendPrepare.
     prepared: HashMap<(u32, String), String>,
+    /// SQLite statements' text by (process, statement pointer), from their prepare.
+    statements: HashMap<(u32, u64), String>,
     filtered_out: u64,
 }
 
@@ -671,6 +673,7 @@ impl DbOwners {
         Self {
             pids: pids.to_vec(),
             prepared: HashMap::new(),
+            statements: HashMap::new(),
             filtered_out: 0,
         }
     }
@@ -700,11 +703,23 @@ pub(crate) fn drain_db_events(
         if let Some(query) = crate::probes::db::decode(&item)
             && let Some(owner) = owners.owner(&query)
         {
+            if query.source == "sqlite" && query.prepare_name.is_some() {
+                owners
+                    .statements
+                    .insert((query.pid, query.handle), query.text);
+                continue;
+            }
             if let Some(name) = query.prepare_name {
                 owners.prepared.insert((query.pid, name), query.text);
                 continue;
             }
-            let text = if query.prepared {
+            let text = if query.statement {
+                owners
+                    .statements
+                    .get(&(query.pid, query.handle))
+                    .cloned()
+                    .unwrap_or_else(|| "[statement prepared before the capture]".to_string())
+            } else if query.prepared {
                 owners
                     .prepared
                     .get(&(query.pid, query.text.clone()))

@@ -393,3 +393,56 @@ fn repeated_lookups_are_reported_as_n_plus_one_with_their_code_path() {
         "{folded}"
     );
 }
+
+/// SQLite through Python's sqlite3 module: statement counts exact, the joins' time inside
+/// sqlite3_step within 10 % of the script's own clock around execute() + fetchall().
+#[test]
+fn sqlite_statements_from_python_are_counted_and_timed() {
+    require_root();
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("workloads/sqlite_workload.py");
+    let mut workload =
+        ReadyProcess::spawn(std::process::Command::new("/usr/bin/python3").arg(&script));
+    let dir = temp_dir("db-sqlite");
+    let recording = Recording::start(
+        &dir.join("out"),
+        &["--events", "db", "-p", &workload.pid, "--duration", "120s"],
+    );
+    workload.go();
+    let report: Value = serde_json::from_str(&workload.line().expect("report")).unwrap();
+    workload.finish();
+    let (capture, stdout) = recording.interrupt();
+    let queries = capture["db"]["queries"].as_array().expect("db queries");
+    let query = |fingerprint: &str| {
+        queries
+            .iter()
+            .find(|q| q["source"] == "sqlite" && q["fingerprint"] == fingerprint)
+            .unwrap_or_else(|| panic!("no sqlite query {fingerprint:?} in {queries:?}"))
+    };
+    assert_eq!(
+        query("INSERT INTO t VALUES(?, ?)")["calls"].as_u64(),
+        Some(200)
+    );
+    assert_eq!(
+        query("SELECT v FROM t WHERE k = ?")["calls"].as_u64(),
+        Some(50)
+    );
+    let join = query("SELECT count(*) FROM t a, t b, t c WHERE a.k + b.k = c.k");
+    assert_eq!(join["calls"].as_u64(), Some(10));
+    let ours = join["total_ns"].as_u64().unwrap() as f64;
+    let theirs = report["join_ns"].as_u64().unwrap() as f64;
+    println!(
+        "joins: ours {:.3} ms, script {:.3} ms",
+        ours / 1e6,
+        theirs / 1e6
+    );
+    assert!(
+        ours <= theirs && ours >= 0.9 * theirs,
+        "joins: ours {ours} ns vs the script's {theirs} ns"
+    );
+    assert!(
+        queries.iter().all(|q| q["errors"].as_u64() == Some(0)),
+        "{queries:?}"
+    );
+    assert!(stdout.contains("SELECT v FROM t WHERE k = ?"), "{stdout}");
+}

@@ -114,7 +114,7 @@ fn db_family_on_a_process_that_is_no_database_server_is_refused() {
     let _ = sleeper.wait();
     assert_one_error_line(
         &output,
-        "no PostgreSQL server or libpq client found among the given processes",
+        "no PostgreSQL server or libpq/SQLite client found among the given processes",
     );
 }
 

@@ -37,6 +37,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "nft, which drops packets in the TCP retransmit tests",
     ),
     (
+        "python3",
+        "Python with its sqlite3 module (libsqlite3), the SQLite test workload",
+    ),
+    (
         "postgresql",
         "PostgreSQL server (with USDT probes), pgbench and pg_stat_statements for the db tests",
     ),

@@ -12,8 +12,8 @@ use aya::Ebpf;
 use aya::maps::{MapData, RingBuf};
 use aya::programs::UProbe;
 use profiler_common::db::{
-    DbEvent, FLAG_ERROR, FLAG_PREPARE, FLAG_PREPARED, PREPARE_NAME_MAX, QUERY_MAX, SOURCE_LIBPQ,
-    counter, maps,
+    DbEvent, FLAG_ERROR, FLAG_PREPARE, FLAG_PREPARED, FLAG_STATEMENT, PREPARE_NAME_MAX, QUERY_MAX,
+    SOURCE_LIBPQ, SOURCE_SQLITE, counter, maps,
 };
 
 use super::{Globals, Probes, global, program, read_counters};
@@ -27,23 +27,63 @@ pub struct DbConfig {
     pub postgres_binaries: Vec<PathBuf>,
     /// libpq libraries to probe; found automatically when empty.
     pub libpq: Vec<PathBuf>,
+    /// SQLite libraries to probe; found automatically when empty.
+    pub sqlite: Vec<PathBuf>,
     /// Not asked for explicitly: a server that cannot be probed is a note, not an error.
     pub optional: bool,
 }
 
-/// libpq's functions: (symbol, program). Entry probes, except PQgetResult's return.
-const LIBPQ_FUNCTIONS: [(&str, &str); 6] = [
-    ("PQgetResult", "libpq_get_result_return"),
-    ("PQgetResult", "libpq_get_result"),
-    ("PQsendQuery", "libpq_send_query"),
-    ("PQsendQueryParams", "libpq_send_query"),
-    ("PQsendQueryPrepared", "libpq_send_prepared"),
-    ("PQsendPrepare", "libpq_send_prepare"),
-];
+/// A client library the db family probes in the application's process.
+#[derive(Debug)]
+pub struct ClientLibrary {
+    pub name: &'static str,
+    /// File name prefix in memory maps.
+    prefix: &'static str,
+    /// The file looked for in the system library directories.
+    system_name: &'static str,
+    /// Functions it must have.
+    required: &'static [&'static str],
+    /// (symbol, program, return probe), attached in this order: a return before its entry,
+    /// ends before starts.
+    probes: &'static [(&'static str, &'static str, bool)],
+}
 
-/// A libpq library and where its functions are.
+pub const LIBPQ: ClientLibrary = ClientLibrary {
+    name: "libpq",
+    prefix: "libpq.so",
+    system_name: "libpq.so.5",
+    required: &["PQgetResult", "PQsendQuery"],
+    probes: &[
+        ("PQgetResult", "libpq_get_result_return", true),
+        ("PQgetResult", "libpq_get_result", false),
+        ("PQsendQuery", "libpq_send_query", false),
+        ("PQsendQueryParams", "libpq_send_query", false),
+        ("PQsendQueryPrepared", "libpq_send_prepared", false),
+        ("PQsendPrepare", "libpq_send_prepare", false),
+    ],
+};
+
+pub const SQLITE: ClientLibrary = ClientLibrary {
+    name: "SQLite",
+    prefix: "libsqlite3.so",
+    system_name: "libsqlite3.so.0",
+    required: &["sqlite3_step", "sqlite3_prepare_v2", "sqlite3_reset"],
+    probes: &[
+        ("sqlite3_reset", "sqlite_reset", false),
+        ("sqlite3_finalize", "sqlite_reset", false),
+        ("sqlite3_step", "sqlite_step_return", true),
+        ("sqlite3_step", "sqlite_step", false),
+        ("sqlite3_prepare_v2", "sqlite_prepare_return", true),
+        ("sqlite3_prepare_v3", "sqlite_prepare_return", true),
+        ("sqlite3_prepare_v2", "sqlite_prepare_v2", false),
+        ("sqlite3_prepare_v3", "sqlite_prepare_v3", false),
+    ],
+};
+
+/// A client library file and where its functions are.
 #[derive(Debug, Clone)]
-pub struct LibpqTarget {
+pub struct LibraryTarget {
+    pub library: &'static ClientLibrary,
     pub path: PathBuf,
     functions: Vec<(String, u64)>,
 }
@@ -52,25 +92,25 @@ pub struct LibpqTarget {
 #[derive(Debug, Clone, Default)]
 pub struct DbTargets {
     pub postgres: Vec<PostgresTarget>,
-    pub libpq: Vec<LibpqTarget>,
+    pub libraries: Vec<LibraryTarget>,
 }
 
 impl DbTargets {
     pub fn is_empty(&self) -> bool {
-        self.postgres.is_empty() && self.libpq.is_empty()
+        self.postgres.is_empty() && self.libraries.is_empty()
     }
 
     pub fn paths(&self) -> Vec<PathBuf> {
         self.postgres
             .iter()
             .map(|t| t.path.clone())
-            .chain(self.libpq.iter().map(|t| t.path.clone()))
+            .chain(self.libraries.iter().map(|t| t.path.clone()))
             .collect()
     }
 }
 
-/// libpq libraries: the ones mapped by `pids`, or for the whole host the system's.
-fn find_libpq(pids: &[u32]) -> Vec<PathBuf> {
+/// Copies of `library`: the ones mapped by `pids`, or for the whole host the system's.
+fn find_library(library: &ClientLibrary, pids: &[u32]) -> Vec<PathBuf> {
     if !pids.is_empty() {
         let mut out = Vec::new();
         for pid in pids {
@@ -80,7 +120,7 @@ fn find_libpq(pids: &[u32]) -> Vec<PathBuf> {
                     && Path::new(path)
                         .file_name()
                         .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.starts_with("libpq.so"))
+                        .is_some_and(|n| n.starts_with(library.prefix))
                 {
                     out.push(PathBuf::from(format!("/proc/{pid}/root{path}")));
                 }
@@ -103,7 +143,7 @@ fn find_libpq(pids: &[u32]) -> Vec<PathBuf> {
                 }),
         );
         for d in dirs {
-            let candidate = d.join("libpq.so.5");
+            let candidate = d.join(library.system_name);
             if candidate.is_file() {
                 out.push(candidate);
             }
@@ -112,18 +152,23 @@ fn find_libpq(pids: &[u32]) -> Vec<PathBuf> {
     out
 }
 
-fn libpq_target(path: PathBuf) -> Result<LibpqTarget> {
-    let names: Vec<&str> = LIBPQ_FUNCTIONS.iter().map(|(n, _)| *n).collect();
+fn library_target(library: &'static ClientLibrary, path: PathBuf) -> Result<LibraryTarget> {
+    let names: Vec<&str> = library.probes.iter().map(|(n, _, _)| *n).collect();
     let functions = crate::usdt::function_offsets(&path, &names)?;
-    for name in ["PQgetResult", "PQsendQuery"] {
+    for name in library.required {
         if !functions.iter().any(|(n, _)| n == name) {
             bail!(
-                "{} has no {name} symbol: not a libpq this profiler can probe",
-                path.display()
+                "{} has no {name} symbol: not a {} library this profiler can probe",
+                path.display(),
+                library.name
             );
         }
     }
-    Ok(LibpqTarget { path, functions })
+    Ok(LibraryTarget {
+        library,
+        path,
+        functions,
+    })
 }
 
 /// A PostgreSQL binary and its two query probes.
@@ -180,33 +225,38 @@ fn running_postgres(pids: &[u32]) -> Vec<PathBuf> {
 /// file (device, inode).
 pub fn discover(config: &DbConfig, pids: &[u32]) -> Result<DbTargets> {
     let postgres = discover_postgres(config, pids)?;
-    let mut libpq = Vec::new();
-    let explicit = !config.libpq.is_empty();
-    for path in &config.libpq {
-        if !path.is_file() {
-            bail!("libpq library {} does not exist", path.display());
-        }
-    }
-    let paths = if explicit {
-        config.libpq.clone()
-    } else {
-        find_libpq(pids)
-    };
+    let any_explicit = !config.libpq.is_empty() || !config.sqlite.is_empty();
+    let mut libraries = Vec::new();
     let mut seen = HashSet::new();
-    for path in paths {
-        let Ok(meta) = std::fs::metadata(&path) else {
-            continue;
-        };
-        if !seen.insert((meta.dev(), meta.ino())) {
-            continue;
+    for (library, given) in [(&LIBPQ, &config.libpq), (&SQLITE, &config.sqlite)] {
+        for path in given {
+            if !path.is_file() {
+                bail!("{} library {} does not exist", library.name, path.display());
+            }
         }
-        match libpq_target(path) {
-            Ok(target) => libpq.push(target),
-            Err(err) if explicit => return Err(err),
-            Err(err) => eprintln!("profiler: note: {err:#}"),
+        let paths = if any_explicit {
+            given.clone()
+        } else {
+            find_library(library, pids)
+        };
+        for path in paths {
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            if !seen.insert((meta.dev(), meta.ino())) {
+                continue;
+            }
+            match library_target(library, path) {
+                Ok(target) => libraries.push(target),
+                Err(err) if any_explicit => return Err(err),
+                Err(err) => eprintln!("profiler: note: {err:#}"),
+            }
         }
     }
-    Ok(DbTargets { postgres, libpq })
+    Ok(DbTargets {
+        postgres,
+        libraries,
+    })
 }
 
 fn discover_postgres(config: &DbConfig, pids: &[u32]) -> Result<Vec<PostgresTarget>> {
@@ -216,7 +266,7 @@ fn discover_postgres(config: &DbConfig, pids: &[u32]) -> Result<Vec<PostgresTarg
             bail!("PostgreSQL binary {} does not exist", path.display());
         }
     }
-    if paths.is_empty() && config.libpq.is_empty() {
+    if paths.is_empty() && config.libpq.is_empty() && config.sqlite.is_empty() {
         paths = running_postgres(pids);
         if paths.is_empty() && pids.is_empty() {
             paths = postgres_binaries_installed();
@@ -274,10 +324,12 @@ pub(super) fn globals(targets: &DbTargets, btf: &Btf, globals: &mut Globals) -> 
             .with_context(|| format!("no register {name} on this architecture"))
     };
     #[cfg(target_arch = "aarch64")]
-    let (arg1, arg2, arg3, ret) = ("x0", "x1", "x2", "x0");
+    let (arg1, arg2, arg3, arg4, arg5, ret) = ("x0", "x1", "x2", "x3", "x4", "x0");
     #[cfg(not(target_arch = "aarch64"))]
-    let (arg1, arg2, arg3, ret) = ("rdi", "rsi", "rdx", "rax");
+    let (arg1, arg2, arg3, arg4, arg5, ret) = ("rdi", "rsi", "rdx", "rcx", "r8", "rax");
     global(globals, "ARG1_REG", arg_register(arg1)?);
+    global(globals, "ARG4_REG", arg_register(arg4)?);
+    global(globals, "ARG5_REG", arg_register(arg5)?);
     global(globals, "ARG2_REG", arg_register(arg2)?);
     global(globals, "ARG3_REG", arg_register(arg3)?);
     global(globals, "RET_REG", arg_register(ret)?);
@@ -306,28 +358,25 @@ pub(super) fn globals(targets: &DbTargets, btf: &Btf, globals: &mut Globals) -> 
 /// Attaches done before start (so no start is seen without its done being watched).
 pub(super) fn attach(ebpf: &mut Ebpf, all: &DbTargets) -> Result<Vec<UprobeLink>> {
     let mut links = Vec::new();
-    // libpq: PQgetResult's return first, then the calls that start a command.
-    if !all.libpq.is_empty() {
-        for (symbol, name) in LIBPQ_FUNCTIONS {
+    for target in &all.libraries {
+        for (symbol, name, retprobe) in target.library.probes {
+            let Some((_, offset)) = target.functions.iter().find(|(n, _)| n == symbol) else {
+                continue; // an older library without this function
+            };
             let prog: &mut UProbe = program(ebpf, name)?.try_into()?;
             if prog.fd().is_err() {
                 prog.load()
                     .with_context(|| format!("loading the {name} program failed"))?;
             }
             let fd = prog.fd()?.as_fd().try_clone_to_owned()?;
-            for target in &all.libpq {
-                let Some((_, offset)) = target.functions.iter().find(|(n, _)| n == symbol) else {
-                    continue; // an old libpq without this function
-                };
-                links.push(uprobe::attach(
-                    fd.as_fd(),
-                    &target.path,
-                    *offset,
-                    0,
-                    name == "libpq_get_result_return",
-                    None,
-                )?);
-            }
+            links.push(uprobe::attach(
+                fd.as_fd(),
+                &target.path,
+                *offset,
+                0,
+                *retprobe,
+                None,
+            )?);
         }
     }
     let targets = &all.postgres;
@@ -380,8 +429,12 @@ impl Probes {
 pub struct QueryRecord {
     pub pid: u32,
     pub tid: u32,
-    /// `postgres-usdt` or `libpq`.
+    /// `postgres-usdt`, `libpq` or `sqlite`.
     pub source: &'static str,
+    /// SQLite: the statement (prepare events name its text, statement events use it).
+    pub handle: u64,
+    /// SQLite: `text` is empty; the statement's text came with its prepare event.
+    pub statement: bool,
     /// A PQsendPrepare: `text` is the statement and this its name (not a query itself).
     pub prepare_name: Option<String>,
     /// `text` is the name of a prepared statement (PQsendQueryPrepared).
@@ -409,7 +462,9 @@ pub fn decode(bytes: &[u8]) -> Option<QueryRecord> {
         let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
         String::from_utf8_lossy(&bytes[..end]).into_owned()
     };
-    let (text, prepare_name) = if e.flags & FLAG_PREPARE != 0 {
+    let (text, prepare_name) = if e.flags & FLAG_PREPARE != 0 && e.source == SOURCE_SQLITE {
+        (until_nul(&e.query[..len]), Some(String::new()))
+    } else if e.flags & FLAG_PREPARE != 0 {
         let name = until_nul(&e.query[..PREPARE_NAME_MAX]);
         (
             until_nul(&e.query[PREPARE_NAME_MAX..len.max(PREPARE_NAME_MAX)]),
@@ -421,11 +476,13 @@ pub fn decode(bytes: &[u8]) -> Option<QueryRecord> {
     Some(QueryRecord {
         pid: e.tgid,
         tid: e.tid,
-        source: if e.source == SOURCE_LIBPQ {
-            "libpq"
-        } else {
-            "postgres-usdt"
+        source: match e.source {
+            SOURCE_LIBPQ => "libpq",
+            SOURCE_SQLITE => "sqlite",
+            _ => "postgres-usdt",
         },
+        handle: e.handle,
+        statement: e.flags & FLAG_STATEMENT != 0,
         prepare_name,
         prepared: e.flags & FLAG_PREPARED != 0,
         error: e.flags & FLAG_ERROR != 0,
