@@ -11,6 +11,10 @@ pub const SOURCE_LIBPQ: u32 = 2;
 /// SQLite in the process: time inside sqlite3_step from a statement's first step to the
 /// one that returns DONE or an error (or to its reset).
 pub const SOURCE_SQLITE: u32 = 3;
+/// Seen on the wire (write/sendto of a request, the first read/recvfrom with data after it
+/// on the same socket), for clients that use no probed library.
+pub const SOURCE_WIRE_POSTGRES: u32 = 4;
+pub const SOURCE_WIRE_REDIS: u32 = 5;
 
 /// The query ended without its done probe: a new query started on the same thread first
 /// (PostgreSQL leaves a failed query with a longjmp past `query__done`).
@@ -77,7 +81,10 @@ pub mod counter {
     pub const TEXT_UNREADABLE: u32 = 4;
     /// Client-side calls whose user stack could not be taken.
     pub const STACK_LOST: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// Wire: a request sent while another was still waiting for its response on the same
+    /// socket (pipelining): only the first is timed.
+    pub const PIPELINED: u32 = 6;
+    pub const COUNT: u32 = 7;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "queries",
@@ -86,6 +93,7 @@ pub mod counter {
         "abandoned",
         "text_unreadable",
         "stack_lost",
+        "pipelined",
     ];
 }
 

@@ -175,6 +175,10 @@ pub struct RecordArgs {
     /// the system's libsqlite3.so.0.
     #[arg(long = "sqlite", value_name = "PATH")]
     pub sqlite: Vec<PathBuf>,
+    /// Decode PostgreSQL and Redis requests on the wire (write/sendto → first read/recvfrom)
+    /// for clients that use no probed library. Default: on for the whole host, off with -p.
+    #[arg(long)]
+    pub db_wire: bool,
     /// Keep one example of each query with its literals (default: only the fingerprint,
     /// literals replaced by `?`).
     #[arg(long)]
@@ -216,6 +220,7 @@ impl RecordArgs {
         let db_named =
             !self.postgres_binaries.is_empty() || !self.libpq.is_empty() || !self.sqlite.is_empty();
         let db_required = self.events.is_some() || db_named;
+        let whole_host = self.pids.is_empty() && self.tids.is_empty();
         let events = self.events.clone().unwrap_or_else(|| {
             vec![
                 Event::Offcpu,
@@ -264,6 +269,7 @@ impl RecordArgs {
                     postgres_binaries: self.postgres_binaries.clone(),
                     libpq: self.libpq.clone(),
                     sqlite: self.sqlite.clone(),
+                    wire: self.db_wire || whole_host,
                     optional: !db_required,
                 }),
             },

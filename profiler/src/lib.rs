@@ -22,6 +22,7 @@ pub mod tcpstats;
 pub mod top;
 pub mod uprobe;
 pub mod usdt;
+pub mod wire;
 
 use std::io::Write as _;
 use std::process::ExitCode;

@@ -244,6 +244,7 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
             counters.insert(format!("db_{name}"), value);
         }
         counters.insert("db_filtered_out".into(), db_owners.filtered_out);
+        counters.insert("db_wire_undecoded".into(), db_owners.undecoded);
     }
 
     let mut symbolizer = Symbolizer::new();
@@ -666,6 +667,8 @@ pub(crate) struct DbOwners {
     /// SQLite statements' text by (process, statement pointer), from their prepare.
     statements: HashMap<(u32, u64), String>,
     filtered_out: u64,
+    /// Wire requests whose bytes did not decode.
+    undecoded: u64,
 }
 
 impl DbOwners {
@@ -675,6 +678,7 @@ impl DbOwners {
             prepared: HashMap::new(),
             statements: HashMap::new(),
             filtered_out: 0,
+            undecoded: 0,
         }
     }
 
@@ -703,6 +707,31 @@ pub(crate) fn drain_db_events(
         if let Some(query) = crate::probes::db::decode(&item)
             && let Some(owner) = owners.owner(&query)
         {
+            let mut query = query;
+            if query.source.starts_with("wire-") {
+                let decoded = if query.source == "wire-redis" {
+                    crate::wire::redis(&query.raw)
+                } else {
+                    crate::wire::postgres(&query.raw)
+                };
+                let Some(request) = decoded else {
+                    owners.undecoded += 1;
+                    continue;
+                };
+                if let Some(name) = request.parse_name {
+                    owners
+                        .prepared
+                        .insert((query.pid, format!("wire:{name}")), request.text.clone());
+                }
+                query.text = match request.bind_name {
+                    Some(name) => owners
+                        .prepared
+                        .get(&(query.pid, format!("wire:{name}")))
+                        .cloned()
+                        .unwrap_or(request.text),
+                    None => request.text,
+                };
+            }
             if query.source == "sqlite" && query.prepare_name.is_some() {
                 owners
                     .statements

@@ -446,3 +446,169 @@ fn sqlite_statements_from_python_are_counted_and_timed() {
     );
     assert!(stdout.contains("SELECT v FROM t WHERE k = ?"), "{stdout}");
 }
+
+/// A client that speaks the PostgreSQL protocol itself (Python, raw socket): its queries are
+/// seen on the wire. Counts exact against its own and pg_stat_statements'; time to the
+/// first response byte within 10 % of its own round-trip clock; garbage ignored (counted).
+#[test]
+fn postgres_protocol_on_the_wire_from_a_client_without_libpq() {
+    require_root();
+    let cluster = PgCluster::start("wire");
+    cluster.psql("CREATE EXTENSION pg_stat_statements");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("workloads/pg_wire_client.py");
+    let socket = cluster.dir.join(format!(".s.PGSQL.{}", cluster.port));
+    let mut client = ReadyProcess::spawn(
+        std::process::Command::new("/usr/bin/python3")
+            .arg(&script)
+            .arg(&socket)
+            .args(["300", "200"]),
+    );
+    let dir = temp_dir("db-wire");
+    let recording = Recording::start(
+        &dir.join("out"),
+        &[
+            "--events",
+            "db",
+            "--db-wire",
+            "-p",
+            &client.pid,
+            "--duration",
+            "120s",
+        ],
+    );
+    cluster.psql("SELECT pg_stat_statements_reset()");
+    client.go();
+    let report: Value = serde_json::from_str(&client.line().expect("report")).unwrap();
+    client.finish();
+    let (capture, _) = recording.interrupt();
+    let queries = capture["db"]["queries"].as_array().expect("db queries");
+    let query = |fingerprint: &str| {
+        queries
+            .iter()
+            .find(|q| q["source"] == "wire-postgres" && q["fingerprint"] == fingerprint)
+            .unwrap_or_else(|| panic!("no wire query {fingerprint:?} in {queries:?}"))
+    };
+    let simple = query("SELECT ? AS wire_simple, pg_sleep(?)");
+    let extended = query("SELECT ?::int AS wire_extended, pg_sleep(?)");
+    assert_eq!(simple["calls"].as_u64(), report["simple"].as_u64());
+    assert_eq!(extended["calls"].as_u64(), report["extended"].as_u64());
+    let stats = pg_stat_statements(&cluster);
+    let pgss_calls = |key: &str| {
+        stats
+            .iter()
+            .find(|(text, _)| text == key)
+            .map(|(_, s)| s.calls)
+            .unwrap_or_else(|| panic!("{key} not in pg_stat_statements"))
+    };
+    assert_eq!(
+        Some(pgss_calls(&normalized(
+            "SELECT $1 AS wire_simple, pg_sleep($2)"
+        ))),
+        simple["calls"].as_u64()
+    );
+    assert_eq!(
+        Some(pgss_calls(&normalized(
+            "SELECT $1::int AS wire_extended, pg_sleep($2)"
+        ))),
+        extended["calls"].as_u64()
+    );
+    for (ours, field) in [(simple, "simple_ns"), (extended, "extended_ns")] {
+        let ours = ours["total_ns"].as_u64().unwrap() as f64;
+        let theirs = report[field].as_u64().unwrap() as f64;
+        println!(
+            "{field}: ours {:.3} ms, client {:.3} ms",
+            ours / 1e6,
+            theirs / 1e6
+        );
+        assert!(
+            ours <= theirs && ours >= 0.9 * theirs,
+            "ours {ours} ns vs the client's {theirs} ns"
+        );
+    }
+    assert!(
+        capture["metadata"]["counters"]["db_wire_undecoded"].as_u64() >= Some(1),
+        "the garbage write was not seen and set aside"
+    );
+}
+
+/// Redis through its wire protocol: redis-benchmark's SETs and GETs, counted exactly against
+/// its -n and the server's own INFO commandstats.
+#[test]
+fn redis_commands_on_the_wire_match_redis_benchmark_and_commandstats() {
+    require_root();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port()
+        .to_string();
+    let mut server = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server (installed by cargo xtask setup)");
+    let cli = |args: &[&str]| -> String {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &port])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while cli(&["PING"]).trim() != "PONG" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "redis-server did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    cli(&["CONFIG", "RESETSTAT"]);
+    let dir = temp_dir("db-redis");
+    let recording = Recording::start(&dir.join("out"), &["--events", "db", "--duration", "120s"]);
+    let bench = std::process::Command::new("redis-benchmark")
+        .args(["-p", &port, "-n", "2000", "-c", "2", "-t", "set,get", "-q"])
+        .output()
+        .expect("redis-benchmark");
+    assert!(bench.status.success());
+    let (capture, _) = recording.interrupt();
+    let stats = cli(&["INFO", "commandstats"]);
+    let _ = server.kill();
+    let _ = server.wait();
+    let server_calls = |command: &str| -> u64 {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+            .and_then(|rest| rest.split(',').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {command} in {stats}"))
+    };
+    let queries = capture["db"]["queries"].as_array().expect("db queries");
+    let ours = |fingerprint: &str| -> u64 {
+        queries
+            .iter()
+            .filter(|q| q["source"] == "wire-redis" && q["comm"] == "redis-benchmark")
+            .filter(|q| q["fingerprint"] == fingerprint)
+            .map(|q| q["calls"].as_u64().unwrap())
+            .sum()
+    };
+    println!(
+        "SET ours {} server {}; GET ours {} server {}",
+        ours("SET ? ?"),
+        server_calls("set"),
+        ours("GET ?"),
+        server_calls("get")
+    );
+    assert_eq!(ours("SET ? ?"), 2000);
+    assert_eq!(ours("GET ?"), 2000);
+    assert_eq!(server_calls("set"), 2000);
+    assert_eq!(server_calls("get"), 2000);
+}

@@ -37,6 +37,14 @@ const PACKAGES: &[(&str, &str)] = &[
         "nft, which drops packets in the TCP retransmit tests",
     ),
     (
+        "redis-server",
+        "Redis server, for the db family's wire-protocol tests",
+    ),
+    (
+        "redis-tools",
+        "redis-cli and redis-benchmark, for the db family's wire-protocol tests",
+    ),
+    (
         "python3",
         "Python with its sqlite3 module (libsqlite3), the SQLite test workload",
     ),

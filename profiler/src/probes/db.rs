@@ -13,7 +13,7 @@ use aya::maps::{MapData, RingBuf};
 use aya::programs::UProbe;
 use profiler_common::db::{
     DbEvent, FLAG_ERROR, FLAG_PREPARE, FLAG_PREPARED, FLAG_STATEMENT, PREPARE_NAME_MAX, QUERY_MAX,
-    SOURCE_LIBPQ, SOURCE_SQLITE, counter, maps,
+    SOURCE_LIBPQ, SOURCE_SQLITE, SOURCE_WIRE_POSTGRES, SOURCE_WIRE_REDIS, counter, maps,
 };
 
 use super::{Globals, Probes, global, program, read_counters};
@@ -29,6 +29,8 @@ pub struct DbConfig {
     pub libpq: Vec<PathBuf>,
     /// SQLite libraries to probe; found automatically when empty.
     pub sqlite: Vec<PathBuf>,
+    /// Decode requests on the wire (PostgreSQL, Redis) from write/sendto and read/recvfrom.
+    pub wire: bool,
     /// Not asked for explicitly: a server that cannot be probed is a note, not an error.
     pub optional: bool,
 }
@@ -93,20 +95,73 @@ pub struct LibraryTarget {
 pub struct DbTargets {
     pub postgres: Vec<PostgresTarget>,
     pub libraries: Vec<LibraryTarget>,
+    pub wire: bool,
 }
 
 impl DbTargets {
     pub fn is_empty(&self) -> bool {
-        self.postgres.is_empty() && self.libraries.is_empty()
+        self.postgres.is_empty() && self.libraries.is_empty() && !self.wire
     }
 
+    /// What is probed, for messages.
     pub fn paths(&self) -> Vec<PathBuf> {
         self.postgres
             .iter()
             .map(|t| t.path.clone())
             .chain(self.libraries.iter().map(|t| t.path.clone()))
+            .chain(
+                self.wire
+                    .then(|| PathBuf::from("[wire: write/sendto, read/recvfrom]")),
+            )
             .collect()
     }
+}
+
+/// The syscalls the wire decoder hooks: (tracepoint, program), ends before starts.
+const WIRE_TRACEPOINTS: [(&str, &str); 6] = [
+    ("sys_exit_read", "wire_read_return"),
+    ("sys_exit_recvfrom", "wire_recvfrom_return"),
+    ("sys_enter_read", "wire_read"),
+    ("sys_enter_recvfrom", "wire_recvfrom"),
+    ("sys_enter_write", "wire_write"),
+    ("sys_enter_sendto", "wire_sendto"),
+];
+
+fn wire_globals(globals: &mut Globals) -> Result<()> {
+    let mut offsets = [None::<u32>; 4];
+    for (event, _) in WIRE_TRACEPOINTS {
+        let fields = super::tracefs::field_offsets("syscalls", event)?;
+        let names: &[(usize, &str)] = if event.starts_with("sys_exit") {
+            &[(3, "ret")]
+        } else if event.ends_with("sendto") {
+            &[(0, "fd"), (1, "buff"), (2, "len")]
+        } else if event.ends_with("recvfrom") {
+            &[(0, "fd"), (1, "ubuf"), (2, "size")]
+        } else {
+            &[(0, "fd"), (1, "buf"), (2, "count")]
+        };
+        for (slot, name) in names {
+            let offset = *fields
+                .get(*name)
+                .with_context(|| format!("syscalls:{event} has no field {name}"))?;
+            if offsets[*slot].is_some_and(|o| o != offset) {
+                bail!("syscalls:{event} lays out {name} unlike the other syscalls");
+            }
+            offsets[*slot] = Some(offset);
+        }
+    }
+    for (slot, global_name) in [
+        "TP_SYS_FD_OFF",
+        "TP_SYS_BUF_OFF",
+        "TP_SYS_LEN_OFF",
+        "TP_SYS_RET_OFF",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        global(globals, global_name, offsets[slot].expect("all set"));
+    }
+    Ok(())
 }
 
 /// Copies of `library`: the ones mapped by `pids`, or for the whole host the system's.
@@ -256,6 +311,7 @@ pub fn discover(config: &DbConfig, pids: &[u32]) -> Result<DbTargets> {
     Ok(DbTargets {
         postgres,
         libraries,
+        wire: config.wire,
     })
 }
 
@@ -309,6 +365,9 @@ fn discover_postgres(config: &DbConfig, pids: &[u32]) -> Result<Vec<PostgresTarg
 }
 
 pub(super) fn globals(targets: &DbTargets, btf: &Btf, globals: &mut Globals) -> Result<()> {
+    if targets.wire {
+        wire_globals(globals)?;
+    }
     global(
         globals,
         "TASK_REAL_PARENT_OFF",
@@ -358,6 +417,15 @@ pub(super) fn globals(targets: &DbTargets, btf: &Btf, globals: &mut Globals) -> 
 /// Attaches done before start (so no start is seen without its done being watched).
 pub(super) fn attach(ebpf: &mut Ebpf, all: &DbTargets) -> Result<Vec<UprobeLink>> {
     let mut links = Vec::new();
+    if all.wire {
+        for (event, name) in WIRE_TRACEPOINTS {
+            let prog: &mut aya::programs::TracePoint = program(ebpf, name)?.try_into()?;
+            prog.load()
+                .with_context(|| format!("loading the {name} program failed"))?;
+            prog.attach("syscalls", event)
+                .with_context(|| format!("attaching to syscalls:{event} failed"))?;
+        }
+    }
     for target in &all.libraries {
         for (symbol, name, retprobe) in target.library.probes {
             let Some((_, offset)) = target.functions.iter().find(|(n, _)| n == symbol) else {
@@ -435,6 +503,8 @@ pub struct QueryRecord {
     pub handle: u64,
     /// SQLite: `text` is empty; the statement's text came with its prepare event.
     pub statement: bool,
+    /// Wire sources: the request's first bytes as written (`text` is empty).
+    pub raw: Vec<u8>,
     /// A PQsendPrepare: `text` is the statement and this its name (not a query itself).
     pub prepare_name: Option<String>,
     /// `text` is the name of a prepared statement (PQsendQueryPrepared).
@@ -462,7 +532,10 @@ pub fn decode(bytes: &[u8]) -> Option<QueryRecord> {
         let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
         String::from_utf8_lossy(&bytes[..end]).into_owned()
     };
-    let (text, prepare_name) = if e.flags & FLAG_PREPARE != 0 && e.source == SOURCE_SQLITE {
+    let wire = matches!(e.source, SOURCE_WIRE_POSTGRES | SOURCE_WIRE_REDIS);
+    let (text, prepare_name) = if wire {
+        (String::new(), None)
+    } else if e.flags & FLAG_PREPARE != 0 && e.source == SOURCE_SQLITE {
         (until_nul(&e.query[..len]), Some(String::new()))
     } else if e.flags & FLAG_PREPARE != 0 {
         let name = until_nul(&e.query[..PREPARE_NAME_MAX]);
@@ -479,7 +552,14 @@ pub fn decode(bytes: &[u8]) -> Option<QueryRecord> {
         source: match e.source {
             SOURCE_LIBPQ => "libpq",
             SOURCE_SQLITE => "sqlite",
+            SOURCE_WIRE_POSTGRES => "wire-postgres",
+            SOURCE_WIRE_REDIS => "wire-redis",
             _ => "postgres-usdt",
+        },
+        raw: if wire {
+            e.query[..len].to_vec()
+        } else {
+            Vec::new()
         },
         handle: e.handle,
         statement: e.flags & FLAG_STATEMENT != 0,
