@@ -52,8 +52,8 @@ static TASK_REAL_PARENT_OFF: u32 = 0;
 #[unsafe(no_mangle)]
 static TASK_TGID_OFF: u32 = 0;
 
-/// Client processes already announced to userspace (which reads their memory maps to
-/// symbolize the issuing stacks, while they live).
+/// libpq client processes already announced to userspace (which reads their memory maps to
+/// symbolize the issuing stacks, while they live); the wire decoder leaves them alone.
 #[map(name = "DB_SEEN")]
 static SEEN: LruHashMap<u32, u8> = LruHashMap::with_max_entries(4096, 0);
 
@@ -620,6 +620,9 @@ fn wire_send(ctx: &TracePointContext) -> u32 {
     let source = request_protocol(&head, len);
     if source == 0 || !wanted_ids(tgid, tid) {
         return 0;
+    }
+    if unsafe { SEEN.get(&tgid) }.is_some() {
+        return 0; // a libpq client: its queries are timed by the library probes
     }
     let key = FdKey {
         tgid,

@@ -237,7 +237,7 @@ pub struct DbAggregator {
     stats: HashMap<QueryKey, Stat>,
     show_literals: bool,
     rng: u64,
-    runs: HashMap<(u32, u32), Run>,
+    runs: HashMap<(String, u32, u32), Run>,
     suspects: HashMap<(QueryKey, i32), Suspect>,
 }
 
@@ -305,7 +305,8 @@ impl DbAggregator {
 
     /// Extends the thread's run of one fingerprint, or closes it and starts another.
     fn follow_run(&mut self, key: &QueryKey, q: &Observed) {
-        let thread = (q.pid, q.tid);
+        // Per source too: one call can be seen twice (client library and server probes).
+        let thread = (q.source.to_string(), q.pid, q.tid);
         let end = q.start_ns + q.duration_ns;
         if let Some(run) = self.runs.get_mut(&thread)
             && run.key == *key
@@ -324,8 +325,9 @@ impl DbAggregator {
             total_ns: q.duration_ns,
             last_end_ns: end,
         };
+        let tid = thread.2;
         if let Some(old) = self.runs.insert(thread, new) {
-            Self::close_run(&mut self.suspects, thread.1, old);
+            Self::close_run(&mut self.suspects, tid, old);
         }
     }
 
@@ -353,7 +355,7 @@ impl DbAggregator {
     /// N+1 suspects (runs still open count too), most queries first.
     pub fn suspects(&self) -> Vec<Suspect> {
         let mut suspects = self.suspects.clone();
-        for ((_, tid), run) in &self.runs {
+        for ((_, _, tid), run) in &self.runs {
             Self::close_run(&mut suspects, *tid, run.clone());
         }
         let mut out: Vec<Suspect> = suspects.into_values().collect();

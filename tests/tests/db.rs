@@ -294,19 +294,28 @@ fn record_libpq(cluster: &PgCluster, name: &str, args: &[&str]) -> (u64, f64, Va
 }
 
 /// Client-side timing through libpq's PQsendQuery*/PQgetResult (simple or prepared
-/// protocol). pgbench -S runs one SELECT per transaction, so our call count must be its
-/// transaction count. With one connection, our mean must be pgbench -r's latency (±10 %);
-/// with two connections driven by one thread (`-c 2 -j 1`, commands in flight on both at
-/// once) the count must still be exact. (pgbench's per-statement figure is not comparable
-/// there: it is taken with a cached clock while it serves the other connection.)
+/// protocol). The script runs one SELECT per transaction, so our call count must be
+/// pgbench's transaction count. With one connection, our mean must be pgbench -r's latency
+/// (±10 %); with two connections driven by one thread (`-c 2 -j 1`, commands in flight on
+/// both at once) the count must still be exact. The SELECT also sleeps 1 ms in the server:
+/// pgbench's per-statement clock is cached per loop and reads near zero when an answer is
+/// already there when it looks (seen when the client is slowed down), never when it waits.
 fn check_libpq(mode: &str) {
     require_root();
     let cluster = PgCluster::start(&format!("libpq-{mode}"));
     cluster.pgbench(&["-i", "-q", "-s", "1"]);
+    let script = cluster.dir.join("select-pause.sql");
+    std::fs::write(
+        &script,
+        "\\set aid random(1, 100000)\n\\set pause 0.001\n\
+         SELECT abalance, pg_sleep(:pause) FROM pgbench_accounts WHERE aid = :aid;\n",
+    )
+    .unwrap();
+    let script = script.to_str().unwrap();
     let (transactions, client_ms, ours) = record_libpq(
         &cluster,
         &format!("db-libpq-{mode}"),
-        &["-S", "-n", "-r", "-M", mode, "-c", "1", "-T", "2"],
+        &["-n", "-r", "-M", mode, "-f", script, "-c", "1", "-T", "2"],
     );
     let calls = ours["calls"].as_u64().unwrap();
     let mean_ms = ours["total_ns"].as_u64().unwrap() as f64 / calls as f64 / 1e6;
@@ -324,7 +333,7 @@ fn check_libpq(mode: &str) {
         &cluster,
         &format!("db-libpq-{mode}-2"),
         &[
-            "-S", "-n", "-r", "-M", mode, "-c", "2", "-j", "1", "-T", "2",
+            "-n", "-r", "-M", mode, "-f", script, "-c", "2", "-j", "1", "-T", "2",
         ],
     );
     let calls = ours["calls"].as_u64().unwrap();
