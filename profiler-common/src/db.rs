@@ -49,7 +49,42 @@ pub struct DbPending {
     pub query: [u8; QUERY_MAX],
 }
 
-/// One finished (or abandoned) query, on the `DB_EVENTS` ring buffer.
+/// A thread waiting for a client-side query: the off-CPU family files the thread's blocked
+/// time under the query (`frame`) and the code path that issued it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DbInflight {
+    /// `frame_hash` of the query text (never 0).
+    pub frame: u32,
+    /// The issuing user stack.
+    pub user_stack_id: i32,
+}
+
+/// Bytes of query text `frame_hash` looks at.
+pub const FRAME_HASH_BYTES: usize = 128;
+
+/// A hash of the query text that ignores digits, quoted strings and whitespace: the same
+/// for calls that differ only in literals. Computed alike in the kernel (at the call) and
+/// in userspace (to name the frame).
+#[inline(always)]
+pub fn frame_hash(text: &[u8]) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    let mut quoted = false;
+    let mut i = 0;
+    while i < FRAME_HASH_BYTES && i < text.len() {
+        let b = text[i];
+        if b == 0 {
+            break;
+        }
+        if b == b'\'' {
+            quoted = !quoted;
+        } else if !quoted && !b.is_ascii_digit() && b != b' ' && b != b'\n' && b != b'\t' {
+            hash = (hash ^ b as u32).wrapping_mul(0x0100_0193);
+        }
+        i += 1;
+    }
+    hash | 1
+}
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DbEvent {
@@ -106,12 +141,23 @@ pub mod maps {
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain #[repr(C)] integers and bytes with explicit padding.
+    unsafe impl aya::Pod for super::DbInflight {}
     unsafe impl aya::Pod for super::DbPending {}
     unsafe impl aya::Pod for super::DbEvent {}
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn frame_hash_ignores_literals_and_layout() {
+        let a = super::frame_hash(b"SELECT * FROM t WHERE id = 42 AND name = 'x'");
+        let b = super::frame_hash(b"SELECT *  FROM t\nWHERE id = 7 AND name = 'yyy'\0junk");
+        let c = super::frame_hash(b"SELECT * FROM u WHERE id = 42");
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_ne!(super::frame_hash(b""), 0);
+    }
+
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(

@@ -14,7 +14,9 @@ pub struct OffcpuKey {
     pub user_stack_id: i32,
     /// One of the `STATE_*` classes.
     pub state: u32,
-    pub _pad: u32,
+    /// While the thread waited for a client-side database query: the query's
+    /// `db::frame_hash` (and `user_stack_id` is the stack that issued it); else 0.
+    pub db_frame: u32,
 }
 
 /// Aggregated blocked time for one key.
@@ -37,6 +39,9 @@ pub struct OffcpuStart {
     pub state: u32,
     /// When sched_wakeup made the thread runnable again (0: not yet, or preempted).
     pub wakeup_ns: u64,
+    /// See `OffcpuKey::db_frame`.
+    pub db_frame: u32,
+    pub _pad: u32,
 }
 
 /// Run-queue latency histogram key: per process, log2 bucket of the nanoseconds a thread

@@ -4,9 +4,10 @@
 use aya_ebpf::{
     helpers::bpf_probe_read_kernel,
     macros::map,
-    maps::{HashMap, RingBuf, StackTrace},
+    maps::{HashMap, LruHashMap, RingBuf, StackTrace},
     programs::tracing::StackIdContext,
 };
+use profiler_common::db::DbInflight;
 use profiler_common::shared::{NewTaskEvent, OVERFLOW_STACK_BIT, THREADS_ALL, THREADS_KERNEL};
 
 // ---- Configuration, set by the loader before load (read-only globals). ----
@@ -30,6 +31,10 @@ pub static TASK_COMM_OFF: u32 = 0;
 #[unsafe(no_mangle)]
 pub static TASK_STATE_OFF: u32 = 0;
 
+/// 1: the db family tracks threads waiting for client-side queries in `DB_INFLIGHT`.
+#[unsafe(no_mangle)]
+pub static DB_INFLIGHT_ON: u32 = 0;
+
 const PF_KTHREAD: u32 = 0x0020_0000;
 const EEXIST: i32 = 17;
 
@@ -45,6 +50,11 @@ static STACKS_OVERFLOW: StackTrace = StackTrace::with_max_entries(4096, 0);
 
 #[map(name = "NEW_TASKS")]
 static NEW_TASKS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// Threads waiting for a client-side database query (set by the db family, read by
+/// off-CPU at switch-out).
+#[map(name = "DB_INFLIGHT")]
+pub static DB_INFLIGHT: LruHashMap<u32, DbInflight> = LruHashMap::with_max_entries(16384, 0);
 
 #[map(name = "TGID_FILTER")]
 static TGID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);

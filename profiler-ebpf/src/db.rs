@@ -16,12 +16,15 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use profiler_common::db::{
-    ARG_KIND_CONSTANT, ARG_KIND_MEMORY, DbEvent, DbPending, FLAG_ERROR, FLAG_PREPARE,
+    ARG_KIND_CONSTANT, ARG_KIND_MEMORY, DbEvent, DbInflight, DbPending, FLAG_ERROR, FLAG_PREPARE,
     FLAG_PREPARED, FLAG_STATEMENT, PREPARE_NAME_MAX, QUERY_MAX, SOURCE_LIBPQ, SOURCE_POSTGRES_USDT,
-    SOURCE_SQLITE, SOURCE_WIRE_POSTGRES, SOURCE_WIRE_REDIS, counter,
+    SOURCE_SQLITE, SOURCE_WIRE_POSTGRES, SOURCE_WIRE_REDIS, counter, frame_hash,
 };
 
-use crate::common::{StackError, TASK_COMM_OFF, config, notify_new_task, stack_id, wanted_ids};
+use crate::common::{
+    DB_INFLIGHT, DB_INFLIGHT_ON, StackError, TASK_COMM_OFF, config, notify_new_task, stack_id,
+    wanted_ids,
+};
 
 /// How to read query__start's argument (the query text pointer), from its USDT spec.
 #[unsafe(no_mangle)]
@@ -230,6 +233,19 @@ pub fn pg_query_done(_ctx: ProbeContext) -> u32 {
     0
 }
 
+/// Marks `tid` as waiting for the query `text` (issued from `user_stack_id`), for off-CPU.
+#[inline(always)]
+fn waiting_for(tid: u32, text: &[u8], user_stack_id: i32) {
+    if config(&DB_INFLIGHT_ON) == 0 {
+        return;
+    }
+    let inflight = DbInflight {
+        frame: frame_hash(text),
+        user_stack_id,
+    };
+    let _ = DB_INFLIGHT.insert(&tid, &inflight, 0);
+}
+
 #[inline(always)]
 fn reg(regs: *const u8, offset: &u32) -> u64 {
     read_arg(regs, 1, config(offset), 0)
@@ -293,6 +309,9 @@ fn client_start(ctx: &ProbeContext, flags: u32) -> u32 {
         if CLIENT_PENDING.insert(&key, &*scratch, 0).is_err() {
             count(counter::PENDING_MAP_FULL);
         }
+        if flags & FLAG_PREPARE == 0 {
+            waiting_for(tid, &(*scratch).query, (*scratch).user_stack_id);
+        }
     }
     0
 }
@@ -354,6 +373,7 @@ pub fn libpq_get_result_return(ctx: RetProbeContext) -> u32 {
     }
     let flags = unsafe { (*pending).source } >> 8;
     unsafe { (*pending).source = SOURCE_LIBPQ };
+    let _ = DB_INFLIGHT.remove(&tid);
     if flags & FLAG_PREPARE == 0 {
         count(counter::QUERIES);
     }
@@ -662,6 +682,11 @@ fn wire_send(ctx: &TracePointContext) -> u32 {
         if WIRE_PENDING.insert(&key, &*scratch, 0).is_err() {
             count(counter::PENDING_MAP_FULL);
         }
+        // A simple query's text starts after its 5-byte header. (Parse/Bind carry names and
+        // binary parameters, Redis its arguments: no frame for those.)
+        if head[0] == b'Q' {
+            waiting_for(tid, &(&(*scratch).query)[5..], -1);
+        }
     }
     0
 }
@@ -727,6 +752,7 @@ fn wire_read_exit(ctx: &TracePointContext) -> u32 {
     count(counter::QUERIES);
     emit(pending, tgid, tid, 0, now.wrapping_sub(start));
     unsafe { (*pending).start_ns = 0 };
+    let _ = DB_INFLIGHT.remove(&tid);
     0
 }
 

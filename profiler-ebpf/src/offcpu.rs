@@ -26,8 +26,8 @@ use profiler_common::offcpu::{
 };
 
 use crate::common::{
-    StackError, TASK_COMM_OFF, TASK_PID_OFF, TASK_STATE_OFF, config, log2_bucket, notify_new_task,
-    stack_id, wanted,
+    DB_INFLIGHT, DB_INFLIGHT_ON, StackError, TASK_COMM_OFF, TASK_PID_OFF, TASK_STATE_OFF, config,
+    log2_bucket, notify_new_task, stack_id, wanted,
 };
 
 // ---- Configuration, set by the loader before load (read-only globals). ----
@@ -161,7 +161,17 @@ fn switch_out<C: StackIdContext>(ctx: &C, task: *const u8, state: u32, now: u64)
         return;
     }
     let kernel_stack_id = counted_stack_id(ctx, 0);
-    let user_stack_id = counted_stack_id(ctx, BPF_F_USER_STACK as u64);
+    // Waiting for a database query: file the time under the query and the code path that
+    // issued it (taken at the call; no user stack walk needed here).
+    let inflight = if config(&DB_INFLIGHT_ON) != 0 {
+        unsafe { DB_INFLIGHT.get(&tid) }.copied()
+    } else {
+        None
+    };
+    let (user_stack_id, db_frame) = match inflight {
+        Some(query) => (query.user_stack_id, query.frame),
+        None => (counted_stack_id(ctx, BPF_F_USER_STACK as u64), 0),
+    };
     let start = OffcpuStart {
         start_ns: now,
         tgid,
@@ -169,6 +179,8 @@ fn switch_out<C: StackIdContext>(ctx: &C, task: *const u8, state: u32, now: u64)
         user_stack_id,
         state,
         wakeup_ns: 0,
+        db_frame,
+        _pad: 0,
     };
     if let Some(slot) = STARTS.get_ptr_mut(tid) {
         // Overwrite in place: cheaper than a map update on every switch.
@@ -206,7 +218,7 @@ fn switch_in(tid: u32, comm: *const u8, now: u64) {
         kernel_stack_id: start.kernel_stack_id,
         user_stack_id: start.user_stack_id,
         state: start.state,
-        _pad: 0,
+        db_frame: start.db_frame,
     };
     let runq = if start.state == STATE_RUNQUEUE {
         delta

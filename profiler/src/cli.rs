@@ -175,8 +175,9 @@ pub struct RecordArgs {
     /// the system's libsqlite3.so.0.
     #[arg(long = "sqlite", value_name = "PATH")]
     pub sqlite: Vec<PathBuf>,
-    /// Decode PostgreSQL and Redis requests on the wire (write/sendto → first read/recvfrom)
-    /// for clients that use no probed library. Default: on for the whole host, off with -p.
+    /// Also decode PostgreSQL and Redis requests on the wire (write/sendto → first
+    /// read/recvfrom) for clients that use no probed library. Off by default: it runs a
+    /// program on every read and write of the watched processes (the whole host without -p).
     #[arg(long)]
     pub db_wire: bool,
     /// Keep one example of each query with its literals (default: only the fingerprint,
@@ -220,7 +221,6 @@ impl RecordArgs {
         let db_named =
             !self.postgres_binaries.is_empty() || !self.libpq.is_empty() || !self.sqlite.is_empty();
         let db_required = self.events.is_some() || db_named;
-        let whole_host = self.pids.is_empty() && self.tids.is_empty();
         let events = self.events.clone().unwrap_or_else(|| {
             vec![
                 Event::Offcpu,
@@ -269,7 +269,7 @@ impl RecordArgs {
                     postgres_binaries: self.postgres_binaries.clone(),
                     libpq: self.libpq.clone(),
                     sqlite: self.sqlite.clone(),
-                    wire: self.db_wire || whole_host,
+                    wire: self.db_wire,
                     optional: !db_required,
                 }),
             },

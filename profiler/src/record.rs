@@ -257,13 +257,28 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
         Some(_) => {
             let mut stacks = Vec::new();
             for (key, (total_ns, count)) in &offcpu_series.latest {
-                stacks.push(builder.build(
+                let mut stack = builder.build(
                     (key.tgid, key.tid, key.kernel_stack_id, key.user_stack_id),
                     state_name(key.state),
                     *total_ns,
                     *count,
                     offcpu_series.values(key),
-                )?);
+                )?;
+                if key.db_frame != 0 {
+                    // Waiting for a database query: the query as a frame between the code
+                    // path that issued it and the kernel's wait.
+                    let name = db_owners
+                        .frames
+                        .get(&key.db_frame)
+                        .map_or_else(|| "[db] query".to_string(), |fp| format!("[db] {fp}"));
+                    let at = stack
+                        .frames
+                        .iter()
+                        .position(|f| f.kind == FrameKind::Kernel)
+                        .unwrap_or(stack.frames.len());
+                    stack.frames.insert(at, synthetic_frame(name));
+                }
+                stacks.push(stack);
             }
             sort_stacks(&mut stacks);
             let runqueue = runqueue_histograms(&probes, &processes)?;
@@ -669,6 +684,9 @@ pub(crate) struct DbOwners {
     filtered_out: u64,
     /// Wire requests whose bytes did not decode.
     undecoded: u64,
+    /// Fingerprints by `frame_hash` of the text the kernel saw: names the `[db]` frames of
+    /// off-CPU stacks.
+    pub(crate) frames: HashMap<u32, String>,
 }
 
 impl DbOwners {
@@ -679,6 +697,7 @@ impl DbOwners {
             statements: HashMap::new(),
             filtered_out: 0,
             undecoded: 0,
+            frames: HashMap::new(),
         }
     }
 
@@ -708,6 +727,17 @@ pub(crate) fn drain_db_events(
             && let Some(owner) = owners.owner(&query)
         {
             let mut query = query;
+            // What the kernel hashed for the off-CPU frame: libpq's text argument (a
+            // prepared statement's name), a simple query's text on the wire.
+            let frame = match query.source {
+                "libpq" if query.prepare_name.is_none() => {
+                    Some(profiler_common::db::frame_hash(query.text.as_bytes()))
+                }
+                "wire-postgres" if query.raw.first() == Some(&b'Q') => Some(
+                    profiler_common::db::frame_hash(&query.raw[5.min(query.raw.len())..]),
+                ),
+                _ => None,
+            };
             if query.source.starts_with("wire-") {
                 let decoded = if query.source == "wire-redis" {
                     crate::wire::redis(&query.raw)
@@ -763,6 +793,13 @@ pub(crate) fn drain_db_events(
             {
                 // Its memory maps, while it lives, to symbolize the issuing stacks.
                 processes.observe(query.pid, &query.comm);
+            }
+            if let Some(frame) = frame
+                && !owners.frames.contains_key(&frame)
+            {
+                owners
+                    .frames
+                    .insert(frame, crate::dbstats::fingerprint(&text));
             }
             db.add(&Observed {
                 source: query.source,

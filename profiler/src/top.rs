@@ -49,7 +49,6 @@ pub fn run(args: TopArgs) -> Result<()> {
         tcp: true,
         db: Some(DbConfig {
             optional: true,
-            wire: args.pids.is_empty(),
             ..DbConfig::default()
         }),
         ..Default::default()

@@ -583,7 +583,10 @@ fn redis_commands_on_the_wire_match_redis_benchmark_and_commandstats() {
     }
     cli(&["CONFIG", "RESETSTAT"]);
     let dir = temp_dir("db-redis");
-    let recording = Recording::start(&dir.join("out"), &["--events", "db", "--duration", "120s"]);
+    let recording = Recording::start(
+        &dir.join("out"),
+        &["--events", "db", "--db-wire", "--duration", "120s"],
+    );
     let bench = std::process::Command::new("redis-benchmark")
         .args(["-p", &port, "-n", "2000", "-c", "2", "-t", "set,get", "-q"])
         .output()
@@ -620,4 +623,74 @@ fn redis_commands_on_the_wire_match_redis_benchmark_and_commandstats() {
     assert_eq!(ours("GET ?"), 2000);
     assert_eq!(server_calls("set"), 2000);
     assert_eq!(server_calls("get"), 2000);
+}
+
+/// Off-CPU time of a thread waiting for its query is filed under the query, as a frame above
+/// the code path that issued it. Oracle: pgbench's own per-statement latency × its
+/// transaction count (the wait is almost all of each statement: the server sleeps 1 ms).
+#[test]
+fn off_cpu_time_waiting_for_a_query_shows_the_query_as_a_frame() {
+    require_root();
+    let cluster = PgCluster::start("frame");
+    cluster.pgbench(&["-i", "-q", "-s", "1"]);
+    let script = cluster.dir.join("select-pause.sql");
+    std::fs::write(
+        &script,
+        "\\set aid random(1, 100000)\n\\set pause 0.001\n\
+         SELECT abalance, pg_sleep(:pause) FROM pgbench_accounts WHERE aid = :aid;\n",
+    )
+    .unwrap();
+    let dir = temp_dir("db-frame");
+    let recording = Recording::start(
+        &dir.join("out"),
+        &["--events", "db,offcpu", "--duration", "120s"],
+    );
+    let bench = cluster.pgbench(&[
+        "-n",
+        "-r",
+        "-f",
+        script.to_str().unwrap(),
+        "-c",
+        "1",
+        "-T",
+        "2",
+    ]);
+    let (capture, _) = recording.interrupt();
+    let transactions = pgbench_transactions(&bench) as f64;
+    let (_, latency_ms) = pgbench_statement_latencies(&bench)
+        .into_iter()
+        .find(|(s, _)| s.starts_with("SELECT abalance"))
+        .expect("select latency");
+    let frame = "[db] SELECT abalance, pg_sleep(?) FROM pgbench_accounts WHERE aid = ?";
+    let stacks: Vec<&Value> = capture["offcpu"]["stacks"]
+        .as_array()
+        .expect("offcpu stacks")
+        .iter()
+        .filter(|s| s["comm"] == "pgbench" && frame_names(s).contains(&frame))
+        .collect();
+    assert!(
+        !stacks.is_empty(),
+        "no off-CPU stack of pgbench under {frame}"
+    );
+    let ours: f64 = stacks
+        .iter()
+        .map(|s| s["total_ns"].as_u64().unwrap() as f64)
+        .sum();
+    let theirs = transactions * latency_ms * 1e6;
+    println!(
+        "off-CPU under the query: ours {:.1} ms, pgbench {:.1} ms ({} stacks)",
+        ours / 1e6,
+        theirs / 1e6,
+        stacks.len()
+    );
+    assert!(
+        ours <= theirs && ours >= 0.9 * theirs,
+        "off-CPU under the query {ours} ns vs pgbench's {theirs} ns"
+    );
+    // The frame sits right above the call that issued the query.
+    for stack in &stacks {
+        let names = frame_names(stack);
+        let at = names.iter().position(|n| *n == frame).unwrap();
+        assert!(at > 0 && names[at - 1] == "PQsendQuery", "{names:?}");
+    }
 }

@@ -172,9 +172,10 @@ fn all_families() -> Result<()> {
          rounds"
     );
     // Configurations: what `record` attaches (None: nothing).
-    let configs: [(&str, Option<&[&str]>); 3] = [
+    let configs: [(&str, Option<&[&str]>); 4] = [
         ("nothing attached", None),
         ("all families", Some(&[])),
+        ("all + db wire", Some(&["--db-wire"])),
         ("tcp family only", Some(&["--events", "tcp"])),
     ];
     // [config][workload] = values over rounds

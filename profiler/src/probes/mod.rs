@@ -133,6 +133,12 @@ impl Probes {
             ThreadFilter::Kernel => THREADS_KERNEL,
         };
         global(&mut globals, "THREAD_KIND", thread_kind);
+        // Off-CPU files a thread's wait under its database query when both families run.
+        global(
+            &mut globals,
+            "DB_INFLIGHT_ON",
+            u32::from(config.offcpu.is_some() && config.db.is_some()),
+        );
         global(
             &mut globals,
             "TASK_PID_OFF",
