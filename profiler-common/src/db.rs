@@ -15,6 +15,11 @@ pub const SOURCE_SQLITE: u32 = 3;
 /// on the same socket), for clients that use no probed library.
 pub const SOURCE_WIRE_POSTGRES: u32 = 4;
 pub const SOURCE_WIRE_REDIS: u32 = 5;
+/// libmariadb / libmysqlclient: mysql_real_query, or mysql_send_query to
+/// mysql_read_query_result, per connection.
+pub const SOURCE_MYSQL: u32 = 6;
+/// MySQL's COM_QUERY on the wire.
+pub const SOURCE_WIRE_MYSQL: u32 = 7;
 
 /// The query ended without its done probe: a new query started on the same thread first
 /// (PostgreSQL leaves a failed query with a longjmp past `query__done`).

@@ -17,8 +17,9 @@ use aya_ebpf::{
 };
 use profiler_common::db::{
     ARG_KIND_CONSTANT, ARG_KIND_MEMORY, DbEvent, DbInflight, DbPending, FLAG_ERROR, FLAG_PREPARE,
-    FLAG_PREPARED, FLAG_STATEMENT, PREPARE_NAME_MAX, QUERY_MAX, SOURCE_LIBPQ, SOURCE_POSTGRES_USDT,
-    SOURCE_SQLITE, SOURCE_WIRE_POSTGRES, SOURCE_WIRE_REDIS, counter, frame_hash,
+    FLAG_PREPARED, FLAG_STATEMENT, PREPARE_NAME_MAX, QUERY_MAX, SOURCE_LIBPQ, SOURCE_MYSQL,
+    SOURCE_POSTGRES_USDT, SOURCE_SQLITE, SOURCE_WIRE_MYSQL, SOURCE_WIRE_POSTGRES,
+    SOURCE_WIRE_REDIS, counter, frame_hash,
 };
 
 use crate::common::{
@@ -55,8 +56,8 @@ static TASK_REAL_PARENT_OFF: u32 = 0;
 #[unsafe(no_mangle)]
 static TASK_TGID_OFF: u32 = 0;
 
-/// libpq client processes already announced to userspace (which reads their memory maps to
-/// symbolize the issuing stacks, while they live); the wire decoder leaves them alone.
+/// Client processes (libpq, MySQL) already announced to userspace (which reads their memory
+/// maps to symbolize the issuing stacks, while they live); the wire decoder leaves them alone.
 #[map(name = "DB_SEEN")]
 static SEEN: LruHashMap<u32, u8> = LruHashMap::with_max_entries(4096, 0);
 
@@ -233,6 +234,20 @@ pub fn pg_query_done(_ctx: ProbeContext) -> u32 {
     0
 }
 
+/// A client process seen for the first time: userspace reads its memory maps (to symbolize
+/// the issuing stacks) while it lives, and the wire decoder leaves it alone.
+#[inline(always)]
+fn announce(tgid: u32, tid: u32) {
+    if unsafe { SEEN.get(&tgid) }.is_none() {
+        let _ = SEEN.insert(&tgid, &1, 0);
+        let comm =
+            unsafe { (bpf_get_current_task() as *const u8).add(config(&TASK_COMM_OFF) as usize) };
+        if !notify_new_task(tgid, tid, comm) {
+            count(counter::EVENTS_LOST);
+        }
+    }
+}
+
 /// Marks `tid` as waiting for the query `text` (issued from `user_stack_id`), for off-CPU.
 #[inline(always)]
 fn waiting_for(tid: u32, text: &[u8], user_stack_id: i32) {
@@ -260,14 +275,7 @@ fn client_start(ctx: &ProbeContext, flags: u32) -> u32 {
     if !wanted_ids(tgid, tid) {
         return 0;
     }
-    if unsafe { SEEN.get(&tgid) }.is_none() {
-        let _ = SEEN.insert(&tgid, &1, 0);
-        let comm =
-            unsafe { (bpf_get_current_task() as *const u8).add(config(&TASK_COMM_OFF) as usize) };
-        if !notify_new_task(tgid, tid, comm) {
-            count(counter::EVENTS_LOST);
-        }
-    }
+    announce(tgid, tid);
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
@@ -607,6 +615,14 @@ fn request_protocol(head: &[u8; 8], len: u64) -> u32 {
     match head[0] {
         b'Q' if be32(head) + 1 == len && len > 6 => SOURCE_WIRE_POSTGRES,
         b'P' | b'B' if be32(head) + 1 <= len && be32(head) >= 4 && len > 6 => SOURCE_WIRE_POSTGRES,
+        // MySQL: 3-byte little-endian length, sequence 0, COM_QUERY (3) or COM_STMT_PREPARE
+        // (0x16), the length matching the write.
+        _ if head[3] == 0
+            && (head[4] == 0x03 || head[4] == 0x16)
+            && u32::from_le_bytes([head[0], head[1], head[2], 0]) as u64 + 4 == len =>
+        {
+            SOURCE_WIRE_MYSQL
+        }
         b'*' if head[1].is_ascii_digit() => {
             // "*N\r\n$" with N of one or two digits.
             if (head[2] == b'\r' && head[3] == b'\n' && head[4] == b'$')
@@ -642,7 +658,7 @@ fn wire_send(ctx: &TracePointContext) -> u32 {
         return 0;
     }
     if unsafe { SEEN.get(&tgid) }.is_some() {
-        return 0; // a libpq client: its queries are timed by the library probes
+        return 0; // a probed client library times this process's queries
     }
     let key = FdKey {
         tgid,
@@ -764,4 +780,118 @@ pub fn wire_read_return(ctx: TracePointContext) -> u32 {
 #[tracepoint(category = "syscalls", name = "sys_exit_recvfrom")]
 pub fn wire_recvfrom_return(ctx: TracePointContext) -> u32 {
     wire_read_exit(&ctx)
+}
+
+// ---- MySQL / MariaDB client library: mysql_real_query, mysql_send_query +
+// mysql_read_query_result; per connection (the MYSQL *), one query in flight each. ----
+
+#[inline(always)]
+fn mysql_start(ctx: &ProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    if !wanted_ids(tgid, tid) {
+        return 0;
+    }
+    announce(tgid, tid);
+    let regs = ctx.regs as *const u8;
+    let key = ConnKey {
+        tgid,
+        _pad: 0,
+        conn: reg(regs, &ARG1_REG),
+    };
+    let _ = SQLITE_CURRENT.insert(&tid, &key.conn, 0);
+    if unsafe { CLIENT_PENDING.get(&key) }.is_some_and(|p| p.start_ns != 0) {
+        return 0; // mysql_real_query calling mysql_send_query: already timed
+    }
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    unsafe {
+        (*scratch).start_ns = bpf_ktime_get_ns();
+        (*scratch).source = SOURCE_MYSQL;
+        (*scratch).user_stack_id = match stack_id(ctx, BPF_F_USER_STACK as u64) {
+            Ok(id) => id,
+            Err(StackError::Collision(err)) | Err(StackError::Missing(err)) => {
+                count(counter::STACK_LOST);
+                err
+            }
+        };
+        // The text is not NUL-terminated: its length is the third argument.
+        let text = reg(regs, &ARG2_REG) as *const u8;
+        let len = reg(regs, &ARG3_REG);
+        let n = if len < QUERY_MAX as u64 {
+            len
+        } else {
+            QUERY_MAX as u64
+        } as usize;
+        (*scratch).len = if n > 0
+            && n <= QUERY_MAX
+            && aya_ebpf::helpers::bpf_probe_read_user_buf(text, &mut (&mut (*scratch).query)[..n])
+                .is_ok()
+        {
+            if n < QUERY_MAX {
+                (*scratch).query[n] = 0;
+            }
+            n as u32
+        } else {
+            count(counter::TEXT_UNREADABLE);
+            0
+        };
+        if CLIENT_PENDING.insert(&key, &*scratch, 0).is_err() {
+            count(counter::PENDING_MAP_FULL);
+        }
+        waiting_for(tid, &(*scratch).query, (*scratch).user_stack_id);
+    }
+    0
+}
+
+/// mysql_real_query(mysql, query, length) and mysql_send_query(mysql, query, length).
+#[uprobe]
+pub fn mysql_query(ctx: ProbeContext) -> u32 {
+    mysql_start(&ctx)
+}
+
+/// mysql_read_query_result(mysql) entry: remember the connection for the return.
+#[uprobe]
+pub fn mysql_read_result(ctx: ProbeContext) -> u32 {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let conn = reg(ctx.regs as *const u8, &ARG1_REG);
+    let _ = SQLITE_CURRENT.insert(&tid, &conn, 0);
+    0
+}
+
+/// mysql_real_query / mysql_read_query_result returned: the result (header) is in; a
+/// non-zero return is an error.
+#[uretprobe]
+pub fn mysql_query_return(ctx: RetProbeContext) -> u32 {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    let Some(conn) = (unsafe { SQLITE_CURRENT.get(&tid) }).copied() else {
+        return 0;
+    };
+    let key = ConnKey {
+        tgid,
+        _pad: 0,
+        conn,
+    };
+    let Some(pending) = CLIENT_PENDING.get_ptr_mut(&key) else {
+        return 0;
+    };
+    let start = unsafe { (*pending).start_ns };
+    if start == 0 || unsafe { (*pending).source } != SOURCE_MYSQL {
+        return 0;
+    }
+    let failed = reg(ctx.regs as *const u8, &RET_REG) as u32 != 0;
+    count(counter::QUERIES);
+    emit(
+        pending,
+        tgid,
+        tid,
+        if failed { FLAG_ERROR } else { 0 },
+        now.wrapping_sub(start),
+    );
+    unsafe { (*pending).start_ns = 0 };
+    let _ = DB_INFLIGHT.remove(&tid);
+    0
 }

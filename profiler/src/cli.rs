@@ -175,6 +175,10 @@ pub struct RecordArgs {
     /// the system's libsqlite3.so.0.
     #[arg(long = "sqlite", value_name = "PATH")]
     pub sqlite: Vec<PathBuf>,
+    /// MySQL/MariaDB client library (libmariadb, libmysqlclient) to probe (repeatable);
+    /// default: the ones the -p processes map, else the system's.
+    #[arg(long = "mysql", value_name = "PATH")]
+    pub mysql: Vec<PathBuf>,
     /// Also decode PostgreSQL and Redis requests on the wire (write/sendto → first
     /// read/recvfrom) for clients that use no probed library. Off by default: it runs a
     /// program on every read and write of the watched processes (the whole host without -p).
@@ -218,8 +222,10 @@ impl RecordArgs {
         {
             bail!("--max-block is shorter than --min-block");
         }
-        let db_named =
-            !self.postgres_binaries.is_empty() || !self.libpq.is_empty() || !self.sqlite.is_empty();
+        let db_named = !self.postgres_binaries.is_empty()
+            || !self.libpq.is_empty()
+            || !self.sqlite.is_empty()
+            || !self.mysql.is_empty();
         let db_required = self.events.is_some() || db_named;
         let events = self.events.clone().unwrap_or_else(|| {
             vec![
@@ -234,7 +240,10 @@ impl RecordArgs {
             bail!("--events names no probe family (offcpu, oncpu, syscalls, tcp, db)");
         }
         if db_named && !events.contains(&Event::Db) {
-            bail!("--postgres-binary, --libpq and --sqlite need the db family (--events ...,db)");
+            bail!(
+                "--postgres-binary, --libpq, --sqlite and --mysql need the db family \
+                 (--events ...,db)"
+            );
         }
         if !(1..=10_000).contains(&self.freq) {
             bail!("--freq must be between 1 and 10000 Hz");
@@ -269,6 +278,7 @@ impl RecordArgs {
                     postgres_binaries: self.postgres_binaries.clone(),
                     libpq: self.libpq.clone(),
                     sqlite: self.sqlite.clone(),
+                    mysql: self.mysql.clone(),
                     wire: self.db_wire,
                     optional: !db_required,
                 }),

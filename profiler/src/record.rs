@@ -730,7 +730,7 @@ pub(crate) fn drain_db_events(
             // What the kernel hashed for the off-CPU frame: libpq's text argument (a
             // prepared statement's name), a simple query's text on the wire.
             let frame = match query.source {
-                "libpq" if query.prepare_name.is_none() => {
+                "libpq" | "mysql" if query.prepare_name.is_none() => {
                     Some(profiler_common::db::frame_hash(query.text.as_bytes()))
                 }
                 "wire-postgres" if query.raw.first() == Some(&b'Q') => Some(
@@ -739,10 +739,10 @@ pub(crate) fn drain_db_events(
                 _ => None,
             };
             if query.source.starts_with("wire-") {
-                let decoded = if query.source == "wire-redis" {
-                    crate::wire::redis(&query.raw)
-                } else {
-                    crate::wire::postgres(&query.raw)
+                let decoded = match query.source {
+                    "wire-redis" => crate::wire::redis(&query.raw),
+                    "wire-mysql" => crate::wire::mysql(&query.raw),
+                    _ => crate::wire::postgres(&query.raw),
                 };
                 let Some(request) = decoded else {
                     owners.undecoded += 1;

@@ -56,6 +56,24 @@ pub fn postgres(bytes: &[u8]) -> Option<WireRequest> {
     }
 }
 
+/// A MySQL COM_QUERY or COM_STMT_PREPARE: 3-byte length, sequence number, command, text.
+pub fn mysql(bytes: &[u8]) -> Option<WireRequest> {
+    let header = bytes.get(..5)?;
+    if header[3] != 0 || !matches!(header[4], 0x03 | 0x16) {
+        return None;
+    }
+    let len = u32::from_le_bytes([header[0], header[1], header[2], 0]) as usize;
+    let body = &bytes[5..bytes.len().min(4 + len)];
+    if len < 2 || body.is_empty() || std::str::from_utf8(body).is_err() {
+        return None;
+    }
+    Some(WireRequest {
+        text: String::from_utf8_lossy(body).into_owned(),
+        parse_name: None,
+        bind_name: None,
+    })
+}
+
 /// A Redis RESP command: `*N\r\n$L\r\nCMD\r\n…` → `CMD ? ?` (arguments are data).
 pub fn redis(bytes: &[u8]) -> Option<WireRequest> {
     let rest = bytes.strip_prefix(b"*")?;
@@ -121,6 +139,18 @@ mod tests {
         assert_eq!(redis(b"*1\r\n$4\r\nPING\r\n").unwrap().text, "PING");
         let mset = format!("*21\r\n$4\r\nMSET\r\n{}", "$1\r\nx\r\n".repeat(20));
         assert!(redis(mset.as_bytes()).unwrap().text.ends_with('…'));
+    }
+
+    #[test]
+    fn mysql_com_query() {
+        let sql = b"SELECT 1";
+        let mut packet = ((sql.len() + 1) as u32).to_le_bytes()[..3].to_vec();
+        packet.extend([0, 0x03]);
+        packet.extend(sql);
+        assert_eq!(mysql(&packet).unwrap().text, "SELECT 1");
+        packet[4] = 0x01; // COM_QUIT
+        assert!(mysql(&packet).is_none());
+        assert!(mysql(b"\x05\0\0\x01\x03abcd").is_none()); // sequence 1: not a request
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+pub mod mariadb;
 pub mod pg;
 pub mod rawsys;
 
@@ -382,4 +383,23 @@ impl ReadyProcess {
         let status = self.child.wait().expect("wait");
         assert!(status.success(), "workload failed: {status}");
     }
+}
+
+/// A shared library of the system (Debian's multiarch directories first), by file name.
+pub fn system_library(name: &str) -> PathBuf {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().contains("-linux-"))
+        })
+        .collect();
+    dirs.push(PathBuf::from("/usr/lib"));
+    dirs.into_iter()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} not found in /usr/lib"))
 }

@@ -694,3 +694,77 @@ fn off_cpu_time_waiting_for_a_query_shows_the_query_as_a_frame() {
         assert!(at > 0 && names[at - 1] == "PQsendQuery", "{names:?}");
     }
 }
+
+/// Runs the MySQLdb workload against a fresh MariaDB with `args` added to the recording;
+/// returns the capture, the workload's report and the server's Com_select delta.
+fn record_mysql_workload(name: &str, extra: &[&str]) -> (Value, Value, u64) {
+    require_root();
+    let server = profiler_tests::mariadb::MariaDb::start(name);
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("workloads/mysql_workload.py");
+    let mut client = ReadyProcess::spawn(
+        std::process::Command::new("/usr/bin/python3")
+            .arg(&script)
+            .arg(&server.socket),
+    );
+    let dir = temp_dir(name);
+    let mut args = vec!["--events", "db", "-p", &client.pid, "--duration", "120s"];
+    args.extend_from_slice(extra);
+    let recording = Recording::start(&dir.join("out"), &args);
+    let before = server.status("Com_select");
+    client.go();
+    let report: Value = serde_json::from_str(&client.line().expect("report")).unwrap();
+    client.finish();
+    let (capture, _) = recording.interrupt();
+    // The status query itself is no Com_select.
+    let selects = server.status("Com_select") - before;
+    (capture, report, selects)
+}
+
+fn check_mysql(capture: &Value, report: &Value, server_selects: u64, source: &str) {
+    let queries = capture["db"]["queries"].as_array().expect("db queries");
+    let ours = queries
+        .iter()
+        .find(|q| q["source"] == source && q["fingerprint"] == "SELECT ? AS mysql_probe, SLEEP(?)")
+        .unwrap_or_else(|| panic!("no {source} query in {queries:?}"));
+    let calls = ours["calls"].as_u64().unwrap();
+    let ours_ns = ours["total_ns"].as_u64().unwrap() as f64;
+    let theirs_ns = report["select_ns"].as_u64().unwrap() as f64;
+    println!(
+        "{source}: calls {calls}, client {}, server Com_select {server_selects}; time ours \
+         {:.3} ms, client {:.3} ms",
+        report["selects"],
+        ours_ns / 1e6,
+        theirs_ns / 1e6
+    );
+    assert_eq!(Some(calls), report["selects"].as_u64());
+    assert!(
+        server_selects >= calls && server_selects - calls <= 2,
+        "Com_select {server_selects}"
+    );
+    assert!(
+        ours_ns <= theirs_ns && ours_ns >= 0.9 * theirs_ns,
+        "ours {ours_ns} ns vs the client's {theirs_ns} ns"
+    );
+    assert_eq!(ours["errors"].as_u64(), Some(0));
+}
+
+/// MariaDB's client library (libmariadb, used by Python's MySQLdb), found in the process's
+/// memory maps: counts exact, time within 10 % of the client's own clock.
+#[test]
+fn mysql_client_library_queries_match_the_clients_count_and_clock() {
+    let (capture, report, selects) = record_mysql_workload("db-mysql", &[]);
+    check_mysql(&capture, &report, selects, "mysql");
+}
+
+/// The same client seen only on the wire (COM_QUERY), with library probing limited to
+/// SQLite: counts and time alike.
+#[test]
+fn mysql_com_query_on_the_wire_matches_the_clients_count_and_clock() {
+    let sqlite = profiler_tests::system_library("libsqlite3.so.0");
+    let (capture, report, selects) = record_mysql_workload(
+        "db-mysql-wire",
+        &["--db-wire", "--sqlite", sqlite.to_str().unwrap()],
+    );
+    check_mysql(&capture, &report, selects, "wire-mysql");
+}

@@ -45,6 +45,15 @@ const PACKAGES: &[(&str, &str)] = &[
         "redis-cli and redis-benchmark, for the db family's wire-protocol tests",
     ),
     (
+        "mariadb-server",
+        "MariaDB server (mariadbd, mariadb-install-db), for the db family's MySQL tests",
+    ),
+    ("mariadb-client", "the mariadb client, for the MySQL tests"),
+    (
+        "python3-mysqldb",
+        "Python's MySQLdb (on libmariadb), the MySQL test workload",
+    ),
+    (
         "python3",
         "Python with its sqlite3 module (libsqlite3), the SQLite test workload",
     ),

@@ -13,7 +13,8 @@ use aya::maps::{MapData, RingBuf};
 use aya::programs::UProbe;
 use profiler_common::db::{
     DbEvent, FLAG_ERROR, FLAG_PREPARE, FLAG_PREPARED, FLAG_STATEMENT, PREPARE_NAME_MAX, QUERY_MAX,
-    SOURCE_LIBPQ, SOURCE_SQLITE, SOURCE_WIRE_POSTGRES, SOURCE_WIRE_REDIS, counter, maps,
+    SOURCE_LIBPQ, SOURCE_MYSQL, SOURCE_SQLITE, SOURCE_WIRE_MYSQL, SOURCE_WIRE_POSTGRES,
+    SOURCE_WIRE_REDIS, counter, maps,
 };
 
 use super::{Globals, Probes, global, program, read_counters};
@@ -29,6 +30,8 @@ pub struct DbConfig {
     pub libpq: Vec<PathBuf>,
     /// SQLite libraries to probe; found automatically when empty.
     pub sqlite: Vec<PathBuf>,
+    /// libmariadb / libmysqlclient libraries to probe; found automatically when empty.
+    pub mysql: Vec<PathBuf>,
     /// Decode requests on the wire (PostgreSQL, Redis) from write/sendto and read/recvfrom.
     pub wire: bool,
     /// Not asked for explicitly: a server that cannot be probed is a note, not an error.
@@ -80,6 +83,30 @@ pub const SQLITE: ClientLibrary = ClientLibrary {
         ("sqlite3_prepare_v2", "sqlite_prepare_v2", false),
         ("sqlite3_prepare_v3", "sqlite_prepare_v3", false),
     ],
+};
+
+const MYSQL_PROBES: &[(&str, &str, bool)] = &[
+    ("mysql_real_query", "mysql_query_return", true),
+    ("mysql_read_query_result", "mysql_query_return", true),
+    ("mysql_read_query_result", "mysql_read_result", false),
+    ("mysql_real_query", "mysql_query", false),
+    ("mysql_send_query", "mysql_query", false),
+];
+
+pub const MARIADB: ClientLibrary = ClientLibrary {
+    name: "MariaDB client",
+    prefix: "libmariadb.so",
+    system_name: "libmariadb.so.3",
+    required: &["mysql_real_query"],
+    probes: MYSQL_PROBES,
+};
+
+pub const MYSQLCLIENT: ClientLibrary = ClientLibrary {
+    name: "MySQL client",
+    prefix: "libmysqlclient.so",
+    system_name: "libmysqlclient.so.21",
+    required: &["mysql_real_query"],
+    probes: MYSQL_PROBES,
 };
 
 /// A client library file and where its functions are.
@@ -280,10 +307,18 @@ fn running_postgres(pids: &[u32]) -> Vec<PathBuf> {
 /// file (device, inode).
 pub fn discover(config: &DbConfig, pids: &[u32]) -> Result<DbTargets> {
     let postgres = discover_postgres(config, pids)?;
-    let any_explicit = !config.libpq.is_empty() || !config.sqlite.is_empty();
+    let any_explicit =
+        !config.libpq.is_empty() || !config.sqlite.is_empty() || !config.mysql.is_empty();
     let mut libraries = Vec::new();
     let mut seen = HashSet::new();
-    for (library, given) in [(&LIBPQ, &config.libpq), (&SQLITE, &config.sqlite)] {
+    // A library given with --mysql may be either client flavour: tried as MariaDB's first.
+    let no_paths = Vec::new();
+    for (library, given) in [
+        (&LIBPQ, &config.libpq),
+        (&SQLITE, &config.sqlite),
+        (&MARIADB, &config.mysql),
+        (&MYSQLCLIENT, &no_paths),
+    ] {
         for path in given {
             if !path.is_file() {
                 bail!("{} library {} does not exist", library.name, path.display());
@@ -322,7 +357,11 @@ fn discover_postgres(config: &DbConfig, pids: &[u32]) -> Result<Vec<PostgresTarg
             bail!("PostgreSQL binary {} does not exist", path.display());
         }
     }
-    if paths.is_empty() && config.libpq.is_empty() && config.sqlite.is_empty() {
+    if paths.is_empty()
+        && config.libpq.is_empty()
+        && config.sqlite.is_empty()
+        && config.mysql.is_empty()
+    {
         paths = running_postgres(pids);
         if paths.is_empty() && pids.is_empty() {
             paths = postgres_binaries_installed();
@@ -532,7 +571,10 @@ pub fn decode(bytes: &[u8]) -> Option<QueryRecord> {
         let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
         String::from_utf8_lossy(&bytes[..end]).into_owned()
     };
-    let wire = matches!(e.source, SOURCE_WIRE_POSTGRES | SOURCE_WIRE_REDIS);
+    let wire = matches!(
+        e.source,
+        SOURCE_WIRE_POSTGRES | SOURCE_WIRE_REDIS | SOURCE_WIRE_MYSQL
+    );
     let (text, prepare_name) = if wire {
         (String::new(), None)
     } else if e.flags & FLAG_PREPARE != 0 && e.source == SOURCE_SQLITE {
@@ -554,6 +596,8 @@ pub fn decode(bytes: &[u8]) -> Option<QueryRecord> {
             SOURCE_SQLITE => "sqlite",
             SOURCE_WIRE_POSTGRES => "wire-postgres",
             SOURCE_WIRE_REDIS => "wire-redis",
+            SOURCE_MYSQL => "mysql",
+            SOURCE_WIRE_MYSQL => "wire-mysql",
             _ => "postgres-usdt",
         },
         raw: if wire {
