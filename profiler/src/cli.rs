@@ -28,7 +28,7 @@ pub struct Cli {
 pub enum Command {
     /// Record where threads wait (off-CPU time with kernel and user stacks) for a while, then
     /// write the capture, folded stacks, a flamegraph and a summary to the output directory.
-    Record(RecordArgs),
+    Record(Box<RecordArgs>),
     /// Compare two captures (or two folded files) and flag significant regressions: a
     /// differential flamegraph, ranked functions and stacks, Markdown and JSON reports.
     /// Exit code: 0 no significant regression, 1 regression found (with

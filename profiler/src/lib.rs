@@ -34,7 +34,7 @@ use anyhow::{Context as _, Result};
 /// 2 usage or input error (`diff`, `report`).
 pub fn run(cli: cli::Cli) -> ExitCode {
     let (result, error_code) = match cli.command {
-        cli::Command::Record(args) => (record_command(args), 1),
+        cli::Command::Record(args) => (record_command(*args), 1),
         cli::Command::Diff(args) => (diff_command(args), 2),
         cli::Command::Report(args) => (report_command(args).map(|()| ExitCode::SUCCESS), 2),
         cli::Command::Top(args) => (top::run(args).map(|()| ExitCode::SUCCESS), 1),
