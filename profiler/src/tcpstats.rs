@@ -81,7 +81,7 @@ impl TcpAggregator {
             endpoint.lifetime_max_ns = endpoint.lifetime_max_ns.max(record.lifetime_ns);
             endpoint.bytes_received += record.bytes_received;
             endpoint.bytes_sent += record.bytes_sent;
-            endpoint.retransmits += u64::from(record.retransmits);
+            endpoint.retransmits += u64::from(record.kernel_retransmits);
             endpoint.srtt_total_us += u64::from(record.srtt_us);
             endpoint.srtt_max_us = endpoint.srtt_max_us.max(u64::from(record.srtt_us));
         }
@@ -102,8 +102,8 @@ impl TcpAggregator {
             lifetime_ns: if record.close { record.lifetime_ns } else { 0 },
             bytes_received: record.bytes_received,
             bytes_sent: record.bytes_sent,
-            retransmits: u64::from(record.retransmits),
-            kernel_retransmits: u64::from(record.kernel_retransmits),
+            retransmits: u64::from(record.kernel_retransmits),
+            retransmit_events: u64::from(record.retransmits),
             srtt_us: u64::from(record.srtt_us),
         });
     }

@@ -311,36 +311,40 @@ fn retransmits_match_the_kernels_retranssegs_and_a_dropped_syn_delays_connect() 
     let accepts = connections(&run, "accept");
     assert_eq!(connects.len(), 2, "{connects:?}");
     assert_eq!(accepts.len(), 2, "{accepts:?}");
+    // The sockets' own counts, read by the profiler at close.
     let ours: u64 = connects
         .iter()
         .chain(&accepts)
         .map(|c| u(c, "retransmits"))
         .sum();
-    let per_socket: u64 = connects
+    // What the tcp_retransmit_skb tracepoint reported.
+    let events: u64 = connects
         .iter()
         .chain(&accepts)
-        .map(|c| u(c, "kernel_retransmits"))
+        .map(|c| u(c, "retransmit_events"))
         .sum();
     let counters = &run.capture["metadata"]["counters"];
     println!(
-        "retransmits: ours {ours}, sockets' total_retrans {per_socket}, RetransSegs {kernel}; \
-         counters {counters}"
+        "retransmits: ours {ours} (tracepoint events {events}), RetransSegs {kernel}; counters \
+         {counters}"
     );
     assert!(
         kernel >= 3,
         "only {kernel} retransmits: the drop rules did not work"
     );
-    // Exact, except for program runs the kernel skipped (it does while another BPF program
-    // or a bpf() syscall, e.g. a concurrent test's profiler, is active on that CPU): each is
-    // counted, and each can hide at most one retransmit.
+    // Exact: every socket of the namespace is the workload's and was followed from its
+    // start to its close (a lost close event would show as a missing connection above).
+    assert_eq!(
+        ours, kernel,
+        "our retransmits vs the namespace's RetransSegs"
+    );
+    // The tracepoint sees (almost) all of them: it is what counts them while connections
+    // are open and host-wide; the kernel counts some it does not report (1 in 25, seen once
+    // in about 15 runs), and skipped program runs are counted.
     let misses = u(counters, "program_misses");
     assert!(
-        ours <= kernel && kernel - ours <= misses,
-        "our retransmits {ours} vs the namespace's RetransSegs {kernel} ({misses} skipped runs)"
-    );
-    assert!(
-        per_socket <= kernel && kernel - per_socket <= misses,
-        "the sockets' total_retrans {per_socket} vs RetransSegs {kernel}"
+        events <= kernel && kernel - events <= misses + kernel / 10,
+        "tracepoint events {events} vs RetransSegs {kernel} ({misses} skipped runs)"
     );
 
     // The first SYN was dropped: connect() waited for the SYN retransmit (1 s initial RTO).
