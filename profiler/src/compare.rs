@@ -22,7 +22,7 @@ use serde::Serialize;
 
 use crate::model::Capture;
 use crate::render::folded_path;
-use crate::stats::{holm, welch_greater};
+use crate::stats::{holm, welch_greater, welch_greater_summary};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -42,6 +42,9 @@ pub struct Profile {
     pub interval_s: Vec<f64>,
     /// Folded path → (total value, value in each interval).
     pub stacks: BTreeMap<String, (f64, Vec<f64>)>,
+    /// Database queries (captures): `source;process name;fingerprint` → (calls, mean ns,
+    /// standard deviation ns).
+    pub queries: BTreeMap<String, (f64, f64, f64)>,
 }
 
 impl Profile {
@@ -67,6 +70,7 @@ impl Profile {
                 duration_s: None,
                 interval_s: Vec::new(),
                 stacks,
+                queries: BTreeMap::new(),
             })
         }
     }
@@ -88,12 +92,34 @@ impl Profile {
                 *slot += *value as f64 / 1e3;
             }
         }
+        let mut queries = BTreeMap::new();
+        for q in capture.db.iter().flat_map(|d| &d.queries) {
+            if q.calls == 0 {
+                continue;
+            }
+            // Keyed by process name, not pid: pids differ between runs.
+            let key = format!("{};{};{}", q.source, q.comm, q.fingerprint);
+            let (calls, mean, sd) = (
+                q.calls as f64,
+                q.total_ns as f64 / q.calls as f64,
+                q.stddev_ns,
+            );
+            // Two servers of one name: pool them (means weighted, variances pooled).
+            let entry = queries.entry(key).or_insert((0.0, 0.0, 0.0));
+            let n = entry.0 + calls;
+            let pooled_mean = (entry.0 * entry.1 + calls * mean) / n;
+            let pooled_var = ((entry.0 - 1.0).max(0.0) * entry.2 * entry.2
+                + (calls - 1.0).max(0.0) * sd * sd)
+                / (n - 1.0).max(1.0);
+            *entry = (n, pooled_mean, pooled_var.sqrt());
+        }
         Self {
             source,
             kind: InputKind::Capture,
             duration_s: Some(capture.metadata.duration_ns as f64 / 1e9),
             interval_s,
             stacks,
+            queries,
         }
     }
 
@@ -186,6 +212,86 @@ fn finite_or_null<S: serde::Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error
     }
 }
 
+/// A query's mean latency in both captures.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueryChange {
+    pub source: String,
+    pub comm: String,
+    pub fingerprint: String,
+    pub base_calls: u64,
+    pub new_calls: u64,
+    pub base_mean_ms: f64,
+    pub new_mean_ms: f64,
+    pub relative: f64,
+    /// Holm-adjusted one-sided Welch p-value over the queries tested.
+    pub p_adjusted: f64,
+}
+
+/// Queries' mean latency must also grow by at least this much to count (0.05 ms).
+pub const QUERY_MIN_ABS_NS: f64 = 50_000.0;
+
+/// Per-query verdicts: one-sided Welch's t-test on the call latencies (mean, standard
+/// deviation, calls of each side), Holm over the queries in both captures, plus the relative
+/// threshold and `QUERY_MIN_ABS_NS`.
+fn compare_queries(
+    base: &Profile,
+    new: &Profile,
+    thresholds: &Thresholds,
+) -> (Vec<QueryChange>, Vec<QueryChange>, usize) {
+    let mut tested = Vec::new();
+    for (key, b) in &base.queries {
+        let Some(n) = new.queries.get(key) else {
+            continue;
+        };
+        if b.0 < 2.0 || n.0 < 2.0 {
+            continue;
+        }
+        let up = welch_greater_summary((b.1, b.2 * b.2, b.0), (n.1, n.2 * n.2, n.0)).unwrap_or(1.0);
+        let down =
+            welch_greater_summary((n.1, n.2 * n.2, n.0), (b.1, b.2 * b.2, b.0)).unwrap_or(1.0);
+        tested.push((key.clone(), *b, *n, up, down));
+    }
+    let adj_up = holm(&tested.iter().map(|t| t.3).collect::<Vec<_>>());
+    let adj_down = holm(&tested.iter().map(|t| t.4).collect::<Vec<_>>());
+    let (mut regressions, mut improvements) = (Vec::new(), Vec::new());
+    for (i, (key, b, n, _, _)) in tested.iter().enumerate() {
+        let delta = n.1 - b.1;
+        let relative = if b.1 > 0.0 {
+            delta / b.1
+        } else {
+            f64::INFINITY
+        };
+        let mut parts = key.splitn(3, ';');
+        let mut change = QueryChange {
+            source: parts.next().unwrap_or_default().to_string(),
+            comm: parts.next().unwrap_or_default().to_string(),
+            fingerprint: parts.next().unwrap_or_default().to_string(),
+            base_calls: b.0 as u64,
+            new_calls: n.0 as u64,
+            base_mean_ms: b.1 / 1e6,
+            new_mean_ms: n.1 / 1e6,
+            relative,
+            p_adjusted: 1.0,
+        };
+        if delta >= QUERY_MIN_ABS_NS
+            && relative >= thresholds.relative
+            && adj_up[i] < thresholds.alpha
+        {
+            change.p_adjusted = adj_up[i];
+            regressions.push(change);
+        } else if -delta >= QUERY_MIN_ABS_NS
+            && -relative >= thresholds.relative
+            && adj_down[i] < thresholds.alpha
+        {
+            change.p_adjusted = adj_down[i];
+            improvements.push(change);
+        }
+    }
+    regressions.sort_by(|a, b| b.relative.total_cmp(&a.relative));
+    improvements.sort_by(|a, b| a.relative.total_cmp(&b.relative));
+    (regressions, improvements, tested.len())
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub base: String,
@@ -206,6 +312,10 @@ pub struct Report {
     /// Entities that changed past the thresholds but not significantly.
     pub not_significant: usize,
     pub entities_tested: usize,
+    /// Queries whose mean latency grew significantly (captures with the db family).
+    pub query_regressions: Vec<QueryChange>,
+    pub query_improvements: Vec<QueryChange>,
+    pub queries_tested: usize,
     pub base_stacks: BTreeMap<String, f64>,
     pub new_stacks: BTreeMap<String, f64>,
     pub warnings: Vec<String>,
@@ -378,6 +488,8 @@ pub fn compare(base: &Profile, new: &Profile, thresholds: &Thresholds) -> Result
     };
     regressions.sort_by(rank);
     improvements.sort_by(rank);
+    let (query_regressions, query_improvements, queries_tested) =
+        compare_queries(base, new, thresholds);
 
     let method = if statistics {
         format!(
@@ -407,11 +519,14 @@ pub fn compare(base: &Profile, new: &Profile, thresholds: &Thresholds) -> Result
         alpha: thresholds.alpha,
         base_total,
         new_total,
-        regression: !regressions.is_empty(),
+        regression: !regressions.is_empty() || !query_regressions.is_empty(),
         regressions,
         improvements,
         not_significant,
         entities_tested,
+        query_regressions,
+        query_improvements,
+        queries_tested,
         base_stacks: base
             .stacks
             .iter()
@@ -441,7 +556,37 @@ mod tests {
                 .iter()
                 .map(|(p, v)| (p.to_string(), (v.iter().sum(), v.to_vec())))
                 .collect(),
+            queries: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn a_slower_query_is_flagged_and_noise_is_not() {
+        let mut base = profile(&[]);
+        let mut same = profile(&[]);
+        let mut slow = profile(&[]);
+        let key = "libpq;app;SELECT * FROM t WHERE id = ?".to_string();
+        // 1000 calls of 1.00 ms ± 0.2 ms; the same again (0.99 ms); 1.50 ms.
+        base.queries.insert(key.clone(), (1000.0, 1.0e6, 0.2e6));
+        same.queries.insert(key.clone(), (1000.0, 0.99e6, 0.2e6));
+        slow.queries.insert(key.clone(), (1000.0, 1.5e6, 0.2e6));
+        let t = Thresholds::default();
+        let report = compare(&base, &same, &t).unwrap();
+        assert!(!report.regression && report.query_regressions.is_empty());
+        assert_eq!(report.queries_tested, 1);
+        let report = compare(&base, &slow, &t).unwrap();
+        assert!(report.regression);
+        let change = &report.query_regressions[0];
+        assert_eq!(change.fingerprint, "SELECT * FROM t WHERE id = ?");
+        assert!((change.relative - 0.5).abs() < 1e-9);
+        let report = compare(&slow, &base, &t).unwrap();
+        assert!(!report.regression && report.query_improvements.len() == 1);
+        // Too small to matter: +20 us on 20 us.
+        let mut fast = profile(&[]);
+        let mut fast2 = profile(&[]);
+        fast.queries.insert(key.clone(), (1000.0, 20e3, 1e3));
+        fast2.queries.insert(key, (1000.0, 40e3, 1e3));
+        assert!(!compare(&fast, &fast2, &t).unwrap().regression);
     }
 
     const NOISE: [f64; 10] = [

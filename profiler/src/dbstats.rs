@@ -225,6 +225,9 @@ struct Stat {
     buckets: Vec<u64>,
     samples: Vec<u64>,
     seen: u64,
+    /// Welford's running mean and sum of squared deviations (ns).
+    mean: f64,
+    m2: f64,
     example: Option<String>,
     truncated: bool,
     /// Calls and time per issuing stack (user stack id) and thread.
@@ -282,6 +285,10 @@ impl DbAggregator {
         }
         stat.calls += 1;
         stat.total_ns += duration_ns;
+        let x = duration_ns as f64;
+        let d = x - stat.mean;
+        stat.mean += d / stat.calls as f64;
+        stat.m2 += d * (x - stat.mean);
         let per_stack = stat.stacks.entry((q.user_stack_id, q.tid)).or_default();
         per_stack.0 += 1;
         per_stack.1 += duration_ns;
@@ -410,6 +417,11 @@ impl DbAggregator {
                     errors: s.errors,
                     total_ns: s.total_ns,
                     max_ns: s.max_ns,
+                    stddev_ns: if s.calls > 1 {
+                        (s.m2 / (s.calls - 1) as f64).sqrt()
+                    } else {
+                        0.0
+                    },
                     p50_ns: q(0.5),
                     p95_ns: q(0.95),
                     p99_ns: q(0.99),
@@ -558,6 +570,8 @@ mod tests {
         assert_eq!(q.fingerprint, "SELECT * FROM t WHERE id = ?");
         assert_eq!((q.calls, q.errors), (100, 1));
         assert_eq!(q.total_ns, 5_050_000);
+        // 1..=100 us: sample standard deviation 29.011 us.
+        assert!((q.stddev_ns - 29_011.49).abs() < 1.0, "{}", q.stddev_ns);
         assert_eq!(
             (q.p50_ns, q.p95_ns, q.p99_ns, q.max_ns),
             (51_000, 95_000, 99_000, 100_000)

@@ -140,7 +140,10 @@ pub fn markdown(report: &Report, top: usize) -> String {
     } else {
         "No significant regression"
     };
-    let _ = writeln!(out, "## Off-CPU comparison: {verdict}\n");
+    let _ = writeln!(
+        out,
+        "## Comparison (off-CPU time, query latency): {verdict}\n"
+    );
     let _ = writeln!(
         out,
         "Base `{}` ({}), new `{}` ({}).  ",
@@ -189,6 +192,43 @@ pub fn markdown(report: &Report, top: usize) -> String {
             &stacks.iter().collect::<Vec<_>>(),
             unit,
             false,
+        );
+    }
+    for (label, changes) in [
+        ("Slower queries", &report.query_regressions),
+        ("Faster queries", &report.query_improvements),
+    ] {
+        if changes.is_empty() {
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "\n### {label}\n\n| query | process | source | calls (base → new) | mean ms (base → new) | change | p (Holm) |\n|---|---|---|---|---|---|---|"
+        );
+        for c in changes.iter().take(top) {
+            let _ = writeln!(
+                out,
+                "| `{}` | {} | {} | {} → {} | {:.3} → {:.3} | {:+.0}% | {:.2e} |",
+                c.fingerprint.replace('|', "\\|"),
+                c.comm,
+                c.source,
+                c.base_calls,
+                c.new_calls,
+                c.base_mean_ms,
+                c.new_mean_ms,
+                c.relative * 100.0,
+                c.p_adjusted
+            );
+        }
+    }
+    if report.queries_tested > 0 {
+        let _ = writeln!(
+            out,
+            "\nQueries: {} in both captures tested (one-sided Welch's t-test on call latencies, \
+             Holm-corrected, and growth of at least {:.0}% and {:.2} ms).",
+            report.queries_tested,
+            report.relative_threshold * 100.0,
+            crate::compare::QUERY_MIN_ABS_NS / 1e6
         );
     }
     let _ = writeln!(

@@ -247,6 +247,9 @@ pub struct DbQuery {
     pub errors: u64,
     pub total_ns: u64,
     pub max_ns: u64,
+    /// Standard deviation of the call latencies (all calls), for `diff`'s significance test.
+    #[serde(default)]
+    pub stddev_ns: f64,
     /// Exact quantiles (over a uniform sample of 100 000 calls at most).
     pub p50_ns: u64,
     pub p95_ns: u64,

@@ -33,6 +33,21 @@ pub fn welch_greater(a: &[f64], b: &[f64]) -> Option<f64> {
     Some(student_t_upper(t, df))
 }
 
+/// `welch_greater` from summary statistics: (mean, sample variance, count) of each side.
+pub fn welch_greater_summary(a: (f64, f64, f64), b: (f64, f64, f64)) -> Option<f64> {
+    let ((ma, va, na), (mb, vb, nb)) = (a, b);
+    if na < 2.0 || nb < 2.0 {
+        return None;
+    }
+    let se2 = va / na + vb / nb;
+    if se2 <= 0.0 || !se2.is_finite() {
+        return Some(if mb > ma { 0.0 } else { 1.0 });
+    }
+    let t = (mb - ma) / se2.sqrt();
+    let df = se2 * se2 / ((va / na).powi(2) / (na - 1.0) + (vb / nb).powi(2) / (nb - 1.0));
+    Some(student_t_upper(t, df))
+}
+
 /// P(T > t) for Student's t with `df` degrees of freedom.
 pub fn student_t_upper(t: f64, df: f64) -> f64 {
     let x = df / (df + t * t);
@@ -127,6 +142,19 @@ fn beta_fraction(a: f64, b: f64, x: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn welch_from_summaries_matches_welch_from_samples() {
+        let a = [10.0, 12.0, 11.0, 13.0, 9.0, 10.5];
+        let b = [14.0, 15.5, 13.0, 16.0, 14.5, 15.0, 13.5];
+        let (ma, va) = mean_var(&a);
+        let (mb, vb) = mean_var(&b);
+        let from_summary =
+            welch_greater_summary((ma, va, a.len() as f64), (mb, vb, b.len() as f64)).unwrap();
+        let from_samples = welch_greater(&a, &b).unwrap();
+        assert!((from_summary - from_samples).abs() < 1e-12);
+        assert!(welch_greater_summary((1.0, 1.0, 1.0), (2.0, 1.0, 5.0)).is_none());
+    }
 
     #[test]
     fn student_t_matches_tables() {

@@ -768,3 +768,73 @@ fn mysql_com_query_on_the_wire_matches_the_clients_count_and_clock() {
     );
     check_mysql(&capture, &report, selects, "wire-mysql");
 }
+
+/// `profiler diff` on query latency: two runs of the same pgbench script are not flagged;
+/// a run whose query sleeps longer in the server is, by the amount pgbench itself measured.
+#[test]
+fn diff_flags_a_slower_query_and_not_a_rerun() {
+    require_root();
+    let cluster = PgCluster::start("diff");
+    cluster.pgbench(&["-i", "-q", "-s", "1"]);
+    let dir = temp_dir("db-diff");
+    let run = |name: &str, pause: &str| -> f64 {
+        let script = cluster.dir.join(format!("{name}.sql"));
+        std::fs::write(
+            &script,
+            format!(
+                "\\set aid random(1, 100000)\n\\set pause {pause}\n\
+                 SELECT abalance, pg_sleep(:pause) FROM pgbench_accounts WHERE aid = :aid;\n"
+            ),
+        )
+        .unwrap();
+        let recording =
+            Recording::start(&dir.join(name), &["--events", "db", "--duration", "120s"]);
+        let bench = cluster.pgbench(&[
+            "-n",
+            "-r",
+            "-f",
+            script.to_str().unwrap(),
+            "-c",
+            "1",
+            "-T",
+            "2",
+        ]);
+        let _ = recording.interrupt();
+        pgbench_statement_latencies(&bench)
+            .into_iter()
+            .find(|(s, _)| s.starts_with("SELECT abalance"))
+            .expect("latency")
+            .1
+    };
+    let base_ms = run("base", "0.001");
+    let _ = run("same", "0.001");
+    let slow_ms = run("slow", "0.004");
+    let rerun = run_diff(&dir.join("base"), &dir.join("same"), &dir.join("diff-same"));
+    assert_eq!(rerun.exit_code, 0, "a rerun was flagged: {}", rerun.report);
+    let slower = run_diff(&dir.join("base"), &dir.join("slow"), &dir.join("diff-slow"));
+    assert_eq!(slower.exit_code, 1, "{}", slower.report);
+    let change = slower.report["query_regressions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["source"] == "libpq" && c["comm"] == "pgbench")
+        .unwrap_or_else(|| panic!("pgbench's query not flagged: {}", slower.report))
+        .clone();
+    assert_eq!(
+        change["fingerprint"],
+        "SELECT abalance, pg_sleep(?) FROM pgbench_accounts WHERE aid = ?"
+    );
+    let ours = change["relative"].as_f64().unwrap();
+    let theirs = slow_ms / base_ms - 1.0;
+    println!(
+        "slower query: ours {:+.1}%, pgbench {:+.1}%",
+        ours * 100.0,
+        theirs * 100.0
+    );
+    assert!(
+        (ours - theirs).abs() <= 0.15 * theirs,
+        "ours {ours} vs pgbench {theirs}"
+    );
+    let md = std::fs::read_to_string(dir.join("diff-slow/report.md")).unwrap();
+    assert!(md.contains("Slower queries"), "{md}");
+}
