@@ -66,9 +66,38 @@ static SEEN: LruHashMap<u32, u8> = LruHashMap::with_max_entries(4096, 0);
 #[map(name = "DB_CLIENT_PENDING")]
 static CLIENT_PENDING: LruHashMap<ConnKey, DbPending> = LruHashMap::with_max_entries(16384, 0);
 
-/// The connection a thread's PQgetResult call is about (saved at entry, used at return).
-#[map(name = "DB_CLIENT_CURRENT")]
-static CLIENT_CURRENT: LruHashMap<u32, u64> = LruHashMap::with_max_entries(16384, 0);
+/// The handle (`PGconn *`, `sqlite3_stmt *`, `MYSQL *`) a thread's library call is about:
+/// saved at entry, used at return, when the return value alone does not say.
+#[map(name = "DB_CALL_HANDLE")]
+static CALL_HANDLE: LruHashMap<u32, u64> = LruHashMap::with_max_entries(16384, 0);
+
+#[inline(always)]
+fn enter_call(tid: u32, handle: u64) {
+    let _ = CALL_HANDLE.insert(&tid, &handle, 0);
+}
+
+/// The key of the call being returned from: (process, handle saved at entry).
+#[inline(always)]
+fn returning_call(tgid: u32, tid: u32) -> Option<ConnKey> {
+    let handle = (unsafe { CALL_HANDLE.get(&tid) }).copied()?;
+    Some(ConnKey {
+        tgid,
+        _pad: 0,
+        conn: handle,
+    })
+}
+
+/// The user stack that issued a call, or the (negative, counted) reason there is none.
+#[inline(always)]
+fn issuing_stack(ctx: &ProbeContext) -> i32 {
+    match stack_id(ctx, BPF_F_USER_STACK as u64) {
+        Ok(id) => id,
+        Err(StackError::Collision(err)) | Err(StackError::Missing(err)) => {
+            count(counter::STACK_LOST);
+            err
+        }
+    }
+}
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -282,13 +311,7 @@ fn client_start(ctx: &ProbeContext, flags: u32) -> u32 {
     unsafe {
         (*scratch).start_ns = bpf_ktime_get_ns();
         (*scratch).source = SOURCE_LIBPQ | (flags << 8);
-        (*scratch).user_stack_id = match stack_id(ctx, BPF_F_USER_STACK as u64) {
-            Ok(id) => id,
-            Err(StackError::Collision(err)) | Err(StackError::Missing(err)) => {
-                count(counter::STACK_LOST);
-                err
-            }
-        };
+        (*scratch).user_stack_id = issuing_stack(ctx);
         let text = reg(ctx.regs as *const u8, &ARG2_REG) as *const u8;
         let len = if flags & FLAG_PREPARE != 0 {
             // Name, then the statement text after PREPARE_NAME_MAX bytes.
@@ -345,13 +368,10 @@ pub fn libpq_send_prepare(ctx: ProbeContext) -> u32 {
 /// PQgetResult(conn) entry: remember which connection this thread asks about.
 #[uprobe]
 pub fn libpq_get_result(ctx: ProbeContext) -> u32 {
-    let tid = bpf_get_current_pid_tgid() as u32;
-    let conn = reg(ctx.regs as *const u8, &ARG1_REG);
-    if let Some(slot) = CLIENT_CURRENT.get_ptr_mut(&tid) {
-        unsafe { *slot = conn };
-    } else {
-        let _ = CLIENT_CURRENT.insert(&tid, &conn, 0);
-    }
+    enter_call(
+        bpf_get_current_pid_tgid() as u32,
+        reg(ctx.regs as *const u8, &ARG1_REG),
+    );
     0
 }
 
@@ -364,13 +384,8 @@ pub fn libpq_get_result_return(ctx: RetProbeContext) -> u32 {
     let now = unsafe { bpf_ktime_get_ns() };
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    let Some(conn) = (unsafe { CLIENT_CURRENT.get(&tid) }).copied() else {
+    let Some(key) = returning_call(tgid, tid) else {
         return 0;
-    };
-    let key = ConnKey {
-        tgid,
-        _pad: 0,
-        conn,
     };
     let Some(pending) = CLIENT_PENDING.get_ptr_mut(&key) else {
         return 0;
@@ -416,10 +431,6 @@ static SQLITE_PREPARE: LruHashMap<u32, SqlitePrepare> = LruHashMap::with_max_ent
 
 #[map(name = "DB_SQLITE_EXEC")]
 static SQLITE_EXEC: LruHashMap<ConnKey, SqliteExec> = LruHashMap::with_max_entries(16384, 0);
-
-/// The statement a thread's sqlite3_step call is about (saved at entry, used at return).
-#[map(name = "DB_SQLITE_CURRENT")]
-static SQLITE_CURRENT: LruHashMap<u32, u64> = LruHashMap::with_max_entries(16384, 0);
 
 const SQLITE_ROW: u64 = 100;
 const SQLITE_DONE: u64 = 101;
@@ -532,7 +543,7 @@ pub fn sqlite_step(ctx: ProbeContext) -> u32 {
             count(counter::PENDING_MAP_FULL);
         }
     }
-    let _ = SQLITE_CURRENT.insert(&tid, &stmt, 0);
+    enter_call(tid, stmt);
     0
 }
 
@@ -542,13 +553,8 @@ pub fn sqlite_step_return(ctx: RetProbeContext) -> u32 {
     let now = unsafe { bpf_ktime_get_ns() };
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    let Some(stmt) = (unsafe { SQLITE_CURRENT.get(&tid) }).copied() else {
+    let Some(key) = returning_call(tgid, tid) else {
         return 0;
-    };
-    let key = ConnKey {
-        tgid,
-        _pad: 0,
-        conn: stmt,
     };
     let Some(exec) = SQLITE_EXEC.get_ptr_mut(&key) else {
         return 0;
@@ -799,7 +805,7 @@ fn mysql_start(ctx: &ProbeContext) -> u32 {
         _pad: 0,
         conn: reg(regs, &ARG1_REG),
     };
-    let _ = SQLITE_CURRENT.insert(&tid, &key.conn, 0);
+    enter_call(tid, key.conn);
     if unsafe { CLIENT_PENDING.get(&key) }.is_some_and(|p| p.start_ns != 0) {
         return 0; // mysql_real_query calling mysql_send_query: already timed
     }
@@ -809,13 +815,7 @@ fn mysql_start(ctx: &ProbeContext) -> u32 {
     unsafe {
         (*scratch).start_ns = bpf_ktime_get_ns();
         (*scratch).source = SOURCE_MYSQL;
-        (*scratch).user_stack_id = match stack_id(ctx, BPF_F_USER_STACK as u64) {
-            Ok(id) => id,
-            Err(StackError::Collision(err)) | Err(StackError::Missing(err)) => {
-                count(counter::STACK_LOST);
-                err
-            }
-        };
+        (*scratch).user_stack_id = issuing_stack(ctx);
         // The text is not NUL-terminated: its length is the third argument.
         let text = reg(regs, &ARG2_REG) as *const u8;
         let len = reg(regs, &ARG3_REG);
@@ -854,9 +854,10 @@ pub fn mysql_query(ctx: ProbeContext) -> u32 {
 /// mysql_read_query_result(mysql) entry: remember the connection for the return.
 #[uprobe]
 pub fn mysql_read_result(ctx: ProbeContext) -> u32 {
-    let tid = bpf_get_current_pid_tgid() as u32;
-    let conn = reg(ctx.regs as *const u8, &ARG1_REG);
-    let _ = SQLITE_CURRENT.insert(&tid, &conn, 0);
+    enter_call(
+        bpf_get_current_pid_tgid() as u32,
+        reg(ctx.regs as *const u8, &ARG1_REG),
+    );
     0
 }
 
@@ -867,13 +868,8 @@ pub fn mysql_query_return(ctx: RetProbeContext) -> u32 {
     let now = unsafe { bpf_ktime_get_ns() };
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    let Some(conn) = (unsafe { SQLITE_CURRENT.get(&tid) }).copied() else {
+    let Some(key) = returning_call(tgid, tid) else {
         return 0;
-    };
-    let key = ConnKey {
-        tgid,
-        _pad: 0,
-        conn,
     };
     let Some(pending) = CLIENT_PENDING.get_ptr_mut(&key) else {
         return 0;

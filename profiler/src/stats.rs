@@ -17,20 +17,9 @@ pub fn mean_var(values: &[f64]) -> (f64, f64) {
 /// One-sided Welch's t-test p-value for "mean of `b` is greater than mean of `a`".
 /// `None` when either side has fewer than two values.
 pub fn welch_greater(a: &[f64], b: &[f64]) -> Option<f64> {
-    if a.len() < 2 || b.len() < 2 {
-        return None;
-    }
     let (ma, va) = mean_var(a);
     let (mb, vb) = mean_var(b);
-    let (na, nb) = (a.len() as f64, b.len() as f64);
-    let se2 = va / na + vb / nb;
-    if se2 <= 0.0 || !se2.is_finite() {
-        // No noise at all: the difference is certain, or there is none.
-        return Some(if mb > ma { 0.0 } else { 1.0 });
-    }
-    let t = (mb - ma) / se2.sqrt();
-    let df = se2 * se2 / ((va / na).powi(2) / (na - 1.0) + (vb / nb).powi(2) / (nb - 1.0));
-    Some(student_t_upper(t, df))
+    welch_greater_summary((ma, va, a.len() as f64), (mb, vb, b.len() as f64))
 }
 
 /// `welch_greater` from summary statistics: (mean, sample variance, count) of each side.
@@ -41,6 +30,7 @@ pub fn welch_greater_summary(a: (f64, f64, f64), b: (f64, f64, f64)) -> Option<f
     }
     let se2 = va / na + vb / nb;
     if se2 <= 0.0 || !se2.is_finite() {
+        // No noise at all: the difference is certain, or there is none.
         return Some(if mb > ma { 0.0 } else { 1.0 });
     }
     let t = (mb - ma) / se2.sqrt();

@@ -122,43 +122,36 @@ fn db_family_on_a_process_that_is_no_database_server_is_refused() {
 fn a_binary_without_query_probes_is_refused() {
     require_root();
     let dir = temp_dir("db-no-probes");
-    let output = run_profiler(&[
-        "record",
-        "-d",
-        "1s",
-        "--events",
-        "db",
-        "--postgres-binary",
-        "/bin/true",
-        "-o",
-        dir.join("out").to_str().unwrap(),
-    ]);
-    assert_one_error_line(
-        &output,
-        "no postgresql:query__start/query__done USDT probes",
-    );
-    let output = run_profiler(&[
-        "record",
-        "-d",
-        "1s",
-        "--events",
-        "db",
-        "--postgres-binary",
-        "/nonexistent/postgres",
-        "-o",
-        dir.join("out2").to_str().unwrap(),
-    ]);
-    assert_one_error_line(&output, "/nonexistent/postgres does not exist");
-    let output = run_profiler(&[
-        "record",
-        "-d",
-        "1s",
-        "--events",
-        "db",
-        "--libpq",
-        "/bin/true",
-        "-o",
-        dir.join("out3").to_str().unwrap(),
-    ]);
-    assert_one_error_line(&output, "has no PQgetResult symbol");
+    for (i, (flag, path, needle)) in [
+        (
+            "--postgres-binary",
+            "/bin/true",
+            "no postgresql:query__start/query__done USDT probes",
+        ),
+        (
+            "--postgres-binary",
+            "/nonexistent/postgres",
+            "/nonexistent/postgres does not exist",
+        ),
+        ("--libpq", "/bin/true", "has no PQgetResult symbol"),
+        ("--mysql", "/bin/true", "has no mysql_real_query symbol"),
+        ("--sqlite", "/nonexistent/libsqlite3.so", "does not exist"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = dir.join(format!("out{i}"));
+        let output = run_profiler(&[
+            "record",
+            "-d",
+            "1s",
+            "--events",
+            "db",
+            flag,
+            path,
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        assert_one_error_line(&output, needle);
+    }
 }
