@@ -45,6 +45,9 @@ static ARG2_REG: u32 = 104;
 static ARG3_REG: u32 = 96;
 #[unsafe(no_mangle)]
 static ARG4_REG: u32 = 88;
+/// Offset of the socket in libpq's `PGconn` (from PQsocket's code); 0 when unknown.
+#[unsafe(no_mangle)]
+static PGCONN_SOCK_OFF: u32 = 0;
 #[unsafe(no_mangle)]
 static ARG5_REG: u32 = 72;
 #[unsafe(no_mangle)]
@@ -400,7 +403,15 @@ pub fn libpq_get_result_return(ctx: RetProbeContext) -> u32 {
     if flags & FLAG_PREPARE == 0 {
         count(counter::QUERIES);
     }
-    emit(pending, tgid, tid, flags, now.wrapping_sub(start));
+    // The connection's socket (fd + 1; 0: offset unknown), read where PQsocket() reads it.
+    let off = config(&PGCONN_SOCK_OFF);
+    let socket = if off == 0 {
+        0
+    } else {
+        unsafe { bpf_probe_read_user((key.conn + off as u64) as *const i32) }
+            .map_or(0, |fd| if fd >= 0 { fd as u64 + 1 } else { 0 })
+    };
+    emit_with_handle(pending, tgid, tid, flags, now.wrapping_sub(start), socket);
     unsafe { (*pending).start_ns = 0 };
     0
 }
@@ -772,7 +783,15 @@ fn wire_read_exit(ctx: &TracePointContext) -> u32 {
     }
     let now = unsafe { bpf_ktime_get_ns() };
     count(counter::QUERIES);
-    emit(pending, tgid, tid, 0, now.wrapping_sub(start));
+    // The socket (fd + 1): userspace names the endpoint.
+    emit_with_handle(
+        pending,
+        tgid,
+        tid,
+        0,
+        now.wrapping_sub(start),
+        fd as u64 + 1,
+    );
     unsafe { (*pending).start_ns = 0 };
     let _ = DB_INFLIGHT.remove(&tid);
     0

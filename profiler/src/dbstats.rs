@@ -30,8 +30,11 @@ pub struct Observed<'a> {
     pub duration_ns: u64,
     /// The issuing code path (client-side sources), negative when none.
     pub user_stack_id: i32,
+    /// The database's address, when known (else empty).
+    pub endpoint: &'a str,
 }
 
+/// (source, process, fingerprint).
 type QueryKey = (String, u32, String);
 
 /// Consecutive calls of one fingerprint by one thread.
@@ -237,7 +240,7 @@ struct Stat {
 /// Per (source, server process, fingerprint) statistics.
 #[derive(Debug, Default)]
 pub struct DbAggregator {
-    stats: HashMap<QueryKey, Stat>,
+    stats: HashMap<(QueryKey, String), Stat>,
     show_literals: bool,
     rng: u64,
     runs: HashMap<(String, u32, u32), Run>,
@@ -268,13 +271,16 @@ impl DbAggregator {
         if !error {
             self.follow_run(&key, q);
         }
-        let stat = self.stats.entry(key).or_insert_with(|| Stat {
-            source: source.to_string(),
-            pid,
-            comm: comm.to_string(),
-            buckets: vec![0; BUCKETS],
-            ..Stat::default()
-        });
+        let stat = self
+            .stats
+            .entry((key, q.endpoint.to_string()))
+            .or_insert_with(|| Stat {
+                source: source.to_string(),
+                pid,
+                comm: comm.to_string(),
+                buckets: vec![0; BUCKETS],
+                ..Stat::default()
+            });
         stat.truncated |= truncated;
         if self.show_literals && stat.example.is_none() {
             stat.example = Some(text.to_string());
@@ -377,7 +383,7 @@ impl DbAggregator {
     /// (source, pid, fingerprint, user stack id, tid, calls, total ns) of every issuing stack.
     pub fn stack_usage(&self) -> Vec<(String, u32, String, i32, u32, u64, u64)> {
         let mut out = Vec::new();
-        for ((source, pid, fp), stat) in &self.stats {
+        for (((source, pid, fp), _), stat) in &self.stats {
             for ((stack, tid), (calls, total)) in &stat.stacks {
                 out.push((
                     source.clone(),
@@ -398,7 +404,7 @@ impl DbAggregator {
         let mut queries: Vec<DbQuery> = self
             .stats
             .iter()
-            .map(|((_, _, fp), s)| {
+            .map(|(((_, _, fp), endpoint), s)| {
                 let mut samples = s.samples.clone();
                 samples.sort_unstable();
                 let q = |p: f64| -> u64 {
@@ -412,6 +418,7 @@ impl DbAggregator {
                     source: s.source.clone(),
                     pid: s.pid,
                     comm: s.comm.clone(),
+                    endpoint: endpoint.clone(),
                     fingerprint: fp.clone(),
                     calls: s.calls,
                     errors: s.errors,
@@ -461,6 +468,7 @@ mod tests {
             start_ns,
             duration_ns,
             user_stack_id: 3,
+            endpoint: "10.0.0.5:5432",
         }
     }
 

@@ -237,9 +237,13 @@ pub struct DbQuery {
     /// `postgres-usdt`: timed inside the server by its query__start/query__done probes;
     /// `libpq`: timed in the client, from PQsendQuery* to the last PQgetResult.
     pub source: String,
-    /// The server (postmaster) whose backends ran it, or the libpq client process.
+    /// The server (postmaster) whose backends ran it, or the client process.
     pub pid: u32,
     pub comm: String,
+    /// The database the client talked to (`ip:port`, `[ip6]:port`, `unix`), when known:
+    /// libpq and wire sources; empty otherwise.
+    #[serde(default)]
+    pub endpoint: String,
     /// Literals replaced by `?`, lists collapsed, whitespace and comments normalized.
     pub fingerprint: String,
     pub calls: u64,

@@ -687,6 +687,51 @@ pub(crate) struct DbOwners {
     /// Fingerprints by `frame_hash` of the text the kernel saw: names the `[db]` frames of
     /// off-CPU stacks.
     pub(crate) frames: HashMap<u32, String>,
+    endpoints: HashMap<(u32, u64), String>,
+}
+
+/// `ip:port` (`[ip6]:port`) of the peer of socket `fd` of process `pid`, or `unix`, from
+/// /proc (the process's own network namespace).
+fn socket_endpoint(pid: u32, fd: u64) -> Option<String> {
+    let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
+    let inode = link
+        .to_str()?
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .to_string();
+    for (file, v6) in [("tcp", false), ("tcp6", true)] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 9 && f[9] == inode {
+                return proc_net_address(f[2], v6);
+            }
+        }
+    }
+    let unix = std::fs::read_to_string(format!("/proc/{pid}/net/unix")).unwrap_or_default();
+    unix.lines()
+        .skip(1)
+        .any(|l| l.split_whitespace().nth(6) == Some(inode.as_str()))
+        .then(|| "unix".to_string())
+}
+
+/// `/proc/net/tcp{,6}` address (`0100007F:1538`: 32-bit words in host order, port in hex).
+pub(crate) fn proc_net_address(text: &str, v6: bool) -> Option<String> {
+    let (ip, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let mut bytes = Vec::new();
+    for word in ip.as_bytes().chunks(8) {
+        let word = u32::from_str_radix(std::str::from_utf8(word).ok()?, 16).ok()?;
+        bytes.extend_from_slice(&word.to_ne_bytes());
+    }
+    let addr = if v6 {
+        let octets: [u8; 16] = bytes.try_into().ok()?;
+        std::net::IpAddr::V6(std::net::Ipv6Addr::from(octets))
+    } else {
+        let octets: [u8; 4] = bytes.try_into().ok()?;
+        std::net::IpAddr::V4(std::net::Ipv4Addr::from(octets))
+    };
+    Some(std::net::SocketAddr::new(addr, port).to_string())
 }
 
 impl DbOwners {
@@ -698,7 +743,16 @@ impl DbOwners {
             filtered_out: 0,
             undecoded: 0,
             frames: HashMap::new(),
+            endpoints: HashMap::new(),
         }
+    }
+
+    /// The address behind a client's socket, looked up once per (process, fd).
+    fn endpoint(&mut self, pid: u32, fd: u64) -> String {
+        self.endpoints
+            .entry((pid, fd))
+            .or_insert_with(|| socket_endpoint(pid, fd).unwrap_or_default())
+            .clone()
     }
 
     fn owner(&mut self, query: &crate::probes::db::QueryRecord) -> Option<u32> {
@@ -801,6 +855,12 @@ pub(crate) fn drain_db_events(
                     .frames
                     .insert(frame, crate::dbstats::fingerprint(&text));
             }
+            let endpoint = match query.source {
+                "libpq" | "wire-postgres" | "wire-mysql" | "wire-redis" if query.handle > 0 => {
+                    owners.endpoint(query.pid, query.handle - 1)
+                }
+                _ => String::new(),
+            };
             db.add(&Observed {
                 source: query.source,
                 pid: owner,
@@ -812,6 +872,7 @@ pub(crate) fn drain_db_events(
                 start_ns: query.start_ns,
                 duration_ns: query.duration_ns,
                 user_stack_id: query.user_stack_id,
+                endpoint: &endpoint,
             });
         }
     }
@@ -1005,4 +1066,20 @@ fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn proc_net_addresses_decode() {
+        assert_eq!(
+            super::proc_net_address("0100007F:1538", false).as_deref(),
+            Some("127.0.0.1:5432")
+        );
+        assert_eq!(
+            super::proc_net_address("00000000000000000000000001000000:18EB", true).as_deref(),
+            Some("[::1]:6379")
+        );
+        assert!(super::proc_net_address("zz:1", false).is_none());
+    }
 }

@@ -407,13 +407,13 @@ fn db_summary(
     let _ = writeln!(out, "queries by total time (db.folded):");
     let _ = writeln!(
         out,
-        "  {:>8} {:>6} {:>11} {:>10} {:>10} {:>10} {:>10} {:>10}  server  query",
+        "  {:>8} {:>6} {:>11} {:>10} {:>10} {:>10} {:>10} {:>10}  process -> database  query",
         "calls", "errors", "total", "avg", "p50", "p95", "p99", "max"
     );
     for q in db.queries.iter().take(top) {
         let _ = writeln!(
             out,
-            "  {:>8} {:>6} {:>11} {:>10} {:>10} {:>10} {:>10} {:>10}  {}[{}]  {}",
+            "  {:>8} {:>6} {:>11} {:>10} {:>10} {:>10} {:>10} {:>10}  {}[{}]{}  {}",
             q.calls,
             q.errors,
             seconds(q.total_ns),
@@ -426,6 +426,11 @@ fn db_summary(
             seconds(q.max_ns),
             q.comm,
             q.pid,
+            if q.endpoint.is_empty() {
+                String::new()
+            } else {
+                format!(" -> {}", q.endpoint)
+            },
             q.fingerprint,
         );
     }

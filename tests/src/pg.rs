@@ -71,7 +71,7 @@ impl PgCluster {
             .expect("free port")
             .port();
         let options = format!(
-            "-p {port} -k {} -c listen_addresses='' -c shared_preload_libraries=pg_stat_statements \
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c shared_preload_libraries=pg_stat_statements \
              -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
             dir.display()
         );

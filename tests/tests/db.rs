@@ -312,10 +312,29 @@ fn check_libpq(mode: &str) {
     )
     .unwrap();
     let script = script.to_str().unwrap();
+    // Over TCP (the last -h wins over the helper's socket directory): the endpoint shows.
     let (transactions, client_ms, ours) = record_libpq(
         &cluster,
         &format!("db-libpq-{mode}"),
-        &["-n", "-r", "-M", mode, "-f", script, "-c", "1", "-T", "2"],
+        &[
+            "-h",
+            "127.0.0.1",
+            "-n",
+            "-r",
+            "-M",
+            mode,
+            "-f",
+            script,
+            "-c",
+            "1",
+            "-T",
+            "2",
+        ],
+    );
+    assert_eq!(
+        ours["endpoint"].as_str(),
+        Some(format!("127.0.0.1:{}", cluster.port).as_str()),
+        "{ours}"
     );
     let calls = ours["calls"].as_u64().unwrap();
     let mean_ms = ours["total_ns"].as_u64().unwrap() as f64 / calls as f64 / 1e6;
@@ -500,6 +519,7 @@ fn postgres_protocol_on_the_wire_from_a_client_without_libpq() {
     };
     let simple = query("SELECT ? AS wire_simple, pg_sleep(?)");
     let extended = query("SELECT ?::int AS wire_extended, pg_sleep(?)");
+    assert_eq!(simple["endpoint"], "unix", "{simple}");
     assert_eq!(simple["calls"].as_u64(), report["simple"].as_u64());
     assert_eq!(extended["calls"].as_u64(), report["extended"].as_u64());
     let stats = pg_stat_statements(&cluster);
@@ -618,6 +638,15 @@ fn redis_commands_on_the_wire_match_redis_benchmark_and_commandstats() {
         server_calls("set"),
         ours("GET ?"),
         server_calls("get")
+    );
+    let endpoints: std::collections::BTreeSet<&str> = queries
+        .iter()
+        .filter(|q| q["source"] == "wire-redis" && q["comm"] == "redis-benchmark")
+        .map(|q| q["endpoint"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        endpoints.into_iter().collect::<Vec<_>>(),
+        vec![format!("127.0.0.1:{port}").as_str()]
     );
     assert_eq!(ours("SET ? ?"), 2000);
     assert_eq!(ours("GET ?"), 2000);

@@ -234,8 +234,32 @@ fn find_library(library: &ClientLibrary, pids: &[u32]) -> Vec<PathBuf> {
     out
 }
 
+/// Where `PQsocket()` reads the socket in a `PGconn`: its code is a NULL check and one
+/// load from the first argument (x86_64 `mov eax, [rdi+disp]`; aarch64 `ldr w0, [x0, #imm]`).
+fn pgconn_socket_offset(path: &Path, function_offset: u64) -> Option<u32> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let mut code = [0u8; 32];
+    let mut file = std::fs::File::open(path).ok()?;
+    file.seek(SeekFrom::Start(function_offset)).ok()?;
+    file.read_exact(&mut code).ok()?;
+    if cfg!(target_arch = "aarch64") {
+        code.chunks_exact(4).find_map(|w| {
+            let w = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+            // LDR (immediate, 32-bit) with Rn = x0, Rt = w0.
+            (w & 0xFFC0_03FF == 0xB940_0000).then(|| ((w >> 10) & 0xFFF) * 4)
+        })
+    } else {
+        code.windows(6).find_map(|w| match w {
+            [0x8b, 0x87, a, b, c, d] => Some(u32::from_le_bytes([*a, *b, *c, *d])),
+            [0x8b, 0x47, d, ..] => Some(u32::from(*d)),
+            _ => None,
+        })
+    }
+}
+
 fn library_target(library: &'static ClientLibrary, path: PathBuf) -> Result<LibraryTarget> {
-    let names: Vec<&str> = library.probes.iter().map(|(n, _, _)| *n).collect();
+    let mut names: Vec<&str> = library.probes.iter().map(|(n, _, _)| *n).collect();
+    names.push("PQsocket");
     let functions = crate::usdt::function_offsets(&path, &names)?;
     for name in library.required {
         if !functions.iter().any(|(n, _)| n == name) {
@@ -404,6 +428,21 @@ fn discover_postgres(config: &DbConfig, pids: &[u32]) -> Result<Vec<PostgresTarg
 }
 
 pub(super) fn globals(targets: &DbTargets, btf: &Btf, globals: &mut Globals) -> Result<()> {
+    // libpq's socket offset (for the endpoint of client-side queries), when all agree.
+    let offsets: HashSet<Option<u32>> = targets
+        .libraries
+        .iter()
+        .filter(|t| t.library.name == LIBPQ.name)
+        .map(|t| {
+            let at = t.functions.iter().find(|(n, _)| n == "PQsocket")?.1;
+            pgconn_socket_offset(&t.path, at)
+        })
+        .collect();
+    let sock_off = match offsets.iter().collect::<Vec<_>>().as_slice() {
+        [Some(off)] => *off,
+        _ => 0,
+    };
+    global(globals, "PGCONN_SOCK_OFF", sock_off);
     if targets.wire {
         wire_globals(globals)?;
     }
