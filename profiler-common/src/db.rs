@@ -105,8 +105,11 @@ pub struct DbEvent {
     /// The process's parent (for a server backend: the postmaster).
     pub ppid: u32,
     pub _pad: u32,
-    /// SQLite: the `sqlite3_stmt *` the event is about.
+    /// SQLite: the `sqlite3_stmt *` the event is about; libpq and wire: the socket fd + 1.
     pub handle: u64,
+    /// Wire: the first bytes of the response (MySQL's PREPARE_OK carries the statement id
+    /// that later COM_STMT_EXECUTEs name).
+    pub reply: [u8; 16],
     pub comm: [u8; 16],
     pub query: [u8; QUERY_MAX],
 }
@@ -171,7 +174,7 @@ mod tests {
         );
         assert_eq!(
             core::mem::size_of::<super::DbEvent>(),
-            72 + super::QUERY_MAX
+            88 + super::QUERY_MAX
         );
     }
 }

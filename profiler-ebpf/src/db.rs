@@ -169,6 +169,19 @@ fn emit_with_handle(
     duration_ns: u64,
     handle: u64,
 ) {
+    emit_full(pending, tgid, tid, flags, duration_ns, handle, [0; 16]);
+}
+
+#[inline(always)]
+fn emit_full(
+    pending: *const DbPending,
+    tgid: u32,
+    tid: u32,
+    flags: u32,
+    duration_ns: u64,
+    handle: u64,
+    reply: [u8; 16],
+) {
     let Some(mut entry) = EVENTS.reserve::<DbEvent>(0) else {
         count(counter::EVENTS_LOST);
         return;
@@ -185,6 +198,7 @@ fn emit_with_handle(
         (*event).user_stack_id = (*pending).user_stack_id;
         (*event).comm = bpf_get_current_comm().unwrap_or_default();
         (*event).handle = handle;
+        (*event).reply = reply;
         (*event)._pad = 0;
         let task = bpf_get_current_task() as *const u8;
         let parent: u64 =
@@ -621,7 +635,15 @@ static WIRE_PENDING: LruHashMap<FdKey, DbPending> = LruHashMap::with_max_entries
 
 /// The fd a thread's read is on, when a request waits on it (saved at entry).
 #[map(name = "DB_WIRE_READING")]
-static WIRE_READING: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 0);
+static WIRE_READING: LruHashMap<u32, WireRead> = LruHashMap::with_max_entries(16384, 0);
+
+/// A read on a socket that has a request waiting: its fd and buffer.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct WireRead {
+    fd: u64,
+    buf: u64,
+}
 
 /// Which protocol a buffer's first bytes speak as a client request, if any: PostgreSQL's
 /// simple query ('Q' + length that matches the write), Parse ('P' + length), Bind ('B'), or
@@ -632,10 +654,10 @@ fn request_protocol(head: &[u8; 8], len: u64) -> u32 {
     match head[0] {
         b'Q' if be32(head) + 1 == len && len > 6 => SOURCE_WIRE_POSTGRES,
         b'P' | b'B' if be32(head) + 1 <= len && be32(head) >= 4 && len > 6 => SOURCE_WIRE_POSTGRES,
-        // MySQL: 3-byte little-endian length, sequence 0, COM_QUERY (3) or COM_STMT_PREPARE
-        // (0x16), the length matching the write.
+        // MySQL: 3-byte little-endian length, sequence 0, COM_QUERY (3), COM_STMT_PREPARE
+        // (0x16) or COM_STMT_EXECUTE (0x17), the length matching the write.
         _ if head[3] == 0
-            && (head[4] == 0x03 || head[4] == 0x16)
+            && (head[4] == 0x03 || head[4] == 0x16 || head[4] == 0x17)
             && u32::from_le_bytes([head[0], head[1], head[2], 0]) as u64 + 4 == len =>
         {
             SOURCE_WIRE_MYSQL
@@ -744,7 +766,11 @@ fn wire_read_enter(ctx: &TracePointContext) -> u32 {
         fd: fd as u32,
     };
     if unsafe { WIRE_PENDING.get(&key) }.is_some_and(|p| p.start_ns != 0) {
-        let _ = WIRE_READING.insert(&tid, &(fd as u32), 0);
+        let read = WireRead {
+            fd,
+            buf: unsafe { ctx.read_at(config(&TP_SYS_BUF_OFF) as usize) }.unwrap_or(0),
+        };
+        let _ = WIRE_READING.insert(&tid, &read, 0);
     }
     0
 }
@@ -763,9 +789,10 @@ pub fn wire_recvfrom(ctx: TracePointContext) -> u32 {
 fn wire_read_exit(ctx: &TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    let Some(fd) = (unsafe { WIRE_READING.get(&tid) }).copied() else {
+    let Some(read) = (unsafe { WIRE_READING.get(&tid) }).copied() else {
         return 0;
     };
+    let fd = read.fd as u32;
     let ret: i64 = unsafe { ctx.read_at(config(&TP_SYS_RET_OFF) as usize) }.unwrap_or(0);
     if ret <= 0 {
         // EAGAIN on a non-blocking socket, or nothing yet: keep waiting.
@@ -783,14 +810,17 @@ fn wire_read_exit(ctx: &TracePointContext) -> u32 {
     }
     let now = unsafe { bpf_ktime_get_ns() };
     count(counter::QUERIES);
-    // The socket (fd + 1): userspace names the endpoint.
-    emit_with_handle(
+    // The socket (fd + 1): userspace names the endpoint; and the reply's first bytes.
+    let reply: [u8; 16] =
+        unsafe { bpf_probe_read_user(read.buf as *const [u8; 16]) }.unwrap_or([0; 16]);
+    emit_full(
         pending,
         tgid,
         tid,
         0,
         now.wrapping_sub(start),
         fd as u64 + 1,
+        reply,
     );
     unsafe { (*pending).start_ns = 0 };
     let _ = DB_INFLIGHT.remove(&tid);

@@ -807,14 +807,25 @@ pub(crate) fn drain_db_events(
                         .prepared
                         .insert((query.pid, format!("wire:{name}")), request.text.clone());
                 }
-                query.text = match request.bind_name {
-                    Some(name) => owners
-                        .prepared
-                        .get(&(query.pid, format!("wire:{name}")))
-                        .cloned()
-                        .unwrap_or(request.text),
-                    None => request.text,
+                // MySQL: a prepare's reply names the statement, which executes then use
+                // (per connection); the prepare itself is not counted as a query.
+                let socket = query.handle;
+                if request.prepare {
+                    if let Some(id) = crate::wire::mysql_prepared_id(&query.reply) {
+                        owners
+                            .prepared
+                            .insert((query.pid, format!("mysql:{socket}:{id}")), request.text);
+                    }
+                    continue;
+                }
+                let prepared_key = match (&request.bind_name, request.execute_id) {
+                    (Some(name), _) => Some(format!("wire:{name}")),
+                    (None, Some(id)) => Some(format!("mysql:{socket}:{id}")),
+                    (None, None) => None,
                 };
+                query.text = prepared_key
+                    .and_then(|key| owners.prepared.get(&(query.pid, key)).cloned())
+                    .unwrap_or(request.text);
             }
             if query.source == "sqlite" && query.prepare_name.is_some() {
                 owners

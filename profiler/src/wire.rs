@@ -11,6 +11,10 @@ pub struct WireRequest {
     pub parse_name: Option<String>,
     /// PostgreSQL Bind of a named statement without a Parse before it in the same write.
     pub bind_name: Option<String>,
+    /// MySQL COM_STMT_PREPARE: the reply names the statement (`text` is its text).
+    pub prepare: bool,
+    /// MySQL COM_STMT_EXECUTE: the statement id.
+    pub execute_id: Option<u32>,
 }
 
 fn cstr(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
@@ -32,6 +36,8 @@ pub fn postgres(bytes: &[u8]) -> Option<WireRequest> {
                 text: text(query),
                 parse_name: None,
                 bind_name: None,
+                prepare: false,
+                execute_id: None,
             })
         }
         b'P' => {
@@ -41,6 +47,8 @@ pub fn postgres(bytes: &[u8]) -> Option<WireRequest> {
                 text: text(query),
                 parse_name: (!name.is_empty()).then(|| text(name)),
                 bind_name: None,
+                prepare: false,
+                execute_id: None,
             })
         }
         b'B' => {
@@ -50,6 +58,8 @@ pub fn postgres(bytes: &[u8]) -> Option<WireRequest> {
                 text: format!("EXECUTE {}", text(name)),
                 parse_name: None,
                 bind_name: Some(text(name)),
+                prepare: false,
+                execute_id: None,
             })
         }
         _ => None,
@@ -59,11 +69,21 @@ pub fn postgres(bytes: &[u8]) -> Option<WireRequest> {
 /// A MySQL COM_QUERY or COM_STMT_PREPARE: 3-byte length, sequence number, command, text.
 pub fn mysql(bytes: &[u8]) -> Option<WireRequest> {
     let header = bytes.get(..5)?;
-    if header[3] != 0 || !matches!(header[4], 0x03 | 0x16) {
+    if header[3] != 0 || !matches!(header[4], 0x03 | 0x16 | 0x17) {
         return None;
     }
     let len = u32::from_le_bytes([header[0], header[1], header[2], 0]) as usize;
     let body = &bytes[5..bytes.len().min(4 + len)];
+    if header[4] == 0x17 {
+        let id = u32::from_le_bytes(body.get(..4)?.try_into().ok()?);
+        return Some(WireRequest {
+            text: format!("EXECUTE statement {id}"),
+            parse_name: None,
+            bind_name: None,
+            prepare: false,
+            execute_id: Some(id),
+        });
+    }
     if len < 2 || body.is_empty() || std::str::from_utf8(body).is_err() {
         return None;
     }
@@ -71,7 +91,15 @@ pub fn mysql(bytes: &[u8]) -> Option<WireRequest> {
         text: String::from_utf8_lossy(body).into_owned(),
         parse_name: None,
         bind_name: None,
+        prepare: header[4] == 0x16,
+        execute_id: None,
     })
+}
+
+/// The statement id in a MySQL PREPARE_OK reply (`[len3][seq][0x00][id u32]…`).
+pub fn mysql_prepared_id(reply: &[u8]) -> Option<u32> {
+    (reply.get(4) == Some(&0)).then_some(())?;
+    Some(u32::from_le_bytes(reply.get(5..9)?.try_into().ok()?))
 }
 
 /// A Redis RESP command: `*N\r\n$L\r\nCMD\r\n…` → `CMD ? ?` (arguments are data).
@@ -102,6 +130,8 @@ pub fn redis(bytes: &[u8]) -> Option<WireRequest> {
         text,
         parse_name: None,
         bind_name: None,
+        prepare: false,
+        execute_id: None,
     })
 }
 
@@ -151,6 +181,11 @@ mod tests {
         packet[4] = 0x01; // COM_QUIT
         assert!(mysql(&packet).is_none());
         assert!(mysql(b"\x05\0\0\x01\x03abcd").is_none()); // sequence 1: not a request
+        let execute = b"\x0b\0\0\0\x17\x07\0\0\0\0\x01\0\0\0";
+        assert_eq!(mysql(execute).unwrap().execute_id, Some(7));
+        let ok = b"\x0c\0\0\x01\x00\x07\0\0\0\x01\0\x01\0\0\0\0";
+        assert_eq!(mysql_prepared_id(ok), Some(7));
+        assert_eq!(mysql_prepared_id(b"\x05\0\0\x01\xff\x01\x02\x03\x04"), None);
     }
 
     #[test]

@@ -867,3 +867,65 @@ fn diff_flags_a_slower_query_and_not_a_rerun() {
     let md = std::fs::read_to_string(dir.join("diff-slow/report.md")).unwrap();
     assert!(md.contains("Slower queries"), "{md}");
 }
+
+/// MySQL server-side prepared statements on the wire (a client speaking the protocol
+/// itself): COM_STMT_EXECUTEs are named by the text of their COM_STMT_PREPARE (the id comes
+/// in the server's reply). Counts against the client's and the server's Com_stmt_execute;
+/// time within 10 % of the client's own clock.
+#[test]
+fn mysql_prepared_statements_on_the_wire_show_their_text() {
+    require_root();
+    let server = profiler_tests::mariadb::MariaDb::start("db-mysql-prepared");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("workloads/mysql_wire_client.py");
+    let mut client = ReadyProcess::spawn(
+        std::process::Command::new("/usr/bin/python3")
+            .arg(&script)
+            .arg(&server.socket)
+            .arg("200"),
+    );
+    let dir = temp_dir("db-mysql-prepared");
+    let recording = Recording::start(
+        &dir.join("out"),
+        &[
+            "--events",
+            "db",
+            "--db-wire",
+            "-p",
+            &client.pid,
+            "--duration",
+            "120s",
+        ],
+    );
+    let before = server.status("Com_stmt_execute");
+    client.go();
+    let report: Value = serde_json::from_str(&client.line().expect("report")).unwrap();
+    client.finish();
+    let (capture, _) = recording.interrupt();
+    let executes = server.status("Com_stmt_execute") - before;
+    let queries = capture["db"]["queries"].as_array().expect("db queries");
+    let ours = queries
+        .iter()
+        .find(|q| {
+            q["source"] == "wire-mysql"
+                && q["fingerprint"] == "SELECT ? + ? AS mysql_prepared, SLEEP(?)"
+        })
+        .unwrap_or_else(|| panic!("no prepared statement in {queries:?}"));
+    let calls = ours["calls"].as_u64().unwrap();
+    let ours_ns = ours["total_ns"].as_u64().unwrap() as f64;
+    let theirs_ns = report["execute_ns"].as_u64().unwrap() as f64;
+    println!(
+        "prepared executes: ours {calls}, client {}, server {executes}; time ours {:.3} ms, \
+         client {:.3} ms",
+        report["executions"],
+        ours_ns / 1e6,
+        theirs_ns / 1e6
+    );
+    assert_eq!(Some(calls), report["executions"].as_u64());
+    assert_eq!(calls, executes);
+    assert!(
+        ours_ns <= theirs_ns && ours_ns >= 0.9 * theirs_ns,
+        "ours {ours_ns} ns vs the client's {theirs_ns} ns"
+    );
+    assert_eq!(ours["endpoint"], "unix");
+}

@@ -583,6 +583,8 @@ pub struct QueryRecord {
     pub statement: bool,
     /// Wire sources: the request's first bytes as written (`text` is empty).
     pub raw: Vec<u8>,
+    /// Wire sources: the reply's first bytes.
+    pub reply: Vec<u8>,
     /// A PQsendPrepare: `text` is the statement and this its name (not a query itself).
     pub prepare_name: Option<String>,
     /// `text` is the name of a prepared statement (PQsendQueryPrepared).
@@ -644,6 +646,7 @@ pub fn decode(bytes: &[u8]) -> Option<QueryRecord> {
         } else {
             Vec::new()
         },
+        reply: if wire { e.reply.to_vec() } else { Vec::new() },
         handle: e.handle,
         statement: e.flags & FLAG_STATEMENT != 0,
         prepare_name,
