@@ -686,14 +686,14 @@ fn wire_send(ctx: &TracePointContext) -> u32 {
     let fd: u64 = unsafe { ctx.read_at(config(&TP_SYS_FD_OFF) as usize) }.unwrap_or(0);
     let buf: u64 = unsafe { ctx.read_at(config(&TP_SYS_BUF_OFF) as usize) }.unwrap_or(0);
     let len: u64 = unsafe { ctx.read_at(config(&TP_SYS_LEN_OFF) as usize) }.unwrap_or(0);
-    if len < 6 {
+    if len < 6 || !wanted_ids(tgid, tid) {
         return 0;
     }
     let Ok(head) = (unsafe { bpf_probe_read_user(buf as *const [u8; 8]) }) else {
         return 0;
     };
     let source = request_protocol(&head, len);
-    if source == 0 || !wanted_ids(tgid, tid) {
+    if source == 0 {
         return 0;
     }
     if unsafe { SEEN.get(&tgid) }.is_some() {

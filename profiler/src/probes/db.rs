@@ -367,10 +367,20 @@ pub fn discover(config: &DbConfig, pids: &[u32]) -> Result<DbTargets> {
             }
         }
     }
+    // Processes named with -p that hold no probed library and are no server may still talk
+    // to a database by themselves (Go, Java, pure-Python drivers): watch their sockets.
+    let wire = config.wire
+        || (!pids.is_empty() && !any_explicit && postgres.is_empty() && libraries.is_empty());
+    if wire && !config.wire {
+        eprintln!(
+            "profiler: note: no database server or client library found in the given \
+             processes; watching their sockets for PostgreSQL, MySQL and Redis requests"
+        );
+    }
     Ok(DbTargets {
         postgres,
         libraries,
-        wire: config.wire,
+        wire,
     })
 }
 
