@@ -40,6 +40,29 @@ pub enum Command {
     /// slowest syscalls. `q` quits; when stdout is not a terminal it prints plain-text
     /// snapshots instead (for scripts).
     Top(TopArgs),
+    /// Record back-to-back windows into a data directory (keeping the newest --keep) and
+    /// serve the latest on http://127.0.0.1:9464: /healthz, /metrics (Prometheus), /captures,
+    /// /flamegraph?kind=offcpu|oncpu|wallclock|db, /summary. Record options go after `--`.
+    Daemon(DaemonArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DaemonArgs {
+    /// Where the windows' capture directories go.
+    #[arg(long, default_value = "/var/lib/profiler")]
+    pub data_dir: PathBuf,
+    /// Length of each recording window.
+    #[arg(long, default_value = "60s", value_parser = parse_seconds)]
+    pub window: Duration,
+    /// Windows kept on disk (older ones are removed).
+    #[arg(long, default_value_t = 60)]
+    pub keep: usize,
+    /// HTTP address.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub listen: String,
+    /// Options for each window's `record` (e.g. `-- --events offcpu,db -p 1234`).
+    #[arg(last = true)]
+    pub record_args: Vec<String>,
 }
 
 #[derive(Debug, clap::Args)]

@@ -6,6 +6,7 @@
 pub mod btf;
 pub mod cli;
 pub mod compare;
+pub mod daemon;
 pub mod dbstats;
 pub mod diffreport;
 pub mod folded;
@@ -38,6 +39,7 @@ pub fn run(cli: cli::Cli) -> ExitCode {
         cli::Command::Diff(args) => (diff_command(args), 2),
         cli::Command::Report(args) => (report_command(args).map(|()| ExitCode::SUCCESS), 2),
         cli::Command::Top(args) => (top::run(args).map(|()| ExitCode::SUCCESS), 1),
+        cli::Command::Daemon(args) => (daemon::run(args).map(|()| ExitCode::SUCCESS), 1),
     };
     match result {
         Ok(code) => code,

@@ -920,7 +920,7 @@ fn families_description(probes: &Probes) -> String {
     }
     if !probes.db_targets.is_empty() {
         parts.push(format!(
-            "PostgreSQL queries ({})",
+            "database queries ({})",
             probes
                 .db_targets
                 .iter()

@@ -1,0 +1,333 @@
+//! `profiler daemon`: back-to-back recording windows written to a data directory (oldest
+//! removed past `--keep`), and a small HTTP server on 127.0.0.1 serving the latest window:
+//! `/healthz`, `/captures`, `/metrics` (Prometheus text), `/flamegraph?kind=…`, `/summary`.
+//! SIGTERM or SIGINT ends the current window (written like any capture) and the daemon.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::cli::DaemonArgs;
+use crate::model::Capture;
+
+/// What the HTTP side knows: the windows kept and the latest capture.
+#[derive(Default)]
+struct State {
+    windows_total: u64,
+    kept: Vec<PathBuf>,
+    latest: Option<(PathBuf, Capture)>,
+}
+
+pub fn run(args: DaemonArgs) -> Result<()> {
+    if args.window.is_zero() {
+        bail!("--window must be more than zero");
+    }
+    if args.keep == 0 {
+        bail!("--keep must be at least 1");
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create data directory {}", args.data_dir.display()))?;
+    // Validate the recording options once, before anything is served.
+    record_options(&args, &args.data_dir.join("check"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve_and_record(args))
+}
+
+/// The `record` options of one window, from the daemon's trailing record arguments.
+fn record_options(args: &DaemonArgs, dir: &Path) -> Result<crate::record::RecordOptions> {
+    let window = format!("{}ms", args.window.as_millis());
+    let mut argv: Vec<String> = ["profiler", "record", "--duration", &window, "-o"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    argv.push(dir.display().to_string());
+    argv.extend(args.record_args.iter().cloned());
+    let cli = <crate::cli::Cli as clap::Parser>::try_parse_from(&argv)
+        .map_err(|err| anyhow::anyhow!("bad record options after --: {}", first_line(&err)))?;
+    match cli.command {
+        crate::cli::Command::Record(record) => record.into_options(),
+        _ => unreachable!("parsed as record"),
+    }
+}
+
+fn first_line(err: &clap::Error) -> String {
+    err.to_string()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+async fn serve_and_record(args: DaemonArgs) -> Result<()> {
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    eprintln!(
+        "profiler daemon: {} windows into {}, keeping {}; HTTP on http://{}",
+        humantime(args.window),
+        args.data_dir.display(),
+        args.keep,
+        listener.local_addr()?
+    );
+    let state = Arc::new(Mutex::new(State::default()));
+    let server_state = Arc::clone(&state);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let state = Arc::clone(&server_state);
+            tokio::spawn(async move {
+                let mut request = vec![0u8; 8192];
+                let n = stream.read(&mut request).await.unwrap_or(0);
+                let text = String::from_utf8_lossy(&request[..n]).into_owned();
+                let target = text.split_whitespace().nth(1).unwrap_or("/").to_string();
+                let (status, content_type, body) = respond(&target, &state);
+                let head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+                     Connection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(head.as_bytes()).await;
+                let _ = stream.write_all(&body).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut stop = false;
+    while !stop {
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let dir = args.data_dir.join(format!("window-{started}"));
+        let options = record_options(&args, &dir)?;
+        // `record` ends early on SIGTERM/SIGINT too (and writes the window): both listeners
+        // see the signal.
+        let window = crate::record::record(options);
+        tokio::pin!(window);
+        let capture = loop {
+            tokio::select! {
+                result = &mut window => break result?,
+                _ = sigterm.recv() => stop = true,
+                _ = sigint.recv() => stop = true,
+            }
+        };
+        let mut state = state.lock().expect("state lock");
+        state.windows_total += 1;
+        state.kept.push(dir.clone());
+        while state.kept.len() > args.keep {
+            let old = state.kept.remove(0);
+            let _ = std::fs::remove_dir_all(&old);
+        }
+        state.latest = Some((dir, capture));
+    }
+    eprintln!("profiler daemon: stopped; probes detached");
+    Ok(())
+}
+
+fn humantime(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
+fn respond(target: &str, state: &Mutex<State>) -> (&'static str, &'static str, Vec<u8>) {
+    let state = state.lock().expect("state lock");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let param = |name: &str| {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .map(str::to_string)
+    };
+    let text = |s: String| ("200 OK", "text/plain; charset=utf-8", s.into_bytes());
+    match path {
+        "/healthz" => text("ok\n".into()),
+        "/captures" => {
+            let list: Vec<String> = state.kept.iter().map(|p| p.display().to_string()).collect();
+            (
+                "200 OK",
+                "application/json",
+                serde_json::to_vec(&list).unwrap_or_default(),
+            )
+        }
+        "/metrics" => (
+            "200 OK",
+            "text/plain; version=0.0.4",
+            metrics(&state).into_bytes(),
+        ),
+        "/summary" | "/flamegraph" => {
+            let Some((dir, _)) = &state.latest else {
+                return (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    b"no window yet\n".to_vec(),
+                );
+            };
+            let file = if path == "/summary" {
+                "summary.txt".to_string()
+            } else {
+                let kind = param("kind").unwrap_or_else(|| "offcpu".into());
+                if !matches!(kind.as_str(), "offcpu" | "oncpu" | "wallclock" | "db") {
+                    return (
+                        "400 Bad Request",
+                        "text/plain",
+                        b"kind: offcpu, oncpu, wallclock or db\n".to_vec(),
+                    );
+                }
+                format!("{kind}.svg")
+            };
+            match std::fs::read(dir.join(&file)) {
+                Ok(body) if file.ends_with(".svg") => ("200 OK", "image/svg+xml", body),
+                Ok(body) => ("200 OK", "text/plain; charset=utf-8", body),
+                Err(_) => (
+                    "404 Not Found",
+                    "text/plain",
+                    format!("no {file} in the latest window\n").into_bytes(),
+                ),
+            }
+        }
+        _ => (
+            "404 Not Found",
+            "text/plain",
+            b"try /healthz /metrics /captures /flamegraph /summary\n".to_vec(),
+        ),
+    }
+}
+
+/// A Prometheus label value, escaped.
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Prometheus text format from the latest window (bounded: the 50 largest series per family).
+fn metrics(state: &State) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP profiler_windows_total Recording windows completed."
+    );
+    let _ = writeln!(out, "# TYPE profiler_windows_total counter");
+    let _ = writeln!(out, "profiler_windows_total {}", state.windows_total);
+    if let Some(rss) = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+    {
+        let _ = writeln!(
+            out,
+            "# HELP profiler_resident_bytes The daemon's resident memory."
+        );
+        let _ = writeln!(out, "# TYPE profiler_resident_bytes gauge");
+        let _ = writeln!(out, "profiler_resident_bytes {}", rss * 1024);
+    }
+    let Some((_, capture)) = &state.latest else {
+        return out;
+    };
+    let window_s = capture.metadata.duration_ns as f64 / 1e9;
+    let _ = writeln!(
+        out,
+        "# HELP profiler_window_seconds Length of the latest window."
+    );
+    let _ = writeln!(out, "# TYPE profiler_window_seconds gauge");
+    let _ = writeln!(out, "profiler_window_seconds {window_s}");
+    let _ = writeln!(
+        out,
+        "# HELP profiler_counter Kernel-side and symbolization counters of the latest window \
+         (drops, full maps, lost stacks, unresolved frames)."
+    );
+    let _ = writeln!(out, "# TYPE profiler_counter gauge");
+    for (name, value) in &capture.metadata.counters {
+        let _ = writeln!(out, "profiler_counter{{name=\"{}\"}} {value}", label(name));
+    }
+    if let Some(offcpu) = &capture.offcpu {
+        let mut by_process: std::collections::BTreeMap<(String, String), f64> = Default::default();
+        for stack in &offcpu.stacks {
+            *by_process
+                .entry((stack.comm.clone(), stack.state.clone()))
+                .or_default() += stack.total_ns as f64 / 1e9;
+        }
+        let mut rows: Vec<_> = by_process.into_iter().collect();
+        rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let _ = writeln!(
+            out,
+            "# HELP profiler_offcpu_seconds Off-CPU seconds in the latest window, by process \
+             name and state."
+        );
+        let _ = writeln!(out, "# TYPE profiler_offcpu_seconds gauge");
+        for ((comm, state), seconds) in rows.into_iter().take(50) {
+            let _ = writeln!(
+                out,
+                "profiler_offcpu_seconds{{comm=\"{}\",state=\"{}\"}} {seconds}",
+                label(&comm),
+                label(&state)
+            );
+        }
+    }
+    if let Some(db) = &capture.db {
+        let _ = writeln!(
+            out,
+            "# HELP profiler_db_query_seconds Database query latency in the latest window, by \
+             fingerprint (the 50 busiest)."
+        );
+        let _ = writeln!(out, "# TYPE profiler_db_query_seconds summary");
+        for q in db.queries.iter().take(50) {
+            let labels = format!(
+                "source=\"{}\",comm=\"{}\",query=\"{}\"",
+                label(&q.source),
+                label(&q.comm),
+                label(&q.fingerprint)
+            );
+            for (quantile, ns) in [("0.5", q.p50_ns), ("0.95", q.p95_ns), ("0.99", q.p99_ns)] {
+                let _ = writeln!(
+                    out,
+                    "profiler_db_query_seconds{{{labels},quantile=\"{quantile}\"}} {}",
+                    ns as f64 / 1e9
+                );
+            }
+            let _ = writeln!(
+                out,
+                "profiler_db_query_seconds_sum{{{labels}}} {}",
+                q.total_ns as f64 / 1e9
+            );
+            let _ = writeln!(
+                out,
+                "profiler_db_query_seconds_count{{{labels}}} {}",
+                q.calls
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn metrics_without_a_window_still_say_how_many() {
+        let text = metrics(&State::default());
+        assert!(text.contains("profiler_windows_total 0"));
+    }
+}
