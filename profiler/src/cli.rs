@@ -60,6 +60,10 @@ pub struct DaemonArgs {
     /// HTTP address.
     #[arg(long, default_value = "127.0.0.1:9464")]
     pub listen: String,
+    /// Compare every window with this capture (directory or capture.json) instead of the
+    /// window before it; a significant regression becomes an event.
+    #[arg(long, value_name = "CAPTURE")]
+    pub baseline: Option<PathBuf>,
     /// Options for each window's `record` (e.g. `-- --events offcpu,db -p 1234`).
     #[arg(last = true)]
     pub record_args: Vec<String>,

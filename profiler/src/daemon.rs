@@ -1,6 +1,7 @@
 //! `profiler daemon`: back-to-back recording windows written to a data directory (oldest
 //! removed past `--keep`), and a small HTTP server on 127.0.0.1 serving the latest window:
-//! `/healthz`, `/captures`, `/metrics` (Prometheus text), `/flamegraph?kind=…`, `/summary`.
+//! `/healthz`, `/captures`, `/metrics` (Prometheus text), `/flamegraph?kind=…`, `/profile`
+//! (pprof, gzipped profile.proto), `/summary`.
 //! SIGTERM or SIGINT ends the current window (written like any capture) and the daemon.
 
 use std::fmt::Write as _;
@@ -22,6 +23,46 @@ struct State {
     windows_total: u64,
     kept: Vec<PathBuf>,
     latest: Option<(PathBuf, Capture)>,
+    regressions_total: u64,
+    /// The latest regression events (at most `EVENTS_KEPT`), oldest first.
+    events: Vec<serde_json::Value>,
+}
+
+const EVENTS_KEPT: usize = 100;
+
+/// Compares a finished window with the baseline; a significant regression becomes an event
+/// (and the window's directory gets the differential flamegraph and reports).
+fn regression_event(baseline: &Capture, window: &Capture, dir: &Path) -> Option<serde_json::Value> {
+    use crate::compare::{Profile, Thresholds, compare};
+    let base = Profile::from_capture(baseline, "baseline".into());
+    let new = Profile::from_capture(window, dir.display().to_string());
+    let report = compare(&base, &new, &Thresholds::default()).ok()?;
+    if !report.regression {
+        return None;
+    }
+    let diff_dir = dir.join("diff");
+    let _ = crate::diffreport::write_all(&report, &diff_dir, 10);
+    let names: Vec<String> = report
+        .regressions
+        .iter()
+        .take(5)
+        .map(|c| c.name.clone())
+        .chain(
+            report
+                .query_regressions
+                .iter()
+                .take(5)
+                .map(|q| q.fingerprint.clone()),
+        )
+        .collect();
+    Some(serde_json::json!({
+        "event": "regression",
+        "window": dir.display().to_string(),
+        "unix_ms": window.metadata.start_unix_ms,
+        "regressions": names,
+        "diff_svg": diff_dir.join("diff.svg").display().to_string(),
+        "flamegraph_url": "/flamegraph?kind=diff",
+    }))
 }
 
 pub fn run(args: DaemonArgs) -> Result<()> {
@@ -105,6 +146,11 @@ async fn serve_and_record(args: DaemonArgs) -> Result<()> {
 
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let baseline = match &args.baseline {
+        Some(path) => Some(Capture::load(path)?),
+        None => None,
+    };
+    let mut previous: Option<Capture> = None;
     let mut stop = false;
     while !stop {
         let started = std::time::SystemTime::now()
@@ -124,13 +170,28 @@ async fn serve_and_record(args: DaemonArgs) -> Result<()> {
                 _ = sigint.recv() => stop = true,
             }
         };
+        let baseline_capture = match &baseline {
+            Some(pinned) => Some(pinned),
+            None => previous.as_ref(),
+        };
+        let event = baseline_capture.and_then(|b| regression_event(b, &capture, &dir));
         let mut state = state.lock().expect("state lock");
+        if let Some(event) = event {
+            // One JSON line per event, for log shippers.
+            eprintln!("{event}");
+            state.regressions_total += 1;
+            state.events.push(event);
+            if state.events.len() > EVENTS_KEPT {
+                state.events.remove(0);
+            }
+        }
         state.windows_total += 1;
         state.kept.push(dir.clone());
         while state.kept.len() > args.keep {
             let old = state.kept.remove(0);
             let _ = std::fs::remove_dir_all(&old);
         }
+        previous = Some(capture.clone());
         state.latest = Some((dir, capture));
     }
     eprintln!("profiler daemon: stopped; probes detached");
@@ -153,6 +214,11 @@ fn respond(target: &str, state: &Mutex<State>) -> (&'static str, &'static str, V
     let text = |s: String| ("200 OK", "text/plain; charset=utf-8", s.into_bytes());
     match path {
         "/healthz" => text("ok\n".into()),
+        "/events" => (
+            "200 OK",
+            "application/json",
+            serde_json::to_vec(&state.events).unwrap_or_default(),
+        ),
         "/captures" => {
             let list: Vec<String> = state.kept.iter().map(|p| p.display().to_string()).collect();
             (
@@ -166,6 +232,21 @@ fn respond(target: &str, state: &Mutex<State>) -> (&'static str, &'static str, V
             "text/plain; version=0.0.4",
             metrics(&state).into_bytes(),
         ),
+        "/profile" => match &state.latest {
+            Some((_, capture)) => match crate::pprof::gzipped(capture) {
+                Ok(body) => ("200 OK", "application/octet-stream", body),
+                Err(err) => (
+                    "500 Internal Server Error",
+                    "text/plain",
+                    format!("{err:#}\n").into_bytes(),
+                ),
+            },
+            None => (
+                "503 Service Unavailable",
+                "text/plain",
+                b"no window yet\n".to_vec(),
+            ),
+        },
         "/summary" | "/flamegraph" => {
             let Some((dir, _)) = &state.latest else {
                 return (
@@ -178,14 +259,18 @@ fn respond(target: &str, state: &Mutex<State>) -> (&'static str, &'static str, V
                 "summary.txt".to_string()
             } else {
                 let kind = param("kind").unwrap_or_else(|| "offcpu".into());
-                if !matches!(kind.as_str(), "offcpu" | "oncpu" | "wallclock" | "db") {
+                if kind == "diff" {
+                    // The latest window's comparison with the baseline, when it regressed.
+                    "diff/diff.svg".to_string()
+                } else if matches!(kind.as_str(), "offcpu" | "oncpu" | "wallclock" | "db") {
+                    format!("{kind}.svg")
+                } else {
                     return (
                         "400 Bad Request",
                         "text/plain",
-                        b"kind: offcpu, oncpu, wallclock or db\n".to_vec(),
+                        b"kind: offcpu, oncpu, wallclock, db or diff\n".to_vec(),
                     );
                 }
-                format!("{kind}.svg")
             };
             match std::fs::read(dir.join(&file)) {
                 Ok(body) if file.ends_with(".svg") => ("200 OK", "image/svg+xml", body),
@@ -200,7 +285,7 @@ fn respond(target: &str, state: &Mutex<State>) -> (&'static str, &'static str, V
         _ => (
             "404 Not Found",
             "text/plain",
-            b"try /healthz /metrics /captures /flamegraph /summary\n".to_vec(),
+            b"try /healthz /metrics /captures /flamegraph /profile /summary\n".to_vec(),
         ),
     }
 }
@@ -222,6 +307,16 @@ fn metrics(state: &State) -> String {
     );
     let _ = writeln!(out, "# TYPE profiler_windows_total counter");
     let _ = writeln!(out, "profiler_windows_total {}", state.windows_total);
+    let _ = writeln!(
+        out,
+        "# HELP profiler_regressions_total Windows that regressed against the baseline."
+    );
+    let _ = writeln!(out, "# TYPE profiler_regressions_total counter");
+    let _ = writeln!(
+        out,
+        "profiler_regressions_total {}",
+        state.regressions_total
+    );
     if let Some(rss) = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

@@ -20,6 +20,18 @@ fn get(port: u16, path: &str) -> Option<(String, String)> {
     Some((head.lines().next()?.to_string(), body.to_string()))
 }
 
+/// The body of a GET, as bytes.
+fn get_bytes(port: u16, path: &str) -> Option<Vec<u8>> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).ok()?;
+    let at = response.windows(4).position(|w| w == b"\r\n\r\n")?;
+    Some(response[at + 4..].to_vec())
+}
+
 fn profiler_programs_loaded() -> usize {
     let out = Command::new("bpftool")
         .args(["prog", "show"])
@@ -95,6 +107,17 @@ fn daemon_serves_windows_and_detaches_on_sigterm() {
         "{}",
         &svg[..svg.len().min(200)]
     );
+    // /profile: pprof that Go's own tool reads, with the workload's blocking function.
+    let profile = dir.join("profile.pb.gz");
+    let body = get_bytes(port, "/profile").expect("profile");
+    std::fs::write(&profile, body).unwrap();
+    let top = Command::new("go")
+        .args(["tool", "pprof", "-top", "-sample_index=offcpu_time"])
+        .arg(&profile)
+        .output()
+        .expect("go tool pprof (cargo xtask setup installs golang-go)");
+    let top = String::from_utf8_lossy(&top.stdout);
+    assert!(top.contains("workload_"), "go tool pprof -top: {top}");
     let (status, _) = get(port, "/flamegraph?kind=nonsense").expect("bad kind");
     assert!(status.contains("400"), "{status}");
     // Retention: at most --keep windows on disk (one more may be being written).
@@ -138,4 +161,102 @@ fn daemon_serves_windows_and_detaches_on_sigterm() {
         "programs left attached after SIGTERM"
     );
     let _ = workload.finish();
+}
+
+/// A pinned baseline (the diff workload without its extra delay) and windows of the slow
+/// variant: the daemon turns the regression into an event naming `stage_query`, counts it in
+/// /metrics and serves the differential flamegraph.
+#[test]
+fn daemon_reports_a_regression_against_a_pinned_baseline() {
+    require_root();
+    let dir = temp_dir("daemon-regression");
+    let baseline = dir.join("baseline");
+    record_diff_workload(&baseline, 0, "2.5s", "125ms");
+    let mut slow = Command::new(built_binary("diff-workload"))
+        .args(["--extra-ms", "5"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("diff-workload");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(slow.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let pid = line.trim().trim_start_matches("ready ").to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let mut daemon = Command::new(profiler_bin())
+        .arg("daemon")
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(["--window", "2500ms", "--keep", "3", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--baseline")
+        .arg(&baseline)
+        .args([
+            "--",
+            "--events",
+            "offcpu",
+            "--interval",
+            "125ms",
+            "-p",
+            &pid,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start daemon");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let events = loop {
+        assert!(Instant::now() < deadline, "no regression event");
+        std::thread::sleep(Duration::from_millis(500));
+        if let Some((_, body)) = get(port, "/events")
+            && let Ok(events) = serde_json::from_str::<Vec<serde_json::Value>>(&body)
+            && !events.is_empty()
+        {
+            break events;
+        }
+    };
+    println!("{}", events[0]);
+    let names: Vec<&str> = events[0]["regressions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    assert!(
+        names.iter().any(|n| is_function(n, "stage_query")),
+        "{names:?}"
+    );
+    let (_, metrics) = get(port, "/metrics").unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("profiler_regressions_total ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    // SAFETY: kill(2) on our own children.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let status = daemon.wait().unwrap();
+    let _ = slow.kill();
+    let _ = slow.wait();
+    let mut stderr = String::new();
+    daemon
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(status.success(), "{stderr}");
+    // The event was also logged as one JSON line.
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with("{\"event\":\"regression\"")
+                || l.contains("\"event\":\"regression\"")),
+        "{stderr}"
+    );
 }
