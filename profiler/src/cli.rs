@@ -48,18 +48,29 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct DaemonArgs {
-    /// Where the windows' capture directories go.
-    #[arg(long, default_value = "/var/lib/profiler")]
-    pub data_dir: PathBuf,
-    /// Length of each recording window.
-    #[arg(long, default_value = "60s", value_parser = parse_seconds)]
-    pub window: Duration,
-    /// Windows kept on disk (older ones are removed).
-    #[arg(long, default_value_t = 60)]
-    pub keep: usize,
-    /// HTTP address.
-    #[arg(long, default_value = "127.0.0.1:9464")]
-    pub listen: String,
+    /// TOML file with any of these settings (`data_dir`, `window`, `keep`, `max_age`,
+    /// `max_bytes`, `listen`, `baseline`, `record` = [record options]); flags win over it.
+    /// SIGHUP re-reads it (applied from the next window; `listen` stays).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Where the windows' capture directories go [default: /var/lib/profiler].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Length of each recording window [default: 60s].
+    #[arg(long, value_parser = parse_seconds)]
+    pub window: Option<Duration>,
+    /// Windows kept on disk; older ones are removed [default: 60].
+    #[arg(long)]
+    pub keep: Option<usize>,
+    /// Remove windows older than this (e.g. 24h).
+    #[arg(long, value_parser = parse_seconds)]
+    pub max_age: Option<Duration>,
+    /// Remove the oldest windows while all of them take more than this many bytes.
+    #[arg(long)]
+    pub max_bytes: Option<u64>,
+    /// HTTP address [default: 127.0.0.1:9464].
+    #[arg(long)]
+    pub listen: Option<String>,
     /// Compare every window with this capture (directory or capture.json) instead of the
     /// window before it; a significant regression becomes an event.
     #[arg(long, value_name = "CAPTURE")]
@@ -348,6 +359,11 @@ fn parse_duration(text: &str, bare_unit_ns: u64) -> Result<Duration, String> {
         return Err(format!("{text:?} is out of range"));
     }
     Ok(Duration::from_nanos(ns as u64))
+}
+
+/// A duration as the flags take it (`30s`, `500ms`, `24h`; a plain number is seconds).
+pub fn parse_duration_text(text: &str) -> Result<Duration, String> {
+    parse_seconds(text)
 }
 
 fn parse_seconds(text: &str) -> Result<Duration, String> {

@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::cli::DaemonArgs;
+
 use crate::model::Capture;
 
 /// What the HTTP side knows: the windows kept and the latest capture.
@@ -65,25 +66,147 @@ fn regression_event(baseline: &Capture, window: &Capture, dir: &Path) -> Option<
     }))
 }
 
-pub fn run(args: DaemonArgs) -> Result<()> {
-    if args.window.is_zero() {
+/// The daemon's settings: flags, else the config file, else the defaults.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub data_dir: PathBuf,
+    pub window: Duration,
+    pub keep: usize,
+    pub max_age: Option<Duration>,
+    pub max_bytes: Option<u64>,
+    pub listen: String,
+    pub baseline: Option<PathBuf>,
+    pub record_args: Vec<String>,
+}
+
+/// The config file: every key is also a flag.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    window: Option<String>,
+    keep: Option<usize>,
+    max_age: Option<String>,
+    max_bytes: Option<u64>,
+    listen: Option<String>,
+    baseline: Option<PathBuf>,
+    record: Option<Vec<String>>,
+}
+
+pub fn settings(args: &DaemonArgs) -> Result<Settings> {
+    let file = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config {}", path.display()))?;
+            toml::from_str::<FileConfig>(&text).map_err(|err| {
+                anyhow::anyhow!(
+                    "bad config {}: {}",
+                    path.display(),
+                    err.to_string().lines().next().unwrap_or_default()
+                )
+            })?
+        }
+        None => FileConfig::default(),
+    };
+    let duration = |flag: Option<Duration>, text: Option<&String>, name: &str| {
+        flag.map(Ok)
+            .or_else(|| {
+                text.map(|t| {
+                    crate::cli::parse_duration_text(t)
+                        .map_err(|e| anyhow::anyhow!("config {name}: {e}"))
+                })
+            })
+            .transpose()
+    };
+    let settings = Settings {
+        data_dir: args
+            .data_dir
+            .clone()
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("/var/lib/profiler")),
+        window: duration(args.window, file.window.as_ref(), "window")?
+            .unwrap_or(Duration::from_secs(60)),
+        keep: args.keep.or(file.keep).unwrap_or(60),
+        max_age: duration(args.max_age, file.max_age.as_ref(), "max_age")?,
+        max_bytes: args.max_bytes.or(file.max_bytes),
+        listen: args
+            .listen
+            .clone()
+            .or(file.listen)
+            .unwrap_or_else(|| "127.0.0.1:9464".into()),
+        baseline: args.baseline.clone().or(file.baseline),
+        record_args: if args.record_args.is_empty() {
+            file.record.unwrap_or_default()
+        } else {
+            args.record_args.clone()
+        },
+    };
+    if settings.window.is_zero() {
         bail!("--window must be more than zero");
     }
-    if args.keep == 0 {
+    if settings.keep == 0 {
         bail!("--keep must be at least 1");
     }
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("cannot create data directory {}", args.data_dir.display()))?;
-    // Validate the recording options once, before anything is served.
-    record_options(&args, &args.data_dir.join("check"))?;
+    // Validate the recording options before anything is served.
+    record_options(&settings, &settings.data_dir.join("check"))?;
+    Ok(settings)
+}
+
+pub fn run(args: DaemonArgs) -> Result<()> {
+    let settings = settings(&args)?;
+    std::fs::create_dir_all(&settings.data_dir).with_context(|| {
+        format!(
+            "cannot create data directory {}",
+            settings.data_dir.display()
+        )
+    })?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(serve_and_record(args))
+    runtime.block_on(serve_and_record(args, settings))
+}
+
+/// Bytes under a directory.
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// Removes the oldest windows past the count, age and size limits (the newest stays).
+fn apply_retention(kept: &mut Vec<PathBuf>, settings: &Settings) {
+    loop {
+        if kept.len() <= 1 {
+            return;
+        }
+        let too_many = kept.len() > settings.keep;
+        let too_old = settings.max_age.is_some_and(|max| {
+            std::fs::metadata(&kept[0])
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > max)
+        });
+        let too_big = settings
+            .max_bytes
+            .is_some_and(|max| kept.iter().map(|d| dir_bytes(d)).sum::<u64>() > max);
+        if !(too_many || too_old || too_big) {
+            return;
+        }
+        let old = kept.remove(0);
+        let _ = std::fs::remove_dir_all(&old);
+    }
 }
 
 /// The `record` options of one window, from the daemon's trailing record arguments.
-fn record_options(args: &DaemonArgs, dir: &Path) -> Result<crate::record::RecordOptions> {
+fn record_options(args: &Settings, dir: &Path) -> Result<crate::record::RecordOptions> {
     let window = format!("{}ms", args.window.as_millis());
     let mut argv: Vec<String> = ["profiler", "record", "--duration", &window, "-o"]
         .iter()
@@ -107,7 +230,7 @@ fn first_line(err: &clap::Error) -> String {
         .to_string()
 }
 
-async fn serve_and_record(args: DaemonArgs) -> Result<()> {
+async fn serve_and_record(daemon_args: DaemonArgs, mut args: Settings) -> Result<()> {
     let listener = TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -144,6 +267,8 @@ async fn serve_and_record(args: DaemonArgs) -> Result<()> {
         }
     });
 
+    let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let mut reload = false;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let baseline = match &args.baseline {
@@ -168,6 +293,7 @@ async fn serve_and_record(args: DaemonArgs) -> Result<()> {
                 result = &mut window => break result?,
                 _ = sigterm.recv() => stop = true,
                 _ = sigint.recv() => stop = true,
+                _ = sighup.recv() => reload = true,
             }
         };
         let baseline_capture = match &baseline {
@@ -187,12 +313,22 @@ async fn serve_and_record(args: DaemonArgs) -> Result<()> {
         }
         state.windows_total += 1;
         state.kept.push(dir.clone());
-        while state.kept.len() > args.keep {
-            let old = state.kept.remove(0);
-            let _ = std::fs::remove_dir_all(&old);
-        }
+        apply_retention(&mut state.kept, &args);
         previous = Some(capture.clone());
         state.latest = Some((dir, capture));
+        drop(state);
+        if reload {
+            reload = false;
+            match settings(&daemon_args) {
+                Ok(new) => {
+                    eprintln!("profiler daemon: configuration reloaded");
+                    let listen = std::mem::take(&mut args.listen);
+                    args = Settings { listen, ..new };
+                }
+                // A bad edit keeps the running settings; say why, once.
+                Err(err) => eprintln!("profiler daemon: reload refused: {err:#}"),
+            }
+        }
     }
     eprintln!("profiler daemon: stopped; probes detached");
     Ok(())

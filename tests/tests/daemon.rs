@@ -260,3 +260,77 @@ fn daemon_reports_a_regression_against_a_pinned_baseline() {
         "{stderr}"
     );
 }
+
+/// Settings from a TOML file; SIGHUP re-reads it: lowering `keep` from 5 to 1 leaves one
+/// window listed and on disk. A bad edit is refused with one line and the daemon goes on.
+#[test]
+fn daemon_reads_its_config_file_and_reloads_it_on_sighup() {
+    require_root();
+    let dir = temp_dir("daemon-config");
+    let mut sleeper = Command::new("sleep").arg("120").spawn().unwrap();
+    let config = dir.join("daemon.toml");
+    let write_config = |keep: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "window = \"1s\"\nkeep = {keep}\nrecord = [\"--events\", \"offcpu\", \"-p\", \"{}\"]\n",
+                sleeper.id()
+            ),
+        )
+        .unwrap();
+    };
+    write_config("5");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let mut daemon = Command::new(profiler_bin())
+        .arg("daemon")
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start daemon");
+    let listed = || -> usize {
+        get(port, "/captures")
+            .and_then(|(_, body)| serde_json::from_str::<Vec<String>>(&body).ok())
+            .map_or(0, |l| l.len())
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while listed() < 3 {
+        assert!(Instant::now() < deadline, "fewer than 3 windows kept with keep = 5");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A bad edit: refused, the daemon goes on with keep = 5.
+    std::fs::write(&config, "keep = \"many\"\n").unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGHUP) };
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(listed() >= 3, "a refused reload changed the settings");
+    write_config("1");
+    // SAFETY: as above.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while listed() != 1 {
+        assert!(Instant::now() < deadline, "keep = 1 not applied after SIGHUP");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let on_disk = std::fs::read_dir(dir.join("data")).unwrap().count();
+    assert!(on_disk <= 2, "{on_disk} windows on disk with keep = 1");
+    // SAFETY: as above.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let status = daemon.wait().unwrap();
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    let mut stderr = String::new();
+    daemon.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("reload refused: bad config"), "{stderr}");
+    assert!(stderr.contains("configuration reloaded"), "{stderr}");
+}

@@ -71,6 +71,12 @@ fn assert_callers(capture: &serde_json::Value, pid: u32) {
         assert!(!stacks.is_empty(), "no stack through {function}");
         for stack in stacks {
             let names = frame_names(stack);
+            if !names.iter().any(|n| n.starts_with("entry_SYSCALL")) {
+                // Preempted while running the function's own code (a timer interrupt, as
+                // under a loaded CI machine): a wait for a CPU, not one of its blocking calls.
+                assert_eq!(stack["state"], "runqueue", "{names:?}");
+                continue;
+            }
             let at = names.iter().position(|n| is_function(n, function)).unwrap();
             assert!(at >= 2, "{function} has no callers: {names:?}");
             assert!(
