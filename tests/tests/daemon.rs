@@ -303,7 +303,10 @@ fn daemon_reads_its_config_file_and_reloads_it_on_sighup() {
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     while listed() < 3 {
-        assert!(Instant::now() < deadline, "fewer than 3 windows kept with keep = 5");
+        assert!(
+            Instant::now() < deadline,
+            "fewer than 3 windows kept with keep = 5"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     // A bad edit: refused, the daemon goes on with keep = 5.
@@ -317,7 +320,10 @@ fn daemon_reads_its_config_file_and_reloads_it_on_sighup() {
     unsafe { libc::kill(daemon.id() as i32, libc::SIGHUP) };
     let deadline = Instant::now() + Duration::from_secs(30);
     while listed() != 1 {
-        assert!(Instant::now() < deadline, "keep = 1 not applied after SIGHUP");
+        assert!(
+            Instant::now() < deadline,
+            "keep = 1 not applied after SIGHUP"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     std::thread::sleep(Duration::from_millis(1500));
@@ -329,7 +335,12 @@ fn daemon_reads_its_config_file_and_reloads_it_on_sighup() {
     let _ = sleeper.kill();
     let _ = sleeper.wait();
     let mut stderr = String::new();
-    daemon.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    daemon
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
     assert!(status.success(), "{stderr}");
     assert!(stderr.contains("reload refused: bad config"), "{stderr}");
     assert!(stderr.contains("configuration reloaded"), "{stderr}");
