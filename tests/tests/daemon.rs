@@ -345,3 +345,92 @@ fn daemon_reads_its_config_file_and_reloads_it_on_sighup() {
     assert!(stderr.contains("reload refused: bad config"), "{stderr}");
     assert!(stderr.contains("configuration reloaded"), "{stderr}");
 }
+
+/// `cargo xtask bench daemon`: the daemon's resident memory (steady and startup peak) and
+/// CPU while pgbench runs, with 5 s windows of off-CPU + db on the whole host.
+#[test]
+#[ignore = "benchmark: run with cargo xtask bench daemon"]
+fn bench_daemon_memory_and_cpu_under_pgbench() {
+    require_root();
+    let seconds: u64 = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let cluster = profiler_tests::pg::PgCluster::start("bench-daemon");
+    cluster.pgbench(&["-i", "-q", "-s", "10"]);
+    let dir = temp_dir("bench-daemon");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let mut daemon = Command::new(profiler_bin())
+        .arg("daemon")
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(["--window", "5s", "--keep", "3", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["--", "--events", "offcpu,db"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start daemon");
+    let pid = daemon.id();
+    let status = |field: &str| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let cpu_ticks = || -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let rest = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+            + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get(port, "/healthz").is_none() {
+        assert!(Instant::now() < deadline, "daemon did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let startup_peak_kib = status("VmHWM:");
+    let bench = std::thread::scope(|scope| {
+        let pgbench =
+            scope.spawn(|| cluster.pgbench(&["-S", "-n", "-c", "2", "-T", &seconds.to_string()]));
+        // Skip the first window, then sample.
+        std::thread::sleep(Duration::from_secs(6));
+        let (t0, c0) = (Instant::now(), cpu_ticks());
+        let mut rss = Vec::new();
+        while !pgbench.is_finished() {
+            rss.push(status("VmRSS:"));
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        let cpu = (cpu_ticks() - c0) as f64 / 100.0 / t0.elapsed().as_secs_f64();
+        (rss, cpu, pgbench.join().unwrap())
+    });
+    let (mut rss, cpu, output) = bench;
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let _ = daemon.wait();
+    rss.sort_unstable();
+    let steady = rss[rss.len() / 2] as f64 / 1024.0;
+    let peak = status_peak(startup_peak_kib);
+    let tps = output
+        .lines()
+        .find(|l| l.starts_with("tps = "))
+        .unwrap_or("tps = ?")
+        .to_string();
+    println!(
+        "[bench daemon] steady RSS (median) {steady:.1} MiB, max {:.1} MiB; startup peak \
+         {peak:.1} MiB = {:.2}x steady; daemon CPU {:.1} % of one CPU; pgbench {tps}",
+        *rss.last().unwrap() as f64 / 1024.0,
+        peak / steady,
+        cpu * 100.0
+    );
+}
+
+fn status_peak(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}

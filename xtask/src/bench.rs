@@ -23,13 +23,16 @@ pub fn run(args: &[String]) -> Result<()> {
         Some("diff") => diff(),
         Some("all") => all_families(),
         Some("db") => db(),
+        Some("daemon") => daemon(),
         None => {
             offcpu()?;
             all_families()?;
             db()?;
             diff()
         }
-        Some(other) => bail!("unknown benchmark {other:?} (available: offcpu, all, db, diff)"),
+        Some(other) => {
+            bail!("unknown benchmark {other:?} (available: offcpu, all, db, daemon, diff)")
+        }
     }
 }
 
@@ -133,6 +136,27 @@ fn diff() -> Result<()> {
             "--nocapture",
         ]),
         "diff quality benchmark",
+    )
+}
+
+/// The daemon's steady and startup-peak memory and its CPU under a pgbench load (release).
+fn daemon() -> Result<()> {
+    crate::run_checked(crate::cargo().args(["build", "--release"]), "release build")?;
+    crate::run_checked(
+        crate::cargo().args([
+            "test",
+            "--release",
+            "-p",
+            "profiler-tests",
+            "--test",
+            "daemon",
+            "--",
+            "--ignored",
+            "--exact",
+            "bench_daemon_memory_and_cpu_under_pgbench",
+            "--nocapture",
+        ]),
+        "daemon benchmark",
     )
 }
 
