@@ -854,9 +854,10 @@ pub(crate) fn drain_db_events(
             };
             if query.user_stack_id >= 0
                 && let Some(processes) = processes.as_deref_mut()
-                && processes.get(query.pid).is_none()
             {
-                // Its memory maps, while it lives, to symbolize the issuing stacks.
+                // Its memory maps, while it lives, to symbolize the issuing stacks: read again
+                // (at most every 500 ms) because a process first seen at exec, before its
+                // libraries were mapped, would otherwise keep maps without them.
                 processes.observe(query.pid, &query.comm);
             }
             if let Some(frame) = frame
