@@ -141,27 +141,16 @@ fn diff() -> Result<()> {
 
 /// The daemon's steady and startup-peak memory and its CPU under a pgbench load (release).
 fn daemon() -> Result<()> {
-    crate::run_checked(crate::cargo().args(["build", "--release"]), "release build")?;
-    crate::run_checked(
-        crate::cargo().args([
-            "test",
-            "--release",
-            "-p",
-            "profiler-tests",
-            "--test",
-            "daemon",
-            "--",
-            "--ignored",
-            "--exact",
-            "bench_daemon_memory_and_cpu_under_pgbench",
-            "--nocapture",
-        ]),
-        "daemon benchmark",
-    )
+    release_ignored_test("daemon", "bench_daemon_memory_and_cpu_under_pgbench")
 }
 
 /// pgbench select-only TPS with the db family's probes on vs off (release build).
 fn db() -> Result<()> {
+    release_ignored_test("db", "bench_db_select_only_tps")
+}
+
+/// Builds the workspace in release and runs one ignored benchmark test of `tests/` there.
+fn release_ignored_test(test_file: &str, test_name: &str) -> Result<()> {
     crate::run_checked(crate::cargo().args(["build", "--release"]), "release build")?;
     crate::run_checked(
         crate::cargo().args([
@@ -170,14 +159,14 @@ fn db() -> Result<()> {
             "-p",
             "profiler-tests",
             "--test",
-            "db",
+            test_file,
             "--",
             "--ignored",
             "--exact",
-            "bench_db_select_only_tps",
+            test_name,
             "--nocapture",
         ]),
-        "db benchmark",
+        &format!("{test_file} benchmark"),
     )
 }
 
