@@ -35,6 +35,21 @@ pub static TASK_STATE_OFF: u32 = 0;
 #[unsafe(no_mangle)]
 pub static DB_INFLIGHT_ON: u32 = 0;
 
+/// Sampled mode (the daemon's CPU budget): record one off-CPU block (one database query) in
+/// `MASK + 1`, chosen at random; 0 records every one. Userspace scales the totals back up.
+#[unsafe(no_mangle)]
+pub static OFFCPU_SAMPLE_MASK: u32 = 0;
+#[unsafe(no_mangle)]
+pub static DB_SAMPLE_MASK: u32 = 0;
+
+/// Whether this event is left out by sampling (`mask` from a `*_SAMPLE_MASK` global).
+#[inline(always)]
+pub fn sampled_out(mask: u32) -> bool {
+    // The generator's low bits repeat with a short period when one thread calls it back to
+    // back on a CPU (one in four exactly, every time, in the tests): use its high bits.
+    mask != 0 && (unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() } >> 16) & mask != 0
+}
+
 const PF_KTHREAD: u32 = 0x0020_0000;
 const EEXIST: i32 = 17;
 

@@ -23,8 +23,8 @@ use profiler_common::db::{
 };
 
 use crate::common::{
-    DB_INFLIGHT, DB_INFLIGHT_ON, StackError, TASK_COMM_OFF, config, notify_new_task, stack_id,
-    wanted_ids,
+    DB_INFLIGHT, DB_INFLIGHT_ON, DB_SAMPLE_MASK, StackError, TASK_COMM_OFF, config,
+    notify_new_task, sampled_out, stack_id, wanted_ids,
 };
 
 /// How to read query__start's argument (the query text pointer), from its USDT spec.
@@ -234,6 +234,12 @@ pub fn pg_query_start(ctx: ProbeContext) -> u32 {
         count(counter::ABANDONED);
         emit(previous, tgid, tid, FLAG_ERROR, 0);
     }
+    if sampled_out(config(&DB_SAMPLE_MASK)) {
+        if let Some(previous) = PENDING.get_ptr_mut(&tid) {
+            unsafe { (*previous).start_ns = 0 };
+        }
+        return 0;
+    }
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
@@ -322,6 +328,18 @@ fn client_start(ctx: &ProbeContext, flags: u32) -> u32 {
         return 0;
     }
     announce(tgid, tid);
+    // Sampled mode: statement preparations are always seen (later executions name them).
+    if flags & FLAG_PREPARE == 0 && sampled_out(config(&DB_SAMPLE_MASK)) {
+        let key = ConnKey {
+            tgid,
+            _pad: 0,
+            conn: reg(ctx.regs as *const u8, &ARG1_REG),
+        };
+        if let Some(previous) = CLIENT_PENDING.get_ptr_mut(&key) {
+            unsafe { (*previous).start_ns = 0 };
+        }
+        return 0;
+    }
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return 0;
     };

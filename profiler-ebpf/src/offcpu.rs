@@ -26,8 +26,8 @@ use profiler_common::offcpu::{
 };
 
 use crate::common::{
-    DB_INFLIGHT, DB_INFLIGHT_ON, StackError, TASK_COMM_OFF, TASK_PID_OFF, TASK_STATE_OFF, config,
-    log2_bucket, notify_new_task, stack_id, wanted,
+    DB_INFLIGHT, DB_INFLIGHT_ON, OFFCPU_SAMPLE_MASK, StackError, TASK_COMM_OFF, TASK_PID_OFF,
+    TASK_STATE_OFF, config, log2_bucket, notify_new_task, sampled_out, stack_id, wanted,
 };
 
 // ---- Configuration, set by the loader before load (read-only globals). ----
@@ -159,6 +159,9 @@ fn switch_out<C: StackIdContext>(ctx: &C, task: *const u8, state: u32, now: u64)
     }
     if state == DEAD || config(&STATE_FILTER) & (1 << state) == 0 || !wanted(tgid, tid, task) {
         return;
+    }
+    if sampled_out(config(&OFFCPU_SAMPLE_MASK)) {
+        return; // the switch-in finds no start and records nothing
     }
     let kernel_stack_id = counted_stack_id(ctx, 0);
     // Waiting for a database query: file the time under the query and the code path that

@@ -49,6 +49,17 @@ pub struct Metadata {
     pub attach: String,
     /// Kernel-side counters (drops, collisions, full maps) and symbolization counters.
     pub counters: BTreeMap<String, u64>,
+    /// Sampled mode: one off-CPU block in this many was recorded and the figures are scaled
+    /// up (0 or 1: every block).
+    #[serde(default, skip_serializing_if = "all_recorded")]
+    pub offcpu_sample_every: u32,
+    /// Sampled mode: one database query in this many was timed (0 or 1: every query).
+    #[serde(default, skip_serializing_if = "all_recorded")]
+    pub db_sample_every: u32,
+}
+
+fn all_recorded(every: &u32) -> bool {
+    *every <= 1
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -435,6 +446,8 @@ mod tests {
             filters: Filters::default(),
             attach: "tp_btf".into(),
             counters: BTreeMap::from([("stack_collisions".to_string(), 0)]),
+            offcpu_sample_every: 0,
+            db_sample_every: 0,
         });
         capture.offcpu = Some(OffcpuProfile {
             stacks: vec![Stack {

@@ -55,6 +55,7 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
     }
     prepare_output_dir(&options.output)?;
 
+    let cpu_at_start = process_cpu_ns();
     let mut probes = Probes::load(config)?;
     // SAFETY: the ring buffer owns its fd, which stays open as long as the AsyncFd holds it.
     let mut new_tasks =
@@ -228,7 +229,13 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
             counters.insert(format!("oncpu_{name}"), value);
         }
     }
-    counters.insert("program_misses".to_string(), probes.recursion_misses());
+    let program_stats = probes.program_stats();
+    counters.insert("program_misses".to_string(), program_stats.recursion_misses);
+    if config.measure_overhead {
+        // What our programs cost the traced threads (kernel time, on their CPUs).
+        counters.insert("bpf_run_ns".to_string(), program_stats.run_time_ns);
+        counters.insert("bpf_runs".to_string(), program_stats.runs);
+    }
     if probes.syscalls_slow_ns.is_some() {
         for (name, value) in probes.syscall_counters()? {
             counters.insert(format!("syscalls_{name}"), value);
@@ -280,8 +287,19 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
                 }
                 stacks.push(stack);
             }
+            let every = u64::from(config.offcpu_sample_every.max(1));
+            if every > 1 {
+                // Sampled mode: each recorded block stands for `every` blocks.
+                for stack in &mut stacks {
+                    scale_stack(stack, every);
+                }
+            }
             sort_stacks(&mut stacks);
-            let runqueue = runqueue_histograms(&probes, &processes)?;
+            let mut runqueue = runqueue_histograms(&probes, &processes)?;
+            for histogram in &mut runqueue {
+                histogram.waits *= every;
+                histogram.buckets.iter_mut().for_each(|b| *b *= every);
+            }
             Some(OffcpuProfile { stacks, runqueue })
         }
         None => None,
@@ -380,6 +398,20 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
                     .push(synthetic_frame(format!("[db] {fingerprint}")));
                 profile.stacks.push(stack);
             }
+            let every = u64::from(config.db_sample_every.max(1));
+            if every > 1 {
+                // Sampled mode: each timed query stands for `every` queries (latency
+                // quantiles are those of the sample).
+                for query in &mut profile.queries {
+                    query.calls *= every;
+                    query.errors *= every;
+                    query.total_ns *= every;
+                    query.buckets.iter_mut().for_each(|b| *b *= every);
+                }
+                for stack in &mut profile.stacks {
+                    scale_stack(stack, every);
+                }
+            }
             sort_stacks(&mut profile.stacks);
             for suspect in db.suspects() {
                 let frames = if suspect.user_stack_id >= 0 {
@@ -414,6 +446,10 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
     let attached_with = probes.offcpu_attached_with.unwrap_or("none");
     drop(probes); // detach before the (slow) writing
 
+    counters.insert(
+        "profiler_cpu_ns".into(),
+        process_cpu_ns().saturating_sub(cpu_at_start),
+    );
     let stats = symbolizer.stats;
     counters.insert("user_frames".into(), stats.user_addresses);
     counters.insert("kernel_frames".into(), stats.kernel_addresses);
@@ -462,6 +498,8 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
         },
         attach: attached_with.to_string(),
         counters,
+        offcpu_sample_every: config.offcpu_sample_every,
+        db_sample_every: config.db_sample_every,
     });
     capture.processes = process_list;
     capture.offcpu = offcpu;
@@ -556,6 +594,24 @@ fn synthetic_frame(name: String) -> Frame {
         inlined: false,
         unresolved: false,
     }
+}
+
+/// Sampled mode: a recorded stack stands for `every` of its kind.
+fn scale_stack(stack: &mut Stack, every: u64) {
+    stack.total_ns *= every;
+    stack.count *= every;
+    stack.intervals.iter_mut().for_each(|v| *v *= every);
+}
+
+/// CPU time (user + system) this process has used so far.
+pub fn process_cpu_ns() -> u64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0;
+    }
+    let ns = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1000;
+    ns(usage.ru_utime) + ns(usage.ru_stime)
 }
 
 fn sort_stacks(stacks: &mut [Stack]) {

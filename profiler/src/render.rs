@@ -210,6 +210,26 @@ pub fn summary(capture: &Capture, top: usize) -> String {
         counter("unresolved_kernel_frames"),
         counter("kernel_frames"),
     );
+    if meta.counters.contains_key("profiler_cpu_ns") {
+        let mut cost = format!("cost: profiler {} CPU", seconds(counter("profiler_cpu_ns")));
+        if meta.counters.contains_key("bpf_run_ns") {
+            let _ = write!(
+                cost,
+                ", eBPF programs {} in {} runs",
+                seconds(counter("bpf_run_ns")),
+                counter("bpf_runs")
+            );
+        }
+        for (family, every) in [
+            ("off-CPU blocks", meta.offcpu_sample_every),
+            ("database queries", meta.db_sample_every),
+        ] {
+            if every > 1 {
+                let _ = write!(cost, "; sampled: 1 in {every} {family}, figures scaled up");
+            }
+        }
+        let _ = writeln!(out, "{cost}");
+    }
     if let Some(offcpu) = &capture.offcpu {
         let total: u64 = offcpu.stacks.iter().map(|s| s.total_ns).sum();
         let blocks: u64 = offcpu.stacks.iter().map(|s| s.count).sum();

@@ -58,6 +58,13 @@ pub struct ProbeConfig {
     /// The TCP family has no settings of its own.
     pub tcp: bool,
     pub db: Option<db::DbConfig>,
+    /// Sampled mode: record one off-CPU block in this many (a power of two; 1: all).
+    pub offcpu_sample_every: u32,
+    /// Sampled mode: time one database query in this many (server USDT and libpq).
+    pub db_sample_every: u32,
+    /// Turn on the kernel's BPF run-time statistics while loaded, so the capture can say
+    /// what our programs cost (`bpf_run_ns`); about 20 ns more per program run.
+    pub measure_overhead: bool,
 }
 
 impl Default for ProbeConfig {
@@ -73,6 +80,9 @@ impl Default for ProbeConfig {
             syscalls: None,
             tcp: false,
             db: None,
+            offcpu_sample_every: 1,
+            db_sample_every: 1,
+            measure_overhead: false,
         }
     }
 }
@@ -104,6 +114,48 @@ pub struct Probes {
     pub db_targets: Vec<PathBuf>,
     /// Detaches the database uprobes when dropped.
     _db_links: Vec<crate::uprobe::UprobeLink>,
+    /// Keeps the kernel's BPF run-time statistics on (`measure_overhead`).
+    _stats: Option<std::os::fd::OwnedFd>,
+}
+
+/// BPF_ENABLE_STATS(BPF_STATS_RUN_TIME): the kernel times every BPF program run while the
+/// returned fd is open.
+fn enable_run_time_stats() -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    const BPF_ENABLE_STATS: libc::c_long = 32;
+    #[repr(C)]
+    struct Attr {
+        kind: u32,
+    }
+    let mut attr = Attr {
+        kind: 0, /* BPF_STATS_RUN_TIME */
+    };
+    // SAFETY: BPF_ENABLE_STATS reads a 4-byte attribute and returns a new fd.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_ENABLE_STATS,
+            &mut attr as *mut Attr,
+            std::mem::size_of::<Attr>(),
+        )
+    };
+    if fd < 0 {
+        bail!(
+            "cannot turn on BPF run-time statistics: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: the kernel just returned this fd to us.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// What the kernel counts for our programs: run time and runs (with statistics on), and runs
+/// skipped for recursion.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ProgramStats {
+    pub run_time_ns: u64,
+    pub runs: u64,
+    pub recursion_misses: u64,
 }
 
 impl Probes {
@@ -139,6 +191,15 @@ impl Probes {
             "DB_INFLIGHT_ON",
             u32::from(config.offcpu.is_some() && config.db.is_some()),
         );
+        for (name, every) in [
+            ("OFFCPU_SAMPLE_MASK", config.offcpu_sample_every),
+            ("DB_SAMPLE_MASK", config.db_sample_every),
+        ] {
+            if !every.is_power_of_two() {
+                bail!("a sampling rate of 1 in {every}: it must be a power of two");
+            }
+            global(&mut globals, name, every - 1);
+        }
         global(
             &mut globals,
             "TASK_PID_OFF",
@@ -210,7 +271,12 @@ impl Probes {
             tcp::attach(&mut ebpf)?;
         }
         let db_links = db::attach(&mut ebpf, &db_targets)?;
+        let stats = match config.measure_overhead {
+            true => Some(enable_run_time_stats()?),
+            false => None,
+        };
         Ok(Self {
+            _stats: stats,
             ebpf,
             offcpu_attached_with,
             oncpu_frequency,
@@ -253,7 +319,7 @@ impl Probes {
     /// Runs of our programs the kernel skipped because another BPF program (or a bpf()
     /// syscall holding `bpf_prog_active`, such as our own map reads) was active on that CPU:
     /// each is an event we did not see. Summed over every loaded program.
-    pub fn recursion_misses(&self) -> u64 {
+    pub fn program_stats(&self) -> ProgramStats {
         use std::os::fd::{AsFd as _, AsRawFd as _};
         #[repr(C)]
         struct InfoAttr {
@@ -262,7 +328,7 @@ impl Probes {
             info: u64,
         }
         const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-        let mut total = 0;
+        let mut total = ProgramStats::default();
         for (_, program) in self.ebpf.programs() {
             let Ok(fd) = program.fd() else {
                 continue; // not loaded
@@ -284,7 +350,9 @@ impl Probes {
                 )
             };
             if rc == 0 {
-                total += info.recursion_misses;
+                total.recursion_misses += info.recursion_misses;
+                total.run_time_ns += info.run_time_ns;
+                total.runs += info.run_cnt;
             }
         }
         total
