@@ -75,9 +75,26 @@ pub struct DaemonArgs {
     /// window before it; a significant regression becomes an event.
     #[arg(long, value_name = "CAPTURE")]
     pub baseline: Option<PathBuf>,
+    /// CPU budget, in percent of one CPU (e.g. `1%`): the daemon measures its own cost each
+    /// window (its CPU time plus the kernel's run time of its eBPF programs) and, over the
+    /// budget, records one off-CPU block and one query in 2, 4, … (sampled mode) and lowers
+    /// the on-CPU frequency; back to full mode once well under it. Default: no budget.
+    #[arg(long, value_parser = parse_percent)]
+    pub max_cpu: Option<f64>,
     /// Options for each window's `record` (e.g. `-- --events offcpu,db -p 1234`).
     #[arg(last = true)]
     pub record_args: Vec<String>,
+}
+
+/// `1%`, `0.5%` or `2` (percent) → a fraction.
+pub fn parse_percent(text: &str) -> Result<f64, String> {
+    let number = text.trim().trim_end_matches('%').trim();
+    match number.parse::<f64>() {
+        Ok(value) if value > 0.0 && value <= 100.0 * 1024.0 => Ok(value / 100.0),
+        _ => Err(format!(
+            "{text:?} is not a percentage such as 1% (more than 0)"
+        )),
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -244,6 +261,12 @@ pub struct RecordArgs {
     /// (`bpf_run_ns`, with BPF statistics on while recording: about 20 ns more per run).
     #[arg(long)]
     pub measure_overhead: bool,
+    /// Ask the `profiler daemon` listening at this address (e.g. 127.0.0.1:9464) for the
+    /// capture instead of loading probes here: it records --duration (whole seconds, at most
+    /// 600) with its own options, of the -p processes when given, and this command writes the
+    /// result to --output.
+    #[arg(long, value_name = "ADDR")]
+    pub from_daemon: Option<String>,
     /// Kernel BTF to read struct offsets from.
     #[arg(long, default_value = "/sys/kernel/btf/vmlinux", hide = true)]
     pub btf: PathBuf,
@@ -349,6 +372,8 @@ impl RecordArgs {
             top: self.top,
             db_required: db_required && events.contains(&Event::Db),
             show_literals: self.show_literals,
+            background_detach: false,
+            quiet: false,
         })
     }
 }

@@ -27,6 +27,251 @@ struct State {
     regressions_total: u64,
     /// The latest regression events (at most `EVENTS_KEPT`), oldest first.
     events: Vec<serde_json::Value>,
+    cost: Cost,
+    cumulative: crate::promtext::Cumulative,
+    /// The running settings (what an on-demand capture records with).
+    settings: Option<Settings>,
+    /// An on-demand capture is running.
+    capturing: bool,
+    /// Windows that failed to run.
+    window_errors_total: u64,
+}
+
+/// Longest on-demand capture.
+const CAPTURE_MAX_S: u64 = 600;
+/// On-demand captures kept in the data directory.
+const CAPTURES_KEPT: usize = 5;
+
+/// `/capture?seconds=N[&pid=P]…`: records N seconds with the daemon's record options (the
+/// pids, when given, replace its -p filter) into `DATA_DIR/capture-<unix ms>/` and answers
+/// with the capture (JSON). One at a time; it runs alongside the windows.
+async fn on_demand_capture(
+    query: &str,
+    state: &Mutex<State>,
+) -> (&'static str, &'static str, Vec<u8>) {
+    let mut seconds = 30u64;
+    let mut pids = Vec::new();
+    for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+        let (key, value) = kv.split_once('=').unwrap_or((kv, ""));
+        match (key, value.parse::<u64>()) {
+            ("seconds", Ok(n)) if (1..=CAPTURE_MAX_S).contains(&n) => seconds = n,
+            ("pid", Ok(n)) if n > 0 && n <= u64::from(u32::MAX) => pids.push(n.to_string()),
+            _ => {
+                return bad_request(format!(
+                    "bad parameter {kv:?}: seconds=1..{CAPTURE_MAX_S}, pid=PID (repeatable)\n"
+                ));
+            }
+        }
+    }
+    let settings = {
+        let mut state = state.lock().expect("state lock");
+        if state.capturing {
+            return (
+                "429 Too Many Requests",
+                "text/plain",
+                b"an on-demand capture is already running\n".to_vec(),
+            );
+        }
+        let Some(settings) = state.settings.clone() else {
+            return unavailable();
+        };
+        state.capturing = true;
+        settings
+    };
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    let dir = settings.data_dir.join(format!("capture-{started}"));
+    let mut record_args = Vec::new();
+    let mut args = settings.record_args.iter();
+    while let Some(arg) = args.next() {
+        if !pids.is_empty() && (arg == "-p" || arg == "--pid") {
+            args.next(); // replaced by the request's pids
+        } else if !pids.is_empty() && (arg.starts_with("--pid=") || arg.starts_with("-p")) {
+            // --pid=N, -pN
+        } else {
+            record_args.push(arg.clone());
+        }
+    }
+    for pid in &pids {
+        record_args.extend(["-p".to_string(), pid.clone()]);
+    }
+    let window = Settings {
+        window: Duration::from_secs(seconds),
+        record_args,
+        ..settings.clone()
+    };
+    let result = match record_options(&window, &dir) {
+        Ok(mut options) => {
+            options.quiet = true;
+            options.probes.measure_overhead = true;
+            // Its own runtime on its own thread: the windows go on meanwhile.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            std::thread::spawn(move || {
+                let result = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|rt| rt.block_on(crate::record::record(options)));
+                let _ = tx.send(result);
+            });
+            rx.await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("the capture thread died")))
+        }
+        Err(err) => Err(err),
+    };
+    state.lock().expect("state lock").capturing = false;
+    prune_captures(&settings.data_dir);
+    match result {
+        Ok(capture) => (
+            "200 OK",
+            "application/json",
+            serde_json::to_vec(&capture).unwrap_or_default(),
+        ),
+        Err(err) => (
+            "500 Internal Server Error",
+            "text/plain",
+            format!("capture failed: {err:#}\n").into_bytes(),
+        ),
+    }
+}
+
+/// Keeps the newest `CAPTURES_KEPT` on-demand captures.
+fn prune_captures(data_dir: &Path) {
+    let mut captures: Vec<PathBuf> = std::fs::read_dir(data_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("capture-"))
+        })
+        .collect();
+    captures.sort();
+    while captures.len() > CAPTURES_KEPT {
+        let _ = std::fs::remove_dir_all(captures.remove(0));
+    }
+}
+
+fn bad_request(text: String) -> (&'static str, &'static str, Vec<u8>) {
+    ("400 Bad Request", "text/plain", text.into_bytes())
+}
+
+fn unavailable() -> (&'static str, &'static str, Vec<u8>) {
+    (
+        "503 Service Unavailable",
+        "text/plain",
+        b"no window yet\n".to_vec(),
+    )
+}
+
+/// `profiler record --from-daemon ADDR`: asks the running daemon for an on-demand capture
+/// and writes it (and its views) to the output directory like a local recording.
+pub fn capture_from_daemon(
+    address: &str,
+    seconds: u64,
+    pids: &[u32],
+    output: &Path,
+    top: usize,
+) -> Result<()> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(address)
+        .with_context(|| format!("cannot reach the daemon at {address}"))?;
+    let mut target = format!("/capture?seconds={seconds}");
+    for pid in pids {
+        let _ = write!(target, "&pid={pid}");
+    }
+    stream
+        .set_read_timeout(Some(Duration::from_secs(seconds + 120)))
+        .context("socket timeout")?;
+    write!(
+        stream,
+        "GET {target} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .with_context(|| format!("cannot send the request to {address}"))?;
+    eprintln!("asked the daemon at {address} for a {seconds} s capture");
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .with_context(|| format!("no answer from the daemon at {address}"))?;
+    let at = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .with_context(|| format!("{address} did not answer with HTTP"))?;
+    let head = String::from_utf8_lossy(&response[..at]).into_owned();
+    let body = &response[at + 4..];
+    let status = head.lines().next().unwrap_or_default();
+    if !status.contains(" 200 ") {
+        bail!(
+            "the daemon refused: {} ({})",
+            String::from_utf8_lossy(body).trim(),
+            status
+        );
+    }
+    let capture = Capture::from_slice(body).context("the daemon's answer")?;
+    std::fs::create_dir_all(output)
+        .with_context(|| format!("cannot create {}", output.display()))?;
+    crate::record::write_outputs(&capture, output, top, true)
+}
+
+/// What the daemon costs and the mode its CPU budget put it in.
+#[derive(Debug, Default, Clone)]
+struct Cost {
+    /// Sampling level: one off-CPU block and one query in `2^level`; on-CPU frequency
+    /// divided by `2^level`.
+    level: u32,
+    oncpu_hz: Option<u64>,
+    budget: Option<f64>,
+    /// The last window's cost as a fraction of one CPU: userspace, eBPF programs.
+    userspace: f64,
+    ebpf: f64,
+    /// Totals since the start.
+    userspace_ns: u64,
+    ebpf_ns: u64,
+    /// Wall time of the last cycle not covered by its window (loading, attaching).
+    gap_s: f64,
+    /// Even the sparsest sampling did not bring the cost under the budget.
+    over_budget: bool,
+}
+
+/// The deepest sampling the budget goes to: one block or query in 1024.
+const MAX_LEVEL: u32 = 10;
+
+impl Cost {
+    /// Next level from the last window's cost: over the budget, sample (enough steps to
+    /// halve the cost each, at most three at once); well under it (a third), one step back.
+    fn adjust(&mut self) {
+        let Some(budget) = self.budget else {
+            self.level = 0;
+            return;
+        };
+        let cost = self.userspace + self.ebpf;
+        if cost > budget {
+            let steps = ((cost / budget).log2().ceil() as u32).clamp(1, 3);
+            self.over_budget = self.level == MAX_LEVEL;
+            self.level = (self.level + steps).min(MAX_LEVEL);
+        } else {
+            self.over_budget = false;
+            if cost < budget / 3.0 && self.level > 0 {
+                self.level -= 1;
+            }
+        }
+    }
+
+    fn apply(&mut self, options: &mut crate::record::RecordOptions) {
+        let every = 1u32 << self.level;
+        options.probes.offcpu_sample_every = every;
+        options.probes.db_sample_every = every;
+        if let Some(oncpu) = options.probes.oncpu.as_mut() {
+            oncpu.frequency = (oncpu.frequency >> self.level).max(1);
+            self.oncpu_hz = Some(oncpu.frequency);
+        } else {
+            self.oncpu_hz = None;
+        }
+    }
 }
 
 const EVENTS_KEPT: usize = 100;
@@ -76,6 +321,8 @@ pub struct Settings {
     pub max_bytes: Option<u64>,
     pub listen: String,
     pub baseline: Option<PathBuf>,
+    /// Fraction of one CPU.
+    pub max_cpu: Option<f64>,
     pub record_args: Vec<String>,
 }
 
@@ -90,6 +337,7 @@ struct FileConfig {
     max_bytes: Option<u64>,
     listen: Option<String>,
     baseline: Option<PathBuf>,
+    max_cpu: Option<String>,
     record: Option<Vec<String>>,
 }
 
@@ -135,6 +383,14 @@ pub fn settings(args: &DaemonArgs) -> Result<Settings> {
             .or(file.listen)
             .unwrap_or_else(|| "127.0.0.1:9464".into()),
         baseline: args.baseline.clone().or(file.baseline),
+        max_cpu: match (args.max_cpu, &file.max_cpu) {
+            (Some(flag), _) => Some(flag),
+            (None, Some(text)) => Some(
+                crate::cli::parse_percent(text)
+                    .map_err(|e| anyhow::anyhow!("config max_cpu: {e}"))?,
+            ),
+            (None, None) => None,
+        },
         record_args: if args.record_args.is_empty() {
             file.record.unwrap_or_default()
         } else {
@@ -254,7 +510,11 @@ async fn serve_and_record(daemon_args: DaemonArgs, mut args: Settings) -> Result
                 let n = stream.read(&mut request).await.unwrap_or(0);
                 let text = String::from_utf8_lossy(&request[..n]).into_owned();
                 let target = text.split_whitespace().nth(1).unwrap_or("/").to_string();
-                let (status, content_type, body) = respond(&target, &state);
+                let (status, content_type, body) = match target.split_once('?') {
+                    Some(("/capture", query)) => on_demand_capture(query, &state).await,
+                    None if target == "/capture" => on_demand_capture("", &state).await,
+                    _ => respond(&target, &state),
+                };
                 let head = format!(
                     "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
                      Connection: close\r\n\r\n",
@@ -275,25 +535,83 @@ async fn serve_and_record(daemon_args: DaemonArgs, mut args: Settings) -> Result
         Some(path) => Some(Capture::load(path)?),
         None => None,
     };
+    // Windows left by an earlier run (a restart) count for retention too.
+    {
+        let mut existing: Vec<PathBuf> = std::fs::read_dir(&args.data_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("window-"))
+            })
+            .collect();
+        existing.sort();
+        state.lock().expect("state lock").kept = existing;
+    }
     let mut previous: Option<Capture> = None;
+    let mut last_error: Option<String> = None;
     let mut stop = false;
+    let mut cost = Cost {
+        budget: args.max_cpu,
+        ..Cost::default()
+    };
     while !stop {
+        let cycle_start = std::time::Instant::now();
+        let cpu_at_start = crate::record::process_cpu_ns();
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis())
             .unwrap_or(0);
         let dir = args.data_dir.join(format!("window-{started}"));
-        let options = record_options(&args, &dir)?;
+        let mut options = record_options(&args, &dir)?;
+        state.lock().expect("state lock").settings = Some(args.clone());
+        options.quiet = true;
+        options.probes.measure_overhead = true;
+        options.background_detach = true;
+        cost.apply(&mut options);
         // `record` ends early on SIGTERM/SIGINT too (and writes the window): both listeners
         // see the signal.
         let window = crate::record::record(options);
         tokio::pin!(window);
-        let capture = loop {
+        let result = loop {
             tokio::select! {
-                result = &mut window => break result?,
+                result = &mut window => break result,
                 _ = sigterm.recv() => stop = true,
                 _ = sigint.recv() => stop = true,
                 _ = sighup.recv() => reload = true,
+            }
+        };
+        let capture = match result {
+            Ok(capture) => {
+                last_error = None;
+                capture
+            }
+            Err(err) => {
+                // A window that cannot run (the -p process exited, a library went away)
+                // does not end the daemon: say why once, count it, try again shortly.
+                let message = format!("{err:#}");
+                if last_error.as_deref() != Some(message.as_str()) {
+                    eprintln!("profiler daemon: window failed (retrying): {message}");
+                }
+                last_error = Some(message);
+                state.lock().expect("state lock").window_errors_total += 1;
+                let _ = std::fs::remove_dir_all(&dir);
+                if !stop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(args.window.min(Duration::from_secs(5))) => {}
+                        _ = sigterm.recv() => stop = true,
+                        _ = sigint.recv() => stop = true,
+                        _ = sighup.recv() => reload = true,
+                    }
+                }
+                if reload {
+                    reload = false;
+                    reload_settings(&daemon_args, &mut args, &mut cost);
+                }
+                continue;
             }
         };
         let baseline_capture = match &baseline {
@@ -314,24 +632,60 @@ async fn serve_and_record(daemon_args: DaemonArgs, mut args: Settings) -> Result
         state.windows_total += 1;
         state.kept.push(dir.clone());
         apply_retention(&mut state.kept, &args);
+        // The cycle's cost: our CPU (recording, writing, comparing, detaching the previous
+        // window) and our programs' run time, per second of wall time.
+        let wall = cycle_start.elapsed().as_secs_f64().max(1e-3);
+        let userspace_ns = crate::record::process_cpu_ns().saturating_sub(cpu_at_start);
+        let ebpf_ns = capture
+            .metadata
+            .counters
+            .get("bpf_run_ns")
+            .copied()
+            .unwrap_or(0);
+        cost.userspace = userspace_ns as f64 / 1e9 / wall;
+        cost.ebpf = ebpf_ns as f64 / 1e9 / wall;
+        cost.userspace_ns += userspace_ns;
+        cost.ebpf_ns += ebpf_ns;
+        cost.gap_s = (wall - capture.metadata.duration_ns as f64 / 1e9).max(0.0);
+        state.cost = cost.clone();
+        state.cumulative.add(&capture);
+        let level = cost.level;
+        cost.adjust();
+        if cost.level != level {
+            eprintln!(
+                "profiler daemon: cost {:.2} % of a CPU (budget {:.2} %): {}",
+                (cost.userspace + cost.ebpf) * 100.0,
+                cost.budget.unwrap_or(0.0) * 100.0,
+                match cost.level {
+                    0 => "full mode".to_string(),
+                    l => format!("sampled mode, 1 in {}", 1u32 << l),
+                }
+            );
+        }
         previous = Some(capture.clone());
         state.latest = Some((dir, capture));
         drop(state);
         if reload {
             reload = false;
-            match settings(&daemon_args) {
-                Ok(new) => {
-                    eprintln!("profiler daemon: configuration reloaded");
-                    let listen = std::mem::take(&mut args.listen);
-                    args = Settings { listen, ..new };
-                }
-                // A bad edit keeps the running settings; say why, once.
-                Err(err) => eprintln!("profiler daemon: reload refused: {err:#}"),
-            }
+            reload_settings(&daemon_args, &mut args, &mut cost);
         }
     }
+    crate::record::wait_for_detach();
     eprintln!("profiler daemon: stopped; probes detached");
     Ok(())
+}
+
+/// SIGHUP: the config file again (a bad edit keeps the running settings; `listen` stays).
+fn reload_settings(daemon_args: &DaemonArgs, args: &mut Settings, cost: &mut Cost) {
+    match settings(daemon_args) {
+        Ok(new) => {
+            eprintln!("profiler daemon: configuration reloaded");
+            let listen = std::mem::take(&mut args.listen);
+            *args = Settings { listen, ..new };
+            cost.budget = args.max_cpu;
+        }
+        Err(err) => eprintln!("profiler daemon: reload refused: {err:#}"),
+    }
 }
 
 fn humantime(d: Duration) -> String {
@@ -426,13 +780,7 @@ fn respond(target: &str, state: &Mutex<State>) -> (&'static str, &'static str, V
     }
 }
 
-/// A Prometheus label value, escaped.
-fn label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
+use crate::promtext::label;
 
 /// Prometheus text format from the latest window (bounded: the 50 largest series per family).
 fn metrics(state: &State) -> String {
@@ -448,6 +796,16 @@ fn metrics(state: &State) -> String {
         "# HELP profiler_regressions_total Windows that regressed against the baseline."
     );
     let _ = writeln!(out, "# TYPE profiler_regressions_total counter");
+    let _ = writeln!(
+        out,
+        "# HELP profiler_window_errors_total Windows that could not run (said once on stderr)."
+    );
+    let _ = writeln!(out, "# TYPE profiler_window_errors_total counter");
+    let _ = writeln!(
+        out,
+        "profiler_window_errors_total {}",
+        state.window_errors_total
+    );
     let _ = writeln!(
         out,
         "profiler_regressions_total {}",
@@ -468,6 +826,8 @@ fn metrics(state: &State) -> String {
         let _ = writeln!(out, "# TYPE profiler_resident_bytes gauge");
         let _ = writeln!(out, "profiler_resident_bytes {}", rss * 1024);
     }
+    cost_metrics(&mut out, &state.cost);
+    state.cumulative.render(&mut out);
     let Some((_, capture)) = &state.latest else {
         return out;
     };
@@ -486,6 +846,28 @@ fn metrics(state: &State) -> String {
     let _ = writeln!(out, "# TYPE profiler_counter gauge");
     for (name, value) in &capture.metadata.counters {
         let _ = writeln!(out, "profiler_counter{{name=\"{}\"}} {value}", label(name));
+    }
+    let _ = writeln!(
+        out,
+        "# HELP profiler_map_fill_ratio How full the latest window left the eBPF maps (a full \
+         map loses events; those are counted)."
+    );
+    let _ = writeln!(out, "# TYPE profiler_map_fill_ratio gauge");
+    for map in ["offcpu", "oncpu", "stacks"] {
+        let get = |what: &str| {
+            capture
+                .metadata
+                .counters
+                .get(&format!("map_{map}_{what}"))
+                .copied()
+        };
+        if let (Some(entries), Some(capacity)) = (get("entries"), get("capacity")) {
+            let _ = writeln!(
+                out,
+                "profiler_map_fill_ratio{{map=\"{map}\"}} {}",
+                entries as f64 / capacity.max(1) as f64
+            );
+        }
     }
     if let Some(offcpu) = &capture.offcpu {
         let mut by_process: std::collections::BTreeMap<(String, String), f64> = Default::default();
@@ -547,14 +929,84 @@ fn metrics(state: &State) -> String {
     out
 }
 
+/// The daemon's own cost and the mode its CPU budget chose.
+fn cost_metrics(out: &mut String, cost: &Cost) {
+    let mut gauge = |name: &str, help: &str, rows: &[(&str, f64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        for (labels, value) in rows {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let sampled = cost.level > 0;
+    gauge(
+        "profiler_mode",
+        "1 for the mode the CPU budget chose: full (every event) or sampled.",
+        &[
+            ("{mode=\"full\"}", f64::from(u8::from(!sampled))),
+            ("{mode=\"sampled\"}", f64::from(u8::from(sampled))),
+        ],
+    );
+    let every = f64::from(1u32 << cost.level);
+    gauge(
+        "profiler_sample_every",
+        "Sampled mode: one off-CPU block (database query) recorded in this many.",
+        &[("{family=\"offcpu\"}", every), ("{family=\"db\"}", every)],
+    );
+    if let Some(hz) = cost.oncpu_hz {
+        gauge(
+            "profiler_oncpu_frequency_hz",
+            "On-CPU samples per second per CPU (lowered in sampled mode).",
+            &[("", hz as f64)],
+        );
+    }
+    if let Some(budget) = cost.budget {
+        gauge(
+            "profiler_cpu_budget_ratio",
+            "--max-cpu: the cost allowed, as a fraction of one CPU.",
+            &[("", budget)],
+        );
+    }
+    gauge(
+        "profiler_cost_ratio",
+        "The last window's cost as a fraction of one CPU: the daemon's CPU time (userspace) \
+         and its eBPF programs' run time (ebpf).",
+        &[
+            ("{part=\"userspace\"}", cost.userspace),
+            ("{part=\"ebpf\"}", cost.ebpf),
+        ],
+    );
+    gauge(
+        "profiler_over_budget",
+        "1 when even the sparsest sampling (1 in 1024) leaves the cost over the budget.",
+        &[("", f64::from(u8::from(cost.over_budget)))],
+    );
+    gauge(
+        "profiler_window_gap_seconds",
+        "Wall time of the last cycle that its window did not cover (loading, attaching).",
+        &[("", cost.gap_s)],
+    );
+    let _ = writeln!(
+        out,
+        "# HELP profiler_cpu_seconds_total CPU the profiler used since it started: its own \
+         (userspace) and its eBPF programs' run time (ebpf)."
+    );
+    let _ = writeln!(out, "# TYPE profiler_cpu_seconds_total counter");
+    let _ = writeln!(
+        out,
+        "profiler_cpu_seconds_total{{part=\"userspace\"}} {}",
+        cost.userspace_ns as f64 / 1e9
+    );
+    let _ = writeln!(
+        out,
+        "profiler_cpu_seconds_total{{part=\"ebpf\"}} {}",
+        cost.ebpf_ns as f64 / 1e9
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn label_values_are_escaped() {
-        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
-    }
 
     #[test]
     fn metrics_without_a_window_still_say_how_many() {

@@ -14,6 +14,7 @@ pub mod model;
 pub mod pprof;
 pub mod probes;
 pub mod procmaps;
+pub mod promtext;
 pub mod record;
 pub mod render;
 pub mod stats;
@@ -52,6 +53,11 @@ pub fn run(cli: cli::Cli) -> ExitCode {
 }
 
 fn record_command(args: cli::RecordArgs) -> Result<ExitCode> {
+    if let Some(address) = &args.from_daemon {
+        let seconds = args.duration.as_secs_f64().ceil().max(1.0) as u64;
+        daemon::capture_from_daemon(address, seconds, &args.pids, &args.output, args.top)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let options = args.into_options()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

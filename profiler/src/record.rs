@@ -13,7 +13,7 @@ use profiler_common::offcpu::{
     OffcpuKey, RUNQ_BUCKETS, STATE_DISK, STATE_IDLE, STATE_RUNQUEUE, STATE_SLEEP,
 };
 use profiler_common::oncpu::OncpuKey;
-use profiler_common::shared::NewTaskEvent;
+use profiler_common::shared::{NewTaskEvent, OVERFLOW_STACK_BIT};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
@@ -41,6 +41,22 @@ pub struct RecordOptions {
     /// The db family was asked for explicitly: finding no server is an error.
     pub db_required: bool,
     pub show_literals: bool,
+    /// Detach on a background thread (uprobes take ~0.1 s each to remove): the daemon's next
+    /// window starts meanwhile. `wait_for_detach` waits for them.
+    pub background_detach: bool,
+    /// No summary on stdout and no progress (the daemon's windows).
+    pub quiet: bool,
+}
+
+static DETACHING: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Waits until every program detached in the background is gone.
+pub fn wait_for_detach() {
+    let handles = std::mem::take(&mut *DETACHING.lock().expect("detach lock"));
+    for handle in handles {
+        let _ = handle.join();
+    }
 }
 
 /// Runs a capture and writes everything to `options.output`. Returns the capture.
@@ -117,13 +133,15 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
     tokio::pin!(deadline);
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let progress = Progress::new(options.duration);
-    eprintln!(
-        "recording {} of {} for {:.1} s; Ctrl-C stops early",
-        families_description(&probes),
-        target_description(config),
-        options.duration.as_secs_f64()
-    );
+    let progress = Progress::new(options.duration, options.quiet);
+    if !options.quiet {
+        eprintln!(
+            "recording {} of {} for {:.1} s; Ctrl-C stops early",
+            families_description(&probes),
+            target_description(config),
+            options.duration.as_secs_f64()
+        );
+    }
 
     let snapshot = |probes: &Probes,
                     offcpu_series: &mut Series<OffcpuKey>,
@@ -260,6 +278,35 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
         processes: &processes,
         symbolizer: &mut symbolizer,
     };
+    // How full the aggregation maps got (entries, capacity): a full map loses events.
+    if probes.offcpu_attached_with.is_some() {
+        counters.insert(
+            "map_offcpu_entries".into(),
+            offcpu_series.latest.len() as u64,
+        );
+        counters.insert("map_offcpu_capacity".into(), 16384);
+    }
+    if probes.oncpu_frequency.is_some() {
+        counters.insert("map_oncpu_entries".into(), oncpu_series.latest.len() as u64);
+        counters.insert("map_oncpu_capacity".into(), 16384);
+    }
+    let stack_ids: std::collections::HashSet<i32> = offcpu_series
+        .latest
+        .keys()
+        .flat_map(|k| [k.kernel_stack_id, k.user_stack_id])
+        .chain(
+            oncpu_series
+                .latest
+                .keys()
+                .flat_map(|k| [k.kernel_stack_id, k.user_stack_id]),
+        )
+        .filter(|id| *id >= 0 && id & OVERFLOW_STACK_BIT == 0)
+        .collect();
+    counters.insert("map_stacks_entries".into(), stack_ids.len() as u64);
+    counters.insert(
+        "map_stacks_capacity".into(),
+        u64::from(config.stack_storage_size),
+    );
     let offcpu = match probes.offcpu_attached_with {
         Some(_) => {
             let mut stacks = Vec::new();
@@ -444,7 +491,13 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
         }
     };
     let attached_with = probes.offcpu_attached_with.unwrap_or("none");
-    drop(probes); // detach before the (slow) writing
+    if options.background_detach {
+        let mut detaching = DETACHING.lock().expect("detach lock");
+        detaching.retain(|h| !h.is_finished());
+        detaching.push(std::thread::spawn(move || drop(probes)));
+    } else {
+        drop(probes); // detach before the (slow) writing
+    }
 
     counters.insert(
         "profiler_cpu_ns".into(),
@@ -507,7 +560,7 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
     capture.syscalls = syscalls;
     capture.tcp = tcp;
     capture.db = db;
-    write_outputs(&capture, &options.output, options.top)?;
+    write_outputs(&capture, &options.output, options.top, !options.quiet)?;
     Ok(capture)
 }
 
@@ -620,7 +673,7 @@ fn sort_stacks(stacks: &mut [Stack]) {
 
 /// Writes `capture.json`, the folded stacks and flamegraphs of each family recorded, and
 /// `summary.txt`, and prints the summary.
-pub fn write_outputs(capture: &Capture, dir: &Path, top: usize) -> Result<()> {
+pub fn write_outputs(capture: &Capture, dir: &Path, top: usize, print: bool) -> Result<()> {
     capture.save(&dir.join(crate::model::CAPTURE_FILE))?;
     if let Some(offcpu) = &capture.offcpu {
         let lines = render::folded(&offcpu.stacks, |s| s.total_ns, 1000);
@@ -653,8 +706,10 @@ pub fn write_outputs(capture: &Capture, dir: &Path, top: usize) -> Result<()> {
     let summary = render::summary(capture, top);
     std::fs::write(dir.join("summary.txt"), &summary)
         .with_context(|| format!("cannot write {}", dir.join("summary.txt").display()))?;
-    print!("{summary}");
-    println!("wrote {}", dir.display());
+    if print {
+        print!("{summary}");
+        println!("wrote {}", dir.display());
+    }
     Ok(())
 }
 
@@ -1015,13 +1070,15 @@ fn state_name(state: u32) -> &'static str {
 struct Progress {
     duration: Duration,
     tty: bool,
+    quiet: bool,
 }
 
 impl Progress {
-    fn new(duration: Duration) -> Self {
+    fn new(duration: Duration, quiet: bool) -> Self {
         Self {
             duration,
-            tty: std::io::stderr().is_terminal(),
+            tty: std::io::stderr().is_terminal() && !quiet,
+            quiet,
         }
     }
 
@@ -1034,7 +1091,7 @@ impl Progress {
         probes: &Probes,
     ) {
         let secs = elapsed.as_secs();
-        if !self.tty && !secs.is_multiple_of(5) {
+        if self.quiet || (!self.tty && !secs.is_multiple_of(5)) {
             return;
         }
         let is_loss = |n: &str| matches!(n, "stack_collisions" | "agg_map_full" | "start_map_full");

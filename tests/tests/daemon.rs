@@ -12,24 +12,58 @@ use profiler_tests::*;
 fn get(port: u16, path: &str) -> Option<(String, String)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
         .ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let (head, body) = response.split_once("\r\n\r\n")?;
-    Some((head.lines().next()?.to_string(), body.to_string()))
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        // Prometheus (Go's net/http) chunks larger answers: size line, data, CRLF.
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((size, after)) = rest.split_once("\r\n") {
+            let size = usize::from_str_radix(size.trim(), 16).ok()?;
+            if size == 0 {
+                break;
+            }
+            out.push_str(after.get(..size)?);
+            rest = after.get(size + 2..)?;
+        }
+        out
+    } else {
+        body.to_string()
+    };
+    Some((head.lines().next()?.to_string(), body))
 }
 
 /// The body of a GET, as bytes.
 fn get_bytes(port: u16, path: &str) -> Option<Vec<u8>> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
         .ok()?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).ok()?;
     let at = response.windows(4).position(|w| w == b"\r\n\r\n")?;
     Some(response[at + 4..].to_vec())
+}
+
+/// The tests here count every profiler program on the host: they run one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn profiler_programs_loaded() -> usize {
@@ -39,13 +73,52 @@ fn profiler_programs_loaded() -> usize {
         .expect("bpftool (cargo xtask setup installs it)");
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter(|l| l.contains("name offcpu_") || l.contains("name syscalls_"))
+        .filter(|l| {
+            // Every program of ours is named after its family.
+            [
+                "offcpu_",
+                "oncpu_",
+                "syscalls_",
+                "tcp_",
+                "pg_",
+                "libpq_",
+                "sqlite_",
+                "mysql_",
+                "wire_",
+            ]
+            .iter()
+            .any(|family| l.contains(&format!("name {family}")))
+        })
         .count()
+}
+
+/// No profiler program stays loaded. The kernel frees a closed program after an RCU grace
+/// period (tracing programs' trampolines after an RCU-tasks one), so one may still be listed
+/// for a moment after the last fd closed: wait up to 10 s for that, no longer.
+fn assert_all_programs_gone(after: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let started = Instant::now();
+    loop {
+        let loaded = profiler_programs_loaded();
+        if loaded == 0 {
+            println!(
+                "no profiler programs loaded {:.0} ms after {after}",
+                started.elapsed().as_secs_f64() * 1e3
+            );
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{loaded} profiler programs still loaded 10 s after {after}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
 fn daemon_serves_windows_and_detaches_on_sigterm() {
     require_root();
+    let _serial = serial();
     let dir = temp_dir("daemon");
     let mut workload = Workload::start(150, 20, &dir.join("workload.json"));
     let pid = workload.pid.to_string();
@@ -155,11 +228,7 @@ fn daemon_serves_windows_and_detaches_on_sigterm() {
         .unwrap();
     assert!(status.success(), "{status}: {stderr}");
     assert!(stderr.contains("stopped; probes detached"), "{stderr}");
-    assert_eq!(
-        profiler_programs_loaded(),
-        0,
-        "programs left attached after SIGTERM"
-    );
+    assert_all_programs_gone("SIGTERM");
     let _ = workload.finish();
 }
 
@@ -169,6 +238,7 @@ fn daemon_serves_windows_and_detaches_on_sigterm() {
 #[test]
 fn daemon_reports_a_regression_against_a_pinned_baseline() {
     require_root();
+    let _serial = serial();
     let dir = temp_dir("daemon-regression");
     let baseline = dir.join("baseline");
     record_diff_workload(&baseline, 0, "2.5s", "125ms");
@@ -266,6 +336,7 @@ fn daemon_reports_a_regression_against_a_pinned_baseline() {
 #[test]
 fn daemon_reads_its_config_file_and_reloads_it_on_sighup() {
     require_root();
+    let _serial = serial();
     let dir = temp_dir("daemon-config");
     let mut sleeper = Command::new("sleep").arg("120").spawn().unwrap();
     let config = dir.join("daemon.toml");
@@ -352,6 +423,7 @@ fn daemon_reads_its_config_file_and_reloads_it_on_sighup() {
 #[ignore = "benchmark: run with cargo xtask bench daemon"]
 fn bench_daemon_memory_and_cpu_under_pgbench() {
     require_root();
+    let _serial = serial();
     let seconds: u64 = std::env::var("BENCH_SECONDS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -433,4 +505,419 @@ fn bench_daemon_memory_and_cpu_under_pgbench() {
 
 fn status_peak(kib: u64) -> f64 {
     kib as f64 / 1024.0
+}
+
+/// A free TCP port on 127.0.0.1.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port()
+}
+
+/// Starts `profiler daemon` on `port` with these extra arguments; waits for /healthz.
+fn start_daemon(data: &std::path::Path, port: u16, args: &[&str]) -> std::process::Child {
+    let daemon = Command::new(profiler_bin())
+        .arg("daemon")
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start daemon");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get(port, "/healthz").map(|r| r.1) != Some("ok\n".to_string()) {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon never answered /healthz"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    daemon
+}
+
+/// Waits until /metrics has a line starting with `prefix`; returns the metrics text.
+fn wait_for_metric(port: u16, prefix: &str, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some((_, body)) = get(port, "/metrics")
+            && body.lines().any(|l| l.starts_with(prefix))
+        {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "no {prefix} in /metrics");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn stop(mut daemon: std::process::Child) -> String {
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let status = daemon.wait().unwrap();
+    let mut stderr = String::new();
+    daemon
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(status.success(), "{status}: {stderr}");
+    stderr
+}
+
+/// Percent-encodes a PromQL expression for a URL query.
+fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// One instant query against Prometheus's HTTP API: the values of the result vector.
+fn prometheus_query(port: u16, expr: &str) -> Vec<(serde_json::Value, f64)> {
+    let (status, body) =
+        get(port, &format!("/api/v1/query?query={}", url_encode(expr))).expect("Prometheus API");
+    assert!(status.contains("200"), "{expr}: {status} {body}");
+    let json: serde_json::Value = serde_json::from_str(&body).expect("Prometheus JSON");
+    json["data"]["result"]
+        .as_array()
+        .unwrap_or(&Vec::new())
+        .iter()
+        .map(|r| {
+            (
+                r["metric"].clone(),
+                r["value"][1].as_str().unwrap().parse::<f64>().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// A real Prometheus server scrapes the daemon (every second) while pgbench runs queries
+/// that sleep 1 ms in the server; queried through Prometheus's own HTTP API:
+/// - the DB latency histogram of pgbench's SELECT: its mean (rate of _sum / rate of _count)
+///   within 25 % of pgbench's own average latency (one query per transaction), and the
+///   median Prometheus computes from the buckets between 2^20 and 2^22 ns (1.05–4.19 ms);
+/// - calls counted: more than zero, at most pgbench's transactions;
+/// - off-CPU seconds of pgbench, syscall latency, the mode and the daemon's own CPU series.
+#[test]
+fn prometheus_scrapes_the_daemon_during_pgbench() {
+    require_root();
+    let _serial = serial();
+    let dir = temp_dir("daemon-prometheus");
+    let cluster = profiler_tests::pg::PgCluster::start("daemon-prometheus");
+    cluster.pgbench(&["-i", "-q", "-s", "1"]);
+    let script = cluster.dir.join("select-pause.sql");
+    std::fs::write(
+        &script,
+        "\\set aid random(1, 100000)\n\
+         SELECT abalance, pg_sleep(0.001) FROM pgbench_accounts WHERE aid = :aid;\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let daemon = start_daemon(
+        &dir.join("data"),
+        port,
+        &["--window", "2s", "--", "--events", "offcpu,syscalls,db"],
+    );
+    let prom_port = free_port();
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             scrape_configs:\n  - job_name: profiler\n    static_configs:\n      \
+             - targets: ['127.0.0.1:{port}']\n"
+        ),
+    )
+    .unwrap();
+    let mut prometheus = Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("tsdb").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prometheus (cargo xtask setup installs the Debian package)");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !get(prom_port, "/-/ready").is_some_and(|r| r.0.contains("200")) {
+        assert!(Instant::now() < deadline, "Prometheus never became ready");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let output = cluster.pgbench(&["-n", "-f", script.to_str().unwrap(), "-c", "1", "-T", "12"]);
+    let transactions: f64 = output
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|v| v.split('/').next()?.trim().parse().ok())
+        .expect("pgbench transactions");
+    let pgbench_ms: f64 = output
+        .lines()
+        .find_map(|l| l.strip_prefix("latency average = "))
+        .and_then(|v| v.trim_end_matches(" ms").trim().parse().ok())
+        .expect("pgbench latency average");
+    // Let the last window be written and scraped.
+    std::thread::sleep(Duration::from_secs(5));
+    let select = "query=~\"SELECT abalance, pg_sleep.*\",source=\"libpq\"";
+    let calls = prometheus_query(
+        prom_port,
+        &format!("sum(max_over_time(profiler_db_query_duration_seconds_count{{{select}}}[1m]))"),
+    );
+    let mean = prometheus_query(
+        prom_port,
+        &format!(
+            "sum(increase(profiler_db_query_duration_seconds_sum{{{select}}}[1m])) / \
+             sum(increase(profiler_db_query_duration_seconds_count{{{select}}}[1m]))"
+        ),
+    );
+    let median = prometheus_query(
+        prom_port,
+        &format!(
+            "histogram_quantile(0.5, sum by (le) \
+             (increase(profiler_db_query_duration_seconds_bucket{{{select}}}[1m])))"
+        ),
+    );
+    let offcpu = prometheus_query(
+        prom_port,
+        "sum(max_over_time(profiler_offcpu_seconds_total{comm=\"pgbench\"}[1m]))",
+    );
+    let syscalls = prometheus_query(
+        prom_port,
+        "sum(max_over_time(profiler_syscall_duration_seconds_count[1m]))",
+    );
+    let mode = prometheus_query(prom_port, "profiler_mode");
+    let cpu = prometheus_query(prom_port, "profiler_cpu_seconds_total");
+    let _ = prometheus.kill();
+    let _ = prometheus.wait();
+    stop(daemon);
+    println!(
+        "pgbench: {transactions} transactions, latency average {pgbench_ms} ms; Prometheus: \
+         calls {calls:?}, mean {mean:?} s, median {median:?} s, pgbench off-CPU {offcpu:?} s, \
+         syscalls {syscalls:?}, mode {mode:?}, cpu {cpu:?}"
+    );
+    let calls = calls.first().expect("a call count series").1;
+    assert!(
+        calls > 0.0 && calls <= transactions,
+        "{calls} calls for {transactions} transactions"
+    );
+    let mean_ms = mean.first().expect("a mean").1 * 1e3;
+    assert!(
+        (mean_ms / pgbench_ms - 1.0).abs() < 0.25,
+        "mean {mean_ms} ms vs pgbench {pgbench_ms} ms"
+    );
+    let median = median.first().expect("a median").1;
+    assert!(
+        median > 1.048576e-3 && median <= 4.194304e-3,
+        "median {median} s"
+    );
+    assert!(offcpu.first().is_some_and(|(_, v)| *v > 0.0), "{offcpu:?}");
+    assert!(
+        syscalls.first().is_some_and(|(_, v)| *v > 0.0),
+        "{syscalls:?}"
+    );
+    assert!(
+        mode.iter().any(|(m, v)| m["mode"] == "full" && *v == 1.0),
+        "{mode:?}"
+    );
+    assert!(
+        cpu.iter()
+            .any(|(m, v)| m["part"] == "userspace" && *v > 0.0),
+        "{cpu:?}"
+    );
+}
+
+/// The differential-free /flamegraph SVG opens in headless Chromium: the DOM Chromium built
+/// from it is an SVG document (no XML parser error) with the workload's frames.
+#[test]
+fn flamegraph_svg_opens_in_headless_chromium() {
+    require_root();
+    let _serial = serial();
+    let dir = temp_dir("daemon-chromium");
+    let mut workload = Workload::start(150, 20, &dir.join("workload.json"));
+    let pid = workload.pid.to_string();
+    let port = free_port();
+    let daemon = start_daemon(
+        &dir.join("data"),
+        port,
+        &["--window", "1s", "--", "--events", "offcpu", "-p", &pid],
+    );
+    workload.go();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !get(port, "/flamegraph?kind=offcpu").is_some_and(|(_, svg)| svg.contains("workload_")) {
+        assert!(Instant::now() < deadline, "no flamegraph with the workload");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let url = format!("http://127.0.0.1:{port}/flamegraph?kind=offcpu");
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--virtual-time-budget=2000",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            dir.join("chromium").display()
+        ))
+        .arg("--dump-dom")
+        .arg(&url)
+        .output()
+        .expect("chromium (cargo xtask setup installs the Debian package)");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    let _ = workload.finish();
+    stop(daemon);
+    assert!(
+        out.status.success(),
+        "chromium: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("Chromium's DOM: {} bytes", dom.len());
+    assert!(
+        dom.contains("<svg"),
+        "not an SVG document: {}",
+        &dom[..dom.len().min(500)]
+    );
+    assert!(
+        !dom.contains("parsererror"),
+        "XML errors: {}",
+        &dom[..dom.len().min(2000)]
+    );
+    for function in [
+        "workload_nanosleep",
+        "workload_pipe_read",
+        "workload_futex_wait",
+    ] {
+        assert!(
+            dom.contains(function),
+            "no {function} frame in Chromium's DOM"
+        );
+    }
+}
+
+/// SIGKILL gives the daemon no chance to clean up: the kernel must still detach everything
+/// (our links are fds, none pinned). A restart on the same data directory works, keeps
+/// managing the windows already there (retention counts them), and stops cleanly.
+#[test]
+fn sigkill_leaves_nothing_attached_and_a_restart_works() {
+    require_root();
+    let _serial = serial();
+    let dir = temp_dir("daemon-sigkill");
+    let data = dir.join("data");
+    let port = free_port();
+    let mut daemon = start_daemon(
+        &data,
+        port,
+        &[
+            "--window",
+            "1s",
+            "--keep",
+            "3",
+            "--",
+            "--events",
+            "offcpu,syscalls,tcp,db",
+        ],
+    );
+    wait_for_metric(port, "profiler_window_seconds", Duration::from_secs(60));
+    assert!(
+        profiler_programs_loaded() > 0,
+        "nothing loaded while running"
+    );
+    daemon.kill().unwrap(); // SIGKILL
+    daemon.wait().unwrap();
+    assert_all_programs_gone("SIGKILL");
+    let before = std::fs::read_dir(&data).unwrap().count();
+    assert!(before >= 1, "no window written before the kill");
+    let port = free_port();
+    let daemon = start_daemon(
+        &data,
+        port,
+        &[
+            "--window",
+            "1s",
+            "--keep",
+            "3",
+            "--",
+            "--events",
+            "offcpu,syscalls,tcp,db",
+        ],
+    );
+    let metrics = wait_for_metric(port, "profiler_window_seconds", Duration::from_secs(60));
+    assert!(metrics.contains("profiler_windows_total"));
+    std::thread::sleep(Duration::from_secs(3));
+    let stderr = stop(daemon);
+    assert!(stderr.contains("stopped; probes detached"), "{stderr}");
+    assert_all_programs_gone("SIGTERM after the restart");
+    let windows = std::fs::read_dir(&data)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("window-"))
+        .count();
+    assert!(
+        windows <= 3,
+        "{windows} windows kept with --keep 3 across a restart"
+    );
+}
+
+/// An on-demand capture from the running daemon (`profiler record --from-daemon`): the
+/// workload's main thread blocks nearly all the time in 20 ms calls, so its off-CPU time in
+/// the capture is the capture's length, less at most the blocks cut at either end (and
+/// 5 %); the -p given replaces the daemon's filter; the files are written locally.
+#[test]
+fn record_from_daemon_returns_an_on_demand_capture() {
+    require_root();
+    let _serial = serial();
+    let dir = temp_dir("daemon-capture");
+    let mut workload = Workload::start(150, 20, &dir.join("workload.json"));
+    let pid = workload.pid;
+    let port = free_port();
+    let daemon = start_daemon(
+        &dir.join("data"),
+        port,
+        &["--window", "5s", "--", "--events", "offcpu", "-p", "1"],
+    );
+    workload.go();
+    let out = dir.join("out");
+    let status = Command::new(profiler_bin())
+        .args(["record", "--from-daemon", &format!("127.0.0.1:{port}")])
+        .args(["-d", "3", "-p", &pid.to_string(), "-o"])
+        .arg(&out)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (busy, _) = get(port, "/capture?seconds=0").unwrap();
+    assert!(busy.contains("400"), "{busy}");
+    let _ = workload.finish();
+    stop(daemon);
+    let capture = read_capture(&out);
+    assert_eq!(capture["metadata"]["filters"]["pids"][0], pid);
+    assert!(out.join("offcpu.svg").exists() && out.join("summary.txt").exists());
+    let duration = capture["metadata"]["duration_ns"].as_u64().unwrap() as f64;
+    let main_thread: f64 = stacks_of(&capture, pid)
+        .into_iter()
+        .filter(|s| s["tid"].as_u64() == Some(pid as u64))
+        .map(|s| s["total_ns"].as_u64().unwrap() as f64)
+        .sum();
+    println!(
+        "on-demand capture: {:.3} s long, main thread off-CPU {:.3} s",
+        duration / 1e9,
+        main_thread / 1e9
+    );
+    assert!(
+        (duration / 3e9 - 1.0).abs() < 0.05,
+        "capture of {duration} ns"
+    );
+    assert!(
+        main_thread <= duration * 1.01 && main_thread >= duration * 0.95 - 60e6,
+        "main thread off-CPU {main_thread} ns in a {duration} ns capture"
+    );
 }

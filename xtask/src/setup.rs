@@ -65,6 +65,14 @@ const PACKAGES: &[(&str, &str)] = &[
         "golang-go",
         "go tool pprof, which the pprof-output tests read with",
     ),
+    (
+        "prometheus",
+        "a real Prometheus server, which the daemon tests scrape /metrics with",
+    ),
+    (
+        "chromium",
+        "headless Chromium, which the daemon tests open the /flamegraph SVG in",
+    ),
 ];
 
 /// The rustup toolchain name linked to Debian's compiler; profiler/build.rs uses it.
