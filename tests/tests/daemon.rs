@@ -921,3 +921,99 @@ fn record_from_daemon_returns_an_on_demand_capture() {
         "main thread off-CPU {main_thread} ns in a {duration} ns capture"
     );
 }
+
+/// The metric value of the line starting with `prefix` (e.g. `profiler_mode{mode="sampled"}`).
+fn metric(metrics: &str, prefix: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix)?.trim().parse().ok())
+}
+
+/// `--max-cpu`: a budget no window can meet (0.001 % of a CPU: 10 us per second) puts the
+/// daemon in sampled mode: /metrics says so (mode, 1-in-N, the measured cost above the
+/// budget), and the windows written say what they sampled. Raising the budget in the config
+/// file and sending SIGHUP brings it back to full mode step by step.
+#[test]
+fn cpu_budget_switches_to_sampled_mode_and_back() {
+    require_root();
+    let _serial = serial();
+    let dir = temp_dir("daemon-budget");
+    let mut workload = Workload::start(400, 20, &dir.join("workload.json"));
+    let config = dir.join("daemon.toml");
+    let pid = workload.pid;
+    let write_config = |budget: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "window = \"1s\"\nmax_cpu = \"{budget}\"\nrecord = [\"--events\", \"offcpu\", \
+                 \"-p\", \"{pid}\"]\n"
+            ),
+        )
+        .unwrap();
+    };
+    write_config("0.001%");
+    let port = free_port();
+    let data = dir.join("data");
+    let daemon = start_daemon(&data, port, &["--config", config.to_str().unwrap()]);
+    workload.go();
+    let metrics = wait_for_metric(
+        port,
+        "profiler_sample_every{family=\"offcpu\"} 8",
+        Duration::from_secs(60),
+    );
+    println!(
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("profiler_"))
+            .take(30)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(
+        metric(&metrics, "profiler_mode{mode=\"sampled\"}"),
+        Some(1.0)
+    );
+    assert_eq!(metric(&metrics, "profiler_mode{mode=\"full\"}"), Some(0.0));
+    assert_eq!(metric(&metrics, "profiler_cpu_budget_ratio"), Some(0.00001));
+    let cost = metric(&metrics, "profiler_cost_ratio{part=\"userspace\"}").unwrap()
+        + metric(&metrics, "profiler_cost_ratio{part=\"ebpf\"}").unwrap();
+    assert!(cost > 0.00001, "cost {cost} under a budget nothing meets");
+    // A window recorded in sampled mode says so in its capture.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let sampled = loop {
+        let found = std::fs::read_dir(&data)
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path().join("capture.json")).ok())
+            .filter_map(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .find(|c| c["metadata"]["offcpu_sample_every"].as_u64().unwrap_or(1) > 1);
+        if let Some(capture) = found {
+            break capture;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no window in sampled mode on disk"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!(
+        "a window sampled 1 in {}",
+        sampled["metadata"]["offcpu_sample_every"]
+    );
+    // Any budget is met at 100 CPUs' worth: back to full mode, a step per window.
+    write_config("10000%");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGHUP) };
+    let metrics = wait_for_metric(
+        port,
+        "profiler_mode{mode=\"full\"} 1",
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        metric(&metrics, "profiler_sample_every{family=\"offcpu\"}"),
+        Some(1.0)
+    );
+    stop(daemon);
+    let _ = workload.finish();
+}
