@@ -235,10 +235,19 @@ struct Cost {
     gap_s: f64,
     /// Even the sparsest sampling did not bring the cost under the budget.
     over_budget: bool,
+    /// Windows still to skip in this duty period (levels past `SAMPLE_LEVELS`).
+    skip_left: u32,
+    /// This duty period so far: CPU, eBPF run time, wall time.
+    period_cpu_ns: u64,
+    period_ebpf_ns: u64,
+    period_wall_s: f64,
 }
 
-/// The deepest sampling the budget goes to: one block or query in 1024.
-const MAX_LEVEL: u32 = 10;
+/// Levels 1..=6 sample events (one in 2 … 64); past that every program still runs per event
+/// (a uprobe trap, a context switch), so whole windows are skipped: one recorded in
+/// 2^(level - 6), up to one in 64.
+const SAMPLE_LEVELS: u32 = 6;
+const MAX_LEVEL: u32 = 12;
 
 impl Cost {
     /// Next level from the last window's cost: over the budget, sample (enough steps to
@@ -256,17 +265,66 @@ impl Cost {
         } else {
             self.over_budget = false;
             if cost < budget / 3.0 && self.level > 0 {
-                self.level -= 1;
+                // Far under the budget, back faster (each step about doubles the cost).
+                let steps = (((budget / cost.max(1e-9)).log2().floor() as u32).saturating_sub(1))
+                    .clamp(1, 3);
+                self.level = self.level.saturating_sub(steps);
             }
         }
     }
 
+    /// One window recorded in this many.
+    fn duty(&self) -> u32 {
+        1 << self.level.saturating_sub(SAMPLE_LEVELS)
+    }
+
+    fn sample_every(&self) -> u32 {
+        1 << self.level.min(SAMPLE_LEVELS)
+    }
+
+    /// Adds a cycle (a recorded or skipped window) to the duty period.
+    fn account(&mut self, cpu_ns: u64, ebpf_ns: u64, wall_s: f64) {
+        self.userspace_ns += cpu_ns;
+        self.ebpf_ns += ebpf_ns;
+        self.period_cpu_ns += cpu_ns;
+        self.period_ebpf_ns += ebpf_ns;
+        self.period_wall_s += wall_s;
+    }
+
+    /// The end of a duty period: its cost decides the next level.
+    fn finish_period(&mut self) -> Option<String> {
+        let wall = self.period_wall_s.max(1e-3);
+        self.userspace = self.period_cpu_ns as f64 / 1e9 / wall;
+        self.ebpf = self.period_ebpf_ns as f64 / 1e9 / wall;
+        self.period_cpu_ns = 0;
+        self.period_ebpf_ns = 0;
+        self.period_wall_s = 0.0;
+        let level = self.level;
+        self.adjust();
+        (self.level != level).then(|| {
+            format!(
+                "profiler daemon: cost {:.2} % of a CPU (budget {:.2} %): {}",
+                (self.userspace + self.ebpf) * 100.0,
+                self.budget.unwrap_or(0.0) * 100.0,
+                self.mode_description()
+            )
+        })
+    }
+
+    fn mode_description(&self) -> String {
+        match (self.sample_every(), self.duty()) {
+            (1, _) => "full mode".to_string(),
+            (every, 1) => format!("sampled mode, 1 in {every} events"),
+            (every, duty) => format!("sampled mode, 1 in {every} events, 1 window in {duty}"),
+        }
+    }
+
     fn apply(&mut self, options: &mut crate::record::RecordOptions) {
-        let every = 1u32 << self.level;
+        let every = self.sample_every();
         options.probes.offcpu_sample_every = every;
         options.probes.db_sample_every = every;
         if let Some(oncpu) = options.probes.oncpu.as_mut() {
-            oncpu.frequency = (oncpu.frequency >> self.level).max(1);
+            oncpu.frequency = (oncpu.frequency >> self.level.min(SAMPLE_LEVELS)).max(1);
             self.oncpu_hz = Some(oncpu.frequency);
         } else {
             self.oncpu_hz = None;
@@ -559,6 +617,34 @@ async fn serve_and_record(daemon_args: DaemonArgs, mut args: Settings) -> Result
         ..Cost::default()
     };
     while !stop {
+        if cost.skip_left > 0 {
+            // Duty-cycled: this window is not recorded.
+            let (idle_start, cpu_at_start) =
+                (std::time::Instant::now(), crate::record::process_cpu_ns());
+            tokio::select! {
+                _ = tokio::time::sleep(args.window) => {}
+                _ = sigterm.recv() => stop = true,
+                _ = sigint.recv() => stop = true,
+                _ = sighup.recv() => reload = true,
+            }
+            cost.skip_left -= 1;
+            cost.account(
+                crate::record::process_cpu_ns().saturating_sub(cpu_at_start),
+                0,
+                idle_start.elapsed().as_secs_f64(),
+            );
+            if cost.skip_left == 0
+                && let Some(line) = cost.finish_period()
+            {
+                eprintln!("{line}");
+            }
+            state.lock().expect("state lock").cost = cost.clone();
+            if reload {
+                reload = false;
+                reload_settings(&daemon_args, &mut args, &mut cost);
+            }
+            continue;
+        }
         let cycle_start = std::time::Instant::now();
         let cpu_at_start = crate::record::process_cpu_ns();
         let started = std::time::SystemTime::now()
@@ -642,29 +728,26 @@ async fn serve_and_record(daemon_args: DaemonArgs, mut args: Settings) -> Result
             .get("bpf_run_ns")
             .copied()
             .unwrap_or(0);
-        cost.userspace = userspace_ns as f64 / 1e9 / wall;
-        cost.ebpf = ebpf_ns as f64 / 1e9 / wall;
-        cost.userspace_ns += userspace_ns;
-        cost.ebpf_ns += ebpf_ns;
+        cost.account(userspace_ns, ebpf_ns, wall);
         cost.gap_s = (wall - capture.metadata.duration_ns as f64 / 1e9).max(0.0);
+        cost.skip_left = cost.duty() - 1;
+        if cost.skip_left == 0
+            && let Some(line) = cost.finish_period()
+        {
+            eprintln!("{line}");
+        }
         state.cost = cost.clone();
         state.cumulative.add(&capture);
-        let level = cost.level;
-        cost.adjust();
-        if cost.level != level {
-            eprintln!(
-                "profiler daemon: cost {:.2} % of a CPU (budget {:.2} %): {}",
-                (cost.userspace + cost.ebpf) * 100.0,
-                cost.budget.unwrap_or(0.0) * 100.0,
-                match cost.level {
-                    0 => "full mode".to_string(),
-                    l => format!("sampled mode, 1 in {}", 1u32 << l),
-                }
-            );
-        }
         previous = Some(capture.clone());
         state.latest = Some((dir, capture));
         drop(state);
+        // A window's symbolization and aggregation leave freed heap behind; hand it back so
+        // the resident size stays that of one window.
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim only releases free memory.
+        unsafe {
+            libc::malloc_trim(0);
+        }
         if reload {
             reload = false;
             reload_settings(&daemon_args, &mut args, &mut cost);
@@ -682,7 +765,11 @@ fn reload_settings(daemon_args: &DaemonArgs, args: &mut Settings, cost: &mut Cos
             eprintln!("profiler daemon: configuration reloaded");
             let listen = std::mem::take(&mut args.listen);
             *args = Settings { listen, ..new };
-            cost.budget = args.max_cpu;
+            if cost.budget != args.max_cpu {
+                // A new budget: the next window is recorded and judged against it.
+                cost.budget = args.max_cpu;
+                cost.skip_left = 0;
+            }
         }
         Err(err) => eprintln!("profiler daemon: reload refused: {err:#}"),
     }
@@ -940,6 +1027,11 @@ fn cost_metrics(out: &mut String, cost: &Cost) {
     };
     let sampled = cost.level > 0;
     gauge(
+        "profiler_window_duty",
+        "Sampled mode past 1 in 64 events: one window recorded in this many.",
+        &[("", f64::from(cost.duty()))],
+    );
+    gauge(
         "profiler_mode",
         "1 for the mode the CPU budget chose: full (every event) or sampled.",
         &[
@@ -947,7 +1039,7 @@ fn cost_metrics(out: &mut String, cost: &Cost) {
             ("{mode=\"sampled\"}", f64::from(u8::from(sampled))),
         ],
     );
-    let every = f64::from(1u32 << cost.level);
+    let every = f64::from(cost.sample_every());
     gauge(
         "profiler_sample_every",
         "Sampled mode: one off-CPU block (database query) recorded in this many.",
@@ -978,7 +1070,8 @@ fn cost_metrics(out: &mut String, cost: &Cost) {
     );
     gauge(
         "profiler_over_budget",
-        "1 when even the sparsest sampling (1 in 1024) leaves the cost over the budget.",
+        "1 when even the sparsest sampling (1 in 64 events, 1 window in 64) leaves the cost \
+         over the budget.",
         &[("", f64::from(u8::from(cost.over_budget)))],
     );
     gauge(
@@ -1007,6 +1100,36 @@ fn cost_metrics(out: &mut String, cost: &Cost) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_budget_samples_events_then_skips_windows_and_comes_back() {
+        let mut cost = Cost {
+            budget: Some(0.01),
+            ..Cost::default()
+        };
+        // 30 % of a CPU against 1 %: three steps at a time.
+        cost.account(300_000_000, 0, 1.0);
+        cost.finish_period();
+        assert_eq!((cost.sample_every(), cost.duty()), (8, 1));
+        for _ in 0..3 {
+            cost.account(300_000_000, 0, 1.0);
+            cost.finish_period();
+        }
+        assert_eq!((cost.sample_every(), cost.duty()), (64, 64));
+        cost.account(300_000_000, 0, 1.0);
+        cost.finish_period();
+        assert!(cost.over_budget);
+        // Far under the budget: back three steps at a time, then one.
+        cost.account(1_000, 0, 1.0);
+        cost.finish_period();
+        assert_eq!(cost.level, 9);
+        cost.account(4_000_000, 0, 1.0); // 0.4 %: more than a third of the budget
+        cost.finish_period();
+        assert_eq!(cost.level, 9);
+        cost.account(2_000_000, 1_000_000, 1.0); // 0.3 %: one step
+        cost.finish_period();
+        assert_eq!(cost.level, 8);
+    }
 
     #[test]
     fn metrics_without_a_window_still_say_how_many() {

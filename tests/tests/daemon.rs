@@ -427,7 +427,11 @@ fn bench_daemon_memory_and_cpu_under_pgbench() {
     let seconds: u64 = std::env::var("BENCH_SECONDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(30);
+        .unwrap_or(80);
+    let window: u64 = std::env::var("BENCH_WINDOW")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
     let cluster = profiler_tests::pg::PgCluster::start("bench-daemon");
     cluster.pgbench(&["-i", "-q", "-s", "10"]);
     let dir = temp_dir("bench-daemon");
@@ -439,7 +443,15 @@ fn bench_daemon_memory_and_cpu_under_pgbench() {
         .arg("daemon")
         .arg("--data-dir")
         .arg(dir.join("data"))
-        .args(["--window", "5s", "--keep", "3", "--listen"])
+        .args([
+            "--window",
+            &format!("{window}s"),
+            "--keep",
+            "3",
+            "--max-cpu",
+            "1%",
+        ])
+        .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
         .args(["--", "--events", "offcpu,db"])
         .stdout(Stdio::null())
@@ -471,8 +483,8 @@ fn bench_daemon_memory_and_cpu_under_pgbench() {
     let bench = std::thread::scope(|scope| {
         let pgbench =
             scope.spawn(|| cluster.pgbench(&["-S", "-n", "-c", "2", "-T", &seconds.to_string()]));
-        // Skip the first window, then sample.
-        std::thread::sleep(Duration::from_secs(6));
+        // Skip the first window (startup, and the budget finding its mode), then sample.
+        std::thread::sleep(Duration::from_secs(window + 2));
         let (t0, c0) = (Instant::now(), cpu_ticks());
         let mut rss = Vec::new();
         while !pgbench.is_finished() {
@@ -483,6 +495,16 @@ fn bench_daemon_memory_and_cpu_under_pgbench() {
         (rss, cpu, pgbench.join().unwrap())
     });
     let (mut rss, cpu, output) = bench;
+    let metrics = get(port, "/metrics").map(|r| r.1).unwrap_or_default();
+    let own = |name: &str| metric(&metrics, name).unwrap_or(f64::NAN);
+    println!(
+        "[bench daemon] the daemon's own account of its last window: userspace {:.2} %, eBPF          {:.2} % of one CPU (budget {:.2} %), sampled 1 in {}, window gap {:.2} s",
+        own("profiler_cost_ratio{part=\"userspace\"}") * 100.0,
+        own("profiler_cost_ratio{part=\"ebpf\"}") * 100.0,
+        own("profiler_cpu_budget_ratio") * 100.0,
+        own("profiler_sample_every{family=\"offcpu\"}"),
+        own("profiler_window_gap_seconds"),
+    );
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     let _ = daemon.wait();
