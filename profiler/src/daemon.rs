@@ -319,15 +319,12 @@ impl Cost {
         }
     }
 
-    fn apply(&mut self, options: &mut crate::record::RecordOptions) {
+    fn apply(&self, options: &mut crate::record::RecordOptions) {
         let every = self.sample_every();
         options.probes.offcpu_sample_every = every;
         options.probes.db_sample_every = every;
         if let Some(oncpu) = options.probes.oncpu.as_mut() {
             oncpu.frequency = (oncpu.frequency >> self.level.min(SAMPLE_LEVELS)).max(1);
-            self.oncpu_hz = Some(oncpu.frequency);
-        } else {
-            self.oncpu_hz = None;
         }
     }
 }
@@ -610,6 +607,8 @@ async fn serve_and_record(daemon_args: DaemonArgs, mut args: Settings) -> Result
         state.lock().expect("state lock").kept = existing;
     }
     let mut previous: Option<Capture> = None;
+    let mut next: Option<Result<crate::record::Prepared>> = None;
+    let mut mark = Mark::now();
     let mut last_error: Option<String> = None;
     let mut stop = false;
     let mut cost = Cost {
@@ -619,8 +618,9 @@ async fn serve_and_record(daemon_args: DaemonArgs, mut args: Settings) -> Result
     while !stop {
         if cost.skip_left > 0 {
             // Duty-cycled: this window is not recorded.
-            let (idle_start, cpu_at_start) =
-                (std::time::Instant::now(), crate::record::process_cpu_ns());
+            if let Some(Ok(unused)) = next.take() {
+                unused.discard();
+            }
             tokio::select! {
                 _ = tokio::time::sleep(args.window) => {}
                 _ = sigterm.recv() => stop = true,
@@ -628,11 +628,8 @@ async fn serve_and_record(daemon_args: DaemonArgs, mut args: Settings) -> Result
                 _ = sighup.recv() => reload = true,
             }
             cost.skip_left -= 1;
-            cost.account(
-                crate::record::process_cpu_ns().saturating_sub(cpu_at_start),
-                0,
-                idle_start.elapsed().as_secs_f64(),
-            );
+            let (cpu_ns, wall) = mark.lap();
+            cost.account(cpu_ns, 0, wall);
             if cost.skip_left == 0
                 && let Some(line) = cost.finish_period()
             {
@@ -645,30 +642,43 @@ async fn serve_and_record(daemon_args: DaemonArgs, mut args: Settings) -> Result
             }
             continue;
         }
-        let cycle_start = std::time::Instant::now();
-        let cpu_at_start = crate::record::process_cpu_ns();
-        let started = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or(0);
-        let dir = args.data_dir.join(format!("window-{started}"));
-        let mut options = record_options(&args, &dir)?;
         state.lock().expect("state lock").settings = Some(args.clone());
-        options.quiet = true;
-        options.probes.measure_overhead = true;
-        options.background_detach = true;
-        cost.apply(&mut options);
-        // `record` ends early on SIGTERM/SIGINT too (and writes the window): both listeners
-        // see the signal.
-        let window = crate::record::record(options);
-        tokio::pin!(window);
-        let result = loop {
-            tokio::select! {
-                result = &mut window => break result,
-                _ = sigterm.recv() => stop = true,
-                _ = sigint.recv() => stop = true,
-                _ = sighup.recv() => reload = true,
+        // The window loaded by the previous one's handoff, else a new one.
+        let prepared = match next.take() {
+            Some(prepared) => prepared,
+            None => window_options(&args, &cost).and_then(crate::record::prepare),
+        };
+        let (dir, result) = match prepared {
+            Ok(prepared) => {
+                let dir = prepared.output().to_path_buf();
+                // On time, the window loads the next one before it stops (no gap between
+                // them) — unless the budget skips the next window.
+                let handoff: Option<crate::record::Handoff> = (cost.duty() == 1).then(|| {
+                    let (args, cost) = (args.clone(), cost.clone());
+                    Box::new(move || window_options(&args, &cost).and_then(crate::record::prepare))
+                        as crate::record::Handoff
+                });
+                // The window ends early on SIGTERM/SIGINT too (and is written): both
+                // listeners see the signal.
+                let window = prepared.run(handoff);
+                tokio::pin!(window);
+                let result = loop {
+                    tokio::select! {
+                        result = &mut window => break result,
+                        _ = sigterm.recv() => stop = true,
+                        _ = sigint.recv() => stop = true,
+                        _ = sighup.recv() => reload = true,
+                    }
+                };
+                match result {
+                    Ok((capture, following)) => {
+                        next = following;
+                        (dir, Ok(capture))
+                    }
+                    Err(err) => (dir, Err(err)),
+                }
             }
+            Err(err) => (PathBuf::new(), Err(err)),
         };
         let capture = match result {
             Ok(capture) => {
@@ -684,7 +694,9 @@ async fn serve_and_record(daemon_args: DaemonArgs, mut args: Settings) -> Result
                 }
                 last_error = Some(message);
                 state.lock().expect("state lock").window_errors_total += 1;
-                let _ = std::fs::remove_dir_all(&dir);
+                if !dir.as_os_str().is_empty() {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
                 if !stop {
                     tokio::select! {
                         _ = tokio::time::sleep(args.window.min(Duration::from_secs(5))) => {}
@@ -718,10 +730,10 @@ async fn serve_and_record(daemon_args: DaemonArgs, mut args: Settings) -> Result
         state.windows_total += 1;
         state.kept.push(dir.clone());
         apply_retention(&mut state.kept, &args);
-        // The cycle's cost: our CPU (recording, writing, comparing, detaching the previous
-        // window) and our programs' run time, per second of wall time.
-        let wall = cycle_start.elapsed().as_secs_f64().max(1e-3);
-        let userspace_ns = crate::record::process_cpu_ns().saturating_sub(cpu_at_start);
+        // The cycle's cost: our CPU since the previous window was done (recording, loading
+        // the next window, writing, comparing, detaching) and our programs' run time, per
+        // second of wall time.
+        let (userspace_ns, wall) = mark.lap();
         let ebpf_ns = capture
             .metadata
             .counters
@@ -736,6 +748,7 @@ async fn serve_and_record(daemon_args: DaemonArgs, mut args: Settings) -> Result
         {
             eprintln!("{line}");
         }
+        cost.oncpu_hz = capture.oncpu.as_ref().map(|o| o.frequency_hz);
         state.cost = cost.clone();
         state.cumulative.add(&capture);
         previous = Some(capture.clone());
@@ -753,9 +766,53 @@ async fn serve_and_record(daemon_args: DaemonArgs, mut args: Settings) -> Result
             reload_settings(&daemon_args, &mut args, &mut cost);
         }
     }
+    if let Some(Ok(unused)) = next.take() {
+        unused.discard();
+    }
     crate::record::wait_for_detach();
     eprintln!("profiler daemon: stopped; probes detached");
     Ok(())
+}
+
+/// CPU time and wall time since the last lap.
+struct Mark {
+    at: std::time::Instant,
+    cpu_ns: u64,
+}
+
+impl Mark {
+    fn now() -> Self {
+        Self {
+            at: std::time::Instant::now(),
+            cpu_ns: crate::record::process_cpu_ns(),
+        }
+    }
+
+    /// (CPU ns, wall s) since the last lap; starts the next.
+    fn lap(&mut self) -> (u64, f64) {
+        let now = Self::now();
+        let lap = (
+            now.cpu_ns.saturating_sub(self.cpu_ns),
+            (now.at - self.at).as_secs_f64().max(1e-3),
+        );
+        *self = now;
+        lap
+    }
+}
+
+/// A window's record options: its directory, quiet, self-measuring, the budget's mode.
+fn window_options(args: &Settings, cost: &Cost) -> Result<crate::record::RecordOptions> {
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    let dir = args.data_dir.join(format!("window-{started}"));
+    let mut options = record_options(args, &dir)?;
+    options.quiet = true;
+    options.probes.measure_overhead = true;
+    options.background_detach = true;
+    cost.apply(&mut options);
+    Ok(options)
 }
 
 /// SIGHUP: the config file again (a bad edit keeps the running settings; `listen` stays).

@@ -61,6 +61,51 @@ pub fn wait_for_detach() {
 
 /// Runs a capture and writes everything to `options.output`. Returns the capture.
 pub async fn record(options: RecordOptions) -> Result<Capture> {
+    let (capture, _) = prepare(options)?.run(None).await?;
+    Ok(capture)
+}
+
+type EventRing = AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>;
+
+/// A capture whose probes are loaded and attached; `run` records it.
+pub struct Prepared {
+    options: RecordOptions,
+    probes: Probes,
+    new_tasks: EventRing,
+    tcp_events: Option<EventRing>,
+    db_events: Option<EventRing>,
+    cpu_at_start: u64,
+    /// When the probes were attached: the capture covers from here.
+    started: Instant,
+    /// CLOCK_MONOTONIC (the kernel's `bpf_ktime_get_ns`) once attached: queries that start
+    /// from here on are this capture's; earlier ones belong to the previous window (which
+    /// still ran when they started).
+    attach_ktime: u64,
+    start_unix_ms: u64,
+}
+
+impl Prepared {
+    pub fn output(&self) -> &Path {
+        &self.options.output
+    }
+
+    /// Not recorded after all: detach (in the background) and remove its directory.
+    pub fn discard(self) {
+        let _ = std::fs::remove_dir_all(&self.options.output);
+        let probes = self.probes;
+        DETACHING
+            .lock()
+            .expect("detach lock")
+            .push(std::thread::spawn(move || drop(probes)));
+    }
+}
+
+/// Runs when a capture's time is up, before it stops: the daemon loads and attaches its next
+/// window here, so no time goes unrecorded between windows.
+pub type Handoff = Box<dyn FnOnce() -> Result<Prepared>>;
+
+/// Checks the options, loads and attaches the probes (needs a tokio runtime).
+pub fn prepare(options: RecordOptions) -> Result<Prepared> {
     check_privileges()?;
     let config = &options.probes;
     for pid in &config.pids {
@@ -73,11 +118,13 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
 
     let cpu_at_start = process_cpu_ns();
     let mut probes = Probes::load(config)?;
+    // The db family attaches last: its queries from here on are this capture's.
+    let attach_ktime = ktime_ns();
     // SAFETY: the ring buffer owns its fd, which stays open as long as the AsyncFd holds it.
-    let mut new_tasks =
+    let new_tasks =
         unsafe { AsyncFd::register_with_interest(probes.take_new_tasks()?, Interest::READABLE) }
             .map_err(|err| anyhow::anyhow!("cannot poll the new-task ring buffer: {err}"))?;
-    let mut tcp_events = match probes.tcp {
+    let tcp_events = match probes.tcp {
         // SAFETY: as above.
         true => Some(
             unsafe {
@@ -87,7 +134,6 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
         ),
         false => None,
     };
-    let mut tcp = TcpAggregator::default();
     if options.db_required && probes.db_targets.is_empty() {
         bail!(
             "no PostgreSQL server or libpq/SQLite client found {}; name them with \
@@ -99,7 +145,7 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
             }
         );
     }
-    let mut db_events = match probes.db_targets.is_empty() {
+    let db_events = match probes.db_targets.is_empty() {
         true => None,
         // SAFETY: as above.
         false => Some(
@@ -109,459 +155,505 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
             .map_err(|err| anyhow::anyhow!("cannot poll the database event ring buffer: {err}"))?,
         ),
     };
-    let mut db = DbAggregator::new(options.show_literals);
-    let mut db_owners = DbOwners::new(&config.pids);
-    let mut processes = ProcessCache::default();
-    for pid in &config.pids {
-        processes.observe(*pid, "");
-    }
+    Ok(Prepared {
+        options,
+        probes,
+        new_tasks,
+        tcp_events,
+        db_events,
+        cpu_at_start,
+        attach_ktime,
+        started: Instant::now(),
+        start_unix_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+    })
+}
 
-    let started = Instant::now();
-    let start_unix_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    let mut offcpu_series: Series<OffcpuKey> = Series::default();
-    let mut oncpu_series: Series<OncpuKey> = Series::default();
-    let mut ticker = tokio::time::interval_at(
-        tokio::time::Instant::now() + options.interval,
-        options.interval,
-    );
-    // The TCP programs wake us only when their ring fills up; drain it often.
-    let mut tcp_drain = tokio::time::interval(Duration::from_millis(100));
-    let deadline = tokio::time::sleep(options.duration);
-    tokio::pin!(deadline);
-    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let progress = Progress::new(options.duration, options.quiet);
-    if !options.quiet {
-        eprintln!(
-            "recording {} of {} for {:.1} s; Ctrl-C stops early",
-            families_description(&probes),
-            target_description(config),
-            options.duration.as_secs_f64()
+impl Prepared {
+    /// Records until the duration ends or SIGINT/SIGTERM, then (on time, not on a signal)
+    /// runs `handoff` while this capture's probes still count, and builds, writes and
+    /// returns the capture with what `handoff` returned.
+    pub async fn run(
+        self,
+        handoff: Option<Handoff>,
+    ) -> Result<(Capture, Option<Result<Prepared>>)> {
+        let Prepared {
+            options,
+            probes,
+            mut new_tasks,
+            mut tcp_events,
+            mut db_events,
+            cpu_at_start,
+            started,
+            start_unix_ms,
+            attach_ktime,
+        } = self;
+        let config = &options.probes;
+        let mut tcp = TcpAggregator::default();
+        let mut db = DbAggregator::new(options.show_literals);
+        let mut db_owners = DbOwners::new(&config.pids);
+        let mut processes = ProcessCache::default();
+        for pid in &config.pids {
+            processes.observe(*pid, "");
+        }
+
+        let mut offcpu_series: Series<OffcpuKey> = Series::default();
+        let mut oncpu_series: Series<OncpuKey> = Series::default();
+        let mut ticker = tokio::time::interval_at(
+            tokio::time::Instant::now() + options.interval,
+            options.interval,
         );
-    }
-
-    let snapshot = |probes: &Probes,
-                    offcpu_series: &mut Series<OffcpuKey>,
-                    oncpu_series: &mut Series<OncpuKey>,
-                    processes: &mut ProcessCache|
-     -> Result<()> {
-        let elapsed = started.elapsed();
-        if probes.offcpu_attached_with.is_some() {
-            let totals = probes.offcpu_totals()?;
-            for key in totals.keys() {
-                if processes.get(key.tgid).is_none() {
-                    processes.observe(key.tgid, "");
-                }
-            }
-            offcpu_series.push(
-                totals.iter().map(|(k, v)| (*k, v.total_ns, v.count)),
-                elapsed,
+        // The TCP programs wake us only when their ring fills up; drain it often.
+        let mut tcp_drain = tokio::time::interval(Duration::from_millis(100));
+        let deadline = tokio::time::sleep(options.duration.saturating_sub(started.elapsed()));
+        tokio::pin!(deadline);
+        let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        let progress = Progress::new(options.duration, options.quiet);
+        if !options.quiet {
+            eprintln!(
+                "recording {} of {} for {:.1} s; Ctrl-C stops early",
+                families_description(&probes),
+                target_description(config),
+                options.duration.as_secs_f64()
             );
         }
+
+        let snapshot = |probes: &Probes,
+                        offcpu_series: &mut Series<OffcpuKey>,
+                        oncpu_series: &mut Series<OncpuKey>,
+                        processes: &mut ProcessCache|
+         -> Result<()> {
+            let elapsed = started.elapsed();
+            if probes.offcpu_attached_with.is_some() {
+                let totals = probes.offcpu_totals()?;
+                for key in totals.keys() {
+                    if processes.get(key.tgid).is_none() {
+                        processes.observe(key.tgid, "");
+                    }
+                }
+                offcpu_series.push(
+                    totals.iter().map(|(k, v)| (*k, v.total_ns, v.count)),
+                    elapsed,
+                );
+            }
+            if probes.oncpu_frequency.is_some() {
+                let counts = probes.oncpu_counts()?;
+                for key in counts.keys() {
+                    if processes.get(key.tgid).is_none() {
+                        processes.observe(key.tgid, "");
+                    }
+                }
+                oncpu_series.push(counts.iter().map(|(k, v)| (*k, *v, *v)), elapsed);
+            }
+            Ok(())
+        };
+
+        let mut interrupted = false;
+        loop {
+            tokio::select! {
+                _ = &mut deadline => break,
+                _ = sigint.recv() => { progress.interrupted(); interrupted = true; break }
+                _ = sigterm.recv() => { progress.interrupted(); interrupted = true; break }
+                _ = ticker.tick() => {
+                    snapshot(&probes, &mut offcpu_series, &mut oncpu_series, &mut processes)?;
+                    progress.update(started.elapsed(), &offcpu_series, &oncpu_series, processes.len(), &probes);
+                }
+                guard = new_tasks.readable_mut() => {
+                    let mut guard = guard.context("polling the new-task ring buffer failed")?;
+                    drain_new_tasks(guard.get_inner_mut(), &mut processes);
+                    guard.clear_ready();
+                }
+                _ = tcp_drain.tick(), if tcp_events.is_some() || db_events.is_some() => {
+                    if let Some(events) = tcp_events.as_mut() {
+                        drain_tcp_events(events.get_mut(), &mut tcp, &mut processes);
+                    }
+                    if let Some(events) = db_events.as_mut() {
+                        drain_db_events(events.get_mut(), &mut db, &mut db_owners, Some(&mut processes), (attach_ktime, u64::MAX));
+                    }
+                }
+                guard = async { db_events.as_mut().expect("checked").readable_mut().await }, if db_events.is_some() => {
+                    let mut guard = guard.context("polling the database event ring buffer failed")?;
+                    drain_db_events(guard.get_inner_mut(), &mut db, &mut db_owners, Some(&mut processes), (attach_ktime, u64::MAX));
+                    guard.clear_ready();
+                }
+                guard = async { tcp_events.as_mut().expect("checked").readable_mut().await }, if tcp_events.is_some() => {
+                    let mut guard = guard.context("polling the TCP event ring buffer failed")?;
+                    drain_tcp_events(guard.get_inner_mut(), &mut tcp, &mut processes);
+                    guard.clear_ready();
+                }
+            }
+        }
+        // The next capture attaches while this one still counts: the two overlap by the
+        // moment between its start and this final snapshot, with no gap.
+        let next = match (handoff, interrupted) {
+            (Some(handoff), false) => Some(handoff()),
+            _ => None,
+        };
+        // Queries that started once the next capture's probes were going in are its own.
+        let queries_until = match &next {
+            Some(Ok(next)) => next.attach_ktime,
+            _ => u64::MAX,
+        };
+        snapshot(
+            &probes,
+            &mut offcpu_series,
+            &mut oncpu_series,
+            &mut processes,
+        )?;
+        let ends = if probes.offcpu_attached_with.is_some() {
+            offcpu_series.ends.clone()
+        } else if probes.oncpu_frequency.is_some() {
+            oncpu_series.ends.clone()
+        } else {
+            // Families without snapshots: one interval, the whole capture.
+            vec![started.elapsed().as_nanos() as u64]
+        };
+        drain_new_tasks(new_tasks.get_mut(), &mut processes);
+        if let Some(events) = tcp_events.as_mut() {
+            drain_tcp_events(events.get_mut(), &mut tcp, &mut processes);
+        }
+        if let Some(events) = db_events.as_mut() {
+            drain_db_events(
+                events.get_mut(),
+                &mut db,
+                &mut db_owners,
+                Some(&mut processes),
+                (attach_ktime, queries_until),
+            );
+        }
+        progress.finish();
+        processes.refresh_all();
+
+        let mut counters: BTreeMap<String, u64> = BTreeMap::new();
+        if probes.offcpu_attached_with.is_some() {
+            for (name, value) in probes.offcpu_counters()? {
+                counters.insert(name.to_string(), value);
+            }
+        }
         if probes.oncpu_frequency.is_some() {
-            let counts = probes.oncpu_counts()?;
-            for key in counts.keys() {
-                if processes.get(key.tgid).is_none() {
-                    processes.observe(key.tgid, "");
-                }
+            for (name, value) in probes.oncpu_counters()? {
+                counters.insert(format!("oncpu_{name}"), value);
             }
-            oncpu_series.push(counts.iter().map(|(k, v)| (*k, *v, *v)), elapsed);
         }
-        Ok(())
-    };
+        let program_stats = probes.program_stats();
+        counters.insert("program_misses".to_string(), program_stats.recursion_misses);
+        if config.measure_overhead {
+            // What our programs cost the traced threads (kernel time, on their CPUs).
+            counters.insert("bpf_run_ns".to_string(), program_stats.run_time_ns);
+            counters.insert("bpf_runs".to_string(), program_stats.runs);
+        }
+        if probes.syscalls_slow_ns.is_some() {
+            for (name, value) in probes.syscall_counters()? {
+                counters.insert(format!("syscalls_{name}"), value);
+            }
+        }
+        if probes.tcp {
+            for (name, value) in probes.tcp_counters()? {
+                counters.insert(format!("tcp_{name}"), value);
+            }
+        }
+        if !probes.db_targets.is_empty() {
+            for (name, value) in probes.db_counters()? {
+                counters.insert(format!("db_{name}"), value);
+            }
+            counters.insert("db_filtered_out".into(), db_owners.filtered_out);
+            counters.insert("db_wire_undecoded".into(), db_owners.undecoded);
+        }
 
-    loop {
-        tokio::select! {
-            _ = &mut deadline => break,
-            _ = sigint.recv() => { progress.interrupted(); break }
-            _ = sigterm.recv() => { progress.interrupted(); break }
-            _ = ticker.tick() => {
-                snapshot(&probes, &mut offcpu_series, &mut oncpu_series, &mut processes)?;
-                progress.update(started.elapsed(), &offcpu_series, &oncpu_series, processes.len(), &probes);
-            }
-            guard = new_tasks.readable_mut() => {
-                let mut guard = guard.context("polling the new-task ring buffer failed")?;
-                drain_new_tasks(guard.get_inner_mut(), &mut processes);
-                guard.clear_ready();
-            }
-            _ = tcp_drain.tick(), if tcp_events.is_some() || db_events.is_some() => {
-                if let Some(events) = tcp_events.as_mut() {
-                    drain_tcp_events(events.get_mut(), &mut tcp, &mut processes);
-                }
-                if let Some(events) = db_events.as_mut() {
-                    drain_db_events(events.get_mut(), &mut db, &mut db_owners, Some(&mut processes));
-                }
-            }
-            guard = async { db_events.as_mut().expect("checked").readable_mut().await }, if db_events.is_some() => {
-                let mut guard = guard.context("polling the database event ring buffer failed")?;
-                drain_db_events(guard.get_inner_mut(), &mut db, &mut db_owners, Some(&mut processes));
-                guard.clear_ready();
-            }
-            guard = async { tcp_events.as_mut().expect("checked").readable_mut().await }, if tcp_events.is_some() => {
-                let mut guard = guard.context("polling the TCP event ring buffer failed")?;
-                drain_tcp_events(guard.get_inner_mut(), &mut tcp, &mut processes);
-                guard.clear_ready();
-            }
+        let mut symbolizer = Symbolizer::new();
+        let mut builder = StackBuilder {
+            probes: &probes,
+            processes: &processes,
+            symbolizer: &mut symbolizer,
+        };
+        // How full the aggregation maps got (entries, capacity): a full map loses events.
+        if probes.offcpu_attached_with.is_some() {
+            counters.insert(
+                "map_offcpu_entries".into(),
+                offcpu_series.latest.len() as u64,
+            );
+            counters.insert("map_offcpu_capacity".into(), 16384);
         }
-    }
-    snapshot(
-        &probes,
-        &mut offcpu_series,
-        &mut oncpu_series,
-        &mut processes,
-    )?;
-    let ends = if probes.offcpu_attached_with.is_some() {
-        offcpu_series.ends.clone()
-    } else if probes.oncpu_frequency.is_some() {
-        oncpu_series.ends.clone()
-    } else {
-        // Families without snapshots: one interval, the whole capture.
-        vec![started.elapsed().as_nanos() as u64]
-    };
-    drain_new_tasks(new_tasks.get_mut(), &mut processes);
-    if let Some(events) = tcp_events.as_mut() {
-        drain_tcp_events(events.get_mut(), &mut tcp, &mut processes);
-    }
-    if let Some(events) = db_events.as_mut() {
-        drain_db_events(
-            events.get_mut(),
-            &mut db,
-            &mut db_owners,
-            Some(&mut processes),
-        );
-    }
-    progress.finish();
-    processes.refresh_all();
-
-    let mut counters: BTreeMap<String, u64> = BTreeMap::new();
-    if probes.offcpu_attached_with.is_some() {
-        for (name, value) in probes.offcpu_counters()? {
-            counters.insert(name.to_string(), value);
+        if probes.oncpu_frequency.is_some() {
+            counters.insert("map_oncpu_entries".into(), oncpu_series.latest.len() as u64);
+            counters.insert("map_oncpu_capacity".into(), 16384);
         }
-    }
-    if probes.oncpu_frequency.is_some() {
-        for (name, value) in probes.oncpu_counters()? {
-            counters.insert(format!("oncpu_{name}"), value);
-        }
-    }
-    let program_stats = probes.program_stats();
-    counters.insert("program_misses".to_string(), program_stats.recursion_misses);
-    if config.measure_overhead {
-        // What our programs cost the traced threads (kernel time, on their CPUs).
-        counters.insert("bpf_run_ns".to_string(), program_stats.run_time_ns);
-        counters.insert("bpf_runs".to_string(), program_stats.runs);
-    }
-    if probes.syscalls_slow_ns.is_some() {
-        for (name, value) in probes.syscall_counters()? {
-            counters.insert(format!("syscalls_{name}"), value);
-        }
-    }
-    if probes.tcp {
-        for (name, value) in probes.tcp_counters()? {
-            counters.insert(format!("tcp_{name}"), value);
-        }
-    }
-    if !probes.db_targets.is_empty() {
-        for (name, value) in probes.db_counters()? {
-            counters.insert(format!("db_{name}"), value);
-        }
-        counters.insert("db_filtered_out".into(), db_owners.filtered_out);
-        counters.insert("db_wire_undecoded".into(), db_owners.undecoded);
-    }
-
-    let mut symbolizer = Symbolizer::new();
-    let mut builder = StackBuilder {
-        probes: &probes,
-        processes: &processes,
-        symbolizer: &mut symbolizer,
-    };
-    // How full the aggregation maps got (entries, capacity): a full map loses events.
-    if probes.offcpu_attached_with.is_some() {
+        let stack_ids: std::collections::HashSet<i32> = offcpu_series
+            .latest
+            .keys()
+            .flat_map(|k| [k.kernel_stack_id, k.user_stack_id])
+            .chain(
+                oncpu_series
+                    .latest
+                    .keys()
+                    .flat_map(|k| [k.kernel_stack_id, k.user_stack_id]),
+            )
+            .filter(|id| *id >= 0 && id & OVERFLOW_STACK_BIT == 0)
+            .collect();
+        counters.insert("map_stacks_entries".into(), stack_ids.len() as u64);
         counters.insert(
-            "map_offcpu_entries".into(),
-            offcpu_series.latest.len() as u64,
+            "map_stacks_capacity".into(),
+            u64::from(config.stack_storage_size),
         );
-        counters.insert("map_offcpu_capacity".into(), 16384);
-    }
-    if probes.oncpu_frequency.is_some() {
-        counters.insert("map_oncpu_entries".into(), oncpu_series.latest.len() as u64);
-        counters.insert("map_oncpu_capacity".into(), 16384);
-    }
-    let stack_ids: std::collections::HashSet<i32> = offcpu_series
-        .latest
-        .keys()
-        .flat_map(|k| [k.kernel_stack_id, k.user_stack_id])
-        .chain(
-            oncpu_series
-                .latest
-                .keys()
-                .flat_map(|k| [k.kernel_stack_id, k.user_stack_id]),
-        )
-        .filter(|id| *id >= 0 && id & OVERFLOW_STACK_BIT == 0)
-        .collect();
-    counters.insert("map_stacks_entries".into(), stack_ids.len() as u64);
-    counters.insert(
-        "map_stacks_capacity".into(),
-        u64::from(config.stack_storage_size),
-    );
-    let offcpu = match probes.offcpu_attached_with {
-        Some(_) => {
-            let mut stacks = Vec::new();
-            for (key, (total_ns, count)) in &offcpu_series.latest {
-                let mut stack = builder.build(
-                    (key.tgid, key.tid, key.kernel_stack_id, key.user_stack_id),
-                    state_name(key.state),
-                    *total_ns,
-                    *count,
-                    offcpu_series.values(key),
-                )?;
-                if key.db_frame != 0 {
-                    // Waiting for a database query: the query as a frame between the code
-                    // path that issued it and the kernel's wait.
-                    let name = db_owners
-                        .frames
-                        .get(&key.db_frame)
-                        .map_or_else(|| "[db] query".to_string(), |fp| format!("[db] {fp}"));
-                    let at = stack
-                        .frames
-                        .iter()
-                        .position(|f| f.kind == FrameKind::Kernel)
-                        .unwrap_or(stack.frames.len());
-                    stack.frames.insert(at, synthetic_frame(name));
-                }
-                stacks.push(stack);
-            }
-            let every = u64::from(config.offcpu_sample_every.max(1));
-            if every > 1 {
-                // Sampled mode: each recorded block stands for `every` blocks.
-                for stack in &mut stacks {
-                    scale_stack(stack, every);
-                }
-            }
-            sort_stacks(&mut stacks);
-            let mut runqueue = runqueue_histograms(&probes, &processes)?;
-            for histogram in &mut runqueue {
-                histogram.waits *= every;
-                histogram.buckets.iter_mut().for_each(|b| *b *= every);
-            }
-            Some(OffcpuProfile { stacks, runqueue })
-        }
-        None => None,
-    };
-    let oncpu = match probes.oncpu_frequency {
-        Some(frequency) => {
-            // Each sample stands for one sampling period of CPU time.
-            let period_ns = 1_000_000_000 / frequency.max(1);
-            let mut stacks = Vec::new();
-            for (key, (samples, _)) in &oncpu_series.latest {
-                let intervals = oncpu_series
-                    .values(key)
-                    .iter()
-                    .map(|s| s * period_ns)
-                    .collect();
-                stacks.push(builder.build(
-                    (key.tgid, key.tid, key.kernel_stack_id, key.user_stack_id),
-                    "running",
-                    samples * period_ns,
-                    *samples,
-                    intervals,
-                )?);
-            }
-            sort_stacks(&mut stacks);
-            Some(OncpuProfile {
-                frequency_hz: frequency,
-                stacks,
-            })
-        }
-        None => None,
-    };
-    let syscalls = match probes.syscalls_slow_ns {
-        Some(slow_threshold_ns) => {
-            let mut stats: Vec<SyscallStat> = probes
-                .syscall_stats()?
-                .into_iter()
-                .map(|(key, value)| SyscallStat {
-                    pid: key.tgid,
-                    comm: comm_of(&processes, key.tgid),
-                    nr: key.nr,
-                    name: crate::probes::syscalls::name(key.nr),
-                    count: value.count,
-                    errors: value.errors,
-                    total_ns: value.total_ns,
-                    max_ns: value.max_ns,
-                    buckets: value.hist.to_vec(),
-                })
-                .collect();
-            stats.sort_by(|a, b| b.total_ns.cmp(&a.total_ns).then(a.pid.cmp(&b.pid)));
-            let mut slow = Vec::new();
-            for (key, value) in probes.slow_syscalls()? {
-                let mut stack = builder.build(
-                    (key.tgid, key.tid, NO_STACK, key.user_stack_id),
-                    "syscall",
-                    value.total_ns,
-                    value.count,
-                    Vec::new(),
-                )?;
-                // No kernel stack was taken (at sys_exit it is only the exit path): drop its
-                // placeholder; the syscall's name says more.
-                stack.frames.pop();
-                stack.frames.push(synthetic_frame(format!(
-                    "[syscall {}]",
-                    crate::probes::syscalls::name(key.nr)
-                )));
-                slow.push(stack);
-            }
-            sort_stacks(&mut slow);
-            Some(SyscallProfile {
-                slow_threshold_ns,
-                stats,
-                slow,
-            })
-        }
-        None => None,
-    };
-    let tcp = probes.tcp.then(|| tcp.profile());
-    let db = match probes.db_targets.is_empty() {
-        true => None,
-        false => {
-            let mut profile = db.profile();
-            for (_, pid, fingerprint, stack_id, tid, calls, total_ns) in db.stack_usage() {
-                if stack_id < 0 {
-                    continue; // server-side: no client code path
-                }
-                let mut stack = builder.build(
-                    (pid, tid, NO_STACK, stack_id),
-                    "db",
-                    total_ns,
-                    calls,
-                    Vec::new(),
-                )?;
-                stack.frames.pop(); // no kernel stack was taken
-                stack
-                    .frames
-                    .push(synthetic_frame(format!("[db] {fingerprint}")));
-                profile.stacks.push(stack);
-            }
-            let every = u64::from(config.db_sample_every.max(1));
-            if every > 1 {
-                // Sampled mode: each timed query stands for `every` queries (latency
-                // quantiles are those of the sample).
-                for query in &mut profile.queries {
-                    query.calls *= every;
-                    query.errors *= every;
-                    query.total_ns *= every;
-                    query.buckets.iter_mut().for_each(|b| *b *= every);
-                }
-                for stack in &mut profile.stacks {
-                    scale_stack(stack, every);
-                }
-            }
-            sort_stacks(&mut profile.stacks);
-            for suspect in db.suspects() {
-                let frames = if suspect.user_stack_id >= 0 {
+        let offcpu = match probes.offcpu_attached_with {
+            Some(_) => {
+                let mut stacks = Vec::new();
+                for (key, (total_ns, count)) in &offcpu_series.latest {
                     let mut stack = builder.build(
-                        (suspect.pid, suspect.tid, NO_STACK, suspect.user_stack_id),
-                        "db",
-                        0,
-                        0,
+                        (key.tgid, key.tid, key.kernel_stack_id, key.user_stack_id),
+                        state_name(key.state),
+                        *total_ns,
+                        *count,
+                        offcpu_series.values(key),
+                    )?;
+                    if key.db_frame != 0 {
+                        // Waiting for a database query: the query as a frame between the code
+                        // path that issued it and the kernel's wait.
+                        let name = db_owners
+                            .frames
+                            .get(&key.db_frame)
+                            .map_or_else(|| "[db] query".to_string(), |fp| format!("[db] {fp}"));
+                        let at = stack
+                            .frames
+                            .iter()
+                            .position(|f| f.kind == FrameKind::Kernel)
+                            .unwrap_or(stack.frames.len());
+                        stack.frames.insert(at, synthetic_frame(name));
+                    }
+                    stacks.push(stack);
+                }
+                let every = u64::from(config.offcpu_sample_every.max(1));
+                if every > 1 {
+                    // Sampled mode: each recorded block stands for `every` blocks.
+                    for stack in &mut stacks {
+                        scale_stack(stack, every);
+                    }
+                }
+                sort_stacks(&mut stacks);
+                let mut runqueue = runqueue_histograms(&probes, &processes)?;
+                for histogram in &mut runqueue {
+                    histogram.waits *= every;
+                    histogram.buckets.iter_mut().for_each(|b| *b *= every);
+                }
+                Some(OffcpuProfile { stacks, runqueue })
+            }
+            None => None,
+        };
+        let oncpu = match probes.oncpu_frequency {
+            Some(frequency) => {
+                // Each sample stands for one sampling period of CPU time.
+                let period_ns = 1_000_000_000 / frequency.max(1);
+                let mut stacks = Vec::new();
+                for (key, (samples, _)) in &oncpu_series.latest {
+                    let intervals = oncpu_series
+                        .values(key)
+                        .iter()
+                        .map(|s| s * period_ns)
+                        .collect();
+                    stacks.push(builder.build(
+                        (key.tgid, key.tid, key.kernel_stack_id, key.user_stack_id),
+                        "running",
+                        samples * period_ns,
+                        *samples,
+                        intervals,
+                    )?);
+                }
+                sort_stacks(&mut stacks);
+                Some(OncpuProfile {
+                    frequency_hz: frequency,
+                    stacks,
+                })
+            }
+            None => None,
+        };
+        let syscalls = match probes.syscalls_slow_ns {
+            Some(slow_threshold_ns) => {
+                let mut stats: Vec<SyscallStat> = probes
+                    .syscall_stats()?
+                    .into_iter()
+                    .map(|(key, value)| SyscallStat {
+                        pid: key.tgid,
+                        comm: comm_of(&processes, key.tgid),
+                        nr: key.nr,
+                        name: crate::probes::syscalls::name(key.nr),
+                        count: value.count,
+                        errors: value.errors,
+                        total_ns: value.total_ns,
+                        max_ns: value.max_ns,
+                        buckets: value.hist.to_vec(),
+                    })
+                    .collect();
+                stats.sort_by(|a, b| b.total_ns.cmp(&a.total_ns).then(a.pid.cmp(&b.pid)));
+                let mut slow = Vec::new();
+                for (key, value) in probes.slow_syscalls()? {
+                    let mut stack = builder.build(
+                        (key.tgid, key.tid, NO_STACK, key.user_stack_id),
+                        "syscall",
+                        value.total_ns,
+                        value.count,
                         Vec::new(),
                     )?;
+                    // No kernel stack was taken (at sys_exit it is only the exit path): drop its
+                    // placeholder; the syscall's name says more.
                     stack.frames.pop();
-                    stack.frames
-                } else {
-                    Vec::new()
-                };
-                profile.n_plus_one.push(NPlusOne {
-                    pid: suspect.pid,
-                    tid: suspect.tid,
-                    comm: suspect.comm,
-                    source: suspect.source,
-                    fingerprint: suspect.fingerprint,
-                    runs: suspect.runs,
-                    longest_run: suspect.longest_run,
-                    queries: suspect.queries,
-                    total_ns: suspect.total_ns,
-                    frames,
-                });
+                    stack.frames.push(synthetic_frame(format!(
+                        "[syscall {}]",
+                        crate::probes::syscalls::name(key.nr)
+                    )));
+                    slow.push(stack);
+                }
+                sort_stacks(&mut slow);
+                Some(SyscallProfile {
+                    slow_threshold_ns,
+                    stats,
+                    slow,
+                })
             }
-            Some(profile)
+            None => None,
+        };
+        let tcp = probes.tcp.then(|| tcp.profile());
+        let db = match probes.db_targets.is_empty() {
+            true => None,
+            false => {
+                let mut profile = db.profile();
+                for (_, pid, fingerprint, stack_id, tid, calls, total_ns) in db.stack_usage() {
+                    if stack_id < 0 {
+                        continue; // server-side: no client code path
+                    }
+                    let mut stack = builder.build(
+                        (pid, tid, NO_STACK, stack_id),
+                        "db",
+                        total_ns,
+                        calls,
+                        Vec::new(),
+                    )?;
+                    stack.frames.pop(); // no kernel stack was taken
+                    stack
+                        .frames
+                        .push(synthetic_frame(format!("[db] {fingerprint}")));
+                    profile.stacks.push(stack);
+                }
+                let every = u64::from(config.db_sample_every.max(1));
+                if every > 1 {
+                    // Sampled mode: each timed query stands for `every` queries (latency
+                    // quantiles are those of the sample).
+                    for query in &mut profile.queries {
+                        query.calls *= every;
+                        query.errors *= every;
+                        query.total_ns *= every;
+                        query.buckets.iter_mut().for_each(|b| *b *= every);
+                    }
+                    for stack in &mut profile.stacks {
+                        scale_stack(stack, every);
+                    }
+                }
+                sort_stacks(&mut profile.stacks);
+                for suspect in db.suspects() {
+                    let frames = if suspect.user_stack_id >= 0 {
+                        let mut stack = builder.build(
+                            (suspect.pid, suspect.tid, NO_STACK, suspect.user_stack_id),
+                            "db",
+                            0,
+                            0,
+                            Vec::new(),
+                        )?;
+                        stack.frames.pop();
+                        stack.frames
+                    } else {
+                        Vec::new()
+                    };
+                    profile.n_plus_one.push(NPlusOne {
+                        pid: suspect.pid,
+                        tid: suspect.tid,
+                        comm: suspect.comm,
+                        source: suspect.source,
+                        fingerprint: suspect.fingerprint,
+                        runs: suspect.runs,
+                        longest_run: suspect.longest_run,
+                        queries: suspect.queries,
+                        total_ns: suspect.total_ns,
+                        frames,
+                    });
+                }
+                Some(profile)
+            }
+        };
+        let attached_with = probes.offcpu_attached_with.unwrap_or("none");
+        if options.background_detach {
+            let mut detaching = DETACHING.lock().expect("detach lock");
+            detaching.retain(|h| !h.is_finished());
+            detaching.push(std::thread::spawn(move || drop(probes)));
+        } else {
+            drop(probes); // detach before the (slow) writing
         }
-    };
-    let attached_with = probes.offcpu_attached_with.unwrap_or("none");
-    if options.background_detach {
-        let mut detaching = DETACHING.lock().expect("detach lock");
-        detaching.retain(|h| !h.is_finished());
-        detaching.push(std::thread::spawn(move || drop(probes)));
-    } else {
-        drop(probes); // detach before the (slow) writing
+
+        counters.insert(
+            "profiler_cpu_ns".into(),
+            process_cpu_ns().saturating_sub(cpu_at_start),
+        );
+        let stats = symbolizer.stats;
+        counters.insert("user_frames".into(), stats.user_addresses);
+        counters.insert("kernel_frames".into(), stats.kernel_addresses);
+        counters.insert("unresolved_user_frames".into(), stats.unresolved_user);
+        counters.insert("unresolved_kernel_frames".into(), stats.unresolved_kernel);
+
+        let mut seen_pids: Vec<u32> = offcpu
+            .iter()
+            .flat_map(|o| &o.stacks)
+            .chain(oncpu.iter().flat_map(|o| &o.stacks))
+            .map(|s| s.pid)
+            .chain(syscalls.iter().flat_map(|s| &s.stats).map(|s| s.pid))
+            .chain(tcp.iter().flat_map(|t| &t.endpoints).map(|e| e.pid))
+            .chain(db.iter().flat_map(|d| &d.queries).map(|q| q.pid))
+            .filter(|pid| *pid != 0)
+            .collect();
+        seen_pids.sort_unstable();
+        seen_pids.dedup();
+        let process_list = seen_pids
+            .iter()
+            .map(|pid| {
+                let info = processes.get(*pid);
+                Process {
+                    pid: *pid,
+                    comm: info.map(|p| p.comm.clone()).unwrap_or_default(),
+                    exe: info.and_then(|p| p.exe.clone()),
+                    exited: info.is_none_or(|p| p.exited),
+                }
+            })
+            .collect();
+
+        let mut capture = Capture::new(Metadata {
+            host: hostname(),
+            kernel: kernel_release(),
+            profiler_version: env!("CARGO_PKG_VERSION").to_string(),
+            start_unix_ms,
+            duration_ns: ends.last().copied().unwrap_or(0),
+            interval_ends_ns: ends,
+            filters: Filters {
+                pids: config.pids.clone(),
+                tids: config.tids.clone(),
+                min_block_ns: config.offcpu.as_ref().map(|o| o.min_block_ns).unwrap_or(0),
+                max_block_ns: config.offcpu.as_ref().and_then(|o| o.max_block_ns),
+                state: options.state_name.clone(),
+                threads: options.threads_name.clone(),
+            },
+            attach: attached_with.to_string(),
+            counters,
+            offcpu_sample_every: config.offcpu_sample_every,
+            db_sample_every: config.db_sample_every,
+        });
+        capture.processes = process_list;
+        capture.offcpu = offcpu;
+        capture.oncpu = oncpu;
+        capture.syscalls = syscalls;
+        capture.tcp = tcp;
+        capture.db = db;
+        write_outputs(&capture, &options.output, options.top, !options.quiet)?;
+        Ok((capture, next))
     }
-
-    counters.insert(
-        "profiler_cpu_ns".into(),
-        process_cpu_ns().saturating_sub(cpu_at_start),
-    );
-    let stats = symbolizer.stats;
-    counters.insert("user_frames".into(), stats.user_addresses);
-    counters.insert("kernel_frames".into(), stats.kernel_addresses);
-    counters.insert("unresolved_user_frames".into(), stats.unresolved_user);
-    counters.insert("unresolved_kernel_frames".into(), stats.unresolved_kernel);
-
-    let mut seen_pids: Vec<u32> = offcpu
-        .iter()
-        .flat_map(|o| &o.stacks)
-        .chain(oncpu.iter().flat_map(|o| &o.stacks))
-        .map(|s| s.pid)
-        .chain(syscalls.iter().flat_map(|s| &s.stats).map(|s| s.pid))
-        .chain(tcp.iter().flat_map(|t| &t.endpoints).map(|e| e.pid))
-        .chain(db.iter().flat_map(|d| &d.queries).map(|q| q.pid))
-        .filter(|pid| *pid != 0)
-        .collect();
-    seen_pids.sort_unstable();
-    seen_pids.dedup();
-    let process_list = seen_pids
-        .iter()
-        .map(|pid| {
-            let info = processes.get(*pid);
-            Process {
-                pid: *pid,
-                comm: info.map(|p| p.comm.clone()).unwrap_or_default(),
-                exe: info.and_then(|p| p.exe.clone()),
-                exited: info.is_none_or(|p| p.exited),
-            }
-        })
-        .collect();
-
-    let mut capture = Capture::new(Metadata {
-        host: hostname(),
-        kernel: kernel_release(),
-        profiler_version: env!("CARGO_PKG_VERSION").to_string(),
-        start_unix_ms,
-        duration_ns: ends.last().copied().unwrap_or(0),
-        interval_ends_ns: ends,
-        filters: Filters {
-            pids: config.pids.clone(),
-            tids: config.tids.clone(),
-            min_block_ns: config.offcpu.as_ref().map(|o| o.min_block_ns).unwrap_or(0),
-            max_block_ns: config.offcpu.as_ref().and_then(|o| o.max_block_ns),
-            state: options.state_name.clone(),
-            threads: options.threads_name.clone(),
-        },
-        attach: attached_with.to_string(),
-        counters,
-        offcpu_sample_every: config.offcpu_sample_every,
-        db_sample_every: config.db_sample_every,
-    });
-    capture.processes = process_list;
-    capture.offcpu = offcpu;
-    capture.oncpu = oncpu;
-    capture.syscalls = syscalls;
-    capture.tcp = tcp;
-    capture.db = db;
-    write_outputs(&capture, &options.output, options.top, !options.quiet)?;
-    Ok(capture)
 }
 
 /// Turns aggregation keys into symbolized stacks.
@@ -654,6 +746,14 @@ fn scale_stack(stack: &mut Stack, every: u64) {
     stack.total_ns *= every;
     stack.count *= every;
     stack.intervals.iter_mut().for_each(|v| *v *= every);
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of the kernel's `bpf_ktime_get_ns`.
+fn ktime_ns() -> u64 {
+    // SAFETY: clock_gettime fills the struct it is given.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// CPU time (user + system) this process has used so far.
@@ -886,9 +986,11 @@ pub(crate) fn drain_db_events(
     db: &mut DbAggregator,
     owners: &mut DbOwners,
     mut processes: Option<&mut ProcessCache>,
+    (started_from, started_before): (u64, u64),
 ) {
     while let Some(item) = ring.next() {
         if let Some(query) = crate::probes::db::decode(&item)
+            && (started_from..started_before).contains(&query.start_ns)
             && let Some(owner) = owners.owner(&query)
         {
             let mut query = query;

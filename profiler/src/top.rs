@@ -131,7 +131,7 @@ pub fn run(args: TopArgs) -> Result<()> {
         );
         if let Some(events) = db_events.as_mut() {
             let mut db = DbAggregator::new(false);
-            drain_db_events(events, &mut db, &mut db_owners, None);
+            drain_db_events(events, &mut db, &mut db_owners, None, (0, u64::MAX));
             text.push_str(&render_queries(&db.profile(), args.rows));
         }
         let mut out = std::io::stdout().lock();

@@ -57,6 +57,19 @@ fn get_bytes(port: u16, path: &str) -> Option<Vec<u8>> {
     Some(response[at + 4..].to_vec())
 }
 
+/// A failed assertion must not leave a daemon running (its programs would count in the
+/// next test): SIGKILL on the way out (harmless once it has stopped).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        }
+    }
+}
+
 /// The tests here count every profiler program on the host: they run one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -138,6 +151,7 @@ fn daemon_serves_windows_and_detaches_on_sigterm() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start daemon");
+    let _kill_on_panic = KillOnDrop(daemon.id());
     let deadline = Instant::now() + Duration::from_secs(60);
     while get(port, "/healthz").map(|r| r.1) != Some("ok\n".to_string()) {
         assert!(
@@ -193,10 +207,11 @@ fn daemon_serves_windows_and_detaches_on_sigterm() {
     assert!(top.contains("workload_"), "go tool pprof -top: {top}");
     let (status, _) = get(port, "/flamegraph?kind=nonsense").expect("bad kind");
     assert!(status.contains("400"), "{status}");
-    // Retention: at most --keep windows on disk (one more may be being written).
+    // Retention: at most --keep windows on disk, and two more: the one being recorded and
+    // the next, loaded before it ends (so that no time goes unrecorded between them).
     std::thread::sleep(Duration::from_secs(3));
     let windows = std::fs::read_dir(&data).unwrap().count();
-    assert!(windows <= 3, "{windows} windows kept with --keep 2");
+    assert!(windows <= 4, "{windows} windows kept with --keep 2");
     let (_, captures) = get(port, "/captures").expect("captures");
     let listed: Vec<String> = serde_json::from_str(&captures).unwrap();
     assert!(!listed.is_empty() && listed.len() <= 2, "{listed:?}");
@@ -279,6 +294,7 @@ fn daemon_reports_a_regression_against_a_pinned_baseline() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start daemon");
+    let _kill_on_panic = KillOnDrop(daemon.id());
     let deadline = Instant::now() + Duration::from_secs(60);
     let events = loop {
         assert!(Instant::now() < deadline, "no regression event");
@@ -367,6 +383,7 @@ fn daemon_reads_its_config_file_and_reloads_it_on_sighup() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start daemon");
+    let _kill_on_panic = KillOnDrop(daemon.id());
     let listed = || -> usize {
         get(port, "/captures")
             .and_then(|(_, body)| serde_json::from_str::<Vec<String>>(&body).ok())
@@ -458,6 +475,7 @@ fn bench_daemon_memory_and_cpu_under_pgbench() {
         .stderr(Stdio::null())
         .spawn()
         .expect("start daemon");
+    let _kill_on_panic = KillOnDrop(daemon.id());
     let pid = daemon.id();
     let status = |field: &str| -> u64 {
         std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -648,6 +666,7 @@ fn prometheus_scrapes_the_daemon_during_pgbench() {
         port,
         &["--window", "2s", "--", "--events", "offcpu,syscalls,db"],
     );
+    let _kill_on_panic_daemon = KillOnDrop(daemon.id());
     let prom_port = free_port();
     let config = dir.join("prometheus.yml");
     std::fs::write(
@@ -771,6 +790,7 @@ fn flamegraph_svg_opens_in_headless_chromium() {
         port,
         &["--window", "1s", "--", "--events", "offcpu", "-p", &pid],
     );
+    let _kill_on_panic_daemon = KillOnDrop(daemon.id());
     workload.go();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !get(port, "/flamegraph?kind=offcpu").is_some_and(|(_, svg)| svg.contains("workload_")) {
@@ -848,6 +868,7 @@ fn sigkill_leaves_nothing_attached_and_a_restart_works() {
             "offcpu,syscalls,tcp,db",
         ],
     );
+    let _kill_on_panic_daemon = KillOnDrop(daemon.id());
     wait_for_metric(port, "profiler_window_seconds", Duration::from_secs(60));
     assert!(
         profiler_programs_loaded() > 0,
@@ -872,6 +893,7 @@ fn sigkill_leaves_nothing_attached_and_a_restart_works() {
             "offcpu,syscalls,tcp,db",
         ],
     );
+    let _kill_on_panic_daemon = KillOnDrop(daemon.id());
     let metrics = wait_for_metric(port, "profiler_window_seconds", Duration::from_secs(60));
     assert!(metrics.contains("profiler_windows_total"));
     std::thread::sleep(Duration::from_secs(3));
@@ -906,16 +928,20 @@ fn record_from_daemon_returns_an_on_demand_capture() {
         port,
         &["--window", "5s", "--", "--events", "offcpu", "-p", "1"],
     );
+    let _kill_on_panic_daemon = KillOnDrop(daemon.id());
     workload.go();
     let out = dir.join("out");
     let status = Command::new(profiler_bin())
         .args(["record", "--from-daemon", &format!("127.0.0.1:{port}")])
         .args(["-d", "3", "-p", &pid.to_string(), "-o"])
         .arg(&out)
-        .stdout(Stdio::null())
-        .status()
+        .output()
         .unwrap();
-    assert!(status.success());
+    assert!(
+        status.status.success(),
+        "record --from-daemon: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
     let (busy, _) = get(port, "/capture?seconds=0").unwrap();
     assert!(busy.contains("400"), "{busy}");
     let _ = workload.finish();
@@ -977,6 +1003,7 @@ fn cpu_budget_switches_to_sampled_mode_and_back() {
     let port = free_port();
     let data = dir.join("data");
     let daemon = start_daemon(&data, port, &["--config", config.to_str().unwrap()]);
+    let _kill_on_panic_daemon = KillOnDrop(daemon.id());
     workload.go();
     let metrics = wait_for_metric(
         port,
