@@ -444,11 +444,16 @@ fn bench_daemon_memory_and_cpu_under_pgbench() {
     let seconds: u64 = std::env::var("BENCH_SECONDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(80);
+        .unwrap_or(150);
     let window: u64 = std::env::var("BENCH_WINDOW")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+        .unwrap_or(10);
+    // Windows before measuring: the budget finds its mode (a duty period can be 8 windows).
+    let warmup: u64 = std::env::var("BENCH_WARMUP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
     let cluster = profiler_tests::pg::PgCluster::start("bench-daemon");
     cluster.pgbench(&["-i", "-q", "-s", "10"]);
     let dir = temp_dir("bench-daemon");
@@ -502,7 +507,7 @@ fn bench_daemon_memory_and_cpu_under_pgbench() {
         let pgbench =
             scope.spawn(|| cluster.pgbench(&["-S", "-n", "-c", "2", "-T", &seconds.to_string()]));
         // Skip the first window (startup, and the budget finding its mode), then sample.
-        std::thread::sleep(Duration::from_secs(window + 2));
+        std::thread::sleep(Duration::from_secs(warmup.max(window + 2)));
         let (t0, c0) = (Instant::now(), cpu_ticks());
         let mut rss = Vec::new();
         while !pgbench.is_finished() {

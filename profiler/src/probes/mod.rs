@@ -240,6 +240,8 @@ impl Probes {
             None => db::DbTargets::default(),
         };
         db::globals(&db_targets, &btf, &mut globals)?;
+        // Offsets read; the parsed BTF is large, and tp_btf parses its own below.
+        drop(btf);
 
         let mut loader = EbpfLoader::new();
         for (name, bytes) in &globals {
