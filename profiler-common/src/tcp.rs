@@ -78,6 +78,8 @@ pub struct TcpEvent {
     /// `tcp_sock.total_retrans`: the kernel's own count for the socket's whole life.
     pub kernel_retransmits: u32,
     pub _pad: u32,
+    /// When the event happened (`bpf_ktime_get_ns`, CLOCK_MONOTONIC).
+    pub at_ns: u64,
 }
 
 pub mod counter {
@@ -125,6 +127,6 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<super::TcpConn>(), 56);
-        assert_eq!(core::mem::size_of::<super::TcpEvent>(), 120);
+        assert_eq!(core::mem::size_of::<super::TcpEvent>(), 128);
     }
 }

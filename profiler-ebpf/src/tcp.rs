@@ -282,6 +282,7 @@ fn emit(
             0
         },
         _pad: 0,
+        at_ns: unsafe { bpf_ktime_get_ns() },
     });
     let flags = if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BACKLOG {
         BPF_RB_FORCE_WAKEUP

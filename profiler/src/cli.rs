@@ -374,6 +374,7 @@ impl RecordArgs {
             show_literals: self.show_literals,
             background_detach: false,
             quiet: false,
+            continues: false,
         })
     }
 }

@@ -655,8 +655,12 @@ async fn serve_and_record(daemon_args: DaemonArgs, mut args: Settings) -> Result
                 // them) — unless the budget skips the next window.
                 let handoff: Option<crate::record::Handoff> = (cost.duty() == 1).then(|| {
                     let (args, cost) = (args.clone(), cost.clone());
-                    Box::new(move || window_options(&args, &cost).and_then(crate::record::prepare))
-                        as crate::record::Handoff
+                    Box::new(move || {
+                        window_options(&args, &cost).and_then(|mut options| {
+                            options.continues = true;
+                            crate::record::prepare(options)
+                        })
+                    }) as crate::record::Handoff
                 });
                 // The window ends early on SIGTERM/SIGINT too (and is written): both
                 // listeners see the signal.

@@ -46,6 +46,9 @@ pub struct RecordOptions {
     pub background_detach: bool,
     /// No summary on stdout and no progress (the daemon's windows).
     pub quiet: bool,
+    /// Loaded by a window that is still recording (the daemon's handoff): the events from
+    /// before this capture was attached are that window's.
+    pub continues: bool,
 }
 
 static DETACHING: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>> =
@@ -190,6 +193,8 @@ impl Prepared {
             start_unix_ms,
             attach_ktime,
         } = self;
+        // Following a window that is still attached: what happened before we were is its.
+        let from_ktime = if options.continues { attach_ktime } else { 0 };
         let config = &options.probes;
         let mut tcp = TcpAggregator::default();
         let mut db = DbAggregator::new(options.show_literals);
@@ -268,20 +273,20 @@ impl Prepared {
                 }
                 _ = tcp_drain.tick(), if tcp_events.is_some() || db_events.is_some() => {
                     if let Some(events) = tcp_events.as_mut() {
-                        drain_tcp_events(events.get_mut(), &mut tcp, &mut processes);
+                        drain_tcp_events(events.get_mut(), &mut tcp, &mut processes, (from_ktime, u64::MAX));
                     }
                     if let Some(events) = db_events.as_mut() {
-                        drain_db_events(events.get_mut(), &mut db, &mut db_owners, Some(&mut processes), (attach_ktime, u64::MAX));
+                        drain_db_events(events.get_mut(), &mut db, &mut db_owners, Some(&mut processes), (from_ktime, u64::MAX));
                     }
                 }
                 guard = async { db_events.as_mut().expect("checked").readable_mut().await }, if db_events.is_some() => {
                     let mut guard = guard.context("polling the database event ring buffer failed")?;
-                    drain_db_events(guard.get_inner_mut(), &mut db, &mut db_owners, Some(&mut processes), (attach_ktime, u64::MAX));
+                    drain_db_events(guard.get_inner_mut(), &mut db, &mut db_owners, Some(&mut processes), (from_ktime, u64::MAX));
                     guard.clear_ready();
                 }
                 guard = async { tcp_events.as_mut().expect("checked").readable_mut().await }, if tcp_events.is_some() => {
                     let mut guard = guard.context("polling the TCP event ring buffer failed")?;
-                    drain_tcp_events(guard.get_inner_mut(), &mut tcp, &mut processes);
+                    drain_tcp_events(guard.get_inner_mut(), &mut tcp, &mut processes, (from_ktime, u64::MAX));
                     guard.clear_ready();
                 }
             }
@@ -292,8 +297,9 @@ impl Prepared {
             (Some(handoff), false) => Some(handoff()),
             _ => None,
         };
-        // Queries that started once the next capture's probes were going in are its own.
-        let queries_until = match &next {
+        // Queries that started, and TCP events that happened, once the next capture was
+        // attached are its own.
+        let until_ktime = match &next {
             Some(Ok(next)) => next.attach_ktime,
             _ => u64::MAX,
         };
@@ -313,7 +319,12 @@ impl Prepared {
         };
         drain_new_tasks(new_tasks.get_mut(), &mut processes);
         if let Some(events) = tcp_events.as_mut() {
-            drain_tcp_events(events.get_mut(), &mut tcp, &mut processes);
+            drain_tcp_events(
+                events.get_mut(),
+                &mut tcp,
+                &mut processes,
+                (from_ktime, until_ktime),
+            );
         }
         if let Some(events) = db_events.as_mut() {
             drain_db_events(
@@ -321,7 +332,7 @@ impl Prepared {
                 &mut db,
                 &mut db_owners,
                 Some(&mut processes),
-                (attach_ktime, queries_until),
+                (from_ktime, until_ktime),
             );
         }
         progress.finish();
@@ -990,7 +1001,11 @@ pub(crate) fn drain_db_events(
 ) {
     while let Some(item) = ring.next() {
         if let Some(query) = crate::probes::db::decode(&item)
-            && (started_from..started_before).contains(&query.start_ns)
+            // Statement definitions (SQLite prepares carry no time, libpq prepares are no
+            // queries) go to both windows: later executions are named from them.
+            && (query.start_ns == 0
+                || query.prepare_name.is_some()
+                || (started_from..started_before).contains(&query.start_ns))
             && let Some(owner) = owners.owner(&query)
         {
             let mut query = query;
@@ -1107,9 +1122,12 @@ fn drain_tcp_events(
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
     tcp: &mut TcpAggregator,
     processes: &mut ProcessCache,
+    (from, until): (u64, u64),
 ) {
     while let Some(item) = ring.next() {
-        if let Some(record) = crate::probes::tcp::decode(&item) {
+        if let Some(record) = crate::probes::tcp::decode(&item)
+            && (from..until).contains(&record.at_ns)
+        {
             if record.pid != 0 && processes.get(record.pid).is_none() {
                 processes.observe(record.pid, &record.comm);
             }

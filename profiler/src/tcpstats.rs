@@ -138,6 +138,7 @@ mod tests {
 
     fn record(close: bool, accepted: bool, remote_port: u16) -> TcpRecord {
         TcpRecord {
+            at_ns: 1,
             close,
             pid: 7,
             tid: 8,

@@ -105,6 +105,8 @@ impl Probes {
 /// A decoded connect or close.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TcpRecord {
+    /// When it happened (CLOCK_MONOTONIC ns).
+    pub at_ns: u64,
     pub close: bool,
     pub pid: u32,
     pub tid: u32,
@@ -155,6 +157,7 @@ pub fn decode(bytes: &[u8]) -> Option<TcpRecord> {
         retransmits: e.retransmits,
         kernel_retransmits: e.kernel_retransmits,
         old_state: e.old_state,
+        at_ns: e.at_ns,
     })
 }
 
