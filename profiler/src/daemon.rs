@@ -137,9 +137,9 @@ async fn on_demand_capture(
     }
 }
 
-/// Keeps the newest `CAPTURES_KEPT` on-demand captures.
-fn prune_captures(data_dir: &Path) {
-    let mut captures: Vec<PathBuf> = std::fs::read_dir(data_dir)
+/// The directories under `data_dir` named `PREFIX<unix ms>`, oldest first.
+fn dirs_named(data_dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(data_dir)
         .into_iter()
         .flatten()
         .flatten()
@@ -147,10 +147,16 @@ fn prune_captures(data_dir: &Path) {
         .filter(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("capture-"))
+                .is_some_and(|n| n.starts_with(prefix))
         })
         .collect();
-    captures.sort();
+    dirs.sort();
+    dirs
+}
+
+/// Keeps the newest `CAPTURES_KEPT` on-demand captures.
+fn prune_captures(data_dir: &Path) {
+    let mut captures = dirs_named(data_dir, "capture-");
     while captures.len() > CAPTURES_KEPT {
         let _ = std::fs::remove_dir_all(captures.remove(0));
     }
@@ -591,21 +597,7 @@ async fn serve_and_record(daemon_args: DaemonArgs, mut args: Settings) -> Result
         None => None,
     };
     // Windows left by an earlier run (a restart) count for retention too.
-    {
-        let mut existing: Vec<PathBuf> = std::fs::read_dir(&args.data_dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("window-"))
-            })
-            .collect();
-        existing.sort();
-        state.lock().expect("state lock").kept = existing;
-    }
+    state.lock().expect("state lock").kept = dirs_named(&args.data_dir, "window-");
     let mut previous: Option<Capture> = None;
     let mut next: Option<Result<crate::record::Prepared>> = None;
     let mut mark = Mark::now();

@@ -140,26 +140,23 @@ fn daemon_serves_windows_and_detaches_on_sigterm() {
         .unwrap()
         .port();
     let data = dir.join("data");
-    let mut daemon = Command::new(profiler_bin())
-        .arg("daemon")
-        .arg("--data-dir")
-        .arg(&data)
-        .args(["--window", "1s", "--keep", "2", "--listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .args(["--", "--events", "offcpu,syscalls", "-p", &pid])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start daemon");
+    let mut daemon = start_daemon(
+        &data,
+        port,
+        &[
+            "--window",
+            "1s",
+            "--keep",
+            "2",
+            "--",
+            "--events",
+            "offcpu,syscalls",
+            "-p",
+            &pid,
+        ],
+    );
     let _kill_on_panic = KillOnDrop(daemon.id());
     let deadline = Instant::now() + Duration::from_secs(60);
-    while get(port, "/healthz").map(|r| r.1) != Some("ok\n".to_string()) {
-        assert!(
-            Instant::now() < deadline,
-            "the daemon never answered /healthz"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
     workload.go();
     // Wait for a window that saw the workload block.
     let metrics = loop {
@@ -273,15 +270,16 @@ fn daemon_reports_a_regression_against_a_pinned_baseline() {
         .and_then(|l| l.local_addr())
         .unwrap()
         .port();
-    let mut daemon = Command::new(profiler_bin())
-        .arg("daemon")
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .args(["--window", "2500ms", "--keep", "3", "--listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--baseline")
-        .arg(&baseline)
-        .args([
+    let mut daemon = start_daemon(
+        &dir.join("data"),
+        port,
+        &[
+            "--window",
+            "2500ms",
+            "--keep",
+            "3",
+            "--baseline",
+            baseline.to_str().unwrap(),
             "--",
             "--events",
             "offcpu",
@@ -289,11 +287,8 @@ fn daemon_reports_a_regression_against_a_pinned_baseline() {
             "125ms",
             "-p",
             &pid,
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start daemon");
+        ],
+    );
     let _kill_on_panic = KillOnDrop(daemon.id());
     let deadline = Instant::now() + Duration::from_secs(60);
     let events = loop {
@@ -371,18 +366,11 @@ fn daemon_reads_its_config_file_and_reloads_it_on_sighup() {
         .and_then(|l| l.local_addr())
         .unwrap()
         .port();
-    let mut daemon = Command::new(profiler_bin())
-        .arg("daemon")
-        .arg("--config")
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start daemon");
+    let mut daemon = start_daemon(
+        &dir.join("data"),
+        port,
+        &["--config", config.to_str().unwrap()],
+    );
     let _kill_on_panic = KillOnDrop(daemon.id());
     let listed = || -> usize {
         get(port, "/captures")
@@ -449,6 +437,8 @@ fn bench_daemon_memory_and_cpu_under_pgbench() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
+    // BENCH_MAX_CPU=100000% measures full mode (no sampling).
+    let max_cpu = std::env::var("BENCH_MAX_CPU").unwrap_or_else(|_| "1%".into());
     // Windows before measuring: the budget finds its mode (a duty period can be 8 windows).
     let warmup: u64 = std::env::var("BENCH_WARMUP")
         .ok()
@@ -471,7 +461,7 @@ fn bench_daemon_memory_and_cpu_under_pgbench() {
             "--keep",
             "3",
             "--max-cpu",
-            "1%",
+            &max_cpu,
         ])
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
@@ -521,11 +511,13 @@ fn bench_daemon_memory_and_cpu_under_pgbench() {
     let metrics = get(port, "/metrics").map(|r| r.1).unwrap_or_default();
     let own = |name: &str| metric(&metrics, name).unwrap_or(f64::NAN);
     println!(
-        "[bench daemon] the daemon's own account of its last window: userspace {:.2} %, eBPF          {:.2} % of one CPU (budget {:.2} %), sampled 1 in {}, window gap {:.2} s",
+        "[bench daemon] the daemon's own account of its last window: userspace {:.2} %, eBPF          {:.2} % of one CPU (budget {:.2} %), sampled 1 in {}, 1 window in {} recorded, window \
+         gap {:.2} s",
         own("profiler_cost_ratio{part=\"userspace\"}") * 100.0,
         own("profiler_cost_ratio{part=\"ebpf\"}") * 100.0,
         own("profiler_cpu_budget_ratio") * 100.0,
         own("profiler_sample_every{family=\"offcpu\"}"),
+        own("profiler_window_duty"),
         own("profiler_window_gap_seconds"),
     );
     // SAFETY: kill(2) on our own child.
