@@ -77,8 +77,9 @@ pub struct DaemonArgs {
     pub baseline: Option<PathBuf>,
     /// CPU budget, in percent of one CPU (e.g. `1%`): the daemon measures its own cost each
     /// window (its CPU time plus the kernel's run time of its eBPF programs) and, over the
-    /// budget, records one off-CPU block and one query in 2, 4, … (sampled mode) and lowers
-    /// the on-CPU frequency; back to full mode once well under it. Default: no budget.
+    /// budget, records one off-CPU block and one query in 2, 4, … 64 (sampled mode) and
+    /// lowers the on-CPU frequency, then records one window in 2 … 64; back to full mode
+    /// once well under it. Default: no budget.
     #[arg(long, value_parser = parse_percent)]
     pub max_cpu: Option<f64>,
     /// Options for each window's `record` (e.g. `-- --events offcpu,db -p 1234`).
