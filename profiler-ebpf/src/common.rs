@@ -21,6 +21,9 @@ static FILTER_TID: u32 = 0;
 /// `THREADS_*`.
 #[unsafe(no_mangle)]
 static THREAD_KIND: u32 = THREADS_ALL;
+/// A process left out (the profiler itself, `--exclude-self`); 0: none.
+#[unsafe(no_mangle)]
+static EXCLUDE_TGID: u32 = 0;
 /// Offsets in `struct task_struct`, from the running kernel's BTF.
 #[unsafe(no_mangle)]
 pub static TASK_PID_OFF: u32 = 0;
@@ -86,6 +89,10 @@ pub fn config<T: Copy>(global: &T) -> T {
 /// Whether a thread passes the pid/tid filters.
 #[inline(always)]
 pub fn wanted_ids(tgid: u32, tid: u32) -> bool {
+    let excluded = config(&EXCLUDE_TGID);
+    if excluded != 0 && tgid == excluded {
+        return false;
+    }
     if config(&FILTER_TGID) != 0 && unsafe { TGID_FILTER.get(tgid) }.is_none() {
         return false;
     }

@@ -262,6 +262,10 @@ pub struct RecordArgs {
     /// (`bpf_run_ns`, with BPF statistics on while recording: about 20 ns more per run).
     #[arg(long)]
     pub measure_overhead: bool,
+    /// Leave the profiler's own process out (the daemon always does: its cost is in its
+    /// self-metrics, and symbolizing its own stacks each window costs memory).
+    #[arg(long)]
+    pub exclude_self: bool,
     /// Ask the `profiler daemon` listening at this address (e.g. 127.0.0.1:9464) for the
     /// capture instead of loading probes here: it records --duration (whole seconds, at most
     /// 600) with its own options, of the -p processes when given, and this command writes the
@@ -367,6 +371,7 @@ impl RecordArgs {
                 offcpu_sample_every: self.offcpu_sample,
                 db_sample_every: self.db_sample,
                 measure_overhead: self.measure_overhead,
+                exclude_self: self.exclude_self,
             },
             state_name,
             threads_name,

@@ -806,6 +806,7 @@ fn window_options(args: &Settings, cost: &Cost) -> Result<crate::record::RecordO
     let mut options = record_options(args, &dir)?;
     options.quiet = true;
     options.probes.measure_overhead = true;
+    options.probes.exclude_self = true;
     options.background_detach = true;
     cost.apply(&mut options);
     Ok(options)

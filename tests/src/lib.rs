@@ -134,6 +134,11 @@ impl Recording {
         }
     }
 
+    /// The profiler's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Ctrl-C: the profiler must stop and still write everything.
     pub fn interrupt(self) -> (Value, String) {
         // SAFETY: kill(2) on our own child.

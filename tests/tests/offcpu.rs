@@ -341,3 +341,41 @@ fn sampled_offcpu_mode_scales_back_to_the_workloads_timing() {
     assert!(runs >= 2 * 900, "{runs} program runs for 900 blocks");
     assert!(run_ns > 0 && counters["profiler_cpu_ns"].as_u64().unwrap() > 0);
 }
+
+/// `--exclude-self` (what the daemon's windows use): the profiler's own process, which
+/// otherwise shows up on a whole-host capture (it waits in epoll between its snapshots and
+/// makes syscalls), is left out by every family.
+#[test]
+fn exclude_self_leaves_the_profiler_out_of_a_whole_host_capture() {
+    require_root();
+    let dir = temp_dir("exclude-self");
+    let pids_seen = |extra: &[&str], name: &str| -> (u32, bool) {
+        let out = dir.join(name);
+        let mut args = vec!["--duration", "1500ms", "--events", "offcpu,syscalls"];
+        args.extend_from_slice(extra);
+        let recording = Recording::start(&out, &args);
+        let pid = recording.pid();
+        let (capture, _) = recording.wait();
+        let in_offcpu = capture["offcpu"]["stacks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["pid"].as_u64() == Some(pid as u64));
+        let in_syscalls = capture["syscalls"]["stats"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["pid"].as_u64() == Some(pid as u64));
+        (pid, in_offcpu || in_syscalls)
+    };
+    let (pid, seen) = pids_seen(&[], "with-self");
+    assert!(
+        seen,
+        "the profiler ({pid}) is not in its own whole-host capture"
+    );
+    let (pid, seen) = pids_seen(&["--exclude-self"], "without-self");
+    assert!(
+        !seen,
+        "the profiler ({pid}) is in a capture with --exclude-self"
+    );
+}

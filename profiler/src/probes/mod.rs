@@ -65,6 +65,8 @@ pub struct ProbeConfig {
     /// Turn on the kernel's BPF run-time statistics while loaded, so the capture can say
     /// what our programs cost (`bpf_run_ns`); about 20 ns more per program run.
     pub measure_overhead: bool,
+    /// Leave the profiler's own process out of every family.
+    pub exclude_self: bool,
 }
 
 impl Default for ProbeConfig {
@@ -83,6 +85,7 @@ impl Default for ProbeConfig {
             offcpu_sample_every: 1,
             db_sample_every: 1,
             measure_overhead: false,
+            exclude_self: false,
         }
     }
 }
@@ -185,6 +188,15 @@ impl Probes {
             ThreadFilter::Kernel => THREADS_KERNEL,
         };
         global(&mut globals, "THREAD_KIND", thread_kind);
+        global(
+            &mut globals,
+            "EXCLUDE_TGID",
+            if config.exclude_self {
+                std::process::id()
+            } else {
+                0
+            },
+        );
         // Off-CPU files a thread's wait under its database query when both families run.
         global(
             &mut globals,
