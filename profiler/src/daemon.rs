@@ -162,6 +162,27 @@ fn prune_captures(data_dir: &Path) {
     }
 }
 
+/// A window kept on disk, by its directory name (`window-1795890779754`) or its unix ms.
+fn kept_window(state: &State, name: &str) -> Option<PathBuf> {
+    state
+        .kept
+        .iter()
+        .find(|dir| {
+            dir.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n == name || n.strip_prefix("window-") == Some(name))
+        })
+        .cloned()
+}
+
+fn no_such_window(name: &str) -> (&'static str, &'static str, Vec<u8>) {
+    (
+        "404 Not Found",
+        "text/plain",
+        format!("no window {name:?} kept (see /captures)\n").into_bytes(),
+    )
+}
+
 fn bad_request(text: String) -> (&'static str, &'static str, Vec<u8>) {
     ("400 Bad Request", "text/plain", text.into_bytes())
 }
@@ -863,28 +884,37 @@ fn respond(target: &str, state: &Mutex<State>) -> (&'static str, &'static str, V
             "text/plain; version=0.0.4",
             metrics(&state).into_bytes(),
         ),
-        "/profile" => match &state.latest {
-            Some((_, capture)) => match crate::pprof::gzipped(capture) {
+        "/profile" => {
+            let capture = match param("window") {
+                // An older window: its capture from disk.
+                Some(name) => match kept_window(&state, &name)
+                    .map(|dir| Capture::load(&dir.join(crate::model::CAPTURE_FILE)))
+                {
+                    Some(Ok(capture)) => capture,
+                    _ => return no_such_window(&name),
+                },
+                None => match &state.latest {
+                    Some((_, capture)) => capture.clone(),
+                    None => return unavailable(),
+                },
+            };
+            match crate::pprof::gzipped(&capture) {
                 Ok(body) => ("200 OK", "application/octet-stream", body),
                 Err(err) => (
                     "500 Internal Server Error",
                     "text/plain",
                     format!("{err:#}\n").into_bytes(),
                 ),
-            },
-            None => (
-                "503 Service Unavailable",
-                "text/plain",
-                b"no window yet\n".to_vec(),
-            ),
-        },
+            }
+        }
         "/summary" | "/flamegraph" => {
-            let Some((dir, _)) = &state.latest else {
-                return (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    b"no window yet\n".to_vec(),
-                );
+            let dir = match (param("window"), &state.latest) {
+                (Some(name), _) => match kept_window(&state, &name) {
+                    Some(dir) => dir,
+                    None => return no_such_window(&name),
+                },
+                (None, Some((dir, _))) => dir.clone(),
+                (None, None) => return unavailable(),
             };
             let file = if path == "/summary" {
                 "summary.txt".to_string()
@@ -909,7 +939,7 @@ fn respond(target: &str, state: &Mutex<State>) -> (&'static str, &'static str, V
                 Err(_) => (
                     "404 Not Found",
                     "text/plain",
-                    format!("no {file} in the latest window\n").into_bytes(),
+                    format!("no {file} in {}\n", dir.display()).into_bytes(),
                 ),
             }
         }

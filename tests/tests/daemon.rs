@@ -212,6 +212,22 @@ fn daemon_serves_windows_and_detaches_on_sigterm() {
     let (_, captures) = get(port, "/captures").expect("captures");
     let listed: Vec<String> = serde_json::from_str(&captures).unwrap();
     assert!(!listed.is_empty() && listed.len() <= 2, "{listed:?}");
+    // A window by name (the newest kept: retention removes the oldest meanwhile): its
+    // flamegraph and its pprof; an unknown one is a 404.
+    let named = std::path::Path::new(listed.last().unwrap())
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let (status, svg) = get(port, &format!("/flamegraph?kind=offcpu&window={named}")).unwrap();
+    assert!(
+        status.contains("200") && svg.starts_with("<?xml"),
+        "{status}"
+    );
+    let pprof = get_bytes(port, &format!("/profile?window={named}")).unwrap();
+    assert_eq!(&pprof[..2], &[0x1f, 0x8b], "not gzip");
+    let (status, _) = get(port, "/flamegraph?window=window-1").unwrap();
+    assert!(status.contains("404"), "{status}");
     assert!(
         profiler_programs_loaded() > 0,
         "no programs attached while running"
