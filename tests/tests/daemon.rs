@@ -527,8 +527,9 @@ fn bench_daemon_memory_and_cpu_under_pgbench() {
     let metrics = get(port, "/metrics").map(|r| r.1).unwrap_or_default();
     let own = |name: &str| metric(&metrics, name).unwrap_or(f64::NAN);
     println!(
-        "[bench daemon] the daemon's own account of its last window: userspace {:.2} %, eBPF          {:.2} % of one CPU (budget {:.2} %), sampled 1 in {}, 1 window in {} recorded, window \
-         gap {:.2} s",
+        "[bench daemon] the daemon's own account of its last duty period: userspace {:.2} %, \
+         eBPF {:.2} % of one CPU (budget {:.2} %), sampled 1 in {}, 1 window in {} recorded, \
+         window gap {:.2} s",
         own("profiler_cost_ratio{part=\"userspace\"}") * 100.0,
         own("profiler_cost_ratio{part=\"ebpf\"}") * 100.0,
         own("profiler_cpu_budget_ratio") * 100.0,
