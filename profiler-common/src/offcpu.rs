@@ -56,6 +56,8 @@ pub struct RunqKey {
 
 /// Buckets in the run-queue histogram (the last one takes everything above 2^38 ns).
 pub const RUNQ_BUCKETS: u32 = 40;
+/// Entries of the off-CPU aggregation map (`TOTALS`): userspace reports how full it got.
+pub const TOTALS_MAX: u32 = 16384;
 
 /// Why the thread left the CPU (the task state at sched_switch).
 pub const STATE_RUNQUEUE: u32 = 0;

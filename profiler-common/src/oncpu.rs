@@ -1,5 +1,8 @@
 //! On-CPU probe family: perf_event cpu-clock samples with kernel and user stacks.
 
+/// Entries of the on-CPU sample-count map (`COUNTS`): userspace reports how full it got.
+pub const COUNTS_MAX: u32 = 16384;
+
 /// Aggregation key: samples per (process, thread, kernel stack, user stack).
 /// Negative stack ids are errnos, as in `offcpu::OffcpuKey`.
 #[repr(C)]

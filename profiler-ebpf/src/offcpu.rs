@@ -22,7 +22,7 @@ use aya_ebpf::{
 };
 use profiler_common::offcpu::{
     OffcpuKey, OffcpuStart, OffcpuValue, RUNQ_BUCKETS, RunqKey, STATE_DISK, STATE_IDLE,
-    STATE_MASK_ANY, STATE_OTHER, STATE_RUNQUEUE, STATE_SLEEP, counter,
+    STATE_MASK_ANY, STATE_OTHER, STATE_RUNQUEUE, STATE_SLEEP, TOTALS_MAX, counter,
 };
 
 use crate::common::{
@@ -62,7 +62,7 @@ static TP_PREEMPT_STATE: u32 = 0x100;
 static STARTS: HashMap<u32, OffcpuStart> = HashMap::with_max_entries(32768, 0);
 
 #[map(name = "OFFCPU_TOTALS")]
-static TOTALS: HashMap<OffcpuKey, OffcpuValue> = HashMap::with_max_entries(16384, 0);
+static TOTALS: HashMap<OffcpuKey, OffcpuValue> = HashMap::with_max_entries(TOTALS_MAX, 0);
 
 #[map(name = "OFFCPU_RUNQ_HIST")]
 static RUNQ_HIST: HashMap<RunqKey, u64> = HashMap::with_max_entries(16384, 0);

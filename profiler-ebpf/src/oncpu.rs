@@ -8,12 +8,12 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray},
     programs::PerfEventContext,
 };
-use profiler_common::oncpu::{OncpuKey, counter};
+use profiler_common::oncpu::{COUNTS_MAX, OncpuKey, counter};
 
 use crate::common::{StackError, TASK_COMM_OFF, config, notify_new_task, stack_id, wanted};
 
 #[map(name = "ONCPU_COUNTS")]
-static COUNTS: HashMap<OncpuKey, u64> = HashMap::with_max_entries(16384, 0);
+static COUNTS: HashMap<OncpuKey, u64> = HashMap::with_max_entries(COUNTS_MAX, 0);
 
 #[map(name = "ONCPU_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);

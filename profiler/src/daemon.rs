@@ -17,6 +17,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::cli::DaemonArgs;
 
 use crate::model::Capture;
+use crate::promtext::label;
 
 /// What the HTTP side knows: the windows kept and the latest capture.
 #[derive(Default)]
@@ -78,11 +79,9 @@ async fn on_demand_capture(
         state.capturing = true;
         settings
     };
-    let started = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
-    let dir = settings.data_dir.join(format!("capture-{started}"));
+    let dir = settings
+        .data_dir
+        .join(format!("capture-{}", crate::record::unix_ms()));
     let mut record_args = Vec::new();
     let mut args = settings.record_args.iter();
     while let Some(arg) = args.next() {
@@ -247,8 +246,8 @@ pub fn capture_from_daemon(
 /// What the daemon costs and the mode its CPU budget put it in.
 #[derive(Debug, Default, Clone)]
 struct Cost {
-    /// Sampling level: one off-CPU block and one query in `2^level`; on-CPU frequency
-    /// divided by `2^level`.
+    /// 0: full mode; 1..=SAMPLE_LEVELS: one off-CPU block and one query in `2^level`, the
+    /// on-CPU frequency divided as much; beyond: also one window in `2^(level - 6)`.
     level: u32,
     oncpu_hz: Option<u64>,
     budget: Option<f64>,
@@ -277,8 +276,9 @@ const SAMPLE_LEVELS: u32 = 6;
 const MAX_LEVEL: u32 = 12;
 
 impl Cost {
-    /// Next level from the last window's cost: over the budget, sample (enough steps to
-    /// halve the cost each, at most three at once); well under it (a third), one step back.
+    /// Next level from the last duty period's cost: over the budget, up enough steps to
+    /// halve the cost each (at most three at once); under a third of it, back as many steps
+    /// as it could double (one to three).
     fn adjust(&mut self) {
         let Some(budget) = self.budget else {
             self.level = 0;
@@ -609,10 +609,8 @@ async fn serve_and_record(daemon_args: DaemonArgs, mut args: Settings) -> Result
         }
     });
 
-    let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let mut signals = Signals::new()?;
     let mut reload = false;
-    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let baseline = match &args.baseline {
         Some(path) => Some(Capture::load(path)?),
         None => None,
@@ -634,12 +632,7 @@ async fn serve_and_record(daemon_args: DaemonArgs, mut args: Settings) -> Result
             if let Some(Ok(unused)) = next.take() {
                 unused.discard();
             }
-            tokio::select! {
-                _ = tokio::time::sleep(args.window) => {}
-                _ = sigterm.recv() => stop = true,
-                _ = sigint.recv() => stop = true,
-                _ = sighup.recv() => reload = true,
-            }
+            signals.sleep(args.window, &mut stop, &mut reload).await;
             cost.skip_left -= 1;
             let (cpu_ns, wall) = mark.lap();
             cost.account(cpu_ns, 0, wall);
@@ -682,9 +675,9 @@ async fn serve_and_record(daemon_args: DaemonArgs, mut args: Settings) -> Result
                 let result = loop {
                     tokio::select! {
                         result = &mut window => break result,
-                        _ = sigterm.recv() => stop = true,
-                        _ = sigint.recv() => stop = true,
-                        _ = sighup.recv() => reload = true,
+                        _ = signals.term.recv() => stop = true,
+                        _ = signals.int.recv() => stop = true,
+                        _ = signals.hup.recv() => reload = true,
                     }
                 };
                 match result {
@@ -715,12 +708,8 @@ async fn serve_and_record(daemon_args: DaemonArgs, mut args: Settings) -> Result
                     let _ = std::fs::remove_dir_all(&dir);
                 }
                 if !stop {
-                    tokio::select! {
-                        _ = tokio::time::sleep(args.window.min(Duration::from_secs(5))) => {}
-                        _ = sigterm.recv() => stop = true,
-                        _ = sigint.recv() => stop = true,
-                        _ = sighup.recv() => reload = true,
-                    }
+                    let pause = args.window.min(Duration::from_secs(5));
+                    signals.sleep(pause, &mut stop, &mut reload).await;
                 }
                 if reload {
                     reload = false;
@@ -791,6 +780,33 @@ async fn serve_and_record(daemon_args: DaemonArgs, mut args: Settings) -> Result
     Ok(())
 }
 
+/// The signals the daemon obeys: SIGTERM/SIGINT stop it, SIGHUP reloads its config.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+            hup: signal(SignalKind::hangup()).context("cannot handle SIGHUP")?,
+        })
+    }
+
+    /// Sleeps `duration`, or until a signal: SIGTERM/SIGINT set `stop`, SIGHUP `reload`.
+    async fn sleep(&mut self, duration: Duration, stop: &mut bool, reload: &mut bool) {
+        tokio::select! {
+            _ = tokio::time::sleep(duration) => {}
+            _ = self.term.recv() => *stop = true,
+            _ = self.int.recv() => *stop = true,
+            _ = self.hup.recv() => *reload = true,
+        }
+    }
+}
+
 /// CPU time and wall time since the last lap.
 struct Mark {
     at: std::time::Instant,
@@ -819,11 +835,9 @@ impl Mark {
 
 /// A window's record options: its directory, quiet, self-measuring, the budget's mode.
 fn window_options(args: &Settings, cost: &Cost) -> Result<crate::record::RecordOptions> {
-    let started = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
-    let dir = args.data_dir.join(format!("window-{started}"));
+    let dir = args
+        .data_dir
+        .join(format!("window-{}", crate::record::unix_ms()));
     let mut options = record_options(args, &dir)?;
     options.quiet = true;
     options.probes.measure_overhead = true;
@@ -951,8 +965,6 @@ fn respond(target: &str, state: &Mutex<State>) -> (&'static str, &'static str, V
     }
 }
 
-use crate::promtext::label;
-
 /// Prometheus text format from the latest window (bounded: the 50 largest series per family).
 fn metrics(state: &State) -> String {
     let mut out = String::new();
@@ -969,18 +981,15 @@ fn metrics(state: &State) -> String {
     let _ = writeln!(out, "# TYPE profiler_regressions_total counter");
     let _ = writeln!(
         out,
-        "# HELP profiler_window_errors_total Windows that could not run (said once on stderr)."
-    );
-    let _ = writeln!(out, "# TYPE profiler_window_errors_total counter");
-    let _ = writeln!(
-        out,
-        "profiler_window_errors_total {}",
-        state.window_errors_total
-    );
-    let _ = writeln!(
-        out,
         "profiler_regressions_total {}",
         state.regressions_total
+    );
+    family(
+        &mut out,
+        "profiler_window_errors_total",
+        "counter",
+        "Windows that could not run (said once on stderr).",
+        &[("", state.window_errors_total as f64)],
     );
     if let Some(rss) = std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -1100,15 +1109,20 @@ fn metrics(state: &State) -> String {
     out
 }
 
+/// One metric family in the Prometheus text format: HELP, TYPE, then its samples (`labels`
+/// already rendered, braces included, or empty).
+fn family(out: &mut String, name: &str, kind: &str, help: &str, rows: &[(&str, f64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, value) in rows {
+        let _ = writeln!(out, "{name}{labels} {value}");
+    }
+}
+
 /// The daemon's own cost and the mode its CPU budget chose.
 fn cost_metrics(out: &mut String, cost: &Cost) {
-    let mut gauge = |name: &str, help: &str, rows: &[(&str, f64)]| {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} gauge");
-        for (labels, value) in rows {
-            let _ = writeln!(out, "{name}{labels} {value}");
-        }
-    };
+    let mut gauge =
+        |name: &str, help: &str, rows: &[(&str, f64)]| family(out, name, "gauge", help, rows);
     let sampled = cost.level > 0;
     gauge(
         "profiler_window_duty",
@@ -1163,21 +1177,16 @@ fn cost_metrics(out: &mut String, cost: &Cost) {
         "Wall time of the last cycle that its window did not cover (loading, attaching).",
         &[("", cost.gap_s)],
     );
-    let _ = writeln!(
+    family(
         out,
-        "# HELP profiler_cpu_seconds_total CPU the profiler used since it started: its own \
-         (userspace) and its eBPF programs' run time (ebpf)."
-    );
-    let _ = writeln!(out, "# TYPE profiler_cpu_seconds_total counter");
-    let _ = writeln!(
-        out,
-        "profiler_cpu_seconds_total{{part=\"userspace\"}} {}",
-        cost.userspace_ns as f64 / 1e9
-    );
-    let _ = writeln!(
-        out,
-        "profiler_cpu_seconds_total{{part=\"ebpf\"}} {}",
-        cost.ebpf_ns as f64 / 1e9
+        "profiler_cpu_seconds_total",
+        "counter",
+        "CPU the profiler used since it started: its own (userspace) and its eBPF programs' \
+         run time (ebpf).",
+        &[
+            ("{part=\"userspace\"}", cost.userspace_ns as f64 / 1e9),
+            ("{part=\"ebpf\"}", cost.ebpf_ns as f64 / 1e9),
+        ],
     );
 }
 

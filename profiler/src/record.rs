@@ -54,6 +54,13 @@ pub struct RecordOptions {
 static DETACHING: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>> =
     std::sync::Mutex::new(Vec::new());
 
+/// Detaches on a background thread (uprobes take ~0.1 s each to remove).
+fn detach_in_background(probes: Probes) {
+    let mut detaching = DETACHING.lock().expect("detach lock");
+    detaching.retain(|h| !h.is_finished());
+    detaching.push(std::thread::spawn(move || drop(probes)));
+}
+
 /// Waits until every program detached in the background is gone.
 pub fn wait_for_detach() {
     let handles = std::mem::take(&mut *DETACHING.lock().expect("detach lock"));
@@ -95,11 +102,7 @@ impl Prepared {
     /// Not recorded after all: detach (in the background) and remove its directory.
     pub fn discard(self) {
         let _ = std::fs::remove_dir_all(&self.options.output);
-        let probes = self.probes;
-        DETACHING
-            .lock()
-            .expect("detach lock")
-            .push(std::thread::spawn(move || drop(probes)));
+        detach_in_background(self.probes);
     }
 }
 
@@ -167,10 +170,7 @@ pub fn prepare(options: RecordOptions) -> Result<Prepared> {
         cpu_at_start,
         attach_ktime,
         started: Instant::now(),
-        start_unix_ms: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
+        start_unix_ms: unix_ms(),
     })
 }
 
@@ -386,11 +386,17 @@ impl Prepared {
                 "map_offcpu_entries".into(),
                 offcpu_series.latest.len() as u64,
             );
-            counters.insert("map_offcpu_capacity".into(), 16384);
+            counters.insert(
+                "map_offcpu_capacity".into(),
+                u64::from(profiler_common::offcpu::TOTALS_MAX),
+            );
         }
         if probes.oncpu_frequency.is_some() {
             counters.insert("map_oncpu_entries".into(), oncpu_series.latest.len() as u64);
-            counters.insert("map_oncpu_capacity".into(), 16384);
+            counters.insert(
+                "map_oncpu_capacity".into(),
+                u64::from(profiler_common::oncpu::COUNTS_MAX),
+            );
         }
         let stack_ids: std::collections::HashSet<i32> = offcpu_series
             .latest
@@ -594,9 +600,7 @@ impl Prepared {
         };
         let attached_with = probes.offcpu_attached_with.unwrap_or("none");
         if options.background_detach {
-            let mut detaching = DETACHING.lock().expect("detach lock");
-            detaching.retain(|h| !h.is_finished());
-            detaching.push(std::thread::spawn(move || drop(probes)));
+            detach_in_background(probes);
         } else {
             drop(probes); // detach before the (slow) writing
         }
@@ -757,6 +761,14 @@ fn scale_stack(stack: &mut Stack, every: u64) {
     stack.total_ns *= every;
     stack.count *= every;
     stack.intervals.iter_mut().for_each(|v| *v *= every);
+}
+
+/// Wall-clock time, milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// CLOCK_MONOTONIC in ns: the clock of the kernel's `bpf_ktime_get_ns`.

@@ -330,9 +330,10 @@ impl Probes {
         }
     }
 
-    /// Runs of our programs the kernel skipped because another BPF program (or a bpf()
-    /// syscall holding `bpf_prog_active`, such as our own map reads) was active on that CPU:
-    /// each is an event we did not see. Summed over every loaded program.
+    /// The kernel's figures for our programs, summed over every loaded one: run time and
+    /// runs (with `measure_overhead`), and runs skipped because another BPF program (or a
+    /// bpf() syscall holding `bpf_prog_active`, such as our own map reads) was active on that
+    /// CPU — each an event we did not see.
     pub fn program_stats(&self) -> ProgramStats {
         use std::os::fd::{AsFd as _, AsRawFd as _};
         #[repr(C)]
