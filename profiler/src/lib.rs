@@ -3,7 +3,6 @@
 //! Data flow: `probes` (load/attach/read the kernel programs) → `record` (per-interval
 //! snapshots) → `symbolize` → `model::Capture` → `render` (folded, SVG, summary).
 
-pub mod btf;
 pub mod cli;
 pub mod compare;
 pub mod daemon;
@@ -22,8 +21,6 @@ pub mod symbolize;
 pub mod syscall_names;
 pub mod tcpstats;
 pub mod top;
-pub mod uprobe;
-pub mod usdt;
 pub mod wire;
 
 use std::io::Write as _;

@@ -2,8 +2,8 @@
 //! capture files, folded files, kernel BTF, /proc maps — return errors on garbage and never
 //! panic.
 
-use profiler::btf::Btf;
 use profiler::model::Capture;
+use profiler::probes::kernel::btf::Btf;
 use proptest::prelude::*;
 
 const VALID_CAPTURE: &str = r#"{"format":"profiler-capture","version":1,"metadata":{"host":"h","kernel":"k","profiler_version":"0.1.0","start_unix_ms":1,"duration_ns":2000000000,"interval_ends_ns":[1000000000,2000000000],"filters":{"pids":[],"tids":[],"min_block_ns":1000,"max_block_ns":null,"state":"any","threads":"all"},"attach":"tp_btf","counters":{"blocks":3}},"offcpu":{"stacks":[{"pid":1,"tid":1,"comm":"app","state":"sleep","frames":[{"name":"main","kind":"user","module":"/bin/app","offset":16},{"name":"schedule","kind":"kernel"}],"total_ns":5000,"count":2,"intervals":[5000,0]}],"processes":[{"pid":1,"comm":"app","exe":"/bin/app","exited":false}]}}"#;

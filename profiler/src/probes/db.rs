@@ -18,9 +18,9 @@ use profiler_common::db::{
 };
 
 use super::{Globals, Probes, global, program, read_counters};
-use crate::btf::Btf;
-use crate::uprobe::{self, UprobeLink};
-use crate::usdt::{self, UsdtProbe};
+use crate::probes::kernel::btf::Btf;
+use crate::probes::kernel::uprobe::{self, UprobeLink};
+use crate::probes::kernel::usdt::{self, UsdtProbe};
 
 #[derive(Debug, Clone, Default)]
 pub struct DbConfig {
@@ -157,7 +157,7 @@ const WIRE_TRACEPOINTS: [(&str, &str); 6] = [
 fn wire_globals(globals: &mut Globals) -> Result<()> {
     let mut offsets = [None::<u32>; 4];
     for (event, _) in WIRE_TRACEPOINTS {
-        let fields = super::tracefs::field_offsets("syscalls", event)?;
+        let fields = super::kernel::tracefs::field_offsets("syscalls", event)?;
         let names: &[(usize, &str)] = if event.starts_with("sys_exit") {
             &[(3, "ret")]
         } else if event.ends_with("sendto") {
@@ -260,7 +260,7 @@ fn pgconn_socket_offset(path: &Path, function_offset: u64) -> Option<u32> {
 fn library_target(library: &'static ClientLibrary, path: PathBuf) -> Result<LibraryTarget> {
     let mut names: Vec<&str> = library.probes.iter().map(|(n, _, _)| *n).collect();
     names.push("PQsocket");
-    let functions = crate::usdt::function_offsets(&path, &names)?;
+    let functions = crate::probes::kernel::usdt::function_offsets(&path, &names)?;
     for name in library.required {
         if !functions.iter().any(|(n, _)| n == name) {
             bail!(
@@ -467,7 +467,7 @@ pub(super) fn globals(targets: &DbTargets, btf: &Btf, globals: &mut Globals) -> 
         btf.member_offset("task_struct", "tgid")?,
     );
     let arg_register = |name: &str| {
-        crate::usdt::register_offset(name)
+        crate::probes::kernel::usdt::register_offset(name)
             .with_context(|| format!("no register {name} on this architecture"))
     };
     #[cfg(target_arch = "aarch64")]

@@ -13,11 +13,11 @@
 //! ```
 
 pub mod db;
+pub mod kernel;
 pub mod offcpu;
 pub mod oncpu;
 pub mod syscalls;
 pub mod tcp;
-pub mod tracefs;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -29,7 +29,7 @@ use profiler_common::shared::{
     OVERFLOW_STACK_BIT, THREADS_ALL, THREADS_KERNEL, THREADS_USER, maps,
 };
 
-use crate::btf::Btf;
+use crate::probes::kernel::btf::Btf;
 
 /// The eBPF object built from `profiler-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler-ebpf"));
@@ -116,7 +116,7 @@ pub struct Probes {
     /// server found).
     pub db_targets: Vec<PathBuf>,
     /// Detaches the database uprobes when dropped.
-    _db_links: Vec<crate::uprobe::UprobeLink>,
+    _db_links: Vec<crate::probes::kernel::uprobe::UprobeLink>,
     /// Keeps the kernel's BPF run-time statistics on (`measure_overhead`).
     _stats: Option<std::os::fd::OwnedFd>,
 }

@@ -11,8 +11,8 @@ use profiler_common::offcpu::{
     OffcpuKey, OffcpuValue, RunqKey, STATE_DISK, STATE_MASK_ANY, STATE_SLEEP, counter, maps,
 };
 
-use super::{Globals, Probes, global, program, read_counters, read_hash, tracefs};
-use crate::btf::Btf;
+use super::{Globals, Probes, global, kernel::tracefs, program, read_counters, read_hash};
+use crate::probes::kernel::btf::Btf;
 
 /// Which task states count as off-CPU time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]

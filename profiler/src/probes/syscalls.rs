@@ -8,7 +8,7 @@ use aya::Ebpf;
 use aya::programs::TracePoint;
 use profiler_common::syscalls::{SlowKey, SlowValue, SyscallKey, SyscallStats, counter, maps};
 
-use super::{Globals, Probes, global, program, read_counters, read_hash, tracefs};
+use super::{Globals, Probes, global, kernel::tracefs, program, read_counters, read_hash};
 
 #[derive(Debug, Clone)]
 pub struct SyscallsConfig {

@@ -11,8 +11,8 @@ use aya::maps::{MapData, RingBuf};
 use aya::programs::TracePoint;
 use profiler_common::tcp::{EVENT_CLOSE, ROLE_ACCEPT, TcpEvent, counter, maps};
 
-use super::{Globals, Probes, global, program, read_counters, tracefs};
-use crate::btf::Btf;
+use super::{Globals, Probes, global, kernel::tracefs, program, read_counters};
+use crate::probes::kernel::btf::Btf;
 
 const AF_INET: u16 = 2;
 
