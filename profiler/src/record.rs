@@ -24,8 +24,8 @@ use crate::model::{
     RunqueueHistogram, Stack, SyscallProfile, SyscallStat,
 };
 use crate::probes::{ProbeConfig, Probes};
-use crate::procmaps::ProcessCache;
 use crate::render;
+use crate::symbolize::procmaps::ProcessCache;
 use crate::symbolize::{Symbolizer, missing_stack_frame};
 use crate::tcpstats::TcpAggregator;
 

@@ -69,6 +69,6 @@ proptest! {
 
     #[test]
     fn maps_reader_never_panics(text in "\\PC{0,300}") {
-        let _ = profiler::procmaps::parse_maps(&text);
+        let _ = profiler::symbolize::procmaps::parse_maps(&text);
     }
 }

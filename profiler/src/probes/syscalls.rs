@@ -84,9 +84,9 @@ impl Probes {
 /// The name of syscall `nr` on the architecture this profiler runs on.
 pub fn name(nr: u32) -> String {
     #[cfg(target_arch = "aarch64")]
-    let table = crate::syscall_names::AARCH64;
+    let table = crate::symbolize::syscall_names::AARCH64;
     #[cfg(not(target_arch = "aarch64"))]
-    let table = crate::syscall_names::X86_64;
+    let table = crate::symbolize::syscall_names::X86_64;
     table
         .binary_search_by_key(&nr, |(n, _)| *n)
         .map(|i| table[i].1.to_string())
@@ -95,7 +95,7 @@ pub fn name(nr: u32) -> String {
 
 #[cfg(test)]
 mod tests {
-    use crate::syscall_names::{AARCH64, X86_64};
+    use crate::symbolize::syscall_names::{AARCH64, X86_64};
 
     #[test]
     fn tables_are_sorted_and_known_numbers_have_their_names() {

@@ -2,6 +2,12 @@
 //! kallsyms, user frames from the ELF files (with DWARF for inlined functions and demangled
 //! names) at the (file, offset) the process's cached maps give. What cannot be resolved becomes
 //! `module+0xoffset`, never dropped, and is counted.
+//!
+//! Beside the facade: `procmaps` (a process's memory maps, kept past its exit) and
+//! `syscall_names` (syscall numbers → names).
+
+pub mod procmaps;
+pub mod syscall_names;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -10,7 +16,7 @@ use blazesym::symbolize::source::{Elf, Kernel, Source};
 use blazesym::symbolize::{Input, Symbolized, Symbolizer as Blazesym};
 
 use crate::model::{Frame, FrameKind};
-use crate::procmaps::{Location, ProcessInfo};
+use procmaps::{Location, ProcessInfo};
 
 /// Frame counts, for the capture's counters.
 #[derive(Debug, Default, Clone, Copy)]
@@ -290,7 +296,7 @@ mod tests {
 
     #[test]
     fn resolves_own_function_through_file_offset() {
-        let mut cache = crate::procmaps::ProcessCache::default();
+        let mut cache = crate::symbolize::procmaps::ProcessCache::default();
         let pid = std::process::id();
         cache.observe(pid, "test");
         let addr = a_distinctively_named_function() + 1;
