@@ -17,7 +17,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::cli::DaemonArgs;
 
 use crate::model::Capture;
-use crate::promtext::label;
+use crate::render::prometheus::label;
 
 /// What the HTTP side knows: the windows kept and the latest capture.
 #[derive(Default)]
@@ -29,7 +29,7 @@ struct State {
     /// The latest regression events (at most `EVENTS_KEPT`), oldest first.
     events: Vec<serde_json::Value>,
     cost: Cost,
-    cumulative: crate::promtext::Cumulative,
+    cumulative: crate::render::prometheus::Cumulative,
     /// The running settings (what an on-demand capture records with).
     settings: Option<Settings>,
     /// An on-demand capture is running.
@@ -912,7 +912,7 @@ fn respond(target: &str, state: &Mutex<State>) -> (&'static str, &'static str, V
                     None => return unavailable(),
                 },
             };
-            match crate::pprof::gzipped(&capture) {
+            match crate::render::pprof::gzipped(&capture) {
                 Ok(body) => ("200 OK", "application/octet-stream", body),
                 Err(err) => (
                     "500 Internal Server Error",

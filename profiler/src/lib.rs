@@ -10,9 +10,7 @@ pub mod dbstats;
 pub mod diffreport;
 pub mod folded;
 pub mod model;
-pub mod pprof;
 pub mod probes;
-pub mod promtext;
 pub mod record;
 pub mod render;
 pub mod stats;
@@ -114,7 +112,7 @@ fn report_command(args: cli::ReportArgs) -> Result<()> {
         }
         cli::ReportFormat::Json => serde_json::to_vec_pretty(&capture)?,
         cli::ReportFormat::Md => render::markdown_summary(&capture, args.top).into_bytes(),
-        cli::ReportFormat::Pprof => pprof::gzipped(&capture)?,
+        cli::ReportFormat::Pprof => render::pprof::gzipped(&capture)?,
     };
     match &args.output {
         Some(path) => std::fs::write(path, &bytes)
