@@ -369,7 +369,7 @@ fn regression_event(baseline: &Capture, window: &Capture, dir: &Path) -> Option<
         return None;
     }
     let diff_dir = dir.join("diff");
-    let _ = crate::diffreport::write_all(&report, &diff_dir, 10);
+    let _ = crate::compare::report::write_all(&report, &diff_dir, 10);
     let names: Vec<String> = report
         .regressions
         .iter()

@@ -7,13 +7,10 @@ pub mod cli;
 pub mod compare;
 pub mod daemon;
 pub mod dbstats;
-pub mod diffreport;
-pub mod folded;
 pub mod model;
 pub mod probes;
 pub mod record;
 pub mod render;
-pub mod stats;
 pub mod symbolize;
 pub mod tcpstats;
 pub mod top;
@@ -72,9 +69,9 @@ fn diff_command(args: cli::DiffArgs) -> Result<ExitCode> {
     };
     let report = compare::compare(&base, &new, &thresholds)?;
     if let Some(dir) = &args.output {
-        diffreport::write_all(&report, dir, args.top)?;
+        compare::report::write_all(&report, dir, args.top)?;
     }
-    print!("{}", diffreport::markdown(&report, args.top));
+    print!("{}", compare::report::markdown(&report, args.top));
     if let Some(dir) = &args.output {
         println!("wrote {}", dir.display());
     }

@@ -36,7 +36,7 @@ proptest! {
 
     #[test]
     fn folded_reader_never_panics(text in "\\PC{0,200}") {
-        let _ = profiler::folded::parse(&text);
+        let _ = profiler::compare::folded::parse(&text);
     }
 
     #[test]
@@ -44,7 +44,7 @@ proptest! {
         lines in proptest::collection::vec(("[a-z]{1,8}(;[a-z_\\[\\]]{1,8}){0,5}", 0u32..100_000), 1..20)
     ) {
         let text: String = lines.iter().map(|(p, c)| format!("{p} {c}\n")).collect();
-        let parsed = profiler::folded::parse(&text).unwrap();
+        let parsed = profiler::compare::folded::parse(&text).unwrap();
         let total: f64 = parsed.values().sum();
         let expected: f64 = lines.iter().map(|(_, c)| *c as f64).sum();
         prop_assert_eq!(total, expected);
