@@ -4,17 +4,15 @@
 //! snapshots) → `symbolize` → `model::Capture` → `render` (folded, SVG, summary).
 
 pub mod cli;
+pub mod collect;
 pub mod compare;
 pub mod daemon;
-pub mod dbstats;
 pub mod model;
 pub mod probes;
 pub mod record;
 pub mod render;
 pub mod symbolize;
-pub mod tcpstats;
 pub mod top;
-pub mod wire;
 
 use std::io::Write as _;
 use std::process::ExitCode;

@@ -18,7 +18,8 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::dbstats::{DbAggregator, Observed};
+use crate::collect::db::{DbAggregator, Observed};
+use crate::collect::tcp::TcpAggregator;
 use crate::model::{
     Capture, Filters, Frame, FrameKind, Metadata, NPlusOne, OffcpuProfile, OncpuProfile, Process,
     RunqueueHistogram, Stack, SyscallProfile, SyscallStat,
@@ -27,7 +28,6 @@ use crate::probes::{ProbeConfig, Probes};
 use crate::render;
 use crate::symbolize::procmaps::ProcessCache;
 use crate::symbolize::{Symbolizer, missing_stack_frame};
-use crate::tcpstats::TcpAggregator;
 
 pub struct RecordOptions {
     pub duration: Duration,
@@ -1034,9 +1034,9 @@ pub(crate) fn drain_db_events(
             };
             if query.source.starts_with("wire-") {
                 let decoded = match query.source {
-                    "wire-redis" => crate::wire::redis(&query.raw),
-                    "wire-mysql" => crate::wire::mysql(&query.raw),
-                    _ => crate::wire::postgres(&query.raw),
+                    "wire-redis" => crate::collect::db::wire::redis(&query.raw),
+                    "wire-mysql" => crate::collect::db::wire::mysql(&query.raw),
+                    _ => crate::collect::db::wire::postgres(&query.raw),
                 };
                 let Some(request) = decoded else {
                     owners.undecoded += 1;
@@ -1051,7 +1051,7 @@ pub(crate) fn drain_db_events(
                 // (per connection); the prepare itself is not counted as a query.
                 let socket = query.handle;
                 if request.prepare {
-                    if let Some(id) = crate::wire::mysql_prepared_id(&query.reply) {
+                    if let Some(id) = crate::collect::db::wire::mysql_prepared_id(&query.reply) {
                         owners
                             .prepared
                             .insert((query.pid, format!("mysql:{socket}:{id}")), request.text);
@@ -1105,7 +1105,7 @@ pub(crate) fn drain_db_events(
             {
                 owners
                     .frames
-                    .insert(frame, crate::dbstats::fingerprint(&text));
+                    .insert(frame, crate::collect::db::fingerprint(&text));
             }
             let endpoint = match query.source {
                 "libpq" | "wire-postgres" | "wire-mysql" | "wire-redis" if query.handle > 0 => {
