@@ -6,12 +6,12 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 
+use crate::collect::RecordOptions;
 use crate::probes::db::DbConfig;
 use crate::probes::offcpu::{AttachMode, OffcpuConfig, StateFilter};
 use crate::probes::oncpu::OncpuConfig;
 use crate::probes::syscalls::SyscallsConfig;
 use crate::probes::{ProbeConfig, ThreadFilter};
-use crate::record::RecordOptions;
 
 #[derive(Debug, Parser)]
 #[command(

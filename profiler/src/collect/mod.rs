@@ -1,5 +1,582 @@
-//! ② Collection: drains the kernel maps and ring buffers of each family every interval and
-//! aggregates what they report, one file per family.
+//! ② Collection: loads and attaches the families asked for (through `probes`), drains their
+//! maps and ring buffers every interval until the capture ends, then builds the Capture:
+//! one file per family (`offcpu`, `oncpu`, `syscalls`, `tcp`, `db/`), the shared pieces
+//! beside them (`series` per-interval values, `stacks` keys → symbolized stacks, `tasks`
+//! first-seen processes, `host` clocks and host facts).
 
 pub mod db;
+mod host;
+mod offcpu;
+mod oncpu;
+pub(crate) mod series;
+mod stacks;
+mod syscalls;
+mod tasks;
 pub mod tcp;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use profiler_common::offcpu::OffcpuKey;
+use profiler_common::oncpu::OncpuKey;
+use profiler_common::shared::OVERFLOW_STACK_BIT;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::model::{Capture, Filters, Metadata, Process};
+use crate::probes::{ProbeConfig, Probes};
+use crate::render::outputs::{prepare_output_dir, write_outputs};
+use crate::render::progress::{Progress, families_description, target_description};
+use crate::symbolize::Symbolizer;
+use crate::symbolize::procmaps::ProcessCache;
+use db::DbAggregator;
+use db::events::{DbOwners, drain_db_events};
+use host::{hostname, kernel_release, ktime_ns};
+pub use host::{process_cpu_ns, unix_ms};
+use series::Series;
+use stacks::StackBuilder;
+use tasks::drain_new_tasks;
+use tcp::{TcpAggregator, drain_tcp_events};
+
+pub struct RecordOptions {
+    pub duration: Duration,
+    pub interval: Duration,
+    pub output: PathBuf,
+    pub probes: ProbeConfig,
+    pub state_name: String,
+    pub threads_name: String,
+    /// Stacks shown in the text summary.
+    pub top: usize,
+    /// The db family was asked for explicitly: finding no server is an error.
+    pub db_required: bool,
+    pub show_literals: bool,
+    /// Detach on a background thread (uprobes take ~0.1 s each to remove): the daemon's next
+    /// window starts meanwhile. `wait_for_detach` waits for them.
+    pub background_detach: bool,
+    /// No summary on stdout and no progress (the daemon's windows).
+    pub quiet: bool,
+    /// Loaded by a window that is still recording (the daemon's handoff): the events from
+    /// before this capture was attached are that window's.
+    pub continues: bool,
+}
+
+static DETACHING: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Detaches on a background thread (uprobes take ~0.1 s each to remove).
+fn detach_in_background(probes: Probes) {
+    let mut detaching = DETACHING.lock().expect("detach lock");
+    detaching.retain(|h| !h.is_finished());
+    detaching.push(std::thread::spawn(move || drop(probes)));
+}
+
+/// Waits until every program detached in the background is gone.
+pub fn wait_for_detach() {
+    let handles = std::mem::take(&mut *DETACHING.lock().expect("detach lock"));
+    for handle in handles {
+        let _ = handle.join();
+    }
+}
+
+/// Runs a capture and writes everything to `options.output`. Returns the capture.
+pub async fn record(options: RecordOptions) -> Result<Capture> {
+    let (capture, _) = prepare(options)?.run(None).await?;
+    Ok(capture)
+}
+
+type EventRing = AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>;
+
+/// A capture whose probes are loaded and attached; `run` records it.
+pub struct Prepared {
+    options: RecordOptions,
+    probes: Probes,
+    new_tasks: EventRing,
+    tcp_events: Option<EventRing>,
+    db_events: Option<EventRing>,
+    cpu_at_start: u64,
+    /// When the probes were attached: the capture covers from here.
+    started: Instant,
+    /// CLOCK_MONOTONIC (the kernel's `bpf_ktime_get_ns`) once attached: queries that start
+    /// from here on are this capture's; earlier ones belong to the previous window (which
+    /// still ran when they started).
+    attach_ktime: u64,
+    start_unix_ms: u64,
+}
+
+impl Prepared {
+    pub fn output(&self) -> &Path {
+        &self.options.output
+    }
+
+    /// Not recorded after all: detach (in the background) and remove its directory.
+    pub fn discard(self) {
+        let _ = std::fs::remove_dir_all(&self.options.output);
+        detach_in_background(self.probes);
+    }
+}
+
+/// Runs when a capture's time is up, before it stops: the daemon loads and attaches its next
+/// window here, so no time goes unrecorded between windows.
+pub type Handoff = Box<dyn FnOnce() -> Result<Prepared>>;
+
+/// Checks the options, loads and attaches the probes (needs a tokio runtime).
+pub fn prepare(options: RecordOptions) -> Result<Prepared> {
+    check_privileges()?;
+    let config = &options.probes;
+    for pid in &config.pids {
+        check_task_exists(*pid, "process")?;
+    }
+    for tid in &config.tids {
+        check_task_exists(*tid, "thread")?;
+    }
+    prepare_output_dir(&options.output)?;
+
+    let cpu_at_start = process_cpu_ns();
+    let mut probes = Probes::load(config)?;
+    // The db family attaches last: its queries from here on are this capture's.
+    let attach_ktime = ktime_ns();
+    // SAFETY: the ring buffer owns its fd, which stays open as long as the AsyncFd holds it.
+    let new_tasks =
+        unsafe { AsyncFd::register_with_interest(probes.take_new_tasks()?, Interest::READABLE) }
+            .map_err(|err| anyhow::anyhow!("cannot poll the new-task ring buffer: {err}"))?;
+    let tcp_events = match probes.tcp {
+        // SAFETY: as above.
+        true => Some(
+            unsafe {
+                AsyncFd::register_with_interest(probes.take_tcp_events()?, Interest::READABLE)
+            }
+            .map_err(|err| anyhow::anyhow!("cannot poll the TCP event ring buffer: {err}"))?,
+        ),
+        false => None,
+    };
+    if options.db_required && probes.db_targets.is_empty() {
+        bail!(
+            "no PostgreSQL server or libpq/SQLite client found {}; name them with \
+             --postgres-binary, --libpq or --sqlite PATH",
+            if config.pids.is_empty() {
+                "running or installed on this host"
+            } else {
+                "among the given processes"
+            }
+        );
+    }
+    let db_events = match probes.db_targets.is_empty() {
+        true => None,
+        // SAFETY: as above.
+        false => Some(
+            unsafe {
+                AsyncFd::register_with_interest(probes.take_db_events()?, Interest::READABLE)
+            }
+            .map_err(|err| anyhow::anyhow!("cannot poll the database event ring buffer: {err}"))?,
+        ),
+    };
+    Ok(Prepared {
+        options,
+        probes,
+        new_tasks,
+        tcp_events,
+        db_events,
+        cpu_at_start,
+        attach_ktime,
+        started: Instant::now(),
+        start_unix_ms: unix_ms(),
+    })
+}
+
+impl Prepared {
+    /// Records until the duration ends or SIGINT/SIGTERM, then (on time, not on a signal)
+    /// runs `handoff` while this capture's probes still count, and builds, writes and
+    /// returns the capture with what `handoff` returned.
+    pub async fn run(
+        self,
+        handoff: Option<Handoff>,
+    ) -> Result<(Capture, Option<Result<Prepared>>)> {
+        let Prepared {
+            options,
+            probes,
+            mut new_tasks,
+            mut tcp_events,
+            mut db_events,
+            cpu_at_start,
+            started,
+            start_unix_ms,
+            attach_ktime,
+        } = self;
+        // Following a window that is still attached: what happened before we were is its.
+        let from_ktime = if options.continues { attach_ktime } else { 0 };
+        let config = &options.probes;
+        let mut tcp = TcpAggregator::default();
+        let mut db = DbAggregator::new(options.show_literals);
+        let mut db_owners = DbOwners::new(&config.pids);
+        let mut processes = ProcessCache::default();
+        for pid in &config.pids {
+            processes.observe(*pid, "");
+        }
+
+        let mut offcpu_series: Series<OffcpuKey> = Series::default();
+        let mut oncpu_series: Series<OncpuKey> = Series::default();
+        let mut ticker = tokio::time::interval_at(
+            tokio::time::Instant::now() + options.interval,
+            options.interval,
+        );
+        // The TCP programs wake us only when their ring fills up; drain it often.
+        let mut tcp_drain = tokio::time::interval(Duration::from_millis(100));
+        let deadline = tokio::time::sleep(options.duration.saturating_sub(started.elapsed()));
+        tokio::pin!(deadline);
+        let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        let progress = Progress::new(options.duration, options.quiet);
+        if !options.quiet {
+            eprintln!(
+                "recording {} of {} for {:.1} s; Ctrl-C stops early",
+                families_description(&probes),
+                target_description(config),
+                options.duration.as_secs_f64()
+            );
+        }
+
+        let snapshot = |probes: &Probes,
+                        offcpu_series: &mut Series<OffcpuKey>,
+                        oncpu_series: &mut Series<OncpuKey>,
+                        processes: &mut ProcessCache|
+         -> Result<()> {
+            let elapsed = started.elapsed();
+            if probes.offcpu_attached_with.is_some() {
+                let totals = probes.offcpu_totals()?;
+                for key in totals.keys() {
+                    if processes.get(key.tgid).is_none() {
+                        processes.observe(key.tgid, "");
+                    }
+                }
+                offcpu_series.push(
+                    totals.iter().map(|(k, v)| (*k, v.total_ns, v.count)),
+                    elapsed,
+                );
+            }
+            if probes.oncpu_frequency.is_some() {
+                let counts = probes.oncpu_counts()?;
+                for key in counts.keys() {
+                    if processes.get(key.tgid).is_none() {
+                        processes.observe(key.tgid, "");
+                    }
+                }
+                oncpu_series.push(counts.iter().map(|(k, v)| (*k, *v, *v)), elapsed);
+            }
+            Ok(())
+        };
+
+        let mut interrupted = false;
+        loop {
+            tokio::select! {
+                _ = &mut deadline => break,
+                _ = sigint.recv() => { progress.interrupted(); interrupted = true; break }
+                _ = sigterm.recv() => { progress.interrupted(); interrupted = true; break }
+                _ = ticker.tick() => {
+                    snapshot(&probes, &mut offcpu_series, &mut oncpu_series, &mut processes)?;
+                    progress.update(started.elapsed(), &offcpu_series, &oncpu_series, processes.len(), &probes);
+                }
+                guard = new_tasks.readable_mut() => {
+                    let mut guard = guard.context("polling the new-task ring buffer failed")?;
+                    drain_new_tasks(guard.get_inner_mut(), &mut processes);
+                    guard.clear_ready();
+                }
+                _ = tcp_drain.tick(), if tcp_events.is_some() || db_events.is_some() => {
+                    if let Some(events) = tcp_events.as_mut() {
+                        drain_tcp_events(events.get_mut(), &mut tcp, &mut processes, (from_ktime, u64::MAX));
+                    }
+                    if let Some(events) = db_events.as_mut() {
+                        drain_db_events(events.get_mut(), &mut db, &mut db_owners, Some(&mut processes), (from_ktime, u64::MAX));
+                    }
+                }
+                guard = async { db_events.as_mut().expect("checked").readable_mut().await }, if db_events.is_some() => {
+                    let mut guard = guard.context("polling the database event ring buffer failed")?;
+                    drain_db_events(guard.get_inner_mut(), &mut db, &mut db_owners, Some(&mut processes), (from_ktime, u64::MAX));
+                    guard.clear_ready();
+                }
+                guard = async { tcp_events.as_mut().expect("checked").readable_mut().await }, if tcp_events.is_some() => {
+                    let mut guard = guard.context("polling the TCP event ring buffer failed")?;
+                    drain_tcp_events(guard.get_inner_mut(), &mut tcp, &mut processes, (from_ktime, u64::MAX));
+                    guard.clear_ready();
+                }
+            }
+        }
+        // The next capture attaches while this one still counts: the two overlap by the
+        // moment between its start and this final snapshot, with no gap.
+        let next = match (handoff, interrupted) {
+            (Some(handoff), false) => Some(handoff()),
+            _ => None,
+        };
+        // Queries that started, and TCP events that happened, once the next capture was
+        // attached are its own.
+        let until_ktime = match &next {
+            Some(Ok(next)) => next.attach_ktime,
+            _ => u64::MAX,
+        };
+        snapshot(
+            &probes,
+            &mut offcpu_series,
+            &mut oncpu_series,
+            &mut processes,
+        )?;
+        let ends = if probes.offcpu_attached_with.is_some() {
+            offcpu_series.ends.clone()
+        } else if probes.oncpu_frequency.is_some() {
+            oncpu_series.ends.clone()
+        } else {
+            // Families without snapshots: one interval, the whole capture.
+            vec![started.elapsed().as_nanos() as u64]
+        };
+        drain_new_tasks(new_tasks.get_mut(), &mut processes);
+        if let Some(events) = tcp_events.as_mut() {
+            drain_tcp_events(
+                events.get_mut(),
+                &mut tcp,
+                &mut processes,
+                (from_ktime, until_ktime),
+            );
+        }
+        if let Some(events) = db_events.as_mut() {
+            drain_db_events(
+                events.get_mut(),
+                &mut db,
+                &mut db_owners,
+                Some(&mut processes),
+                (from_ktime, until_ktime),
+            );
+        }
+        progress.finish();
+        processes.refresh_all();
+        let mut counters = family_counters(&probes, config, &db_owners)?;
+        map_fill_counters(
+            &probes,
+            &mut counters,
+            config,
+            &offcpu_series,
+            &oncpu_series,
+        );
+        let mut symbolizer = Symbolizer::new();
+        let mut builder = StackBuilder {
+            probes: &probes,
+            processes: &processes,
+            symbolizer: &mut symbolizer,
+        };
+        let offcpu = match probes.offcpu_attached_with {
+            Some(_) => Some(offcpu::profile(
+                &probes,
+                &offcpu_series,
+                &mut builder,
+                &db_owners.frames,
+                config.offcpu_sample_every,
+            )?),
+            None => None,
+        };
+        let oncpu = match probes.oncpu_frequency {
+            Some(frequency) => Some(oncpu::profile(frequency, &oncpu_series, &mut builder)?),
+            None => None,
+        };
+        let syscalls = match probes.syscalls_slow_ns {
+            Some(slow_threshold_ns) => {
+                Some(syscalls::profile(&probes, slow_threshold_ns, &mut builder)?)
+            }
+            None => None,
+        };
+        let tcp = probes.tcp.then(|| tcp.profile());
+        let db = match probes.db_targets.is_empty() {
+            true => None,
+            false => Some(db::events::profile(
+                &db,
+                &mut builder,
+                config.db_sample_every,
+            )?),
+        };
+        let attached_with = probes.offcpu_attached_with.unwrap_or("none");
+        if options.background_detach {
+            detach_in_background(probes);
+        } else {
+            drop(probes); // detach before the (slow) writing
+        }
+
+        counters.insert(
+            "profiler_cpu_ns".into(),
+            process_cpu_ns().saturating_sub(cpu_at_start),
+        );
+        let stats = symbolizer.stats;
+        counters.insert("user_frames".into(), stats.user_addresses);
+        counters.insert("kernel_frames".into(), stats.kernel_addresses);
+        counters.insert("unresolved_user_frames".into(), stats.unresolved_user);
+        counters.insert("unresolved_kernel_frames".into(), stats.unresolved_kernel);
+
+        let mut seen_pids: Vec<u32> = offcpu
+            .iter()
+            .flat_map(|o| &o.stacks)
+            .chain(oncpu.iter().flat_map(|o| &o.stacks))
+            .map(|s| s.pid)
+            .chain(syscalls.iter().flat_map(|s| &s.stats).map(|s| s.pid))
+            .chain(tcp.iter().flat_map(|t| &t.endpoints).map(|e| e.pid))
+            .chain(db.iter().flat_map(|d| &d.queries).map(|q| q.pid))
+            .filter(|pid| *pid != 0)
+            .collect();
+        seen_pids.sort_unstable();
+        seen_pids.dedup();
+        let process_list = seen_pids
+            .iter()
+            .map(|pid| {
+                let info = processes.get(*pid);
+                Process {
+                    pid: *pid,
+                    comm: info.map(|p| p.comm.clone()).unwrap_or_default(),
+                    exe: info.and_then(|p| p.exe.clone()),
+                    exited: info.is_none_or(|p| p.exited),
+                }
+            })
+            .collect();
+
+        let mut capture = Capture::new(Metadata {
+            host: hostname(),
+            kernel: kernel_release(),
+            profiler_version: env!("CARGO_PKG_VERSION").to_string(),
+            start_unix_ms,
+            duration_ns: ends.last().copied().unwrap_or(0),
+            interval_ends_ns: ends,
+            filters: Filters {
+                pids: config.pids.clone(),
+                tids: config.tids.clone(),
+                min_block_ns: config.offcpu.as_ref().map(|o| o.min_block_ns).unwrap_or(0),
+                max_block_ns: config.offcpu.as_ref().and_then(|o| o.max_block_ns),
+                state: options.state_name.clone(),
+                threads: options.threads_name.clone(),
+            },
+            attach: attached_with.to_string(),
+            counters,
+            offcpu_sample_every: config.offcpu_sample_every,
+            db_sample_every: config.db_sample_every,
+        });
+        capture.processes = process_list;
+        capture.offcpu = offcpu;
+        capture.oncpu = oncpu;
+        capture.syscalls = syscalls;
+        capture.tcp = tcp;
+        capture.db = db;
+        write_outputs(&capture, &options.output, options.top, !options.quiet)?;
+        Ok((capture, next))
+    }
+}
+
+/// The kernel-side counters of every family attached, named by family.
+fn family_counters(
+    probes: &Probes,
+    config: &ProbeConfig,
+    db_owners: &DbOwners,
+) -> Result<BTreeMap<String, u64>> {
+    let mut counters: BTreeMap<String, u64> = BTreeMap::new();
+    if probes.offcpu_attached_with.is_some() {
+        for (name, value) in probes.offcpu_counters()? {
+            counters.insert(name.to_string(), value);
+        }
+    }
+    if probes.oncpu_frequency.is_some() {
+        for (name, value) in probes.oncpu_counters()? {
+            counters.insert(format!("oncpu_{name}"), value);
+        }
+    }
+    let program_stats = probes.program_stats();
+    counters.insert("program_misses".to_string(), program_stats.recursion_misses);
+    if config.measure_overhead {
+        // What our programs cost the traced threads (kernel time, on their CPUs).
+        counters.insert("bpf_run_ns".to_string(), program_stats.run_time_ns);
+        counters.insert("bpf_runs".to_string(), program_stats.runs);
+    }
+    if probes.syscalls_slow_ns.is_some() {
+        for (name, value) in probes.syscall_counters()? {
+            counters.insert(format!("syscalls_{name}"), value);
+        }
+    }
+    if probes.tcp {
+        for (name, value) in probes.tcp_counters()? {
+            counters.insert(format!("tcp_{name}"), value);
+        }
+    }
+    if !probes.db_targets.is_empty() {
+        for (name, value) in probes.db_counters()? {
+            counters.insert(format!("db_{name}"), value);
+        }
+        counters.insert("db_filtered_out".into(), db_owners.filtered_out);
+        counters.insert("db_wire_undecoded".into(), db_owners.undecoded);
+    }
+    Ok(counters)
+}
+
+/// How full the aggregation maps got (entries, capacity): a full map loses events.
+fn map_fill_counters(
+    probes: &Probes,
+    counters: &mut BTreeMap<String, u64>,
+    config: &ProbeConfig,
+    offcpu_series: &Series<OffcpuKey>,
+    oncpu_series: &Series<OncpuKey>,
+) {
+    if probes.offcpu_attached_with.is_some() {
+        counters.insert(
+            "map_offcpu_entries".into(),
+            offcpu_series.latest.len() as u64,
+        );
+        counters.insert(
+            "map_offcpu_capacity".into(),
+            u64::from(profiler_common::offcpu::TOTALS_MAX),
+        );
+    }
+    if probes.oncpu_frequency.is_some() {
+        counters.insert("map_oncpu_entries".into(), oncpu_series.latest.len() as u64);
+        counters.insert(
+            "map_oncpu_capacity".into(),
+            u64::from(profiler_common::oncpu::COUNTS_MAX),
+        );
+    }
+    let stack_ids: std::collections::HashSet<i32> = offcpu_series
+        .latest
+        .keys()
+        .flat_map(|k| [k.kernel_stack_id, k.user_stack_id])
+        .chain(
+            oncpu_series
+                .latest
+                .keys()
+                .flat_map(|k| [k.kernel_stack_id, k.user_stack_id]),
+        )
+        .filter(|id| *id >= 0 && id & OVERFLOW_STACK_BIT == 0)
+        .collect();
+    counters.insert("map_stacks_entries".into(), stack_ids.len() as u64);
+    counters.insert(
+        "map_stacks_capacity".into(),
+        u64::from(config.stack_storage_size),
+    );
+}
+
+/// Loading eBPF programs needs root, or CAP_BPF with CAP_PERFMON (5.8+).
+pub(crate) fn check_privileges() -> Result<()> {
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| effective & (1 << cap) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        return Ok(());
+    }
+    bail!(
+        "recording needs root (or the CAP_BPF and CAP_PERFMON capabilities) to load eBPF \
+         programs; run it as root"
+    )
+}
+
+pub(crate) fn check_task_exists(id: u32, what: &str) -> Result<()> {
+    if id == 0 || !Path::new(&format!("/proc/{id}")).exists() {
+        bail!("no {what} with id {id} (nothing in /proc/{id})");
+    }
+    Ok(())
+}

@@ -6,6 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use crate::model::{TcpConnection, TcpEndpoint, TcpProfile};
 use crate::probes::tcp::TcpRecord;
+use crate::symbolize::procmaps::ProcessCache;
 
 /// Buckets of the connect-latency histogram (log2 of ns, as the other families).
 pub const CONNECT_BUCKETS: usize = 40;
@@ -129,6 +130,25 @@ impl TcpAggregator {
 
     pub fn is_empty(&self) -> bool {
         self.endpoints.is_empty()
+    }
+}
+
+/// Folds the TCP events in the ring buffer that fall in `window` (kernel time).
+pub(super) fn drain_tcp_events(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    tcp: &mut TcpAggregator,
+    processes: &mut ProcessCache,
+    (from, until): (u64, u64),
+) {
+    while let Some(item) = ring.next() {
+        if let Some(record) = crate::probes::tcp::decode(&item)
+            && (from..until).contains(&record.at_ns)
+        {
+            if record.pid != 0 && processes.get(record.pid).is_none() {
+                processes.observe(record.pid, &record.comm);
+            }
+            tcp.add(&record);
+        }
     }
 }
 

@@ -3,7 +3,9 @@
 
 mod flamegraph;
 mod folded;
+pub mod outputs;
 pub mod pprof;
+pub mod progress;
 pub mod prometheus;
 mod summary;
 

@@ -3,6 +3,7 @@
 //!
 //! Beside it: `fingerprint` (query normalization) and `wire` (decoding client requests).
 
+pub mod events;
 pub mod fingerprint;
 pub mod wire;
 

@@ -14,13 +14,14 @@ use profiler_common::syscalls::SyscallKey;
 
 use crate::cli::TopArgs;
 use crate::collect::db::DbAggregator;
+use crate::collect::db::events::{DbOwners, drain_db_events};
 use crate::collect::tcp::TcpAggregator;
+use crate::collect::{check_privileges, check_task_exists};
 use crate::model::{DbProfile, DbQuery, TcpEndpoint, TcpProfile};
 use crate::probes::db::DbConfig;
 use crate::probes::offcpu::OffcpuConfig;
 use crate::probes::syscalls::{SyscallsConfig, name as syscall_name};
 use crate::probes::{ProbeConfig, Probes};
-use crate::record::{DbOwners, check_privileges, check_task_exists, drain_db_events};
 
 /// Per-process figures of one refresh interval.
 #[derive(Default, Clone, Copy)]

@@ -1,0 +1,320 @@
+//! Database events from the kernel: whose each query is (server, client, -p filter), the
+//! wire requests decoded, and the db family's part of the Capture with its issuing stacks.
+
+use std::collections::HashMap;
+
+use anyhow::Result;
+
+use super::{DbAggregator, Observed};
+use crate::collect::stacks::{NO_STACK, StackBuilder, scale_stack, sort_stacks, synthetic_frame};
+use crate::model::{DbProfile, NPlusOne};
+use crate::symbolize::procmaps::ProcessCache;
+
+/// Whose a query is, and whether it passes -p: a server-side query belongs to the server
+/// (the backend's parent, the postmaster; -p SERVER_PID selects its backends), a client-side
+/// one to the client process.
+pub(crate) struct DbOwners {
+    pids: Vec<u32>,
+    /// Prepared statements' text by (process, name), from PQsendPrepare.
+    prepared: HashMap<(u32, String), String>,
+    /// SQLite statements' text by (process, statement pointer), from their prepare.
+    statements: HashMap<(u32, u64), String>,
+    pub(crate) filtered_out: u64,
+    /// Wire requests whose bytes did not decode.
+    pub(crate) undecoded: u64,
+    /// Fingerprints by `frame_hash` of the text the kernel saw: names the `[db]` frames of
+    /// off-CPU stacks.
+    pub(crate) frames: HashMap<u32, String>,
+    endpoints: HashMap<(u32, u64), String>,
+}
+
+/// `ip:port` (`[ip6]:port`) of the peer of socket `fd` of process `pid`, or `unix`, from
+/// /proc (the process's own network namespace).
+fn socket_endpoint(pid: u32, fd: u64) -> Option<String> {
+    let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
+    let inode = link
+        .to_str()?
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .to_string();
+    for (file, v6) in [("tcp", false), ("tcp6", true)] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 9 && f[9] == inode {
+                return proc_net_address(f[2], v6);
+            }
+        }
+    }
+    let unix = std::fs::read_to_string(format!("/proc/{pid}/net/unix")).unwrap_or_default();
+    unix.lines()
+        .skip(1)
+        .any(|l| l.split_whitespace().nth(6) == Some(inode.as_str()))
+        .then(|| "unix".to_string())
+}
+
+/// `/proc/net/tcp{,6}` address (`0100007F:1538`: 32-bit words in host order, port in hex).
+pub(crate) fn proc_net_address(text: &str, v6: bool) -> Option<String> {
+    let (ip, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let mut bytes = Vec::new();
+    for word in ip.as_bytes().chunks(8) {
+        let word = u32::from_str_radix(std::str::from_utf8(word).ok()?, 16).ok()?;
+        bytes.extend_from_slice(&word.to_ne_bytes());
+    }
+    let addr = if v6 {
+        let octets: [u8; 16] = bytes.try_into().ok()?;
+        std::net::IpAddr::V6(std::net::Ipv6Addr::from(octets))
+    } else {
+        let octets: [u8; 4] = bytes.try_into().ok()?;
+        std::net::IpAddr::V4(std::net::Ipv4Addr::from(octets))
+    };
+    Some(std::net::SocketAddr::new(addr, port).to_string())
+}
+
+impl DbOwners {
+    pub(crate) fn new(pids: &[u32]) -> Self {
+        Self {
+            pids: pids.to_vec(),
+            prepared: HashMap::new(),
+            statements: HashMap::new(),
+            filtered_out: 0,
+            undecoded: 0,
+            frames: HashMap::new(),
+            endpoints: HashMap::new(),
+        }
+    }
+
+    /// The address behind a client's socket, looked up once per (process, fd).
+    fn endpoint(&mut self, pid: u32, fd: u64) -> String {
+        self.endpoints
+            .entry((pid, fd))
+            .or_insert_with(|| socket_endpoint(pid, fd).unwrap_or_default())
+            .clone()
+    }
+
+    fn owner(&mut self, query: &crate::probes::db::QueryRecord) -> Option<u32> {
+        let owner = if query.source == "postgres-usdt" && query.ppid != 0 {
+            query.ppid
+        } else {
+            query.pid
+        };
+        let wanted =
+            self.pids.is_empty() || self.pids.contains(&query.pid) || self.pids.contains(&owner);
+        if !wanted {
+            self.filtered_out += 1;
+        }
+        wanted.then_some(owner)
+    }
+}
+
+pub(crate) fn drain_db_events(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    db: &mut DbAggregator,
+    owners: &mut DbOwners,
+    mut processes: Option<&mut ProcessCache>,
+    (started_from, started_before): (u64, u64),
+) {
+    while let Some(item) = ring.next() {
+        if let Some(query) = crate::probes::db::decode(&item)
+            // Statement definitions (SQLite prepares carry no time, libpq prepares are no
+            // queries) go to both windows: later executions are named from them.
+            && (query.start_ns == 0
+                || query.prepare_name.is_some()
+                || (started_from..started_before).contains(&query.start_ns))
+            && let Some(owner) = owners.owner(&query)
+        {
+            let mut query = query;
+            // What the kernel hashed for the off-CPU frame: libpq's text argument (a
+            // prepared statement's name), a simple query's text on the wire.
+            let frame = match query.source {
+                "libpq" | "mysql" if query.prepare_name.is_none() => {
+                    Some(profiler_common::db::frame_hash(query.text.as_bytes()))
+                }
+                "wire-postgres" if query.raw.first() == Some(&b'Q') => Some(
+                    profiler_common::db::frame_hash(&query.raw[5.min(query.raw.len())..]),
+                ),
+                _ => None,
+            };
+            if query.source.starts_with("wire-") {
+                let decoded = match query.source {
+                    "wire-redis" => crate::collect::db::wire::redis(&query.raw),
+                    "wire-mysql" => crate::collect::db::wire::mysql(&query.raw),
+                    _ => crate::collect::db::wire::postgres(&query.raw),
+                };
+                let Some(request) = decoded else {
+                    owners.undecoded += 1;
+                    continue;
+                };
+                if let Some(name) = request.parse_name {
+                    owners
+                        .prepared
+                        .insert((query.pid, format!("wire:{name}")), request.text.clone());
+                }
+                // MySQL: a prepare's reply names the statement, which executes then use
+                // (per connection); the prepare itself is not counted as a query.
+                let socket = query.handle;
+                if request.prepare {
+                    if let Some(id) = crate::collect::db::wire::mysql_prepared_id(&query.reply) {
+                        owners
+                            .prepared
+                            .insert((query.pid, format!("mysql:{socket}:{id}")), request.text);
+                    }
+                    continue;
+                }
+                let prepared_key = match (&request.bind_name, request.execute_id) {
+                    (Some(name), _) => Some(format!("wire:{name}")),
+                    (None, Some(id)) => Some(format!("mysql:{socket}:{id}")),
+                    (None, None) => None,
+                };
+                query.text = prepared_key
+                    .and_then(|key| owners.prepared.get(&(query.pid, key)).cloned())
+                    .unwrap_or(request.text);
+            }
+            if query.source == "sqlite" && query.prepare_name.is_some() {
+                owners
+                    .statements
+                    .insert((query.pid, query.handle), query.text);
+                continue;
+            }
+            if let Some(name) = query.prepare_name {
+                owners.prepared.insert((query.pid, name), query.text);
+                continue;
+            }
+            let text = if query.statement {
+                owners
+                    .statements
+                    .get(&(query.pid, query.handle))
+                    .cloned()
+                    .unwrap_or_else(|| "[statement prepared before the capture]".to_string())
+            } else if query.prepared {
+                owners
+                    .prepared
+                    .get(&(query.pid, query.text.clone()))
+                    .cloned()
+                    .unwrap_or_else(|| format!("EXECUTE {}", query.text))
+            } else {
+                query.text
+            };
+            if query.user_stack_id >= 0
+                && let Some(processes) = processes.as_deref_mut()
+            {
+                // Its memory maps, while it lives, to symbolize the issuing stacks: read again
+                // (at most every 500 ms) because a process first seen at exec, before its
+                // libraries were mapped, would otherwise keep maps without them.
+                processes.observe(query.pid, &query.comm);
+            }
+            if let Some(frame) = frame
+                && !owners.frames.contains_key(&frame)
+            {
+                owners
+                    .frames
+                    .insert(frame, crate::collect::db::fingerprint(&text));
+            }
+            let endpoint = match query.source {
+                "libpq" | "wire-postgres" | "wire-mysql" | "wire-redis" if query.handle > 0 => {
+                    owners.endpoint(query.pid, query.handle - 1)
+                }
+                _ => String::new(),
+            };
+            db.add(&Observed {
+                source: query.source,
+                pid: owner,
+                comm: &query.comm,
+                tid: query.tid,
+                text: &text,
+                truncated: query.truncated,
+                error: query.error,
+                start_ns: query.start_ns,
+                duration_ns: query.duration_ns,
+                user_stack_id: query.user_stack_id,
+                endpoint: &endpoint,
+            });
+        }
+    }
+}
+
+/// The db family's part of the Capture: queries by fingerprint, the code paths that issued
+/// them, and N+1 suspects.
+pub(crate) fn profile(
+    db: &DbAggregator,
+    builder: &mut StackBuilder,
+    sample_every: u32,
+) -> Result<DbProfile> {
+    let mut profile = db.profile();
+    for (_, pid, fingerprint, stack_id, tid, calls, total_ns) in db.stack_usage() {
+        if stack_id < 0 {
+            continue; // server-side: no client code path
+        }
+        let mut stack = builder.build(
+            (pid, tid, NO_STACK, stack_id),
+            "db",
+            total_ns,
+            calls,
+            Vec::new(),
+        )?;
+        stack.frames.pop(); // no kernel stack was taken
+        stack
+            .frames
+            .push(synthetic_frame(format!("[db] {fingerprint}")));
+        profile.stacks.push(stack);
+    }
+    let every = u64::from(sample_every.max(1));
+    if every > 1 {
+        // Sampled mode: each timed query stands for `every` queries (latency
+        // quantiles are those of the sample).
+        for query in &mut profile.queries {
+            query.calls *= every;
+            query.errors *= every;
+            query.total_ns *= every;
+            query.buckets.iter_mut().for_each(|b| *b *= every);
+        }
+        for stack in &mut profile.stacks {
+            scale_stack(stack, every);
+        }
+    }
+    sort_stacks(&mut profile.stacks);
+    for suspect in db.suspects() {
+        let frames = if suspect.user_stack_id >= 0 {
+            let mut stack = builder.build(
+                (suspect.pid, suspect.tid, NO_STACK, suspect.user_stack_id),
+                "db",
+                0,
+                0,
+                Vec::new(),
+            )?;
+            stack.frames.pop();
+            stack.frames
+        } else {
+            Vec::new()
+        };
+        profile.n_plus_one.push(NPlusOne {
+            pid: suspect.pid,
+            tid: suspect.tid,
+            comm: suspect.comm,
+            source: suspect.source,
+            fingerprint: suspect.fingerprint,
+            runs: suspect.runs,
+            longest_run: suspect.longest_run,
+            queries: suspect.queries,
+            total_ns: suspect.total_ns,
+            frames,
+        });
+    }
+    Ok(profile)
+}
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn proc_net_addresses_decode() {
+        assert_eq!(
+            super::proc_net_address("0100007F:1538", false).as_deref(),
+            Some("127.0.0.1:5432")
+        );
+        assert_eq!(
+            super::proc_net_address("00000000000000000000000001000000:18EB", true).as_deref(),
+            Some("[::1]:6379")
+        );
+        assert!(super::proc_net_address("zz:1", false).is_none());
+    }
+}

@@ -1,0 +1,166 @@
+//! The daemon's settings: flags, else the TOML config file, else the defaults; reloaded on
+//! SIGHUP from the next window (a bad edit keeps the running settings).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+
+use super::budget::Cost;
+use crate::cli::DaemonArgs;
+
+/// The daemon's settings: flags, else the config file, else the defaults.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub data_dir: PathBuf,
+    pub window: Duration,
+    pub keep: usize,
+    pub max_age: Option<Duration>,
+    pub max_bytes: Option<u64>,
+    pub listen: String,
+    pub baseline: Option<PathBuf>,
+    /// Fraction of one CPU.
+    pub max_cpu: Option<f64>,
+    pub record_args: Vec<String>,
+}
+
+/// The config file: every key is also a flag.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    window: Option<String>,
+    keep: Option<usize>,
+    max_age: Option<String>,
+    max_bytes: Option<u64>,
+    listen: Option<String>,
+    baseline: Option<PathBuf>,
+    max_cpu: Option<String>,
+    record: Option<Vec<String>>,
+}
+
+pub fn settings(args: &DaemonArgs) -> Result<Settings> {
+    let file = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config {}", path.display()))?;
+            toml::from_str::<FileConfig>(&text).map_err(|err| {
+                anyhow::anyhow!(
+                    "bad config {}: {}",
+                    path.display(),
+                    err.to_string().lines().next().unwrap_or_default()
+                )
+            })?
+        }
+        None => FileConfig::default(),
+    };
+    let duration = |flag: Option<Duration>, text: Option<&String>, name: &str| {
+        flag.map(Ok)
+            .or_else(|| {
+                text.map(|t| {
+                    crate::cli::parse_duration_text(t)
+                        .map_err(|e| anyhow::anyhow!("config {name}: {e}"))
+                })
+            })
+            .transpose()
+    };
+    let settings = Settings {
+        data_dir: args
+            .data_dir
+            .clone()
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("/var/lib/profiler")),
+        window: duration(args.window, file.window.as_ref(), "window")?
+            .unwrap_or(Duration::from_secs(60)),
+        keep: args.keep.or(file.keep).unwrap_or(60),
+        max_age: duration(args.max_age, file.max_age.as_ref(), "max_age")?,
+        max_bytes: args.max_bytes.or(file.max_bytes),
+        listen: args
+            .listen
+            .clone()
+            .or(file.listen)
+            .unwrap_or_else(|| "127.0.0.1:9464".into()),
+        baseline: args.baseline.clone().or(file.baseline),
+        max_cpu: match (args.max_cpu, &file.max_cpu) {
+            (Some(flag), _) => Some(flag),
+            (None, Some(text)) => Some(
+                crate::cli::parse_percent(text)
+                    .map_err(|e| anyhow::anyhow!("config max_cpu: {e}"))?,
+            ),
+            (None, None) => None,
+        },
+        record_args: if args.record_args.is_empty() {
+            file.record.unwrap_or_default()
+        } else {
+            args.record_args.clone()
+        },
+    };
+    if settings.window.is_zero() {
+        bail!("--window must be more than zero");
+    }
+    if settings.keep == 0 {
+        bail!("--keep must be at least 1");
+    }
+    // Validate the recording options before anything is served.
+    record_options(&settings, &settings.data_dir.join("check"))?;
+    Ok(settings)
+}
+
+/// The `record` options of one window, from the daemon's trailing record arguments.
+pub(crate) fn record_options(args: &Settings, dir: &Path) -> Result<crate::collect::RecordOptions> {
+    let window = format!("{}ms", args.window.as_millis());
+    let mut argv: Vec<String> = ["profiler", "record", "--duration", &window, "-o"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    argv.push(dir.display().to_string());
+    argv.extend(args.record_args.iter().cloned());
+    let cli = <crate::cli::Cli as clap::Parser>::try_parse_from(&argv)
+        .map_err(|err| anyhow::anyhow!("bad record options after --: {}", first_line(&err)))?;
+    match cli.command {
+        crate::cli::Command::Record(record) => record.into_options(),
+        _ => unreachable!("parsed as record"),
+    }
+}
+
+fn first_line(err: &clap::Error) -> String {
+    err.to_string()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A window's record options: its directory, quiet, self-measuring, the budget's mode.
+pub(crate) fn window_options(
+    args: &Settings,
+    cost: &Cost,
+) -> Result<crate::collect::RecordOptions> {
+    let dir = args
+        .data_dir
+        .join(format!("window-{}", crate::collect::unix_ms()));
+    let mut options = record_options(args, &dir)?;
+    options.quiet = true;
+    options.probes.measure_overhead = true;
+    options.probes.exclude_self = true;
+    options.background_detach = true;
+    cost.apply(&mut options);
+    Ok(options)
+}
+
+/// SIGHUP: the config file again (a bad edit keeps the running settings; `listen` stays).
+pub(crate) fn reload_settings(daemon_args: &DaemonArgs, args: &mut Settings, cost: &mut Cost) {
+    match settings(daemon_args) {
+        Ok(new) => {
+            eprintln!("profiler daemon: configuration reloaded");
+            let listen = std::mem::take(&mut args.listen);
+            *args = Settings { listen, ..new };
+            if cost.budget != args.max_cpu {
+                // A new budget: the next window is recorded and judged against it.
+                cost.budget = args.max_cpu;
+                cost.skip_left = 0;
+            }
+        }
+        Err(err) => eprintln!("profiler daemon: reload refused: {err:#}"),
+    }
+}

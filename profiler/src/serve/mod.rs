@@ -1,0 +1,306 @@
+//! `profiler daemon`: back-to-back recording windows written to a data directory (oldest
+//! removed past `--keep`), and a small HTTP server on 127.0.0.1 serving the latest window:
+//! `/healthz`, `/captures`, `/metrics` (Prometheus text), `/flamegraph?kind=…`, `/profile`
+//! (pprof, gzipped profile.proto), `/summary`.
+//! SIGTERM or SIGINT ends the current window (written like any capture) and the daemon.
+//!
+//! One file per seam: `config` (flags, config file, SIGHUP reload), `windows` (the data
+//! directory and retention), `budget` (the CPU budget and its sampled modes), `events`
+//! (regression verdicts per window), `http` (the endpoints) and `metrics` (Prometheus text).
+
+mod budget;
+mod config;
+mod events;
+mod http;
+mod metrics;
+mod windows;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::cli::DaemonArgs;
+use crate::model::Capture;
+
+use budget::Cost;
+pub use config::{Settings, settings};
+use config::{reload_settings, window_options};
+use events::{EVENTS_KEPT, regression_event};
+pub use http::capture_from_daemon;
+use windows::{apply_retention, dirs_named};
+
+/// What the HTTP side knows: the windows kept and the latest capture.
+#[derive(Default)]
+struct State {
+    windows_total: u64,
+    kept: Vec<PathBuf>,
+    pub(crate) latest: Option<(PathBuf, Capture)>,
+    regressions_total: u64,
+    /// The latest regression events (at most `EVENTS_KEPT`), oldest first.
+    events: Vec<serde_json::Value>,
+    cost: Cost,
+    cumulative: crate::render::prometheus::Cumulative,
+    /// The running settings (what an on-demand capture records with).
+    settings: Option<Settings>,
+    /// An on-demand capture is running.
+    capturing: bool,
+    /// Windows that failed to run.
+    window_errors_total: u64,
+}
+
+pub fn run(args: DaemonArgs) -> Result<()> {
+    let settings = settings(&args)?;
+    std::fs::create_dir_all(&settings.data_dir).with_context(|| {
+        format!(
+            "cannot create data directory {}",
+            settings.data_dir.display()
+        )
+    })?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve_and_record(args, settings))
+}
+
+async fn serve_and_record(daemon_args: DaemonArgs, mut args: Settings) -> Result<()> {
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    eprintln!(
+        "profiler daemon: {} windows into {}, keeping {}; HTTP on http://{}",
+        humantime(args.window),
+        args.data_dir.display(),
+        args.keep,
+        listener.local_addr()?
+    );
+    let state = Arc::new(Mutex::new(State::default()));
+    http::spawn_server(listener, Arc::clone(&state));
+
+    let mut signals = Signals::new()?;
+    let mut reload = false;
+    let baseline = match &args.baseline {
+        Some(path) => Some(Capture::load(path)?),
+        None => None,
+    };
+    // Windows left by an earlier run (a restart) count for retention too.
+    state.lock().expect("state lock").kept = dirs_named(&args.data_dir, "window-");
+    let mut previous: Option<Capture> = None;
+    let mut next: Option<Result<crate::collect::Prepared>> = None;
+    let mut mark = Mark::now();
+    let mut last_error: Option<String> = None;
+    let mut stop = false;
+    let mut cost = Cost::with_budget(args.max_cpu);
+    while !stop {
+        if cost.skip_left > 0 {
+            // Duty-cycled: this window is not recorded.
+            if let Some(Ok(unused)) = next.take() {
+                unused.discard();
+            }
+            signals.sleep(args.window, &mut stop, &mut reload).await;
+            cost.skip_left -= 1;
+            let (cpu_ns, wall) = mark.lap();
+            cost.account(cpu_ns, 0, wall);
+            if cost.skip_left == 0
+                && let Some(line) = cost.finish_period()
+            {
+                eprintln!("{line}");
+            }
+            state.lock().expect("state lock").cost = cost.clone();
+            if reload {
+                reload = false;
+                reload_settings(&daemon_args, &mut args, &mut cost);
+            }
+            continue;
+        }
+        state.lock().expect("state lock").settings = Some(args.clone());
+        // The window loaded by the previous one's handoff, else a new one.
+        let prepared = match next.take() {
+            Some(prepared) => prepared,
+            None => window_options(&args, &cost).and_then(crate::collect::prepare),
+        };
+        let (dir, result) = match prepared {
+            Ok(prepared) => {
+                let dir = prepared.output().to_path_buf();
+                // On time, the window loads the next one before it stops (no gap between
+                // them) — unless the budget skips the next window.
+                let handoff: Option<crate::collect::Handoff> = (cost.duty() == 1).then(|| {
+                    let (args, cost) = (args.clone(), cost.clone());
+                    Box::new(move || {
+                        window_options(&args, &cost).and_then(|mut options| {
+                            options.continues = true;
+                            crate::collect::prepare(options)
+                        })
+                    }) as crate::collect::Handoff
+                });
+                // The window ends early on SIGTERM/SIGINT too (and is written): both
+                // listeners see the signal.
+                let window = prepared.run(handoff);
+                tokio::pin!(window);
+                let result = loop {
+                    tokio::select! {
+                        result = &mut window => break result,
+                        _ = signals.term.recv() => stop = true,
+                        _ = signals.int.recv() => stop = true,
+                        _ = signals.hup.recv() => reload = true,
+                    }
+                };
+                match result {
+                    Ok((capture, following)) => {
+                        next = following;
+                        (dir, Ok(capture))
+                    }
+                    Err(err) => (dir, Err(err)),
+                }
+            }
+            Err(err) => (PathBuf::new(), Err(err)),
+        };
+        let capture = match result {
+            Ok(capture) => {
+                last_error = None;
+                capture
+            }
+            Err(err) => {
+                // A window that cannot run (the -p process exited, a library went away)
+                // does not end the daemon: say why once, count it, try again shortly.
+                let message = format!("{err:#}");
+                if last_error.as_deref() != Some(message.as_str()) {
+                    eprintln!("profiler daemon: window failed (retrying): {message}");
+                }
+                last_error = Some(message);
+                state.lock().expect("state lock").window_errors_total += 1;
+                if !dir.as_os_str().is_empty() {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                if !stop {
+                    let pause = args.window.min(Duration::from_secs(5));
+                    signals.sleep(pause, &mut stop, &mut reload).await;
+                }
+                if reload {
+                    reload = false;
+                    reload_settings(&daemon_args, &mut args, &mut cost);
+                }
+                continue;
+            }
+        };
+        let baseline_capture = match &baseline {
+            Some(pinned) => Some(pinned),
+            None => previous.as_ref(),
+        };
+        let event = baseline_capture.and_then(|b| regression_event(b, &capture, &dir));
+        let mut state = state.lock().expect("state lock");
+        if let Some(event) = event {
+            // One JSON line per event, for log shippers.
+            eprintln!("{event}");
+            state.regressions_total += 1;
+            state.events.push(event);
+            if state.events.len() > EVENTS_KEPT {
+                state.events.remove(0);
+            }
+        }
+        state.windows_total += 1;
+        state.kept.push(dir.clone());
+        apply_retention(&mut state.kept, &args);
+        // The cycle's cost: our CPU since the previous window was done (recording, loading
+        // the next window, writing, comparing, detaching) and our programs' run time, per
+        // second of wall time.
+        let (userspace_ns, wall) = mark.lap();
+        let ebpf_ns = capture
+            .metadata
+            .counters
+            .get("bpf_run_ns")
+            .copied()
+            .unwrap_or(0);
+        cost.account(userspace_ns, ebpf_ns, wall);
+        cost.gap_s = (wall - capture.metadata.duration_ns as f64 / 1e9).max(0.0);
+        cost.skip_left = cost.duty() - 1;
+        if cost.skip_left == 0
+            && let Some(line) = cost.finish_period()
+        {
+            eprintln!("{line}");
+        }
+        cost.oncpu_hz = capture.oncpu.as_ref().map(|o| o.frequency_hz);
+        state.cost = cost.clone();
+        state.cumulative.add(&capture);
+        previous = Some(capture.clone());
+        state.latest = Some((dir, capture));
+        drop(state);
+        // A window's symbolization and aggregation leave freed heap behind; hand it back so
+        // the resident size stays that of one window.
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim only releases free memory.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        if reload {
+            reload = false;
+            reload_settings(&daemon_args, &mut args, &mut cost);
+        }
+    }
+    if let Some(Ok(unused)) = next.take() {
+        unused.discard();
+    }
+    crate::collect::wait_for_detach();
+    eprintln!("profiler daemon: stopped; probes detached");
+    Ok(())
+}
+
+/// The signals the daemon obeys: SIGTERM/SIGINT stop it, SIGHUP reloads its config.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub(crate) fn new() -> Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+            hup: signal(SignalKind::hangup()).context("cannot handle SIGHUP")?,
+        })
+    }
+
+    /// Sleeps `duration`, or until a signal: SIGTERM/SIGINT set `stop`, SIGHUP `reload`.
+    async fn sleep(&mut self, duration: Duration, stop: &mut bool, reload: &mut bool) {
+        tokio::select! {
+            _ = tokio::time::sleep(duration) => {}
+            _ = self.term.recv() => *stop = true,
+            _ = self.int.recv() => *stop = true,
+            _ = self.hup.recv() => *reload = true,
+        }
+    }
+}
+
+/// CPU time and wall time since the last lap.
+struct Mark {
+    at: std::time::Instant,
+    cpu_ns: u64,
+}
+
+impl Mark {
+    fn now() -> Self {
+        Self {
+            at: std::time::Instant::now(),
+            cpu_ns: crate::collect::process_cpu_ns(),
+        }
+    }
+
+    /// (CPU ns, wall s) since the last lap; starts the next.
+    fn lap(&mut self) -> (u64, f64) {
+        let now = Self::now();
+        let lap = (
+            now.cpu_ns.saturating_sub(self.cpu_ns),
+            (now.at - self.at).as_secs_f64().max(1e-3),
+        );
+        *self = now;
+        lap
+    }
+}
+
+fn humantime(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
