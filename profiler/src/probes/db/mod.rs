@@ -1,6 +1,14 @@
 //! Database family: finds PostgreSQL servers, reads their `query__start`/`query__done` USDT
 //! probes from the binary, and attaches `profiler-ebpf/src/db.rs` to them with the probes'
 //! semaphores raised by the kernel.
+//!
+//! Beside it: `libraries` (the client libraries probed in applications: libpq, SQLite,
+//! MySQL/MariaDB), `postgres` (server binaries and their USDT probes) and `wire` (the
+//! syscalls the wire decoder hooks).
+
+mod libraries;
+mod postgres;
+mod wire;
 
 use std::collections::HashSet;
 use std::os::fd::AsFd as _;
@@ -20,7 +28,13 @@ use profiler_common::db::{
 use super::{Globals, Probes, global, program, read_counters};
 use crate::probes::kernel::btf::Btf;
 use crate::probes::kernel::uprobe::{self, UprobeLink};
-use crate::probes::kernel::usdt::{self, UsdtProbe};
+use crate::probes::kernel::usdt::UsdtProbe;
+
+pub use libraries::{ClientLibrary, LIBPQ, LibraryTarget, MARIADB, MYSQLCLIENT, SQLITE};
+use libraries::{find_library, library_target, pgconn_socket_offset};
+use postgres::discover_postgres;
+pub use postgres::{PostgresTarget, postgres_binaries_installed};
+use wire::{WIRE_TRACEPOINTS, wire_globals};
 
 #[derive(Debug, Clone, Default)]
 pub struct DbConfig {
@@ -36,85 +50,6 @@ pub struct DbConfig {
     pub wire: bool,
     /// Not asked for explicitly: a server that cannot be probed is a note, not an error.
     pub optional: bool,
-}
-
-/// A client library the db family probes in the application's process.
-#[derive(Debug)]
-pub struct ClientLibrary {
-    pub name: &'static str,
-    /// File name prefix in memory maps.
-    prefix: &'static str,
-    /// The file looked for in the system library directories.
-    system_name: &'static str,
-    /// Functions it must have.
-    required: &'static [&'static str],
-    /// (symbol, program, return probe), attached in this order: a return before its entry,
-    /// ends before starts.
-    probes: &'static [(&'static str, &'static str, bool)],
-}
-
-pub const LIBPQ: ClientLibrary = ClientLibrary {
-    name: "libpq",
-    prefix: "libpq.so",
-    system_name: "libpq.so.5",
-    required: &["PQgetResult", "PQsendQuery"],
-    probes: &[
-        ("PQgetResult", "libpq_get_result_return", true),
-        ("PQgetResult", "libpq_get_result", false),
-        ("PQsendQuery", "libpq_send_query", false),
-        ("PQsendQueryParams", "libpq_send_query", false),
-        ("PQsendQueryPrepared", "libpq_send_prepared", false),
-        ("PQsendPrepare", "libpq_send_prepare", false),
-    ],
-};
-
-pub const SQLITE: ClientLibrary = ClientLibrary {
-    name: "SQLite",
-    prefix: "libsqlite3.so",
-    system_name: "libsqlite3.so.0",
-    required: &["sqlite3_step", "sqlite3_prepare_v2", "sqlite3_reset"],
-    probes: &[
-        ("sqlite3_reset", "sqlite_reset", false),
-        ("sqlite3_finalize", "sqlite_reset", false),
-        ("sqlite3_step", "sqlite_step_return", true),
-        ("sqlite3_step", "sqlite_step", false),
-        ("sqlite3_prepare_v2", "sqlite_prepare_return", true),
-        ("sqlite3_prepare_v3", "sqlite_prepare_return", true),
-        ("sqlite3_prepare_v2", "sqlite_prepare_v2", false),
-        ("sqlite3_prepare_v3", "sqlite_prepare_v3", false),
-    ],
-};
-
-const MYSQL_PROBES: &[(&str, &str, bool)] = &[
-    ("mysql_real_query", "mysql_query_return", true),
-    ("mysql_read_query_result", "mysql_query_return", true),
-    ("mysql_read_query_result", "mysql_read_result", false),
-    ("mysql_real_query", "mysql_query", false),
-    ("mysql_send_query", "mysql_query", false),
-];
-
-pub const MARIADB: ClientLibrary = ClientLibrary {
-    name: "MariaDB client",
-    prefix: "libmariadb.so",
-    system_name: "libmariadb.so.3",
-    required: &["mysql_real_query"],
-    probes: MYSQL_PROBES,
-};
-
-pub const MYSQLCLIENT: ClientLibrary = ClientLibrary {
-    name: "MySQL client",
-    prefix: "libmysqlclient.so",
-    system_name: "libmysqlclient.so.21",
-    required: &["mysql_real_query"],
-    probes: MYSQL_PROBES,
-};
-
-/// A client library file and where its functions are.
-#[derive(Debug, Clone)]
-pub struct LibraryTarget {
-    pub library: &'static ClientLibrary,
-    pub path: PathBuf,
-    functions: Vec<(String, u64)>,
 }
 
 /// Everything the db family attaches to.
@@ -142,188 +77,6 @@ impl DbTargets {
             )
             .collect()
     }
-}
-
-/// The syscalls the wire decoder hooks: (tracepoint, program), ends before starts.
-const WIRE_TRACEPOINTS: [(&str, &str); 6] = [
-    ("sys_exit_read", "wire_read_return"),
-    ("sys_exit_recvfrom", "wire_recvfrom_return"),
-    ("sys_enter_read", "wire_read"),
-    ("sys_enter_recvfrom", "wire_recvfrom"),
-    ("sys_enter_write", "wire_write"),
-    ("sys_enter_sendto", "wire_sendto"),
-];
-
-fn wire_globals(globals: &mut Globals) -> Result<()> {
-    let mut offsets = [None::<u32>; 4];
-    for (event, _) in WIRE_TRACEPOINTS {
-        let fields = super::kernel::tracefs::field_offsets("syscalls", event)?;
-        let names: &[(usize, &str)] = if event.starts_with("sys_exit") {
-            &[(3, "ret")]
-        } else if event.ends_with("sendto") {
-            &[(0, "fd"), (1, "buff"), (2, "len")]
-        } else if event.ends_with("recvfrom") {
-            &[(0, "fd"), (1, "ubuf"), (2, "size")]
-        } else {
-            &[(0, "fd"), (1, "buf"), (2, "count")]
-        };
-        for (slot, name) in names {
-            let offset = *fields
-                .get(*name)
-                .with_context(|| format!("syscalls:{event} has no field {name}"))?;
-            if offsets[*slot].is_some_and(|o| o != offset) {
-                bail!("syscalls:{event} lays out {name} unlike the other syscalls");
-            }
-            offsets[*slot] = Some(offset);
-        }
-    }
-    for (slot, global_name) in [
-        "TP_SYS_FD_OFF",
-        "TP_SYS_BUF_OFF",
-        "TP_SYS_LEN_OFF",
-        "TP_SYS_RET_OFF",
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        global(globals, global_name, offsets[slot].expect("all set"));
-    }
-    Ok(())
-}
-
-/// Copies of `library`: the ones mapped by `pids`, or for the whole host the system's.
-fn find_library(library: &ClientLibrary, pids: &[u32]) -> Vec<PathBuf> {
-    if !pids.is_empty() {
-        let mut out = Vec::new();
-        for pid in pids {
-            let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
-            for line in maps.lines() {
-                if let Some(path) = line.split_whitespace().nth(5)
-                    && Path::new(path)
-                        .file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.starts_with(library.prefix))
-                {
-                    out.push(PathBuf::from(format!("/proc/{pid}/root{path}")));
-                }
-            }
-        }
-        return out;
-    }
-    let mut out = Vec::new();
-    for dir in ["/usr/lib", "/usr/lib64", "/usr/local/lib", "/lib"] {
-        let mut dirs = vec![PathBuf::from(dir)];
-        dirs.extend(
-            std::fs::read_dir(dir)
-                .into_iter()
-                .flatten()
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.file_name()
-                        .is_some_and(|n| n.to_string_lossy().contains("-linux-"))
-                }),
-        );
-        for d in dirs {
-            let candidate = d.join(library.system_name);
-            if candidate.is_file() {
-                out.push(candidate);
-            }
-        }
-    }
-    out
-}
-
-/// Where `PQsocket()` reads the socket in a `PGconn`: its code is a NULL check and one
-/// load from the first argument (x86_64 `mov eax, [rdi+disp]`; aarch64 `ldr w0, [x0, #imm]`).
-fn pgconn_socket_offset(path: &Path, function_offset: u64) -> Option<u32> {
-    use std::io::{Read as _, Seek as _, SeekFrom};
-    let mut code = [0u8; 32];
-    let mut file = std::fs::File::open(path).ok()?;
-    file.seek(SeekFrom::Start(function_offset)).ok()?;
-    file.read_exact(&mut code).ok()?;
-    if cfg!(target_arch = "aarch64") {
-        code.chunks_exact(4).find_map(|w| {
-            let w = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
-            // LDR (immediate, 32-bit) with Rn = x0, Rt = w0.
-            (w & 0xFFC0_03FF == 0xB940_0000).then(|| ((w >> 10) & 0xFFF) * 4)
-        })
-    } else {
-        code.windows(6).find_map(|w| match w {
-            [0x8b, 0x87, a, b, c, d] => Some(u32::from_le_bytes([*a, *b, *c, *d])),
-            [0x8b, 0x47, d, ..] => Some(u32::from(*d)),
-            _ => None,
-        })
-    }
-}
-
-fn library_target(library: &'static ClientLibrary, path: PathBuf) -> Result<LibraryTarget> {
-    let mut names: Vec<&str> = library.probes.iter().map(|(n, _, _)| *n).collect();
-    names.push("PQsocket");
-    let functions = crate::probes::kernel::usdt::function_offsets(&path, &names)?;
-    for name in library.required {
-        if !functions.iter().any(|(n, _)| n == name) {
-            bail!(
-                "{} has no {name} symbol: not a {} library this profiler can probe",
-                path.display(),
-                library.name
-            );
-        }
-    }
-    Ok(LibraryTarget {
-        library,
-        path,
-        functions,
-    })
-}
-
-/// A PostgreSQL binary and its two query probes.
-#[derive(Debug, Clone)]
-pub struct PostgresTarget {
-    pub path: PathBuf,
-    start: UsdtProbe,
-    done: UsdtProbe,
-}
-
-/// PostgreSQL server binaries installed the Debian way (`/usr/lib/postgresql/*/bin`).
-pub fn postgres_binaries_installed() -> Vec<PathBuf> {
-    let mut out: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path().join("bin/postgres"))
-        .filter(|p| p.is_file())
-        .collect();
-    out.sort();
-    out
-}
-
-/// Executables of running PostgreSQL servers (`/proc/PID/exe`, which works across mount
-/// namespaces), among `pids` or on the whole host.
-fn running_postgres(pids: &[u32]) -> Vec<PathBuf> {
-    let candidates: Vec<u32> = if pids.is_empty() {
-        std::fs::read_dir("/proc")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse().ok())
-            .collect()
-    } else {
-        pids.to_vec()
-    };
-    candidates
-        .into_iter()
-        .filter(|pid| {
-            std::fs::read_link(format!("/proc/{pid}/exe"))
-                .ok()
-                .and_then(|exe| {
-                    exe.file_name()
-                        .map(|n| n == "postgres" || n == "postmaster")
-                })
-                .unwrap_or(false)
-        })
-        .map(|pid| PathBuf::from(format!("/proc/{pid}/exe")))
-        .collect()
 }
 
 /// The binaries to probe: the ones given; else the running servers (among `pids`); else,
@@ -382,59 +135,6 @@ pub fn discover(config: &DbConfig, pids: &[u32]) -> Result<DbTargets> {
         libraries,
         wire,
     })
-}
-
-fn discover_postgres(config: &DbConfig, pids: &[u32]) -> Result<Vec<PostgresTarget>> {
-    let mut paths = config.postgres_binaries.clone();
-    for path in &paths {
-        if !path.is_file() {
-            bail!("PostgreSQL binary {} does not exist", path.display());
-        }
-    }
-    if paths.is_empty()
-        && config.libpq.is_empty()
-        && config.sqlite.is_empty()
-        && config.mysql.is_empty()
-    {
-        paths = running_postgres(pids);
-        if paths.is_empty() && pids.is_empty() {
-            paths = postgres_binaries_installed();
-        }
-    }
-    let mut seen = HashSet::new();
-    let mut targets = Vec::new();
-    for path in paths {
-        let Ok(meta) = std::fs::metadata(&path) else {
-            continue; // the process exited meanwhile
-        };
-        if !seen.insert((meta.dev(), meta.ino())) {
-            continue;
-        }
-        let probes = usdt::probes(&path)?;
-        let find = |name: &str| {
-            probes
-                .iter()
-                .find(|p| p.provider == "postgresql" && p.name == name)
-                .cloned()
-        };
-        match (find("query__start"), find("query__done")) {
-            (Some(start), _) if start.args.is_empty() => bail!(
-                "{}: cannot read the argument of postgresql:query__start: {}",
-                path.display(),
-                start
-                    .unsupported_args
-                    .as_deref()
-                    .unwrap_or("the probe has no argument")
-            ),
-            (Some(start), Some(done)) => targets.push(PostgresTarget { path, start, done }),
-            _ => bail!(
-                "{} has no postgresql:query__start/query__done USDT probes (a PostgreSQL built \
-                 without --enable-dtrace); cannot time its queries",
-                path.display()
-            ),
-        }
-    }
-    Ok(targets)
 }
 
 pub(super) fn globals(targets: &DbTargets, btf: &Btf, globals: &mut Globals) -> Result<()> {
