@@ -34,7 +34,7 @@ pub const PREPARE_NAME_MAX: usize = 64;
 /// the same handle (`query` is empty).
 pub const FLAG_STATEMENT: u32 = 8;
 
-/// How a probe argument is read (see `profiler/src/usdt.rs`).
+/// How a probe argument is read (see `profiler/src/probes/kernel/usdt.rs`).
 pub const ARG_KIND_REGISTER: u32 = 1;
 pub const ARG_KIND_MEMORY: u32 = 2;
 pub const ARG_KIND_CONSTANT: u32 = 3;

@@ -1,7 +1,7 @@
 //! Query latency from PostgreSQL's USDT probes: `query__start(const char *query)` keeps the
 //! start time and the query text per thread, `query__done` sends one event per query.
 //! Attached by userspace with perf_event_open on the uprobe PMU so the kernel raises the
-//! probes' semaphores (see `profiler/src/uprobe.rs`). No pid filter here: the server's
+//! probes' semaphores (see `profiler/src/probes/kernel/uprobe.rs`). No pid filter here: the server's
 //! backends are other processes than the one named with -p; userspace filters by ancestry.
 
 use aya_ebpf::{
