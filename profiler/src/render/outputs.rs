@@ -8,6 +8,7 @@ use anyhow::{Context as _, Result};
 use crate::model::Capture;
 use crate::render;
 
+/// Writes `capture.json`, the folded stacks and flamegraphs of each family recorded, and
 /// `summary.txt`, and prints the summary.
 pub fn write_outputs(capture: &Capture, dir: &Path, top: usize, print: bool) -> Result<()> {
     capture.save(&dir.join(crate::model::CAPTURE_FILE))?;
