@@ -408,6 +408,9 @@ impl Prepared {
         counters.insert("kernel_frames".into(), stats.kernel_addresses);
         counters.insert("unresolved_user_frames".into(), stats.unresolved_user);
         counters.insert("unresolved_kernel_frames".into(), stats.unresolved_kernel);
+        // Mapped files neither their path nor /proc/PID/map_files reached: their frames stay
+        // unresolved.
+        counters.insert("unreachable_files".into(), processes.unreachable_files);
 
         let mut seen_pids: Vec<u32> = offcpu
             .iter()

@@ -44,7 +44,8 @@ impl Default for Symbolizer {
 
 /// A user address made ready for lookup.
 enum UserKey {
-    File(String, u64),
+    /// Shown as the first path, read from the second (see `procmaps`), at an offset.
+    File(String, String, u64),
     Special(String, u64),
     Unknown(u64),
 }
@@ -114,8 +115,8 @@ impl Symbolizer {
             .map(|(i, &ip)| {
                 let addr = adjust(i, ip);
                 match process.map(|p| p.locate(addr)) {
-                    Some(Location::File { path, offset }) => {
-                        UserKey::File(path.to_string(), offset)
+                    Some(Location::File { path, open, offset }) => {
+                        UserKey::File(path.to_string(), open.to_string(), offset)
                     }
                     Some(Location::Special { name, offset }) => {
                         UserKey::Special(name.to_string(), offset)
@@ -124,30 +125,30 @@ impl Symbolizer {
                 }
             })
             .collect();
-        let mut by_file: HashMap<&str, Vec<u64>> = HashMap::new();
+        let mut by_file: HashMap<(&str, &str), Vec<u64>> = HashMap::new();
         for key in &keys {
-            if let UserKey::File(path, offset) = key
-                && !self.user.contains_key(&(path.clone(), *offset))
+            if let UserKey::File(path, open, offset) = key
+                && !self.user.contains_key(&(open.clone(), *offset))
             {
-                by_file.entry(path).or_default().push(*offset);
+                by_file.entry((path, open)).or_default().push(*offset);
             }
         }
-        let by_file: Vec<(String, Vec<u64>)> = by_file
+        let by_file: Vec<(String, String, Vec<u64>)> = by_file
             .into_iter()
-            .map(|(p, mut o)| {
+            .map(|((p, open), mut o)| {
                 o.sort_unstable();
                 o.dedup();
-                (p.to_string(), o)
+                (p.to_string(), open.to_string(), o)
             })
             .collect();
-        for (path, offsets) in by_file {
-            self.resolve_file(&path, &offsets);
+        for (path, open, offsets) in by_file {
+            self.resolve_file(&path, &open, &offsets);
         }
         let mut frames = Vec::new();
         for key in keys.iter().rev() {
             match key {
-                UserKey::File(path, offset) => {
-                    frames.extend(self.user[&(path.clone(), *offset)].iter().cloned())
+                UserKey::File(_, open, offset) => {
+                    frames.extend(self.user[&(open.clone(), *offset)].iter().cloned())
                 }
                 UserKey::Special(name, offset) => {
                     self.stats.user_addresses += 1;
@@ -169,8 +170,9 @@ impl Symbolizer {
         frames
     }
 
-    fn resolve_file(&mut self, path: &str, offsets: &[u64]) {
-        let src = Source::Elf(Elf::new(path));
+    /// Frames of `offsets` in the file shown as `path` and read from `open`.
+    fn resolve_file(&mut self, path: &str, open: &str, offsets: &[u64]) {
+        let src = Source::Elf(Elf::new(open));
         let results = self
             .blazesym
             .symbolize(&src, Input::FileOffset(offsets))
@@ -185,7 +187,7 @@ impl Symbolizer {
                     vec![unresolved(FrameKind::User, &module, offset, Some(path))]
                 }
             };
-            self.user.insert((path.to_string(), offset), frames);
+            self.user.insert((open.to_string(), offset), frames);
         }
     }
 }

@@ -1,8 +1,15 @@
 //! Process memory maps, read while a process lives and kept after it exits, so that user
 //! addresses can be turned into (file, file offset) pairs at the end of a capture.
+//!
+//! A mapped file that cannot be opened by its path — deleted since it was mapped (a package
+//! upgrade), a memfd, or a path in another mount namespace (a container) — is opened through
+//! `/proc/PID/map_files/START-END` while the process lives, and the descriptor kept for the
+//! capture: symbolization then reads it as `/proc/self/fd/N`, even after the process exits.
 
 use std::collections::HashMap;
-use std::fs;
+use std::fs::{self, File};
+use std::os::fd::AsRawFd as _;
+use std::os::unix::fs::MetadataExt as _;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -14,12 +21,19 @@ pub struct Vma {
     pub file_offset: u64,
     /// File path, or a pseudo name such as `[vdso]`.
     pub path: String,
+    /// Where the file opens when `path` does not (`/proc/self/fd/N`, see the module doc).
+    pub open_path: Option<String>,
 }
 
 impl Vma {
     /// Whether the mapping is a file that can be opened for symbolization.
     pub fn is_file(&self) -> bool {
-        self.path.starts_with('/') && !self.path.ends_with(" (deleted)")
+        self.open_path.is_some() || self.path.starts_with('/') && !self.path.ends_with(" (deleted)")
+    }
+
+    /// A mapped file its path does not reach from here: deleted or a memfd (`… (deleted)`).
+    fn needs_map_files(&self, foreign_mounts: bool) -> bool {
+        self.path.starts_with('/') && (foreign_mounts || self.path.ends_with(" (deleted)"))
     }
 }
 
@@ -39,8 +53,13 @@ pub struct ProcessInfo {
 /// Where an address lands in a process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Location<'a> {
-    /// In a file: the file's path and the offset in it.
-    File { path: &'a str, offset: u64 },
+    /// In a file: the file's path, where it opens (the path itself, or a kept descriptor),
+    /// and the offset in it.
+    File {
+        path: &'a str,
+        open: &'a str,
+        offset: u64,
+    },
     /// In a special mapping (`[vdso]`, a deleted file…): the name and the offset in it.
     Special { name: &'a str, offset: u64 },
     /// In no mapping we know of.
@@ -82,6 +101,7 @@ pub fn parse_maps(text: &str) -> Vec<Vma> {
             } else {
                 path
             },
+            open_path: None,
         });
     }
     vmas
@@ -97,6 +117,7 @@ impl ProcessInfo {
         {
             Some(vma) if vma.is_file() => Location::File {
                 path: &vma.path,
+                open: vma.open_path.as_deref().unwrap_or(&vma.path),
                 offset: addr - vma.start + vma.file_offset,
             },
             Some(vma) => Location::Special {
@@ -112,7 +133,14 @@ impl ProcessInfo {
 #[derive(Debug, Default)]
 pub struct ProcessCache {
     processes: HashMap<u32, ProcessInfo>,
+    /// Files opened through `map_files`, by (device, inode): kept open for the capture.
+    kept_files: HashMap<(u64, u64), File>,
+    /// Mapped files that could not be kept open (the process went first, or `KEPT_FILES_MAX`).
+    pub unreachable_files: u64,
 }
+
+/// Descriptors kept for files their path does not reach (well below the usual 1024 limit).
+const KEPT_FILES_MAX: usize = 256;
 
 /// Re-read a live process's maps at most this often (it may have loaded libraries).
 const REFRESH_EVERY: Duration = Duration::from_millis(500);
@@ -131,6 +159,7 @@ impl ProcessCache {
             return;
         }
         refresh(entry);
+        self.unreachable_files += keep_open(entry, &mut self.kept_files);
     }
 
     /// Re-reads every live process (the end of a capture).
@@ -138,6 +167,7 @@ impl ProcessCache {
         for entry in self.processes.values_mut() {
             if !entry.exited {
                 refresh(entry);
+                self.unreachable_files += keep_open(entry, &mut self.kept_files);
             }
         }
     }
@@ -159,6 +189,50 @@ impl ProcessCache {
     }
 }
 
+/// Gives the mappings of `entry` that their path does not reach an `open_path` (a kept
+/// descriptor). Returns how many could not be given one.
+fn keep_open(entry: &mut ProcessInfo, kept: &mut HashMap<(u64, u64), File>) -> u64 {
+    let foreign_mounts = match (
+        fs::read_link(format!("/proc/{}/ns/mnt", entry.pid)),
+        fs::read_link("/proc/self/ns/mnt"),
+    ) {
+        (Ok(theirs), Ok(ours)) => theirs != ours,
+        _ => false,
+    };
+    let mut unreachable = 0;
+    for vma in &mut entry.vmas {
+        if vma.open_path.is_some() || !vma.needs_map_files(foreign_mounts) {
+            continue;
+        }
+        let link = format!(
+            "/proc/{}/map_files/{:x}-{:x}",
+            entry.pid, vma.start, vma.end
+        );
+        let Ok(meta) = fs::metadata(&link) else {
+            unreachable += 1;
+            continue;
+        };
+        let key = (meta.dev(), meta.ino());
+        if !kept.contains_key(&key) {
+            if kept.len() >= KEPT_FILES_MAX {
+                unreachable += 1;
+                continue;
+            }
+            match File::open(&link) {
+                Ok(file) => {
+                    kept.insert(key, file);
+                }
+                Err(_) => {
+                    unreachable += 1;
+                    continue;
+                }
+            }
+        }
+        vma.open_path = Some(format!("/proc/self/fd/{}", kept[&key].as_raw_fd()));
+    }
+    unreachable
+}
+
 fn refresh(entry: &mut ProcessInfo) {
     let base = PathBuf::from(format!("/proc/{}", entry.pid));
     let Ok(maps) = fs::read_to_string(base.join("maps")) else {
@@ -174,6 +248,14 @@ fn refresh(entry: &mut ProcessInfo) {
     // Keep mappings seen earlier that are gone now (an unloaded library may still hold
     // addresses captured before).
     let mut merged = vmas;
+    for vma in &mut merged {
+        // A file kept open earlier stays the one read.
+        vma.open_path = entry
+            .vmas
+            .iter()
+            .find(|old| old.start == vma.start && old.end == vma.end && old.path == vma.path)
+            .and_then(|old| old.open_path.clone());
+    }
     for old in entry.vmas.drain(..) {
         if !merged
             .iter()
@@ -223,6 +305,7 @@ mod tests {
             info.locate(0x55d0c0a20010),
             Location::File {
                 path: "/usr/bin/app",
+                open: "/usr/bin/app",
                 offset: 0x20010
             }
         );
@@ -230,6 +313,7 @@ mod tests {
             info.locate(0x7f0000000100),
             Location::File {
                 path: "/usr/lib/x86_64-linux-gnu/libc.so.6",
+                open: "/usr/lib/x86_64-linux-gnu/libc.so.6",
                 offset: 0x28100
             }
         );
