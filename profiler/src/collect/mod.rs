@@ -403,7 +403,7 @@ impl Prepared {
             "profiler_cpu_ns".into(),
             process_cpu_ns().saturating_sub(cpu_at_start),
         );
-        let stats = symbolizer.stats;
+        let stats = std::mem::take(&mut symbolizer.stats);
         counters.insert("user_frames".into(), stats.user_addresses);
         counters.insert("kernel_frames".into(), stats.kernel_addresses);
         counters.insert("unresolved_user_frames".into(), stats.unresolved_user);
@@ -456,6 +456,7 @@ impl Prepared {
             counters,
             offcpu_sample_every: config.offcpu_sample_every,
             db_sample_every: config.db_sample_every,
+            unresolved_by_binary: stats.unresolved_by_binary(),
         });
         capture.processes = process_list;
         capture.offcpu = offcpu;

@@ -56,6 +56,20 @@ pub struct Metadata {
     /// Sampled mode: one database query in this many was timed (0 or 1: every query).
     #[serde(default, skip_serializing_if = "all_recorded")]
     pub db_sample_every: u32,
+    /// Binaries whose user addresses did not all resolve to a symbol (stripped, no debug
+    /// info, JIT or anonymous code, garbage from a broken walk), most unresolved first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unresolved_by_binary: Vec<UnresolvedBinary>,
+}
+
+/// Unresolved user addresses of one binary.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct UnresolvedBinary {
+    /// The binary's path, or `[vdso]`, `[anon]`, `[unknown]` (no mapping held the address).
+    pub binary: String,
+    pub unresolved: u64,
+    /// Distinct addresses seen in it.
+    pub addresses: u64,
 }
 
 fn all_recorded(every: &u32) -> bool {
@@ -437,6 +451,7 @@ mod tests {
 
     fn sample() -> Capture {
         let mut capture = Capture::new(Metadata {
+            unresolved_by_binary: Vec::new(),
             host: "h".into(),
             kernel: "6.1".into(),
             profiler_version: "0.1.0".into(),

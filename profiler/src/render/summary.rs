@@ -49,6 +49,34 @@ pub fn summary(capture: &Capture, top: usize) -> String {
         counter("unresolved_kernel_frames"),
         counter("kernel_frames"),
     );
+    if !meta.unresolved_by_binary.is_empty() {
+        // Where the unresolved user frames come from: a stripped binary, JIT code, or
+        // addresses a broken walk made up (`[unknown]`: in no mapping).
+        let list: Vec<String> = meta
+            .unresolved_by_binary
+            .iter()
+            .take(5)
+            .map(|b| {
+                format!(
+                    "{} {}/{}",
+                    short_binary(&b.binary),
+                    b.unresolved,
+                    b.addresses
+                )
+            })
+            .collect();
+        let more = meta.unresolved_by_binary.len().saturating_sub(5);
+        let _ = writeln!(
+            out,
+            "unresolved user frames by binary: {}{}",
+            list.join(", "),
+            if more > 0 {
+                format!(", {more} more")
+            } else {
+                String::new()
+            }
+        );
+    }
     if meta.counters.contains_key("profiler_cpu_ns") {
         let mut cost = format!("cost: profiler {} CPU", seconds(counter("profiler_cpu_ns")));
         if meta.counters.contains_key("bpf_run_ns") {
@@ -397,4 +425,13 @@ fn short_stack(frames: &[Frame]) -> String {
         .map(|f| f.name.as_str())
         .unwrap_or("-");
     format!("{}  |  {kernel}", user.join(" <- "))
+}
+
+/// A binary's file name (paths are long; the capture keeps the whole path).
+fn short_binary(path: &str) -> &str {
+    if path.starts_with('/') {
+        path.rsplit('/').next().unwrap_or(path)
+    } else {
+        path
+    }
 }

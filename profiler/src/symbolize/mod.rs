@@ -9,22 +9,57 @@
 pub mod procmaps;
 pub mod syscall_names;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use blazesym::symbolize::source::{Elf, Kernel, Source};
 use blazesym::symbolize::{Input, Symbolized, Symbolizer as Blazesym};
 
-use crate::model::{Frame, FrameKind};
+use crate::model::{Frame, FrameKind, UnresolvedBinary};
 use procmaps::{Location, ProcessInfo};
 
 /// Frame counts, for the capture's counters.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct SymbolizeStats {
     pub user_addresses: u64,
     pub kernel_addresses: u64,
     pub unresolved_user: u64,
     pub unresolved_kernel: u64,
+    /// Distinct user addresses per binary (path, or `[vdso]`, `[anon]`, `[unknown]`…):
+    /// (unresolved, all).
+    pub user_by_binary: BTreeMap<String, (u64, u64)>,
+}
+
+impl SymbolizeStats {
+    fn user_address(&mut self, binary: &str, resolved: bool) {
+        self.user_addresses += 1;
+        let entry = self.user_by_binary.entry(binary.to_string()).or_default();
+        entry.1 += 1;
+        if !resolved {
+            self.unresolved_user += 1;
+            entry.0 += 1;
+        }
+    }
+
+    /// Binaries with unresolved user addresses, most unresolved first.
+    pub fn unresolved_by_binary(&self) -> Vec<UnresolvedBinary> {
+        let mut list: Vec<UnresolvedBinary> = self
+            .user_by_binary
+            .iter()
+            .filter(|(_, (unresolved, _))| *unresolved > 0)
+            .map(|(binary, (unresolved, addresses))| UnresolvedBinary {
+                binary: binary.clone(),
+                unresolved: *unresolved,
+                addresses: *addresses,
+            })
+            .collect();
+        list.sort_by(|a, b| {
+            b.unresolved
+                .cmp(&a.unresolved)
+                .then(a.binary.cmp(&b.binary))
+        });
+        list
+    }
 }
 
 /// Batches and caches symbolization. Not `Send` (blazesym's symbolizer is not): keep it on
@@ -151,8 +186,7 @@ impl Symbolizer {
                     frames.extend(self.user[&(open.clone(), *offset)].iter().cloned())
                 }
                 UserKey::Special(name, offset) => {
-                    self.stats.user_addresses += 1;
-                    self.stats.unresolved_user += 1;
+                    self.stats.user_address(name, false);
                     frames.push(unresolved(
                         FrameKind::User,
                         &basename(name),
@@ -161,8 +195,7 @@ impl Symbolizer {
                     ));
                 }
                 UserKey::Unknown(addr) => {
-                    self.stats.user_addresses += 1;
-                    self.stats.unresolved_user += 1;
+                    self.stats.user_address("[unknown]", false);
                     frames.push(unresolved(FrameKind::User, "[unknown]", *addr, None));
                 }
             }
@@ -179,11 +212,13 @@ impl Symbolizer {
             .unwrap_or_default();
         let module = basename(path);
         for (i, &offset) in offsets.iter().enumerate() {
-            self.stats.user_addresses += 1;
             let frames = match results.get(i) {
-                Some(Symbolized::Sym(sym)) => expand(sym, FrameKind::User, Some(path), offset),
+                Some(Symbolized::Sym(sym)) => {
+                    self.stats.user_address(path, true);
+                    expand(sym, FrameKind::User, Some(path), offset)
+                }
                 _ => {
-                    self.stats.unresolved_user += 1;
+                    self.stats.user_address(path, false);
                     vec![unresolved(FrameKind::User, &module, offset, Some(path))]
                 }
             };
@@ -290,6 +325,23 @@ pub fn missing_stack_frame(kind: FrameKind, stack_id: i32) -> Frame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unresolved_addresses_are_counted_per_binary_most_first() {
+        let mut stats = SymbolizeStats::default();
+        stats.user_address("/usr/bin/app", true);
+        stats.user_address("/usr/bin/app", false);
+        stats.user_address("[unknown]", false);
+        stats.user_address("[unknown]", false);
+        stats.user_address("/lib/libc.so.6", true);
+        assert_eq!((stats.user_addresses, stats.unresolved_user), (5, 3));
+        let list = stats.unresolved_by_binary();
+        let got: Vec<(&str, u64, u64)> = list
+            .iter()
+            .map(|b| (b.binary.as_str(), b.unresolved, b.addresses))
+            .collect();
+        assert_eq!(got, [("[unknown]", 2, 2), ("/usr/bin/app", 1, 2)]);
+    }
 
     #[inline(never)]
     fn a_distinctively_named_function() -> u64 {
