@@ -32,13 +32,13 @@ fn dispatch(args: &[String]) -> Result<()> {
     };
     let rest = &args[1..];
     match task.as_str() {
-        "setup" => setup::run(),
+        "setup" => setup::run(setup::Purpose::Test),
         "build" => {
-            setup::run()?;
+            setup::run(setup::Purpose::Run)?;
             build(true)
         }
         "run" => {
-            setup::run()?;
+            setup::run(setup::Purpose::Run)?;
             build(true)?;
             let rest = rest.strip_prefix(&["--".to_string()]).unwrap_or(rest);
             let status = Command::new(workspace_root().join("target/release/profiler"))
@@ -51,11 +51,11 @@ fn dispatch(args: &[String]) -> Result<()> {
             Ok(())
         }
         "test" => {
-            setup::run()?;
+            setup::run(setup::Purpose::Test)?;
             test()
         }
         "bench" => {
-            setup::run()?;
+            setup::run(setup::Purpose::Test)?;
             build(true)?;
             bench::run(rest)
         }

@@ -1,6 +1,11 @@
 //! `cargo xtask setup`: installs what building and testing need on Debian/Ubuntu, one
 //! progress line per step. Safe to re-run: each step first checks whether it is done.
 //! The recipe is the verified one in shared/TOOLCHAIN.md.
+//!
+//! Two sets: `build` and `run` install only what building the profiler and running it need
+//! (`BUILD_PACKAGES`): nothing else lands on a host that is only to be profiled. `test`,
+//! `bench` and `setup` add the peers and servers the tests and benchmarks run against
+//! (`TEST_PACKAGES`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,9 +14,18 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::run_checked;
 
-/// Debian packages: the eBPF compiler (Debian's rustc with its source), the LLVM that
-/// bpf-linker links, and the peers and tools the tests and benchmarks use.
-const PACKAGES: &[(&str, &str)] = &[
+/// What a setup is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Build and run the profiler.
+    Run,
+    /// Also run the tests and benchmarks.
+    Test,
+}
+
+/// Debian packages to build the profiler: the eBPF compiler (Debian's rustc with its
+/// source) and the LLVM that bpf-linker links.
+const BUILD_PACKAGES: &[(&str, &str)] = &[
     (
         "rustc-web",
         "Rust compiler whose sysroot has the source for -Z build-std",
@@ -24,6 +38,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ),
     ("libzstd-dev", "bpf-linker's LLVM link dependency"),
     ("zlib1g-dev", "bpf-linker's LLVM link dependency"),
+];
+
+/// Debian packages the tests and benchmarks use: peers, servers and oracles.
+const TEST_PACKAGES: &[(&str, &str)] = &[
     ("linux-perf", "perf bench sched pipe for benchmarks"),
     (
         "libbpf-tools",
@@ -90,13 +108,20 @@ impl Steps {
     }
 }
 
-pub fn run() -> Result<()> {
+pub fn run(purpose: Purpose) -> Result<()> {
     let mut steps = Steps {
         total: 5,
         current: 0,
     };
-    steps.step("Debian packages");
-    install_packages()?;
+    let packages: Vec<(&str, &str)> = match purpose {
+        Purpose::Run => BUILD_PACKAGES.to_vec(),
+        Purpose::Test => [BUILD_PACKAGES, TEST_PACKAGES].concat(),
+    };
+    steps.step(match purpose {
+        Purpose::Run => "Debian packages (to build and run; tests add more)",
+        Purpose::Test => "Debian packages (to build, and the tests' peers and servers)",
+    });
+    install_packages(&packages)?;
     steps.step("bpf-linker (links the eBPF object)");
     install_bpf_linker()?;
     steps.step(&format!(
@@ -127,17 +152,17 @@ fn installed(package: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn install_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
+fn install_packages(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(name, _)| !installed(name))
         .map(|(name, _)| *name)
         .collect();
     if missing.is_empty() {
-        println!("      ok: all {} already installed", PACKAGES.len());
+        println!("      ok: all {} already installed", packages.len());
         return Ok(());
     }
-    for (name, why) in PACKAGES.iter().filter(|(n, _)| missing.contains(n)) {
+    for (name, why) in packages.iter().filter(|(n, _)| missing.contains(n)) {
         println!("      missing: {name} ({why})");
     }
     if Command::new("apt-get").arg("--version").output().is_err() {
