@@ -26,8 +26,10 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Record where threads wait (off-CPU time with kernel and user stacks) for a while, then
-    /// write the capture, folded stacks, a flamegraph and a summary to the output directory.
+    /// Record for a while — where threads wait (off-CPU time with kernel and user stacks),
+    /// where they run (on-CPU samples), syscall and TCP latency, database queries (--events
+    /// picks the families) — then write the capture, folded stacks, flamegraphs and a summary
+    /// to the output directory.
     Record(Box<RecordArgs>),
     /// Compare two captures (or two folded files) and flag significant regressions: a
     /// differential flamegraph, ranked functions and stacks, Markdown and JSON reports.
@@ -106,6 +108,9 @@ pub struct TopArgs {
     /// Refresh interval.
     #[arg(long, default_value = "1s", value_parser = parse_seconds)]
     pub interval: Duration,
+    /// Show the profiler's own process too (left out by default).
+    #[arg(long)]
+    pub include_self: bool,
     /// Stop after this many refreshes (default: until `q` or Ctrl-C).
     #[arg(long)]
     pub count: Option<u64>,
@@ -262,9 +267,13 @@ pub struct RecordArgs {
     /// (`bpf_run_ns`, with BPF statistics on while recording: about 20 ns more per run).
     #[arg(long)]
     pub measure_overhead: bool,
-    /// Leave the profiler's own process out (the daemon always does: its cost is in its
-    /// self-metrics, and symbolizing its own stacks each window costs memory).
+    /// Record the profiler's own process too. By default it is left out, in the kernel, by
+    /// every family: its waits between snapshots, its bpf and perf_event_open calls are not
+    /// what anyone came to see (the daemon always leaves itself out).
     #[arg(long)]
+    pub include_self: bool,
+    /// The default now; kept so that existing scripts and daemon configs still parse.
+    #[arg(long, hide = true, conflicts_with = "include_self")]
     pub exclude_self: bool,
     /// Ask the `profiler daemon` listening at this address (e.g. 127.0.0.1:9464) for the
     /// capture instead of loading probes here: it records --duration (whole seconds, at most
@@ -371,7 +380,7 @@ impl RecordArgs {
                 offcpu_sample_every: self.offcpu_sample,
                 db_sample_every: self.db_sample,
                 measure_overhead: self.measure_overhead,
-                exclude_self: self.exclude_self,
+                exclude_self: !self.include_self,
             },
             state_name,
             threads_name,

@@ -342,11 +342,11 @@ fn sampled_offcpu_mode_scales_back_to_the_workloads_timing() {
     assert!(run_ns > 0 && counters["profiler_cpu_ns"].as_u64().unwrap() > 0);
 }
 
-/// `--exclude-self` (what the daemon's windows use): the profiler's own process, which
-/// otherwise shows up on a whole-host capture (it waits in epoll between its snapshots and
-/// makes syscalls), is left out by every family.
+/// The profiler's own process, which otherwise shows up on a whole-host capture (it waits in
+/// epoll between its snapshots and makes syscalls), is left out by every family by default
+/// (as in the daemon's windows); `--include-self` brings it back.
 #[test]
-fn exclude_self_leaves_the_profiler_out_of_a_whole_host_capture() {
+fn the_profiler_leaves_itself_out_of_a_whole_host_capture_unless_asked() {
     require_root();
     let dir = temp_dir("exclude-self");
     let pids_seen = |extra: &[&str], name: &str| -> (u32, bool) {
@@ -368,14 +368,14 @@ fn exclude_self_leaves_the_profiler_out_of_a_whole_host_capture() {
             .any(|s| s["pid"].as_u64() == Some(pid as u64));
         (pid, in_offcpu || in_syscalls)
     };
-    let (pid, seen) = pids_seen(&[], "with-self");
+    let (pid, seen) = pids_seen(&["--include-self"], "with-self");
     assert!(
         seen,
-        "the profiler ({pid}) is not in its own whole-host capture"
+        "the profiler ({pid}) is not in its own whole-host capture with --include-self"
     );
-    let (pid, seen) = pids_seen(&["--exclude-self"], "without-self");
+    let (pid, seen) = pids_seen(&[], "without-self");
     assert!(
         !seen,
-        "the profiler ({pid}) is in a capture with --exclude-self"
+        "the profiler ({pid}) is in a capture by default (it leaves itself out)"
     );
 }

@@ -48,6 +48,7 @@ pub fn run(args: TopArgs) -> Result<()> {
         offcpu: Some(OffcpuConfig::default()),
         syscalls: Some(SyscallsConfig::default()),
         tcp: true,
+        exclude_self: !args.include_self,
         db: Some(DbConfig {
             optional: true,
             ..DbConfig::default()
