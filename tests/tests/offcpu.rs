@@ -229,10 +229,19 @@ fn thread_kind_filter_separates_kernel_and_user_threads() {
         "kernel threads always block (kworkers, rcu)"
     );
     for stack in stacks {
-        // Kernel threads have no user stack.
-        assert_eq!(frame_names(stack)[0], "[user stack none]", "{stack}");
+        // Kernel threads have no user stack, and no placeholder for one (PF_KTHREAD in
+        // /proc/PID/stat): every frame is the kernel's.
+        let frames = stack["frames"].as_array().unwrap();
+        assert!(
+            !frames.is_empty() && frames.iter().all(|f| f["kind"] == "kernel"),
+            "{stack}"
+        );
     }
-    let (user, _) = Recording::start(&dir.join("user"), &["-d", "2s", "--threads", "user"]).wait();
+    let (user, _) = Recording::start(
+        &dir.join("user"),
+        &["-d", "2s", "--threads", "user", "--include-self"],
+    )
+    .wait();
     let stacks = user["offcpu"]["stacks"].as_array().unwrap();
     assert!(
         !stacks.is_empty(),

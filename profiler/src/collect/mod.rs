@@ -362,6 +362,7 @@ impl Prepared {
             probes: &probes,
             processes: &processes,
             symbolizer: &mut symbolizer,
+            user_stacks_missing: 0,
         };
         let offcpu = match probes.offcpu_attached_with {
             Some(_) => Some(offcpu::profile(
@@ -392,6 +393,11 @@ impl Prepared {
                 config.db_sample_every,
             )?),
         };
+        // User threads' stacks shown as `[user stack …]` (kernel threads have none to lose).
+        counters.insert(
+            "stacks_without_user_stack".into(),
+            builder.user_stacks_missing,
+        );
         let attached_with = probes.offcpu_attached_with.unwrap_or("none");
         if options.background_detach {
             detach_in_background(probes);

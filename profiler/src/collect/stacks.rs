@@ -13,6 +13,8 @@ pub(crate) struct StackBuilder<'a> {
     pub(crate) probes: &'a Probes,
     pub(crate) processes: &'a ProcessCache,
     pub(crate) symbolizer: &'a mut Symbolizer,
+    /// Stacks of user threads shown without their user part (`[user stack …]`).
+    pub(crate) user_stacks_missing: u64,
 }
 
 impl StackBuilder<'_> {
@@ -25,9 +27,15 @@ impl StackBuilder<'_> {
         intervals: Vec<u64>,
     ) -> Result<Stack> {
         let mut frames = Vec::new();
+        let process = self.processes.get(tgid);
         match self.probes.stack(user_stack_id)? {
-            Some(ips) => frames.extend(self.symbolizer.user_frames(self.processes.get(tgid), &ips)),
-            None => frames.push(missing_stack_frame(FrameKind::User, user_stack_id)),
+            Some(ips) => frames.extend(self.symbolizer.user_frames(process, &ips)),
+            // A kernel thread has no user stack: nothing to show, nothing lost.
+            None if process.is_some_and(|p| p.kernel_thread) => {}
+            None => {
+                self.user_stacks_missing += 1;
+                frames.push(missing_stack_frame(FrameKind::User, user_stack_id));
+            }
         }
         match self.probes.stack(kernel_stack_id)? {
             Some(ips) => frames.extend(self.symbolizer.kernel_frames(&ips)),

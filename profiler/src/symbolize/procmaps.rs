@@ -48,6 +48,8 @@ pub struct ProcessInfo {
     read_at: Option<Instant>,
     /// Set once /proc no longer has the process.
     pub exited: bool,
+    /// A kernel thread (PF_KTHREAD): it has no user stack to show.
+    pub kernel_thread: bool,
 }
 
 /// Where an address lands in a process.
@@ -233,6 +235,17 @@ fn keep_open(entry: &mut ProcessInfo, kept: &mut HashMap<(u64, u64), File>) -> u
     unreachable
 }
 
+/// Whether a `/proc/PID/stat` line is a kernel thread's: PF_KTHREAD in its flags (the 9th
+/// field; the name in parentheses may hold spaces and parentheses, so count after the last
+/// `)`).
+fn is_kernel_thread(stat: &str) -> bool {
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_ascii_whitespace().nth(6))
+        .and_then(|flags| flags.parse::<u64>().ok())
+        .is_some_and(|flags| flags & PF_KTHREAD != 0)
+}
+
 fn refresh(entry: &mut ProcessInfo) {
     let base = PathBuf::from(format!("/proc/{}", entry.pid));
     let Ok(maps) = fs::read_to_string(base.join("maps")) else {
@@ -271,12 +284,25 @@ fn refresh(entry: &mut ProcessInfo) {
     if let Ok(exe) = fs::read_link(base.join("exe")) {
         entry.exe = Some(exe.to_string_lossy().into_owned());
     }
+    if let Ok(stat) = fs::read_to_string(base.join("stat")) {
+        entry.kernel_thread = is_kernel_thread(&stat);
+    }
     entry.read_at = Some(Instant::now());
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_threads_are_told_by_their_stat_flags() {
+        // Field 9 (flags), counted after the name: kworker has PF_KTHREAD (0x200000).
+        let kworker = "42 (kworker/0:1-events) I 2 0 0 0 -1 69238880 0 0 0 0 0 0";
+        let user = "4242 (my (odd) app) S 1 4242 4242 0 -1 4194560 120 0 0 0 3 1";
+        assert!(is_kernel_thread(kworker));
+        assert!(!is_kernel_thread(user));
+        assert!(!is_kernel_thread("garbage"));
+    }
 
     const MAPS: &str = "\
 55d0c0a00000-55d0c0a20000 r--p 00000000 08:01 1234 /usr/bin/app
