@@ -1,10 +1,12 @@
-//! Project tasks: `cargo xtask setup | build | run -- ARGS | test | bench [offcpu|all|db|diff]`.
+//! Project tasks: `cargo xtask setup | build | run -- ARGS | test | bench [offcpu|all|db|diff]
+//! | dist`.
 //!
 //! `setup` is idempotent and prints one progress line per step; every other task runs it
 //! first, so a fresh Debian/Ubuntu machine needs nothing but `cargo xtask run` or
 //! `cargo xtask test`.
 
 mod bench;
+mod dist;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -23,8 +25,8 @@ fn main() -> ExitCode {
     }
 }
 
-const USAGE: &str =
-    "usage: cargo xtask <setup | build | run -- PROFILER_ARGS | test | bench [offcpu|all|db|diff]>";
+const USAGE: &str = "usage: cargo xtask <setup | build | run -- PROFILER_ARGS | test | bench [offcpu|all|db|diff] \
+     | dist>";
 
 fn dispatch(args: &[String]) -> Result<()> {
     let Some(task) = args.first() else {
@@ -53,6 +55,10 @@ fn dispatch(args: &[String]) -> Result<()> {
         "test" => {
             setup::run(setup::Purpose::Test)?;
             test()
+        }
+        "dist" => {
+            setup::run(setup::Purpose::Run)?;
+            dist::run()
         }
         "bench" => {
             setup::run(setup::Purpose::Test)?;
