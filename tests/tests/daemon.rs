@@ -831,29 +831,47 @@ fn flamegraph_svg_opens_in_headless_chromium() {
         std::thread::sleep(Duration::from_millis(300));
     }
     let url = format!("http://127.0.0.1:{port}/flamegraph?kind=offcpu");
-    let out = Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--virtual-time-budget=2000",
-        ])
-        .arg(format!(
-            "--user-data-dir={}",
-            dir.join("chromium").display()
-        ))
-        .arg("--dump-dom")
-        .arg(&url)
-        .output()
-        .expect("chromium (cargo xtask setup installs the Debian package)");
-    let dom = String::from_utf8_lossy(&out.stdout);
+    let out = chromium_dom(&dir, &url);
+    let dom = String::from_utf8_lossy(&out.stdout).into_owned();
+    // The page for a person, as Chromium builds it: the kept windows (as /captures lists
+    // them), the latest window's summary, and its flamegraph embedded from a URL that serves
+    // the workload's frames.
+    // Listed before the page is read: with 1 s windows a newer one may appear meanwhile, but
+    // this one stays kept (60 by default).
+    let (_, listed) = get(port, "/captures").unwrap();
+    let listed: Vec<String> = serde_json::from_str(&listed).unwrap();
+    let page_out = chromium_dom(&dir, &format!("http://127.0.0.1:{port}/"));
+    let page = String::from_utf8_lossy(&page_out.stdout).into_owned();
+    let embedded = page
+        .split("<object id=\"flamegraph\"")
+        .nth(1)
+        .and_then(|rest| rest.split("data=\"").nth(1))
+        .and_then(|rest| rest.split('"').next())
+        .map(|url| url.replace("&amp;", "&"))
+        .unwrap_or_else(|| panic!("no embedded flamegraph in the page: {page}"));
+    let embedded_svg = get(port, &embedded).map(|(_, svg)| svg).unwrap_or_default();
     let _ = workload.finish();
     stop(daemon);
     assert!(
-        out.status.success(),
+        out.status.success() && page_out.status.success(),
         "chromium: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(page.contains("<table id=\"windows\">"), "{page}");
+    let newest = std::path::Path::new(listed.last().unwrap())
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        page.contains(&format!("<code>{newest}</code>")),
+        "the newest kept window {newest} is not on the page"
+    );
+    assert!(page.contains("<pre id=\"summary\">capture: "), "{page}");
+    assert!(
+        embedded.starts_with("/flamegraph?kind=offcpu&window=window-")
+            && embedded_svg.contains("workload_nanosleep"),
+        "the page embeds {embedded}, which does not show the workload"
     );
     println!("Chromium's DOM: {} bytes", dom.len());
     assert!(
@@ -1098,4 +1116,25 @@ fn cpu_budget_switches_to_sampled_mode_and_back() {
     );
     stop(daemon);
     let _ = workload.finish();
+}
+
+/// Chromium's DOM of `url` after its scripts ran (headless, a fresh profile under `dir`).
+fn chromium_dom(dir: &std::path::Path, url: &str) -> std::process::Output {
+    Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-background-networking",
+            "--virtual-time-budget=2000",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            dir.join("chromium").display()
+        ))
+        .arg("--dump-dom")
+        .arg(url)
+        .output()
+        .expect("chromium (cargo xtask setup installs the Debian package)")
 }

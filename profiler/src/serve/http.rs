@@ -227,6 +227,11 @@ fn respond(target: &str, state: &Mutex<State>) -> (&'static str, &'static str, V
     };
     let text = |s: String| ("200 OK", "text/plain; charset=utf-8", s.into_bytes());
     match path {
+        "/" | "/index.html" => (
+            "200 OK",
+            "text/html; charset=utf-8",
+            super::page::index(&state, &crate::collect::hostname()).into_bytes(),
+        ),
         "/healthz" => text("ok\n".into()),
         "/events" => (
             "200 OK",
@@ -308,7 +313,8 @@ fn respond(target: &str, state: &Mutex<State>) -> (&'static str, &'static str, V
         _ => (
             "404 Not Found",
             "text/plain",
-            b"try /healthz /metrics /captures /flamegraph /profile /summary\n".to_vec(),
+            b"try / (the page), /healthz /metrics /captures /events /flamegraph /profile /summary\n"
+                .to_vec(),
         ),
     }
 }

@@ -13,6 +13,7 @@ mod config;
 mod events;
 mod http;
 mod metrics;
+mod page;
 mod windows;
 
 use std::path::PathBuf;
