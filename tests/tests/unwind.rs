@@ -153,13 +153,15 @@ impl Run {
     }
 }
 
-/// Records `workload` (started, waiting for `go`) with `profiler record -p PID --events
-/// EVENTS` and, if `perf`, with perf at the same time; lets it work, collects its own report
-/// up to `done`, then stops both.
-fn record(dir: &Path, mut workload: ReadyProcess, events: &str, perf: bool) -> Run {
+/// Records `workload` (started, waiting for `go`) with `profiler record -p PID ARGS…` and,
+/// if `perf`, with perf at the same time; lets it work, collects its own report up to
+/// `done`, then stops both.
+fn record(dir: &Path, mut workload: ReadyProcess, args: &[&str], perf: bool) -> Run {
     let pid = workload.pid.clone();
     let out = dir.join("out");
-    let recording = Recording::start(&out, &["-d", "120s", "-p", &pid, "--events", events]);
+    let mut all = vec!["-d", "120s", "-p", &pid];
+    all.extend_from_slice(args);
+    let recording = Recording::start(&out, &all);
     let perf = perf.then(|| PerfRecording::start(dir, &pid));
     workload.go();
     let mut own = BTreeMap::new();
@@ -337,13 +339,14 @@ fn same_file(dso: &str, exe: &Path) -> bool {
 }
 
 /// perf's chain of a sample, outermost first, reduced to what is compared: the frames it
-/// names in `exe`, and libc's frames that no alias hides.
+/// names in `exe`, and libc's frames that no alias hides. PLT stubs (`clock_gettime@plt`,
+/// where a sample rarely lands) are left out: not a caller, and named differently by each tool.
 fn perf_chain(sample: &PerfSample, exe: &Path) -> Vec<String> {
     sample
         .frames
         .iter()
         .rev()
-        .filter(|f| f.sym != "[unknown]")
+        .filter(|f| f.sym != "[unknown]" && !f.sym.ends_with("@plt"))
         .filter(|f| same_file(&f.dso, exe) || LIBC_ROOT_FRAMES.contains(&f.sym.as_str()))
         .map(|f| normalize(&f.sym))
         .collect()
@@ -460,9 +463,9 @@ fn assert_blocked_time(run: &Run, function: &str, own_key: &str) {
 }
 
 /// Every off-CPU stack blocked in a syscall under `function` has `callers` (outermost first,
-/// ending with `function`) one right after another, and `function` called into another file
-/// (libc) — no frame lost between the program and libc.
-fn assert_caller_chain(run: &Run, exe: &Path, callers: &[&str]) {
+/// ending with `function`) one right after another; with `calls_out_of`, the frame under
+/// `function` is in another file (libc): no frame lost between the program and libc.
+fn assert_caller_chain(run: &Run, calls_out_of: Option<&Path>, callers: &[&str]) {
     let function = *callers.last().expect("a function");
     let stacks: Vec<&Value> = family_stacks(&run.capture, "offcpu", run.pid)
         .into_iter()
@@ -475,7 +478,7 @@ fn assert_caller_chain(run: &Run, exe: &Path, callers: &[&str]) {
          stacks:\n{}",
         describe(&family_stacks(&run.capture, "offcpu", run.pid))
     );
-    let exe = exe.canonicalize().expect("workload path");
+    let exe = calls_out_of.map(|exe| exe.canonicalize().expect("workload path"));
     for stack in stacks {
         let names = user_names(stack);
         assert!(
@@ -483,6 +486,7 @@ fn assert_caller_chain(run: &Run, exe: &Path, callers: &[&str]) {
             "expected {} in a row in {names:?}",
             callers.join(";")
         );
+        let Some(exe) = &exe else { continue };
         let frames = user_frames(stack);
         let at = names
             .iter()
@@ -580,10 +584,10 @@ fn c_without_frame_pointers_blocked_in_libc_keeps_every_caller() {
     let dir = temp_dir("unwind-c-nofp");
     let bin = build_c_without_frame_pointers(&dir, "unwind_nofp");
     let workload = ReadyProcess::spawn(Command::new(&bin).args(["50", "0"]));
-    let run = record(&dir, workload, "offcpu", true);
+    let run = record(&dir, workload, &["--events", "offcpu"], true);
     for function in C_BLOCKING {
         assert_same_chains_as_perf(&run, &bin, "offcpu", function);
-        assert_caller_chain(&run, &bin, &["main", "request", function]);
+        assert_caller_chain(&run, Some(&bin), &["main", "request", function]);
         assert_blocked_time(&run, function, &format!("{function}_ns"));
         assert_folded(&run, "offcpu.folded", &["main", "request", function]);
     }
@@ -601,7 +605,7 @@ fn c_without_frame_pointers_spinning_in_the_vdso_keeps_its_caller() {
     let dir = temp_dir("unwind-c-spin");
     let bin = build_c_without_frame_pointers(&dir, "unwind_spin");
     let workload = ReadyProcess::spawn(Command::new(&bin).args(["0", "20"]));
-    let run = record(&dir, workload, "offcpu,oncpu", true);
+    let run = record(&dir, workload, &["--events", "offcpu,oncpu"], true);
     assert_same_chains_as_perf(&run, &bin, "oncpu", "spin_clock");
 
     // Nearly every sample of the main thread is the spin, and names its caller.
@@ -653,10 +657,11 @@ fn rust_without_frame_pointers_blocked_in_std_keeps_every_caller() {
     let dir = temp_dir("unwind-rust");
     let bin = build_rust_without_frame_pointers(&dir);
     let workload = ReadyProcess::spawn(Command::new(&bin).arg("50"));
-    let run = record(&dir, workload, "offcpu", true);
+    let run = record(&dir, workload, &["--events", "offcpu"], true);
     for function in ["wait_for_signal", "nap"] {
         assert_same_chains_as_perf(&run, &bin, "offcpu", function);
-        assert_caller_chain(&run, &bin, &["unwind_std::main", "serve", function]);
+        // (Its callee is std's, in the same file: `Condvar::wait`, `thread::sleep`.)
+        assert_caller_chain(&run, None, &["unwind_std::main", "serve", function]);
         // Below the program's main, std's start-up reaches the C `main` symbol.
         for stack in family_stacks(&run.capture, "offcpu", run.pid)
             .into_iter()
@@ -683,10 +688,10 @@ fn frame_pointer_program_names_the_function_that_called_libc() {
     let dir = temp_dir("unwind-c-fp");
     let bin = build_c(&dir, "unwind_fp", &["-O2", "-fno-omit-frame-pointer"]);
     let workload = ReadyProcess::spawn(Command::new(&bin).args(["50", "0"]));
-    let run = record(&dir, workload, "offcpu", true);
+    let run = record(&dir, workload, &["--events", "offcpu"], true);
     for function in C_BLOCKING {
         assert_same_chains_as_perf(&run, &bin, "offcpu", function);
-        assert_caller_chain(&run, &bin, &["main", "request", function]);
+        assert_caller_chain(&run, Some(&bin), &["main", "request", function]);
         assert_blocked_time(&run, function, &format!("{function}_ns"));
     }
 }
@@ -713,48 +718,16 @@ fn stock_python3_sleep_stacks_reach_start_like_perf() {
         print('sleep_ns', total, flush=True)\n\
         print('done', flush=True)\n";
     let workload = ReadyProcess::spawn(Command::new(&python).args(["-I", "-c", SCRIPT]));
-    let run = record(&dir, workload, "offcpu", true);
+    let run = record(&dir, workload, &["--events", "offcpu"], true);
 
-    // perf's chains of the main thread's sleeps.
-    let sleeping = |s: &&PerfSample| {
-        s.is_switch() && s.tid == run.pid && s.frames.iter().any(|f| f.sym == "do_nanosleep")
-    };
-    let expected: BTreeSet<Vec<String>> = run
-        .perf
-        .iter()
-        .filter(sleeping)
-        .map(|s| perf_chain(s, &python))
-        .collect();
-    assert!(!expected.is_empty(), "perf has no sample of the sleeps");
-    for chain in &expected {
-        assert_eq!(
-            chain.first().map(String::as_str),
-            Some("_start"),
-            "perf's own chain is incomplete: {chain:?}"
-        );
-        assert!(
-            chain.iter().any(|n| n == "__libc_start_call_main"),
-            "{chain:?}"
-        );
-    }
-
-    let stacks: Vec<&Value> = family_stacks(&run.capture, "offcpu", run.pid)
-        .into_iter()
-        .filter(|s| s["tid"].as_u64() == Some(run.pid as u64) && kernel_has(s, "do_nanosleep"))
-        .collect();
-    assert!(!stacks.is_empty(), "no stack of the sleeps");
-    for stack in &stacks {
-        let names = user_names(stack);
-        // Every frame perf names, in its order; blazesym may name more (perf's [unknown]s).
-        let matches_perf = expected.iter().any(|chain| {
-            let mut ours = names.iter();
-            chain.iter().all(|name| ours.any(|n| n == name))
-        });
-        assert!(
-            matches_perf && names.first().map(String::as_str) == Some("_start"),
-            "python3 sleep: the profiler has {names:?}, perf (DWARF) has {expected:?}"
-        );
-    }
+    let stacks = assert_reaches_start_like_perf(
+        &run.capture,
+        &run.perf,
+        run.pid,
+        &python,
+        "do_nanosleep",
+        &["__libc_start_call_main", "Py_BytesMain"],
+    );
     let measured: f64 = stacks
         .iter()
         .map(|s| s["total_ns"].as_u64().expect("total_ns") as f64)
@@ -766,6 +739,172 @@ fn stock_python3_sleep_stacks_reach_start_like_perf() {
         measured / 1e6
     );
     assert!((measured - own).abs() <= 0.05 * own, "{measured} vs {own}");
+}
+
+/// The slow-syscall family takes its user stacks the same way: each of the C workload's
+/// `nanosleep` calls (10 ms, over a 5 ms threshold) keeps `main;request;sleep_step` under
+/// `[syscall clock_nanosleep]`, and there are as many as the workload made (its own count).
+#[test]
+fn slow_syscall_stacks_without_frame_pointers_keep_every_caller() {
+    require_root();
+    const ITERATIONS: u64 = 30;
+    let dir = temp_dir("unwind-syscalls");
+    let bin = build_c_without_frame_pointers(&dir, "unwind_sys");
+    let workload = ReadyProcess::spawn(Command::new(&bin).args([&ITERATIONS.to_string(), "0"]));
+    let args = ["--events", "syscalls", "--slow-syscall", "5ms"];
+    let run = record(&dir, workload, &args, false);
+    assert_eq!(run.own("requests"), ITERATIONS as f64);
+    let slow: Vec<&Value> = run.capture["syscalls"]["slow"]
+        .as_array()
+        .expect("slow syscall stacks")
+        .iter()
+        .filter(|s| s["pid"].as_u64() == Some(run.pid as u64))
+        .collect();
+    let sleeps: Vec<&Value> = slow
+        .iter()
+        .copied()
+        .filter(|s| frame_names(s).last() == Some(&"[syscall clock_nanosleep]"))
+        .filter(|s| s["tid"].as_u64() == Some(run.pid as u64))
+        .collect();
+    let calls: u64 = sleeps.iter().map(|s| s["count"].as_u64().unwrap()).sum();
+    assert_eq!(
+        calls,
+        ITERATIONS,
+        "slow clock_nanosleep calls of the main thread; its slow stacks:\n{}",
+        describe(&slow)
+    );
+    for stack in sleeps {
+        let names = user_names(stack);
+        assert!(
+            holds_in_a_row(&names, &["main", "request", "sleep_step"]),
+            "slow clock_nanosleep without its callers: {}",
+            frame_names(stack).join(";")
+        );
+    }
+}
+
+/// A stock binary's main thread, blocked under kernel function `blocked_in`: perf's chains
+/// of those waits must reach `_start` and hold `landmarks` (else the oracle proves nothing);
+/// each of the profiler's stacks of those waits starts at `_start` and holds every frame perf
+/// names, in perf's order (the profiler may name more: perf's `[unknown]`s). Returns the
+/// profiler's stacks.
+fn assert_reaches_start_like_perf<'a>(
+    capture: &'a Value,
+    perf: &[PerfSample],
+    pid: u32,
+    exe: &Path,
+    blocked_in: &str,
+    landmarks: &[&str],
+) -> Vec<&'a Value> {
+    let expected: BTreeSet<Vec<String>> = perf
+        .iter()
+        .filter(|s| s.is_switch() && s.tid == pid && s.frames.iter().any(|f| f.sym == blocked_in))
+        .map(|s| perf_chain(s, exe))
+        .collect();
+    assert!(
+        !expected.is_empty(),
+        "perf has no sample of the main thread in {blocked_in}"
+    );
+    for chain in &expected {
+        assert_eq!(
+            chain.first().map(String::as_str),
+            Some("_start"),
+            "perf's own chain is incomplete: {chain:?}"
+        );
+        for landmark in landmarks {
+            assert!(chain.iter().any(|n| n == landmark), "{landmark}: {chain:?}");
+        }
+    }
+    let stacks: Vec<&Value> = family_stacks(capture, "offcpu", pid)
+        .into_iter()
+        .filter(|s| s["tid"].as_u64() == Some(pid as u64) && kernel_has(s, blocked_in))
+        .collect();
+    assert!(
+        !stacks.is_empty(),
+        "no stack of the main thread in {blocked_in}; the process's stacks:\n{}",
+        describe(&family_stacks(capture, "offcpu", pid))
+    );
+    for stack in &stacks {
+        let names = user_names(stack);
+        let matches_perf = expected.iter().any(|chain| {
+            let mut ours = names.iter();
+            chain.iter().all(|name| ours.any(|n| n == name))
+        });
+        assert!(
+            matches_perf && names.first().map(String::as_str) == Some("_start"),
+            "{} in {blocked_in}: the profiler has {names:?}, perf (DWARF) has {expected:?}",
+            exe.display()
+        );
+    }
+    stacks
+}
+
+/// Debian's redis-server (no frame pointers; stripped, so only its exported symbols) under
+/// `redis-benchmark`: the main thread's waits in `epoll_wait` reach `_start` through `main`,
+/// `aeMain` and libc's start-up, with every frame perf's DWARF mode names, in order.
+#[test]
+fn stock_redis_server_event_loop_stacks_reach_start_like_perf() {
+    require_root();
+    let dir = temp_dir("unwind-redis");
+    // A link to redis-check-rdb, which acts by the name it is started under: start it by the
+    // link, compare frames in the file.
+    let server_path = Path::new("/usr/bin/redis-server");
+    let redis = server_path
+        .canonicalize()
+        .expect("/usr/bin/redis-server (package redis-server)");
+    let socket = dir.join("redis.sock");
+    let mut server = Command::new(server_path)
+        .args([
+            "--port",
+            "0",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--unixsocket",
+        ])
+        .arg(&socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start redis-server");
+    for _ in 0..100 {
+        if socket.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        socket.exists(),
+        "redis-server did not open {}",
+        socket.display()
+    );
+    let pid = server.id();
+    let recording = Recording::start(
+        &dir.join("out"),
+        &["-d", "120s", "-p", &pid.to_string(), "--events", "offcpu"],
+    );
+    let perf = PerfRecording::start(&dir, &pid.to_string());
+    let benchmark = Command::new("redis-benchmark")
+        .arg("-s")
+        .arg(&socket)
+        .args(["-n", "20000", "-c", "4", "-t", "set,get", "-q"])
+        .stdout(Stdio::null())
+        .status()
+        .expect("redis-benchmark (package redis-tools)");
+    let (capture, _) = recording.interrupt();
+    let perf = perf.finish();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(benchmark.success(), "redis-benchmark: {benchmark}");
+    assert_reaches_start_like_perf(
+        &capture,
+        &perf,
+        pid,
+        &redis,
+        "do_epoll_wait",
+        &["__libc_start_call_main", "main", "aeMain"],
+    );
 }
 
 /// A stripped binary keeps `.eh_frame` (it is loaded code's metadata, not debug info): its
@@ -782,7 +921,7 @@ fn stripped_binary_is_unwound_and_its_frames_shown_unresolved() {
     strip(&bin);
     let symbols = function_symbols(&symbols_from);
     let workload = ReadyProcess::spawn(Command::new(&bin).args(["30", "0"]));
-    let run = record(&dir, workload, "offcpu", false);
+    let run = record(&dir, workload, &["--events", "offcpu"], false);
 
     let stacks: Vec<&Value> = family_stacks(&run.capture, "offcpu", run.pid)
         .into_iter()
@@ -854,7 +993,7 @@ fn binary_without_unwind_tables_is_recorded_and_the_fallback_counted() {
         "the build still has .eh_frame_hdr"
     );
     let workload = ReadyProcess::spawn(Command::new(&bin).args(["30", "0"]));
-    let run = record(&dir, workload, "offcpu", false);
+    let run = record(&dir, workload, &["--events", "offcpu"], false);
 
     let sleeps: Vec<&Value> = family_stacks(&run.capture, "offcpu", run.pid)
         .into_iter()
@@ -911,7 +1050,7 @@ fn deleted_binary_is_unwound_and_symbolized() {
     std::fs::remove_file(&bin).expect("delete the running binary");
     let exe = std::fs::read_link(format!("/proc/{}/exe", workload.pid)).expect("exe link");
     assert!(exe.to_string_lossy().ends_with("(deleted)"), "{exe:?}");
-    let run = record(&dir, workload, "offcpu", false);
+    let run = record(&dir, workload, &["--events", "offcpu"], false);
     for function in C_BLOCKING {
         let stacks: Vec<&Value> = family_stacks(&run.capture, "offcpu", run.pid)
             .into_iter()
