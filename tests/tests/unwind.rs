@@ -25,9 +25,16 @@
 //! left out on both sides (the profiler marks them `inlined`).
 //!
 //! What is compared. The frames perf names in the workload's own file, plus libc's
-//! `__libc_start_call_main` and `start_thread`, in order. libc's other frames are not compared
-//! by name: they are aliases, and perf picks the versioned dynamic symbol
-//! (`clock_nanosleep@GLIBC_2.2.5`) where the debug symbols say `__GI___clock_nanosleep`.
+//! `__libc_start_call_main` and `start_thread`, in order, outermost first. libc's other frames
+//! are not compared by name: they are aliases, and perf picks the versioned dynamic symbol
+//! (`clock_nanosleep@GLIBC_2.2.5`) where the debug symbols say `__GI___clock_nanosleep`. Names
+//! lose what only one tool prints (symbol versions, Rust hashes, C++ parameter lists); PLT
+//! stubs are skipped. Our own workloads: the profiler's chain, reduced to the names perf shows,
+//! must equal one of perf's chains for the same function. Stock binaries (python3,
+//! redis-server: exported symbols only, perf says `[unknown]` for the rest): perf's named
+//! frames must all appear, in order, and the walk must end at `_start` as perf's does.
+//! perf's own chains are checked to reach `_start` (or a thread's `start_thread`) first, so a
+//! broken oracle fails loudly instead of passing.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead as _, BufReader};
@@ -909,8 +916,9 @@ fn stock_redis_server_event_loop_stacks_reach_start_like_perf() {
 
 /// A stripped binary keeps `.eh_frame` (it is loaded code's metadata, not debug info): its
 /// stacks must still be walked through it to libc's start-up, each of its frames shown as
-/// `file+0xoffset`; the offsets, looked up in the unstripped build's symbol table, are
-/// `main`, `request` and `sleep_step` in a row, as perf's chain on the unstripped copy says.
+/// `file+0xoffset` and marked unresolved. Oracle: the unstripped build's symbol table (`nm`),
+/// in which the offsets are `main`, `request` and `sleep_step` in a row under
+/// `__libc_start_call_main`; and the workload's clock for the sleeps (±5 %).
 #[test]
 fn stripped_binary_is_unwound_and_its_frames_shown_unresolved() {
     require_root();
