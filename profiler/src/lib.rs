@@ -22,6 +22,7 @@ pub mod symbolize;
 pub mod syscall_names;
 pub mod tcpstats;
 pub mod top;
+pub mod unwind;
 pub mod uprobe;
 pub mod usdt;
 pub mod wire;

@@ -268,7 +268,7 @@ impl Prepared {
                 }
                 guard = new_tasks.readable_mut() => {
                     let mut guard = guard.context("polling the new-task ring buffer failed")?;
-                    drain_new_tasks(guard.get_inner_mut(), &mut processes);
+                    drain_new_tasks(guard.get_inner_mut(), &mut processes, &probes);
                     guard.clear_ready();
                 }
                 _ = tcp_drain.tick(), if tcp_events.is_some() || db_events.is_some() => {
@@ -317,7 +317,7 @@ impl Prepared {
             // Families without snapshots: one interval, the whole capture.
             vec![started.elapsed().as_nanos() as u64]
         };
-        drain_new_tasks(new_tasks.get_mut(), &mut processes);
+        drain_new_tasks(new_tasks.get_mut(), &mut processes, &probes);
         if let Some(events) = tcp_events.as_mut() {
             drain_tcp_events(
                 events.get_mut(),
@@ -348,6 +348,9 @@ impl Prepared {
             for (name, value) in probes.oncpu_counters()? {
                 counters.insert(format!("oncpu_{name}"), value);
             }
+        }
+        for (name, value) in probes.unwind_counters()? {
+            counters.insert(name, value);
         }
         let program_stats = probes.program_stats();
         counters.insert("program_misses".to_string(), program_stats.recursion_misses);
@@ -893,6 +896,7 @@ impl<K: Copy + Eq + Hash> Series<K> {
 fn drain_new_tasks(
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
     processes: &mut ProcessCache,
+    probes: &Probes,
 ) {
     while let Some(item) = ring.next() {
         if item.len() < std::mem::size_of::<NewTaskEvent>() {
@@ -903,6 +907,7 @@ fn drain_new_tasks(
         let len = event.comm.iter().position(|&b| b == 0).unwrap_or(16);
         let comm = String::from_utf8_lossy(&event.comm[..len]);
         processes.observe(event.tgid, &comm);
+        probes.unwind_process(event.tgid);
     }
 }
 
