@@ -17,9 +17,9 @@
 pub struct UnwindRow {
     /// File-relative virtual address (the ELF's own addresses: `st_value`, `.eh_frame` pcs).
     pub pc: u32,
-    /// CFA = register (`cfa_rule`) + `cfa_offset`.
+    /// CFA = register (`cfa_rule`) + `cfa_offset` (see `cfa_offset_bytes`).
     pub cfa_offset: i16,
-    /// One of the `CFA_*` rules.
+    /// One of the `CFA_*` rules, with `CFA_OFFSET_X8` when the offset counts 8-byte slots.
     pub cfa_rule: u8,
     /// How to restore the frame-pointer register: `FP_SAME` (unchanged), `FP_UNDEFINED`
     /// (a rule we cannot follow), else saved at `CFA + 8 * fp`. For `CFA_PLT` rows it holds
@@ -44,6 +44,30 @@ pub const CFA_SIGNAL: u8 = 5;
 /// A CFA rule we cannot follow (other DWARF expressions, other registers, offsets that do not
 /// fit): the walk stops there and counts it.
 pub const CFA_UNSUPPORTED: u8 = 6;
+
+/// Flag in `UnwindRow::cfa_rule`: `cfa_offset` counts 8-byte slots (frames bigger than
+/// 32 KiB; CFA offsets of such frames are multiples of 8).
+pub const CFA_OFFSET_X8: u8 = 0x80;
+/// The rule part of `UnwindRow::cfa_rule`.
+pub const CFA_RULE_MASK: u8 = 0x7f;
+
+impl UnwindRow {
+    /// The CFA offset in bytes.
+    #[inline(always)]
+    pub fn cfa_offset_bytes(&self) -> i64 {
+        if self.cfa_rule & CFA_OFFSET_X8 != 0 {
+            self.cfa_offset as i64 * 8
+        } else {
+            self.cfa_offset as i64
+        }
+    }
+
+    /// One of the `CFA_*` rules, without flags.
+    #[inline(always)]
+    pub fn rule(&self) -> u8 {
+        self.cfa_rule & CFA_RULE_MASK
+    }
+}
 
 /// `UnwindRow::fp`: the frame pointer keeps its value.
 pub const FP_SAME: i8 = 0;

@@ -110,10 +110,30 @@ pub fn current_user_regs() -> Option<UserRegs> {
     }
 }
 
-/// A perf event's registers when it interrupted user code, else the task's saved ones.
+/// A perf event's registers (`ctx`: `struct bpf_perf_event_data`, which starts with the
+/// `pt_regs`) when it interrupted user code, else the task's saved ones.
 #[inline(always)]
-pub fn sampled_user_regs(event_regs: *const u8) -> Option<UserRegs> {
-    unsafe { regs_at(event_regs) }.or_else(current_user_regs)
+fn sampled_user_regs(ctx: *const u8) -> Option<UserRegs> {
+    // Direct context loads: the verifier allows these offsets of a perf event's context.
+    let read = |off: usize| unsafe { core::ptr::read_volatile(ctx.add(off) as *const u64) };
+    if read(PT_REGS_CS) & 3 == 3 {
+        return Some(UserRegs {
+            pc: read(PT_REGS_IP),
+            sp: read(PT_REGS_SP),
+            fp: read(PT_REGS_BP),
+        });
+    }
+    current_user_regs()
+}
+
+/// Stack id for the user stack of a sampled task (`ctx`: the perf event's context).
+#[inline(always)]
+pub fn sampled_stack(tgid: u32, ctx: *const u8) -> Option<i32> {
+    if !enabled() {
+        return None;
+    }
+    let regs = sampled_user_regs(ctx)?;
+    walk(tgid, regs)
 }
 
 /// Whether stacks are walked from tables at all (`--unwind dwarf`).
@@ -264,18 +284,17 @@ fn step_frame(walk: &mut Walk, index: u64) -> Option<()> {
     let Some(row) = row else {
         return frame_pointer_step(walk);
     };
-    let cfa = match row.cfa_rule {
-        CFA_SP => walk.sp.wrapping_add(row.cfa_offset as i64 as u64),
-        CFA_FP => walk.fp.wrapping_add(row.cfa_offset as i64 as u64),
+    let offset = row.cfa_offset_bytes() as u64;
+    let cfa = match row.rule() {
+        CFA_SP => walk.sp.wrapping_add(offset),
+        CFA_FP => walk.fp.wrapping_add(offset),
         CFA_PLT => {
             let extra = if (walk.pc & 15) as i64 >= i64::from(row.fp) {
                 8
             } else {
                 0
             };
-            walk.sp
-                .wrapping_add(row.cfa_offset as i64 as u64)
-                .wrapping_add(extra)
+            walk.sp.wrapping_add(offset).wrapping_add(extra)
         }
         CFA_END => {
             walk.outcome = counter::WALK_OK;
@@ -293,7 +312,7 @@ fn step_frame(walk: &mut Walk, index: u64) -> Option<()> {
         return None;
     };
     let fp = match row.fp {
-        _ if row.cfa_rule == CFA_PLT => walk.fp,
+        _ if row.rule() == CFA_PLT => walk.fp,
         FP_SAME => walk.fp,
         FP_UNDEFINED => 0,
         slot => {

@@ -275,6 +275,7 @@ pub fn summary(capture: &Capture, top: usize) -> String {
         }
         let _ = writeln!(out, "{cost}");
     }
+    unwind_summary(&mut out, &meta.counters);
     if let Some(offcpu) = &capture.offcpu {
         let total: u64 = offcpu.stacks.iter().map(|s| s.total_ns).sum();
         let blocks: u64 = offcpu.stacks.iter().map(|s| s.count).sum();
@@ -297,7 +298,6 @@ pub fn summary(capture: &Capture, top: usize) -> String {
             seconds(counter("lost_ns")),
             counter("events_lost"),
         );
-        unwind_summary(&mut out, &meta.counters);
         let _ = writeln!(out, "top blocking stacks:");
         top_stacks(&mut out, &offcpu.stacks, top, "blocks", seconds);
         if !offcpu.runqueue.is_empty() {

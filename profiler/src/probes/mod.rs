@@ -264,8 +264,9 @@ impl Probes {
         // Offsets read; the parsed BTF is large, and tp_btf parses its own below.
         drop(btf);
         // Tables first: the row array is sized to hold them.
-        let unwind_tables = (config.unwind == unwind::UnwindMode::Dwarf && config.offcpu.is_some())
-            .then(|| unwind::prepare(&config.pids));
+        let unwind_tables = (config.unwind == unwind::UnwindMode::Dwarf
+            && (config.offcpu.is_some() || config.oncpu.is_some()))
+        .then(|| unwind::prepare(&config.pids));
         let unwind_mode = match unwind_tables {
             Some(_) => MODE_DWARF,
             None => MODE_FP,
