@@ -103,6 +103,8 @@ pub struct UnwindMapping {
 
 /// `UnwindMapping::first_row` of a file whose table did not fit in the row array.
 pub const TABLE_FULL: u32 = u32::MAX;
+/// `UnwindMapping::first_row` of anonymous executable memory (JIT code): no table.
+pub const ANONYMOUS: u32 = u32::MAX - 1;
 
 /// Executable mappings per process in the kernel's map (sorted by start). A process with more
 /// keeps the first ones by address and steps by frame pointer in the others.
@@ -207,8 +209,14 @@ pub mod counter {
     /// Frame-pointer walks that ended at fp = 0: the outermost frame of frame-pointer code, or
     /// code with neither frame pointers nor a table (the two look the same).
     pub const FP_END: u32 = 15;
+    /// Walks that ended at a return address outside every executable mapping: above an
+    /// outermost frame whose CFI does not mark the end (e.g. Debian perf's `_start`), a
+    /// library loaded after the process's tables were, or a corrupt frame.
+    pub const OUTSIDE_CODE: u32 = 16;
+    /// A pc in anonymous executable memory (JIT code): stepped by frame pointer.
+    pub const ANONYMOUS_CODE: u32 = 17;
     /// Number of counters.
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 18;
 
     /// Names, indexed like the counters (prefixed `unwind_` in the capture).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -228,6 +236,8 @@ pub mod counter {
         "stack_collision",
         "signal_frames",
         "fp_end",
+        "outside_code",
+        "anonymous_code",
     ];
 }
 

@@ -28,7 +28,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
 };
 use profiler_common::unwind::{
-    CFA_END, CFA_FP, CFA_PLT, CFA_SIGNAL, CFA_SP, FP_SAME, FP_UNDEFINED, HOW_FP_STEP,
+    ANONYMOUS, CFA_END, CFA_FP, CFA_PLT, CFA_SIGNAL, CFA_SP, FP_SAME, FP_UNDEFINED, HOW_FP_STEP,
     HOW_TRUNCATED, MAX_FRAMES, MAX_MAPPINGS, MODE_DWARF, MODE_FP, ProcessMappings, RA_OFFSET,
     SEARCH_STEPS, TABLE_FULL, UNWOUND_STACK_BIT, UnwindMapping, UnwindRow, UnwoundStack, counter,
     signal_frame,
@@ -62,9 +62,14 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 
 #[inline(always)]
 fn count(index: u32) {
+    count_by(index, 1);
+}
+
+#[inline(always)]
+fn count_by(index: u32, by: u64) {
     if let Some(slot) = COUNTERS.get_ptr_mut(index) {
         // Per-CPU slot: no other CPU writes it.
-        unsafe { *slot += 1 };
+        unsafe { *slot += by };
     }
 }
 
@@ -153,7 +158,8 @@ struct Walk {
     how: u32,
     /// The counter that says why the walk ended (0: still walking).
     outcome: u32,
-    _pad: u32,
+    /// 1: `pc` is an interrupted pc (from a signal frame), not a return address.
+    pc_exact: u32,
     mappings: *const ProcessMappings,
     stack: *mut UnwoundStack,
 }
@@ -177,7 +183,7 @@ pub fn walk(tgid: u32, regs: UserRegs) -> Option<i32> {
         len: 0,
         how: 0,
         outcome: 0,
-        _pad: 0,
+        pc_exact: 0,
         mappings,
         stack,
     };
@@ -195,6 +201,7 @@ pub fn walk(tgid: u32, regs: UserRegs) -> Option<i32> {
         state.outcome
     };
     count(outcome);
+    count_by(counter::FRAMES, u64::from(state.len));
     if outcome != counter::WALK_OK {
         state.how |= HOW_TRUNCATED;
     }
@@ -252,24 +259,35 @@ fn step_frame(walk: &mut Walk, index: u64) -> Option<()> {
         walk.outcome = counter::DEPTH_LIMIT;
         return None;
     }
+    // A return address points after its call; the call itself is one byte before.
+    let lookup_pc = if index == 0 || walk.pc_exact != 0 {
+        walk.pc
+    } else {
+        walk.pc - 1
+    };
+    walk.pc_exact = 0;
+    let mappings = unsafe { &*walk.mappings };
+    let mapping = find_mapping(mappings, lookup_pc);
+    if mapping.is_none() && index > 0 {
+        // Not code: the slot above an outermost frame that has no end marker (some
+        // binaries' _start), or a corrupt frame. Not recorded.
+        walk.outcome = counter::OUTSIDE_CODE;
+        return None;
+    }
     let stack = unsafe { &mut *walk.stack };
     stack.frames[index] = walk.pc;
     walk.len = index as u32 + 1;
     walk.hash = (walk.hash ^ walk.pc).wrapping_mul(0x0000_0100_0000_01b3);
-    count(counter::FRAMES);
-    // A return address points after its call; the call itself is one byte before.
-    let lookup_pc = if index == 0 { walk.pc } else { walk.pc - 1 };
-    let mappings = unsafe { &*walk.mappings };
-    let row = match find_mapping(mappings, lookup_pc) {
+    let row = match mapping {
         None => {
             count(counter::NO_ROW);
             None
         }
         Some(mapping) if mapping.rows == 0 => {
-            count(if mapping.first_row == TABLE_FULL {
-                counter::TABLE_FULL
-            } else {
-                counter::NO_TABLE_FILE
+            count(match mapping.first_row {
+                TABLE_FULL => counter::TABLE_FULL,
+                ANONYMOUS => counter::ANONYMOUS_CODE,
+                _ => counter::NO_TABLE_FILE,
             });
             None
         }
@@ -386,124 +404,63 @@ fn signal_step(walk: &mut Walk) -> Option<()> {
     walk.sp = sp;
     walk.fp = fp;
     // The interrupted pc is not a return address: look it up as is.
-    walk.hash ^= 1;
+    walk.pc_exact = 1;
     Some(())
 }
 
-/// A binary search over a process's mappings, one `bpf_loop` step per halving (a loop the
-/// verifier would check path by path, each halving apart: too many states).
-#[repr(C)]
-struct MappingSearch {
-    mappings: *const ProcessMappings,
-    pc: u64,
-    lo: u32,
-    hi: u32,
-    /// Index + 1 of the mapping holding `pc`; 0: none.
-    found: u32,
-    _pad: u32,
+// The two searches below halve a range a fixed number of times without branching on the
+// data (a branch per halving makes the verifier follow both sides of every halving: it hit
+// its 1M-instruction limit; a `bpf_loop` step per halving passed but cost ~1 µs a walk).
+// `lt_mask(a, b)` is all ones when a < b, else 0 (both below 2^63).
+#[inline(always)]
+fn lt_mask(a: u64, b: u64) -> u64 {
+    ((a as i64).wrapping_sub(b as i64) >> 63) as u64
 }
 
-extern "C" fn mapping_step(_index: u64, ctx: *mut c_void) -> i64 {
-    let search = unsafe { &mut *(ctx as *mut MappingSearch) };
-    if search.lo >= search.hi {
-        return 1;
-    }
-    let mid = search.lo + (search.hi - search.lo) / 2;
-    let mapping = unsafe { &(*search.mappings).mappings[mid as usize & (MAX_MAPPINGS - 1)] };
-    if search.pc < mapping.start {
-        search.hi = mid;
-    } else if search.pc >= mapping.end {
-        search.lo = mid + 1;
-    } else {
-        search.found = mid + 1;
-        return 1;
-    }
-    0
-}
-
-/// The mapping that holds `pc`.
+/// The mapping that holds `pc`: the last one starting at or below it, if it ends above.
 #[inline(always)]
 fn find_mapping(mappings: &ProcessMappings, pc: u64) -> Option<&UnwindMapping> {
-    let mut search = MappingSearch {
-        mappings,
-        pc,
-        lo: 0,
-        hi: if mappings.count > MAX_MAPPINGS as u32 {
-            MAX_MAPPINGS as u32
-        } else {
-            mappings.count
-        },
-        found: 0,
-        _pad: 0,
-    };
-    unsafe {
-        bpf_loop(
-            9,
-            mapping_step as *const () as *mut c_void,
-            &mut search as *mut MappingSearch as *mut c_void,
-            0,
-        );
-    }
-    if search.found == 0 {
+    let mut n = mappings.count as u64;
+    if n == 0 {
         return None;
     }
-    Some(&mappings.mappings[(search.found - 1) as usize & (MAX_MAPPINGS - 1)])
-}
-
-/// A binary search for the first row past `pc` in one table (rows `first_row..+hi`).
-#[repr(C)]
-struct RowSearch {
-    pc: u32,
-    first_row: u32,
-    lo: u32,
-    hi: u32,
-    failed: u32,
-}
-
-extern "C" fn row_step(_index: u64, ctx: *mut c_void) -> i64 {
-    let search = unsafe { &mut *(ctx as *mut RowSearch) };
-    if search.lo >= search.hi {
-        return 1;
+    if n > MAX_MAPPINGS as u64 {
+        n = MAX_MAPPINGS as u64;
     }
-    let mid = search.lo + (search.hi - search.lo) / 2;
-    match ROWS.get(search.first_row.wrapping_add(mid)) {
-        Some(row) if row.pc <= search.pc => search.lo = mid + 1,
-        Some(_) => search.hi = mid,
-        None => {
-            search.failed = 1;
-            return 1;
-        }
+    let mut base: u64 = 0;
+    // 2^8 = MAX_MAPPINGS.
+    for _ in 0..8 {
+        let half = n / 2;
+        let probe = &mappings.mappings[(base + half) as usize & (MAX_MAPPINGS - 1)];
+        // Move up unless pc < probe.start; a half of 0 (n = 1) moves nowhere.
+        base += half & !lt_mask(pc, probe.start);
+        n -= half;
     }
-    0
+    let mapping = &mappings.mappings[base as usize & (MAX_MAPPINGS - 1)];
+    (mapping.start <= pc && pc < mapping.end).then_some(mapping)
 }
 
 /// The last row at or before `pc` in the mapping's table, unless it says "no rule".
 #[inline(always)]
 fn find_row(mapping: &UnwindMapping, pc: u64) -> Option<UnwindRow> {
-    if pc > u64::from(u32::MAX) {
+    if pc > u64::from(u32::MAX) || mapping.rows == 0 {
         return None;
     }
-    let mut search = RowSearch {
-        pc: pc as u32,
-        first_row: mapping.first_row,
-        lo: 0,
-        hi: mapping.rows,
-        failed: 0,
-    };
-    unsafe {
-        bpf_loop(
-            SEARCH_STEPS,
-            row_step as *const () as *mut c_void,
-            &mut search as *mut RowSearch as *mut c_void,
-            0,
-        );
+    let mut n = u64::from(mapping.rows);
+    if n > 1 << SEARCH_STEPS {
+        return None; // a table too big to search (counted as no row)
     }
-    // Before the first row, a row the array does not have, or a table too big to search.
-    if search.failed != 0 || search.lo == 0 || search.lo < search.hi {
-        return None;
+    let first = mapping.first_row;
+    let mut base: u64 = 0;
+    for _ in 0..SEARCH_STEPS {
+        let half = n / 2;
+        let probe = ROWS.get(first.wrapping_add((base + half) as u32))?;
+        base += half & !lt_mask(pc, u64::from(probe.pc));
+        n -= half;
     }
-    let row = *ROWS.get(mapping.first_row.wrapping_add(search.lo - 1))?;
-    (row.cfa_rule != profiler_common::unwind::CFA_NONE).then_some(row)
+    let row = *ROWS.get(first.wrapping_add(base as u32))?;
+    // Before the table's first row, or in a gap between functions.
+    (u64::from(row.pc) <= pc && row.rule() != profiler_common::unwind::CFA_NONE).then_some(row)
 }
 
 /// Stack id for the current task's user stack: walked from the tables when they are loaded

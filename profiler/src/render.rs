@@ -218,11 +218,13 @@ fn unwind_summary(out: &mut String, counters: &std::collections::BTreeMap<String
     );
     let _ = writeln!(
         out,
-        "unwinding: frame-pointer steps {} (no table for the file {}, table map full {} \
-         ({} files), no row for the pc {}); walks cut: depth limit {}, unreadable stack {}, \
-         unsupported CFA rule {}, bad frame {}, frame-pointer chain ended {}; signal frames {}; \
-         stacks lost: map full {}, collisions {}",
+        "unwinding: frame-pointer steps {} (anonymous/JIT code {}, no table for the file {}, \
+         table map full {} ({} files), no row for the pc {}); walks cut: depth limit {}, \
+         unreadable stack {}, unsupported CFA rule {}, bad frame {}, return address outside \
+         code {}, frame-pointer chain ended {}; signal frames {}; stacks lost: map full {}, \
+         collisions {}",
         counter("unwind_fp_steps"),
+        counter("unwind_anonymous_code"),
         counter("unwind_no_table_file"),
         counter("unwind_table_full"),
         counter("unwind_table_files_table_full"),
@@ -231,6 +233,7 @@ fn unwind_summary(out: &mut String, counters: &std::collections::BTreeMap<String
         counter("unwind_unreadable"),
         counter("unwind_unsupported_cfa"),
         counter("unwind_bad_frame"),
+        counter("unwind_outside_code"),
         counter("unwind_fp_end"),
         counter("unwind_signal_frames"),
         counter("unwind_stack_map_full"),

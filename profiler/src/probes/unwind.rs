@@ -13,7 +13,7 @@ use anyhow::{Context as _, Result, bail};
 use aya::Ebpf;
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use profiler_common::unwind::{
-    MAX_MAPPINGS, ProcessMappings, TABLE_FULL, UnwindMapping, UnwindRow, counter, maps,
+    ANONYMOUS, MAX_MAPPINGS, ProcessMappings, TABLE_FULL, UnwindMapping, UnwindRow, counter, maps,
 };
 
 use super::{Probes, read_counters};
@@ -217,6 +217,7 @@ impl Loader {
         for (slot, mapping) in value.mappings.iter_mut().zip(tables) {
             let (first_row, rows) = match &mapping.file {
                 Some(file) => self.place(file),
+                None if mapping.anonymous => (ANONYMOUS, 0),
                 None => (0, 0),
             };
             *slot = UnwindMapping {

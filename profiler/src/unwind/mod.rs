@@ -31,14 +31,16 @@ pub struct FileTable {
     pub table: Table,
 }
 
-/// One executable mapping of a process, with its file's table (`None`: a mapping we have no
-/// table for, such as anonymous memory or a file we could not read).
+/// One executable mapping of a process, with its file's table (`None`: a file without one,
+/// or one we could not read; and anonymous memory, JIT code).
 #[derive(Debug, Clone)]
 pub struct MappedTable {
     pub start: u64,
     pub end: u64,
     pub bias: u64,
     pub file: Option<Arc<FileTable>>,
+    /// Anonymous executable memory (JIT code).
+    pub anonymous: bool,
 }
 
 /// What the cache did, for the capture's counters.
@@ -82,9 +84,13 @@ impl TableCache {
             if !mapping.executable {
                 continue;
             }
+            let anonymous = mapping.inode == 0 && mapping.path != "[vdso]";
+            if anonymous && mapping.path == "[vsyscall]" {
+                continue; // the legacy page: nothing calls through it on a modern libc
+            }
             let file = if mapping.path == "[vdso]" {
                 self.vdso_table(pid, mapping.start, mapping.end)
-            } else if mapping.path.starts_with('/') && mapping.inode != 0 {
+            } else if mapping.path.starts_with('/') && !anonymous {
                 self.file_table(pid, &mapping)
             } else {
                 None
@@ -97,6 +103,7 @@ impl TableCache {
                 end: mapping.end,
                 bias: bias.unwrap_or(0),
                 file: if bias.is_some() { file } else { None },
+                anonymous,
             });
         }
         out.sort_by_key(|m| m.start);
