@@ -203,7 +203,8 @@ fn unwind_summary(out: &mut String, counters: &std::collections::BTreeMap<String
         out,
         "user stacks: {} walked from .eh_frame tables ({} to the outermost frame, {} frames), \
          {} by frame pointers for processes without tables; tables: {} processes, {} files, \
-         {} rows of {} ({} B each), built in {}, loaded in {}",
+         {} rows of {} ({} B each), built in {}, loaded in {}; {} before the start, ready {} \
+         after it",
         counter("unwind_walks"),
         counter("unwind_walk_ok"),
         counter("unwind_frames"),
@@ -215,6 +216,8 @@ fn unwind_summary(out: &mut String, counters: &std::collections::BTreeMap<String
         std::mem::size_of::<profiler_common::unwind::UnwindRow>(),
         seconds(counter("unwind_table_build_ns")),
         seconds(counter("unwind_table_load_ns")),
+        seconds(counter("unwind_table_prepare_ns")),
+        seconds(counter("unwind_table_ready_ns")),
     );
     let _ = writeln!(
         out,

@@ -127,7 +127,7 @@ pub struct Probes {
     /// Keeps the kernel's BPF run-time statistics on (`measure_overhead`).
     _stats: Option<std::os::fd::OwnedFd>,
     /// The unwinding tables in the kernel (`--unwind dwarf`).
-    unwind: Option<unwind::SharedLoader>,
+    unwind: Option<unwind::Unwinder>,
 }
 
 /// BPF_ENABLE_STATS(BPF_STATS_RUN_TIME): the kernel times every BPF program run while the
@@ -293,9 +293,7 @@ impl Probes {
         fill_filter(&mut ebpf, maps::TGID_FILTER, &config.pids)?;
         fill_filter(&mut ebpf, maps::TID_FILTER, &config.tids)?;
         let unwind = match unwind_tables {
-            Some(prepared) => Some(std::sync::Mutex::new(unwind::Loader::new(
-                &mut ebpf, prepared,
-            )?)),
+            Some(prepared) => Some(unwind::Unwinder::start(&mut ebpf, prepared)?),
             None => None,
         };
 

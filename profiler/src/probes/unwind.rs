@@ -4,9 +4,10 @@
 //! loaded before the programs attach; processes first seen later are loaded when the
 //! new-task ring reports them (`Probes::unwind_process`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd as _, AsRawFd as _};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
@@ -52,45 +53,111 @@ pub struct LoaderStats {
     /// Time spent reading maps and building tables, and loading them.
     pub build_ns: u64,
     pub load_ns: u64,
+    /// Before the programs attached: building (with -p) or estimating (whole host).
+    pub prepare_ns: u64,
+    /// After they attached: until the worker had loaded every process present at start
+    /// (0: with -p, or not done).
+    pub ready_ns: u64,
 }
 
 /// The tables of the processes in scope, built before the programs load so that the row
-/// array can be sized.
+/// array can be sized; for the whole host, only their size is estimated and a worker thread
+/// builds them once the programs are attached (building every table of a host can take a
+/// second or more: a start should not wait for it).
 pub struct Prepared {
     processes: Vec<(u32, Vec<MappedTable>)>,
+    /// Processes the worker loads after the start.
+    later: Vec<u32>,
     pub capacity: u32,
-    build_ns: u64,
+    prepare_ns: u64,
 }
 
-/// Builds the tables of `pids` (every process when empty).
+/// Builds the tables of `pids`, or estimates those of every process when `pids` is empty.
 pub fn prepare(pids: &[u32]) -> Prepared {
     let started = Instant::now();
-    let pids = if pids.is_empty() {
-        crate::unwind::all_pids()
-    } else {
-        pids.to_vec()
-    };
+    let own = std::process::id();
     let mut cache = cache().lock().unwrap_or_else(|e| e.into_inner());
     let mut processes = Vec::new();
-    let mut rows: HashMap<u64, u64> = HashMap::new();
-    for pid in pids {
-        if pid == std::process::id() {
-            continue; // our own stacks are not worth a table
+    let mut later = Vec::new();
+    let needed = if pids.is_empty() {
+        let mut seen = HashSet::new();
+        let mut rows = 0;
+        for pid in crate::unwind::all_pids() {
+            if pid != own {
+                rows += cache.estimate_rows(pid, &mut seen);
+                later.push(pid);
+            }
         }
-        let Ok(tables) = cache.process_tables(pid) else {
-            continue; // gone, or a kernel thread
-        };
-        for file in tables.iter().filter_map(|m| m.file.as_ref()) {
-            rows.insert(file.id, file.table.rows.len() as u64);
+        rows
+    } else {
+        let mut rows: HashMap<u64, u64> = HashMap::new();
+        for &pid in pids {
+            let Ok(tables) = cache.process_tables(pid) else {
+                continue; // gone, or a kernel thread
+            };
+            for file in tables.iter().filter_map(|m| m.file.as_ref()) {
+                rows.insert(file.id, file.table.rows.len() as u64);
+            }
+            processes.push((pid, tables));
         }
-        processes.push((pid, tables));
-    }
-    let needed: u64 = rows.values().sum();
-    let capacity = (needed + SPARE_ROWS).min(MAX_ROWS) as u32;
+        rows.values().sum()
+    };
     Prepared {
         processes,
-        capacity,
-        build_ns: started.elapsed().as_nanos() as u64,
+        later,
+        capacity: (needed + SPARE_ROWS).min(MAX_ROWS) as u32,
+        prepare_ns: started.elapsed().as_nanos() as u64,
+    }
+}
+
+/// Loads tables off the recording thread: the whole host's at start, then each process
+/// first seen while recording.
+pub struct Unwinder {
+    loader: Arc<Mutex<Loader>>,
+    requests: mpsc::Sender<u32>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Unwinder {
+    pub fn start(ebpf: &mut Ebpf, mut prepared: Prepared) -> Result<Self> {
+        let later = std::mem::take(&mut prepared.later);
+        let loader = Arc::new(Mutex::new(Loader::new(ebpf, prepared)?));
+        let (requests, queue) = mpsc::channel::<u32>();
+        let stop = Arc::new(AtomicBool::new(false));
+        let worker_loader = Arc::clone(&loader);
+        let worker_stop = Arc::clone(&stop);
+        std::thread::Builder::new()
+            .name("unwind-tables".into())
+            .spawn(move || {
+                let started = Instant::now();
+                let lock = || worker_loader.lock().unwrap_or_else(|e| e.into_inner());
+                for pid in later {
+                    if worker_stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    lock().load_process(pid);
+                }
+                lock().stats.ready_ns = started.elapsed().as_nanos() as u64;
+                while let Ok(pid) = queue.recv() {
+                    if worker_stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    lock().load_process(pid);
+                }
+            })
+            .context("cannot start the unwinding-table thread")?;
+        Ok(Self {
+            loader,
+            requests,
+            stop,
+        })
+    }
+}
+
+impl Drop for Unwinder {
+    fn drop(&mut self) {
+        // The worker ends at its next process (the channel closes with us).
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -168,7 +235,7 @@ impl Loader {
             loaded: HashMap::new(),
             stats: LoaderStats {
                 row_capacity: u64::from(prepared.capacity),
-                build_ns: prepared.build_ns,
+                prepare_ns: prepared.prepare_ns,
                 ..Default::default()
             },
         };
@@ -282,17 +349,15 @@ impl Probes {
     /// Loads the unwinding tables of a process first seen while recording (no-op with
     /// `--unwind fp`, or when it was loaded a moment ago).
     pub fn unwind_process(&self, pid: u32) {
-        if let Some(loader) = &self.unwind {
-            loader
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .load_process(pid);
+        if let Some(unwinder) = &self.unwind {
+            // The worker is gone only if it panicked: then there is nobody to load it.
+            let _ = unwinder.requests.send(pid);
         }
     }
 
     /// The walker's counters (kernel) and the loader's (userspace), `unwind_`-prefixed.
     pub fn unwind_counters(&self) -> Result<Vec<(String, u64)>> {
-        let Some(loader) = &self.unwind else {
+        let Some(unwinder) = &self.unwind else {
             return Ok(Vec::new());
         };
         let mut out: Vec<(String, u64)> =
@@ -300,7 +365,11 @@ impl Probes {
                 .into_iter()
                 .map(|(name, value)| (format!("unwind_{name}"), value))
                 .collect();
-        let stats = loader.lock().unwrap_or_else(|e| e.into_inner()).stats;
+        let stats = unwinder
+            .loader
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .stats;
         for (name, value) in [
             ("processes", stats.processes),
             ("processes_failed", stats.processes_failed),
@@ -311,11 +380,11 @@ impl Probes {
             ("mappings_dropped", stats.mappings_dropped),
             ("build_ns", stats.build_ns),
             ("load_ns", stats.load_ns),
+            ("prepare_ns", stats.prepare_ns),
+            ("ready_ns", stats.ready_ns),
         ] {
             out.push((format!("unwind_table_{name}"), value));
         }
         Ok(out)
     }
 }
-
-pub(super) type SharedLoader = Mutex<Loader>;
