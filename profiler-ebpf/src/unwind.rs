@@ -115,8 +115,9 @@ pub fn current_user_regs() -> Option<UserRegs> {
     }
 }
 
-/// A perf event's registers (`ctx`: `struct bpf_perf_event_data`, which starts with the
-/// `pt_regs`) when it interrupted user code, else the task's saved ones.
+/// A perf event's or a uprobe's registers (`ctx`: `struct bpf_perf_event_data`, which
+/// starts with the `pt_regs`, or the `pt_regs` themselves) when they are user-mode ones,
+/// else the task's saved ones.
 #[inline(always)]
 fn sampled_user_regs(ctx: *const u8) -> Option<UserRegs> {
     // Direct context loads: the verifier allows these offsets of a perf event's context.
@@ -131,7 +132,7 @@ fn sampled_user_regs(ctx: *const u8) -> Option<UserRegs> {
     current_user_regs()
 }
 
-/// Stack id for the user stack of a sampled task (`ctx`: the perf event's context).
+/// Stack id for the user stack of a sampled task or a uprobe (`ctx`: its context).
 #[inline(always)]
 pub fn sampled_stack(tgid: u32, ctx: *const u8) -> Option<i32> {
     if !enabled() {
@@ -430,6 +431,9 @@ fn find_mapping(mappings: &ProcessMappings, pc: u64) -> Option<&UnwindMapping> {
     let mut base: u64 = 0;
     // 2^8 = MAX_MAPPINGS.
     for _ in 0..8 {
+        if n <= 1 {
+            break; // an exit, not a fork: the verifier still follows one path
+        }
         let half = n / 2;
         let probe = &mappings.mappings[(base + half) as usize & (MAX_MAPPINGS - 1)];
         // Move up unless pc < probe.start; a half of 0 (n = 1) moves nowhere.
@@ -453,6 +457,9 @@ fn find_row(mapping: &UnwindMapping, pc: u64) -> Option<UnwindRow> {
     let first = mapping.first_row;
     let mut base: u64 = 0;
     for _ in 0..SEARCH_STEPS {
+        if n <= 1 {
+            break;
+        }
         let half = n / 2;
         let probe = ROWS.get(first.wrapping_add((base + half) as u32))?;
         base += half & !lt_mask(pc, u64::from(probe.pc));

@@ -265,7 +265,10 @@ impl Probes {
         drop(btf);
         // Tables first: the row array is sized to hold them.
         let unwind_tables = (config.unwind == unwind::UnwindMode::Dwarf
-            && (config.offcpu.is_some() || config.oncpu.is_some()))
+            && (config.offcpu.is_some()
+                || config.oncpu.is_some()
+                || config.syscalls.is_some()
+                || config.db.is_some()))
         .then(|| unwind::prepare(&config.pids));
         let unwind_mode = match unwind_tables {
             Some(_) => MODE_DWARF,
