@@ -311,7 +311,7 @@ mod tests {
             "{tables:?}"
         );
         // Our own code: this function's address resolves to a row.
-        let pc = own_process_tables as usize as u64;
+        let pc = own_process_tables as *const () as u64;
         let mapping = with_table
             .iter()
             .find(|m| m.start <= pc && pc < m.end)

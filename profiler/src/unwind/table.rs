@@ -48,6 +48,7 @@ pub struct Segment {
     pub file_offset: u64,
     pub vaddr: u64,
     pub file_size: u64,
+    pub executable: bool,
 }
 
 /// What building a table found, for the capture's counters.
@@ -73,11 +74,19 @@ impl Table {
     /// The file-relative bias of a mapping of this file: address - bias = table pc.
     /// `None` when no loadable segment holds `file_offset`.
     pub fn bias(&self, start: u64, file_offset: u64) -> Option<u64> {
-        let segment = self.segments.iter().find(|s| {
-            // The mapping starts at a page boundary, at or below the segment's own offset.
+        // The mapping starts at a page boundary, at or below the segment's own offset; the
+        // page it starts on may end the segment before (lld packs a read-only segment and
+        // the code into one page), so the executable one is looked for first.
+        let holds = |s: &&Segment| {
             let page_start = s.file_offset & !0xfff;
             file_offset >= page_start && file_offset < s.file_offset + s.file_size
-        })?;
+        };
+        let segment = self
+            .segments
+            .iter()
+            .filter(|s| s.executable)
+            .find(holds)
+            .or_else(|| self.segments.iter().find(holds))?;
         Some(
             start
                 .wrapping_sub(file_offset)
@@ -108,10 +117,15 @@ pub fn from_elf(data: &[u8]) -> Result<Table> {
         .segments()
         .filter_map(|segment| {
             let (file_offset, file_size) = segment.file_range();
+            let executable = match segment.flags() {
+                object::SegmentFlags::Elf { p_flags } => p_flags & object::elf::PF_X != 0,
+                _ => true,
+            };
             (file_size > 0).then_some(Segment {
                 file_offset,
                 vaddr: segment.address(),
                 file_size,
+                executable,
             })
         })
         .collect();
@@ -508,7 +522,10 @@ mod tests {
     }
 
     /// binutils' own reading of a file's CFI: (pc → rules), with the FDE ranges.
-    fn readelf_rows(path: &str) -> Option<(Vec<(u64, OracleRow)>, Vec<(u64, u64)>)> {
+    /// readelf's rows (pc, rules) and FDE ranges (start, end).
+    type Oracle = (Vec<(u64, OracleRow)>, Vec<(u64, u64)>);
+
+    fn readelf_rows(path: &str) -> Option<Oracle> {
         let out = Command::new("readelf")
             .args(["--debug-dump=frames-interp", "-W", path])
             .output()
@@ -785,6 +802,39 @@ mod tests {
         assert!(table.stats.unsupported_rows >= unsupported.len() as u64);
     }
 
+    /// By hand: `UNWIND_FILES=a,b [UNWIND_PCS=0x..,0x..] cargo test -p profiler --lib
+    /// table_sizes -- --ignored --nocapture` prints each file's rows (and the rows at the pcs).
+    #[test]
+    #[ignore]
+    fn table_sizes() {
+        let files = std::env::var("UNWIND_FILES").unwrap_or_default();
+        let pcs: Vec<u64> = std::env::var("UNWIND_PCS")
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|pc| u64::from_str_radix(pc.trim_start_matches("0x"), 16).ok())
+            .collect();
+        let mut total = 0;
+        for path in files.split(',').filter(|p| !p.is_empty()) {
+            let started = std::time::Instant::now();
+            let table = from_elf(&std::fs::read(path).expect("readable")).expect("a table");
+            total += table.rows.len();
+            println!(
+                "{path}: {} rows, {} bytes, {:?}, built in {:?}",
+                table.rows.len(),
+                table.rows.len() * std::mem::size_of::<UnwindRow>(),
+                table.stats,
+                started.elapsed()
+            );
+            for pc in &pcs {
+                println!("  {pc:#x}: {:?}", lookup(&table.rows, *pc));
+            }
+        }
+        println!(
+            "total: {total} rows, {} bytes",
+            total * std::mem::size_of::<UnwindRow>()
+        );
+    }
+
     #[test]
     fn bias_of_a_shared_library_mapping() {
         let table = Table {
@@ -792,6 +842,7 @@ mod tests {
                 file_offset: 0x26000,
                 vaddr: 0x26000,
                 file_size: 0x17b000,
+                executable: true,
             }],
             ..Default::default()
         };
@@ -800,5 +851,34 @@ mod tests {
             Some(0x7f00_0000_0000)
         );
         assert_eq!(table.bias(0x7f00_0002_6000, 0x1000), None);
+    }
+
+    /// rustc/lld output: the code segment starts mid-page right after a read-only one
+    /// (`readelf -l`: R at 0..0x16268, R E at offset 0x16270 / vaddr 0x17270), so the
+    /// executable mapping at file offset 0x16000 also lies in the read-only segment's page.
+    #[test]
+    fn bias_of_code_sharing_a_page_with_the_segment_before() {
+        let table = Table {
+            segments: vec![
+                Segment {
+                    file_offset: 0,
+                    vaddr: 0,
+                    file_size: 0x16268,
+                    executable: false,
+                },
+                Segment {
+                    file_offset: 0x16270,
+                    vaddr: 0x17270,
+                    file_size: 0x42eb0,
+                    executable: true,
+                },
+            ],
+            ..Default::default()
+        };
+        // mapped at 0x5555_5556_a000 from file offset 0x16000 → vaddr 0x17000 there.
+        assert_eq!(
+            table.bias(0x5555_5556_a000, 0x16000),
+            Some(0x5555_5556_a000 - 0x17000)
+        );
     }
 }
