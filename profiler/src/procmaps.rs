@@ -14,12 +14,17 @@ pub struct Vma {
     pub file_offset: u64,
     /// File path, or a pseudo name such as `[vdso]`.
     pub path: String,
+    /// For a file deleted since it was mapped (`… (deleted)`: a package upgrade, a memfd):
+    /// `/proc/self/fd/N` of our own descriptor for it, opened through
+    /// `/proc/PID/map_files/` while the process lived, so it can be symbolized after.
+    pub open_path: Option<String>,
 }
 
 impl Vma {
     /// Whether the mapping is a file that can be opened for symbolization.
     pub fn is_file(&self) -> bool {
-        self.path.starts_with('/') && !self.path.ends_with(" (deleted)")
+        self.open_path.is_some()
+            || (self.path.starts_with('/') && !self.path.ends_with(" (deleted)"))
     }
 }
 
@@ -32,6 +37,8 @@ pub struct ProcessInfo {
     pub vmas: Vec<Vma>,
     /// When the maps were last read; `None` if they never could be.
     read_at: Option<Instant>,
+    /// Descriptors of deleted mapped files (see `Vma::open_path`), held for the capture.
+    held: Vec<std::sync::Arc<fs::File>>,
     /// Set once /proc no longer has the process.
     pub exited: bool,
 }
@@ -82,6 +89,7 @@ pub fn parse_maps(text: &str) -> Vec<Vma> {
             } else {
                 path
             },
+            open_path: None,
         });
     }
     vmas
@@ -96,7 +104,7 @@ impl ProcessInfo {
             .find(|vma| vma.start <= addr && addr < vma.end)
         {
             Some(vma) if vma.is_file() => Location::File {
-                path: &vma.path,
+                path: vma.open_path.as_deref().unwrap_or(&vma.path),
                 offset: addr - vma.start + vma.file_offset,
             },
             Some(vma) => Location::Special {
@@ -165,7 +173,8 @@ fn refresh(entry: &mut ProcessInfo) {
         entry.exited = true;
         return;
     };
-    let vmas = parse_maps(&maps);
+    let mut vmas = parse_maps(&maps);
+    hold_deleted_files(entry, &mut vmas);
     if vmas.is_empty() && !entry.vmas.is_empty() {
         // A zombie: its memory is gone, keep what we read while it lived.
         entry.exited = true;
@@ -190,6 +199,40 @@ fn refresh(entry: &mut ProcessInfo) {
         entry.exe = Some(exe.to_string_lossy().into_owned());
     }
     entry.read_at = Some(Instant::now());
+}
+
+/// At most this many deleted files held open per process.
+const MAX_HELD: usize = 64;
+
+/// Opens the deleted files among `vmas` through `/proc/PID/map_files/` (once per mapping),
+/// so that they can still be read when the capture is symbolized.
+fn hold_deleted_files(entry: &mut ProcessInfo, vmas: &mut [Vma]) {
+    use std::os::fd::AsRawFd as _;
+    for vma in vmas.iter_mut() {
+        if !vma.path.starts_with('/') || !vma.path.ends_with(" (deleted)") {
+            continue;
+        }
+        if let Some(old) = entry
+            .vmas
+            .iter()
+            .find(|old| (old.start, old.end, &old.path) == (vma.start, vma.end, &vma.path))
+            && old.open_path.is_some()
+        {
+            vma.open_path = old.open_path.clone();
+            continue;
+        }
+        if entry.held.len() >= MAX_HELD {
+            continue;
+        }
+        let link = format!(
+            "/proc/{}/map_files/{:x}-{:x}",
+            entry.pid, vma.start, vma.end
+        );
+        if let Ok(file) = fs::File::open(link) {
+            vma.open_path = Some(format!("/proc/self/fd/{}", file.as_raw_fd()));
+            entry.held.push(std::sync::Arc::new(file));
+        }
+    }
 }
 
 #[cfg(test)]

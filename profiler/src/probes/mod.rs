@@ -92,7 +92,7 @@ impl Default for ProbeConfig {
             db_sample_every: 1,
             measure_overhead: false,
             exclude_self: false,
-            unwind: unwind::UnwindMode::Fp,
+            unwind: unwind::UnwindMode::Dwarf,
         }
     }
 }
