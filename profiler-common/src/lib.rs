@@ -10,3 +10,4 @@ pub mod oncpu;
 pub mod shared;
 pub mod syscalls;
 pub mod tcp;
+pub mod unwind;

@@ -11,6 +11,7 @@ mod offcpu;
 mod oncpu;
 mod syscalls;
 mod tcp;
+mod unwind;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -173,7 +173,10 @@ fn switch_out<C: StackIdContext>(ctx: &C, task: *const u8, state: u32, now: u64)
     };
     let (user_stack_id, db_frame) = match inflight {
         Some(query) => (query.user_stack_id, query.frame),
-        None => (counted_stack_id(ctx, BPF_F_USER_STACK as u64), 0),
+        None => match crate::unwind::current_stack(tgid) {
+            Some(walked) => (walked, 0),
+            None => (counted_stack_id(ctx, BPF_F_USER_STACK as u64), 0),
+        },
     };
     let start = OffcpuStart {
         start_ns: now,

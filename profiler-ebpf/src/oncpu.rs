@@ -2,6 +2,7 @@
 //! (tgid, tid, kernel stack, user stack). A new key notifies userspace (rare), as off-CPU does.
 
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::BPF_F_USER_STACK,
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_task},
     macros::{map, perf_event},
@@ -62,7 +63,10 @@ pub fn oncpu_sample(ctx: PerfEventContext) -> u32 {
         tgid,
         tid,
         kernel_stack_id: counted_stack_id(&ctx, 0),
-        user_stack_id: counted_stack_id(&ctx, BPF_F_USER_STACK as u64),
+        user_stack_id: match crate::unwind::sampled_stack(tgid, ctx.as_ptr() as *const u8) {
+            Some(walked) => walked,
+            None => counted_stack_id(&ctx, BPF_F_USER_STACK as u64),
+        },
     };
     count(counter::SAMPLES);
     if let Some(samples) = COUNTS.get_ptr_mut(&key) {

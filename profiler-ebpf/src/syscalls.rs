@@ -140,7 +140,8 @@ pub fn syscalls_exit(ctx: TracePointContext) -> u32 {
     if delta < config(&SLOW_SYSCALL_NS) {
         return 0;
     }
-    let user_stack_id = match stack_id(&ctx, BPF_F_USER_STACK as u64) {
+    let walked = crate::unwind::current_stack(tgid);
+    let user_stack_id = match walked.map_or_else(|| stack_id(&ctx, BPF_F_USER_STACK as u64), Ok) {
         Ok(id) => id,
         Err(StackError::Collision(err)) => {
             count(counter::STACK_COLLISION);

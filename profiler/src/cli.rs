@@ -11,6 +11,7 @@ use crate::probes::db::DbConfig;
 use crate::probes::offcpu::{AttachMode, OffcpuConfig, StateFilter};
 use crate::probes::oncpu::OncpuConfig;
 use crate::probes::syscalls::SyscallsConfig;
+use crate::probes::unwind::UnwindMode;
 use crate::probes::{ProbeConfig, ThreadFilter};
 
 #[derive(Debug, Parser)]
@@ -281,6 +282,10 @@ pub struct RecordArgs {
     /// result to --output.
     #[arg(long, value_name = "ADDR")]
     pub from_daemon: Option<String>,
+    /// How off-CPU user stacks are walked: dwarf (from .eh_frame tables, in the kernel; frame
+    /// pointers where no table covers the code) or fp (frame pointers only).
+    #[arg(long, value_enum, default_value_t = UnwindMode::Dwarf)]
+    pub unwind: UnwindMode,
     /// Kernel BTF to read struct offsets from.
     #[arg(long, default_value = "/sys/kernel/btf/vmlinux", hide = true)]
     pub btf: PathBuf,
@@ -381,6 +386,7 @@ impl RecordArgs {
                 db_sample_every: self.db_sample,
                 measure_overhead: self.measure_overhead,
                 exclude_self: !self.include_self,
+                unwind: self.unwind,
             },
             state_name,
             threads_name,

@@ -102,6 +102,13 @@ fn returning_call(tgid: u32, tid: u32) -> Option<ConnKey> {
 /// The user stack that issued a call, or the (negative, counted) reason there is none.
 #[inline(always)]
 fn issuing_stack(ctx: &ProbeContext) -> i32 {
+    let tgid = (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32;
+    // The probe's registers are the user ones at the call.
+    if let Some(walked) =
+        crate::unwind::sampled_stack(tgid, aya_ebpf::EbpfContext::as_ptr(ctx) as *const u8)
+    {
+        return walked;
+    }
     match stack_id(ctx, BPF_F_USER_STACK as u64) {
         Ok(id) => id,
         Err(StackError::Collision(err)) | Err(StackError::Missing(err)) => {

@@ -281,7 +281,7 @@ impl Prepared {
                 }
                 guard = new_tasks.readable_mut() => {
                     let mut guard = guard.context("polling the new-task ring buffer failed")?;
-                    drain_new_tasks(guard.get_inner_mut(), &mut processes);
+                    drain_new_tasks(guard.get_inner_mut(), &mut processes, &probes);
                     guard.clear_ready();
                 }
                 _ = tcp_drain.tick(), if tcp_events.is_some() || db_events.is_some() => {
@@ -330,7 +330,7 @@ impl Prepared {
             // Families without snapshots: one interval, the whole capture.
             vec![started.elapsed().as_nanos() as u64]
         };
-        drain_new_tasks(new_tasks.get_mut(), &mut processes);
+        drain_new_tasks(new_tasks.get_mut(), &mut processes, &probes);
         if let Some(events) = tcp_events.as_mut() {
             drain_tcp_events(
                 events.get_mut(),
@@ -492,6 +492,9 @@ fn family_counters(
         for (name, value) in probes.oncpu_counters()? {
             counters.insert(format!("oncpu_{name}"), value);
         }
+    }
+    for (name, value) in probes.unwind_counters()? {
+        counters.insert(name, value);
     }
     let program_stats = probes.program_stats();
     counters.insert("program_misses".to_string(), program_stats.recursion_misses);

@@ -3,11 +3,13 @@
 
 use profiler_common::shared::NewTaskEvent;
 
+use crate::probes::Probes;
 use crate::symbolize::procmaps::ProcessCache;
 
 pub(super) fn drain_new_tasks(
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
     processes: &mut ProcessCache,
+    probes: &Probes,
 ) {
     while let Some(item) = ring.next() {
         if item.len() < std::mem::size_of::<NewTaskEvent>() {
@@ -18,5 +20,7 @@ pub(super) fn drain_new_tasks(
         let len = event.comm.iter().position(|&b| b == 0).unwrap_or(16);
         let comm = String::from_utf8_lossy(&event.comm[..len]);
         processes.observe(event.tgid, &comm);
+        // New code to walk: its unwinding tables (built once per file, shared).
+        probes.unwind_process(event.tgid);
     }
 }

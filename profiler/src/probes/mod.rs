@@ -18,6 +18,7 @@ pub mod offcpu;
 pub mod oncpu;
 pub mod syscalls;
 pub mod tcp;
+pub mod unwind;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -27,6 +28,9 @@ use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf, StackTrace
 use aya::{Ebpf, EbpfLoader, Pod};
 use profiler_common::shared::{
     OVERFLOW_STACK_BIT, THREADS_ALL, THREADS_KERNEL, THREADS_USER, maps,
+};
+use profiler_common::unwind::{
+    MODE_DWARF, MODE_FP, UNWOUND_STACK_BIT, UnwoundStack, maps as unwind_maps,
 };
 
 use crate::probes::kernel::btf::Btf;
@@ -67,6 +71,8 @@ pub struct ProbeConfig {
     pub measure_overhead: bool,
     /// Leave the profiler's own process out of every family.
     pub exclude_self: bool,
+    /// How off-CPU user stacks are walked.
+    pub unwind: unwind::UnwindMode,
 }
 
 impl Default for ProbeConfig {
@@ -86,6 +92,7 @@ impl Default for ProbeConfig {
             db_sample_every: 1,
             measure_overhead: false,
             exclude_self: false,
+            unwind: unwind::UnwindMode::Dwarf,
         }
     }
 }
@@ -119,6 +126,8 @@ pub struct Probes {
     _db_links: Vec<crate::probes::kernel::uprobe::UprobeLink>,
     /// Keeps the kernel's BPF run-time statistics on (`measure_overhead`).
     _stats: Option<std::os::fd::OwnedFd>,
+    /// The unwinding tables in the kernel (`--unwind dwarf`).
+    unwind: Option<unwind::Unwinder>,
 }
 
 /// BPF_ENABLE_STATS(BPF_STATS_RUN_TIME): the kernel times every BPF program run while the
@@ -254,17 +263,42 @@ impl Probes {
         db::globals(&db_targets, &btf, &mut globals)?;
         // Offsets read; the parsed BTF is large, and tp_btf parses its own below.
         drop(btf);
+        // Tables first: the row array is sized to hold them.
+        let unwind_tables = (config.unwind == unwind::UnwindMode::Dwarf
+            && (config.offcpu.is_some()
+                || config.oncpu.is_some()
+                || config.syscalls.is_some()
+                || config.db.is_some()))
+        .then(|| unwind::prepare(&config.pids));
+        let unwind_mode = match unwind_tables {
+            Some(_) => MODE_DWARF,
+            None => MODE_FP,
+        };
+        global(&mut globals, "UNWIND_MODE", unwind_mode);
 
         let mut loader = EbpfLoader::new();
         for (name, bytes) in &globals {
             loader.override_global(name, bytes.as_slice(), true);
         }
         loader.map_max_entries(maps::STACKS, config.stack_storage_size.max(1));
+        match &unwind_tables {
+            Some(prepared) => {
+                loader.map_max_entries(unwind_maps::ROWS, prepared.capacity.max(1));
+                loader.map_max_entries(unwind_maps::STACKS, config.stack_storage_size.max(1));
+            }
+            None => {
+                loader.map_max_entries(unwind_maps::STACKS, 1);
+            }
+        }
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("loading the eBPF programs into the kernel failed")?;
         fill_filter(&mut ebpf, maps::TGID_FILTER, &config.pids)?;
         fill_filter(&mut ebpf, maps::TID_FILTER, &config.tids)?;
+        let unwind = match unwind_tables {
+            Some(prepared) => Some(unwind::Unwinder::start(&mut ebpf, prepared)?),
+            None => None,
+        };
 
         let offcpu_attached_with = match &config.offcpu {
             Some(offcpu) => Some(offcpu::attach(&mut ebpf, offcpu, &config.btf_path)?),
@@ -298,6 +332,7 @@ impl Probes {
             tcp: config.tcp,
             db_targets: db_targets.paths(),
             _db_links: db_links,
+            unwind,
         })
     }
 
@@ -315,6 +350,9 @@ impl Probes {
     pub fn stack(&self, stack_id: i32) -> Result<Option<Vec<u64>>> {
         if stack_id < 0 {
             return Ok(None);
+        }
+        if stack_id & UNWOUND_STACK_BIT != 0 && stack_id & OVERFLOW_STACK_BIT == 0 {
+            return self.unwound_stack(stack_id & !UNWOUND_STACK_BIT);
         }
         let (name, id) = if stack_id & OVERFLOW_STACK_BIT != 0 {
             (maps::STACKS_OVERFLOW, stack_id & !OVERFLOW_STACK_BIT)
@@ -371,6 +409,23 @@ impl Probes {
             }
         }
         total
+    }
+
+    /// A stack the kernel walked from the unwinding tables.
+    fn unwound_stack(&self, key: i32) -> Result<Option<Vec<u64>>> {
+        let map = self
+            .ebpf
+            .map(unwind_maps::STACKS)
+            .context("no unwound-stack map")?;
+        let stacks: BpfHashMap<&MapData, u32, UnwoundStack> = BpfHashMap::try_from(map)?;
+        match stacks.get(&(key as u32), 0) {
+            Ok(stack) => {
+                let len = (stack.len as usize).min(stack.frames.len());
+                Ok(Some(stack.frames[..len].to_vec()))
+            }
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(err) => Err(err).context("reading an unwound stack failed"),
+        }
     }
 
     pub(crate) fn ebpf(&self) -> &Ebpf {

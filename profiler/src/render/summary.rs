@@ -32,6 +32,57 @@ fn seconds(ns: u64) -> String {
     }
 }
 
+/// How user stacks were walked (`--unwind dwarf`), and every way a walk fell short.
+fn unwind_summary(out: &mut String, counters: &std::collections::BTreeMap<String, u64>) {
+    if !counters.contains_key("unwind_walks") {
+        return;
+    }
+    let counter = |name: &str| counters.get(name).copied().unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "user stacks: {} walked from .eh_frame tables ({} to the outermost frame, {} frames), \
+         {} by frame pointers for processes without tables; tables: {} processes, {} files, \
+         {} rows of {} ({} B each), built in {}, loaded in {}; {} before the start, ready {} \
+         after it",
+        counter("unwind_walks"),
+        counter("unwind_walk_ok"),
+        counter("unwind_frames"),
+        counter("unwind_no_table_process"),
+        counter("unwind_table_processes"),
+        counter("unwind_table_files"),
+        counter("unwind_table_rows"),
+        counter("unwind_table_row_capacity"),
+        std::mem::size_of::<profiler_common::unwind::UnwindRow>(),
+        seconds(counter("unwind_table_build_ns")),
+        seconds(counter("unwind_table_load_ns")),
+        seconds(counter("unwind_table_prepare_ns")),
+        seconds(counter("unwind_table_ready_ns")),
+    );
+    let _ = writeln!(
+        out,
+        "unwinding: frame-pointer steps {} (anonymous/JIT code {}, no table for the file {}, \
+         table map full {} ({} files), no row for the pc {}); walks cut: depth limit {}, \
+         unreadable stack {}, unsupported CFA rule {}, bad frame {}, return address outside \
+         code {}, frame-pointer chain ended {}; signal frames {}; stacks lost: map full {}, \
+         collisions {}",
+        counter("unwind_fp_steps"),
+        counter("unwind_anonymous_code"),
+        counter("unwind_no_table_file"),
+        counter("unwind_table_full"),
+        counter("unwind_table_files_table_full"),
+        counter("unwind_no_row"),
+        counter("unwind_depth_limit"),
+        counter("unwind_unreadable"),
+        counter("unwind_unsupported_cfa"),
+        counter("unwind_bad_frame"),
+        counter("unwind_outside_code"),
+        counter("unwind_fp_end"),
+        counter("unwind_signal_frames"),
+        counter("unwind_stack_map_full"),
+        counter("unwind_stack_collision"),
+    );
+}
+
 /// The short text summary: per family, totals, losses, and the top stacks.
 pub fn summary(capture: &Capture, top: usize) -> String {
     let mut out = String::new();
@@ -97,6 +148,7 @@ pub fn summary(capture: &Capture, top: usize) -> String {
         }
         let _ = writeln!(out, "{cost}");
     }
+    unwind_summary(&mut out, &meta.counters);
     if let Some(offcpu) = &capture.offcpu {
         let total: u64 = offcpu.stacks.iter().map(|s| s.total_ns).sum();
         let blocks: u64 = offcpu.stacks.iter().map(|s| s.count).sum();

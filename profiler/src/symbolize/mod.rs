@@ -3,11 +3,13 @@
 //! names) at the (file, offset) the process's cached maps give. What cannot be resolved becomes
 //! `module+0xoffset`, never dropped, and is counted.
 //!
-//! Beside the facade: `procmaps` (a process's memory maps, kept past its exit) and
-//! `syscall_names` (syscall numbers → names).
+//! Beside the facade: `procmaps` (a process's memory maps, kept past its exit),
+//! `syscall_names` (syscall numbers → names) and `unwind` (`.eh_frame` → the rows the kernel
+//! walks user stacks with, per file).
 
 pub mod procmaps;
 pub mod syscall_names;
+pub mod unwind;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;

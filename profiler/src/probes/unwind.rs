@@ -1,0 +1,390 @@
+//! Unwinding tables into the kernel (`profiler-ebpf/src/unwind.rs`): each file's rows are
+//! copied once into the global row array (mmapped: a memcpy, not a syscall per row), and
+//! each process gets its sorted mapping list in `UNWIND_PROCESSES`. Processes in scope are
+//! loaded before the programs attach; processes first seen later are loaded when the
+//! new-task ring reports them (`Probes::unwind_process`).
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsFd as _, AsRawFd as _};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use aya::Ebpf;
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use profiler_common::unwind::{
+    ANONYMOUS, MAX_MAPPINGS, ProcessMappings, TABLE_FULL, UnwindMapping, UnwindRow, counter, maps,
+};
+
+use super::{Probes, read_counters};
+use crate::symbolize::unwind::{FileTable, MappedTable, cache};
+
+/// How user stacks are walked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum UnwindMode {
+    /// From `.eh_frame` tables in the kernel (frame pointers where no table covers a pc).
+    #[default]
+    Dwarf,
+    /// Frame pointers only (`bpf_get_stackid`).
+    Fp,
+}
+
+/// Rows the array holds beyond the tables of the processes loaded at start: room for the
+/// processes and libraries that appear while recording (8 bytes a row).
+const SPARE_ROWS: u64 = 1 << 20;
+/// The array's size limit (about 256 MiB of kernel memory).
+const MAX_ROWS: u64 = 32 << 20;
+/// A process is re-read (exec, dlopen) at most this often.
+const RELOAD_EVERY: Duration = Duration::from_millis(250);
+
+/// What userspace did for the walker, for the capture's counters.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoaderStats {
+    pub processes: u64,
+    pub processes_failed: u64,
+    pub files: u64,
+    pub rows: u64,
+    pub row_capacity: u64,
+    /// Files whose table did not fit in the row array.
+    pub files_table_full: u64,
+    /// Mappings left out of a process's list (more than `MAX_MAPPINGS`).
+    pub mappings_dropped: u64,
+    /// Time spent reading maps and building tables, and loading them.
+    pub build_ns: u64,
+    pub load_ns: u64,
+    /// Before the programs attached: building (with -p) or estimating (whole host).
+    pub prepare_ns: u64,
+    /// After they attached: until the worker had loaded every process present at start
+    /// (0: with -p, or not done).
+    pub ready_ns: u64,
+}
+
+/// The tables of the processes in scope, built before the programs load so that the row
+/// array can be sized; for the whole host, only their size is estimated and a worker thread
+/// builds them once the programs are attached (building every table of a host can take a
+/// second or more: a start should not wait for it).
+pub struct Prepared {
+    processes: Vec<(u32, Vec<MappedTable>)>,
+    /// Processes the worker loads after the start.
+    later: Vec<u32>,
+    pub capacity: u32,
+    prepare_ns: u64,
+}
+
+/// Builds the tables of `pids`, or estimates those of every process when `pids` is empty.
+pub fn prepare(pids: &[u32]) -> Prepared {
+    let started = Instant::now();
+    let own = std::process::id();
+    let mut cache = cache().lock().unwrap_or_else(|e| e.into_inner());
+    let mut processes = Vec::new();
+    let mut later = Vec::new();
+    let needed = if pids.is_empty() {
+        let mut seen = HashSet::new();
+        let mut rows = 0;
+        for pid in crate::symbolize::unwind::all_pids() {
+            if pid != own {
+                rows += cache.estimate_rows(pid, &mut seen);
+                later.push(pid);
+            }
+        }
+        rows
+    } else {
+        let mut rows: HashMap<u64, u64> = HashMap::new();
+        for &pid in pids {
+            let Ok(tables) = cache.process_tables(pid) else {
+                continue; // gone, or a kernel thread
+            };
+            for file in tables.iter().filter_map(|m| m.file.as_ref()) {
+                rows.insert(file.id, file.table.rows.len() as u64);
+            }
+            processes.push((pid, tables));
+        }
+        rows.values().sum()
+    };
+    Prepared {
+        processes,
+        later,
+        capacity: (needed + SPARE_ROWS).min(MAX_ROWS) as u32,
+        prepare_ns: started.elapsed().as_nanos() as u64,
+    }
+}
+
+/// Loads tables off the recording thread: the whole host's at start, then each process
+/// first seen while recording.
+pub struct Unwinder {
+    loader: Arc<Mutex<Loader>>,
+    requests: mpsc::Sender<u32>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Unwinder {
+    pub fn start(ebpf: &mut Ebpf, mut prepared: Prepared) -> Result<Self> {
+        let later = std::mem::take(&mut prepared.later);
+        let loader = Arc::new(Mutex::new(Loader::new(ebpf, prepared)?));
+        let (requests, queue) = mpsc::channel::<u32>();
+        let stop = Arc::new(AtomicBool::new(false));
+        let worker_loader = Arc::clone(&loader);
+        let worker_stop = Arc::clone(&stop);
+        std::thread::Builder::new()
+            .name("unwind-tables".into())
+            .spawn(move || {
+                let started = Instant::now();
+                let lock = || worker_loader.lock().unwrap_or_else(|e| e.into_inner());
+                for pid in later {
+                    if worker_stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    lock().load_process(pid);
+                }
+                lock().stats.ready_ns = started.elapsed().as_nanos() as u64;
+                while let Ok(pid) = queue.recv() {
+                    if worker_stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    lock().load_process(pid);
+                }
+            })
+            .context("cannot start the unwinding-table thread")?;
+        Ok(Self {
+            loader,
+            requests,
+            stop,
+        })
+    }
+}
+
+impl Drop for Unwinder {
+    fn drop(&mut self) {
+        // The worker ends at its next process (the channel closes with us).
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The row array, mapped into our memory.
+struct Rows {
+    base: *mut UnwindRow,
+    capacity: u32,
+    _map: MapData,
+}
+
+// SAFETY: the mapping is owned by this struct and only written through `&mut self`.
+unsafe impl Send for Rows {}
+
+impl Drop for Rows {
+    fn drop(&mut self) {
+        // SAFETY: mapped in `Loader::new` with this length.
+        unsafe {
+            libc::munmap(
+                self.base.cast(),
+                self.capacity as usize * std::mem::size_of::<UnwindRow>(),
+            )
+        };
+    }
+}
+
+/// The kernel-side tables of one loaded object.
+pub struct Loader {
+    rows: Rows,
+    next_row: u32,
+    /// File table id → its first row (or `TABLE_FULL`).
+    placed: HashMap<u64, u32>,
+    processes: BpfHashMap<MapData, u32, ProcessMappings>,
+    loaded: HashMap<u32, Instant>,
+    pub stats: LoaderStats,
+}
+
+impl Loader {
+    /// Takes the walker's maps out of `ebpf` and loads the prepared processes.
+    pub fn new(ebpf: &mut Ebpf, prepared: Prepared) -> Result<Self> {
+        let Some(Map::Array(rows_map)) = ebpf.take_map(maps::ROWS) else {
+            bail!("the eBPF object has no {} array", maps::ROWS);
+        };
+        let length = prepared.capacity as usize * std::mem::size_of::<UnwindRow>();
+        // SAFETY: a BPF_F_MMAPABLE array's values, shared with the kernel; we only write
+        // rows no mapping entry points at yet.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                length,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                rows_map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            bail!(
+                "cannot map the unwinding row array ({} rows): {}",
+                prepared.capacity,
+                std::io::Error::last_os_error()
+            );
+        }
+        let processes = ebpf
+            .take_map(maps::PROCESSES)
+            .with_context(|| format!("the eBPF object has no {} map", maps::PROCESSES))?;
+        let mut loader = Self {
+            rows: Rows {
+                base: base.cast(),
+                capacity: prepared.capacity,
+                _map: rows_map,
+            },
+            next_row: 0,
+            placed: HashMap::new(),
+            processes: BpfHashMap::try_from(processes)?,
+            loaded: HashMap::new(),
+            stats: LoaderStats {
+                row_capacity: u64::from(prepared.capacity),
+                prepare_ns: prepared.prepare_ns,
+                ..Default::default()
+            },
+        };
+        let started = Instant::now();
+        for (pid, tables) in prepared.processes {
+            loader.install(pid, &tables);
+        }
+        loader.stats.load_ns += started.elapsed().as_nanos() as u64;
+        Ok(loader)
+    }
+
+    /// Loads (or reloads, after an exec or dlopen) a process's tables; cheap when its
+    /// files' tables are cached and placed already.
+    pub fn load_process(&mut self, pid: u32) {
+        if self
+            .loaded
+            .get(&pid)
+            .is_some_and(|at| at.elapsed() < RELOAD_EVERY)
+        {
+            return;
+        }
+        let started = Instant::now();
+        let tables = cache()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .process_tables(pid);
+        self.stats.build_ns += started.elapsed().as_nanos() as u64;
+        match tables {
+            Ok(tables) => {
+                let started = Instant::now();
+                self.install(pid, &tables);
+                self.stats.load_ns += started.elapsed().as_nanos() as u64;
+            }
+            Err(_) => {
+                self.loaded.insert(pid, Instant::now());
+                self.stats.processes_failed += 1;
+            }
+        }
+    }
+
+    fn install(&mut self, pid: u32, tables: &[MappedTable]) {
+        let mut value = ProcessMappings::default();
+        if tables.len() > MAX_MAPPINGS {
+            self.stats.mappings_dropped += (tables.len() - MAX_MAPPINGS) as u64;
+        }
+        for (slot, mapping) in value.mappings.iter_mut().zip(tables) {
+            let (first_row, rows) = match &mapping.file {
+                Some(file) => self.place(file),
+                None if mapping.anonymous => (ANONYMOUS, 0),
+                None => (0, 0),
+            };
+            *slot = UnwindMapping {
+                start: mapping.start,
+                end: mapping.end,
+                bias: mapping.bias,
+                first_row,
+                rows,
+            };
+        }
+        value.count = tables.len().min(MAX_MAPPINGS) as u32;
+        self.loaded.insert(pid, Instant::now());
+        match self.processes.insert(pid, value, 0) {
+            Ok(()) => self.stats.processes += 1,
+            Err(_) => self.stats.processes_failed += 1,
+        }
+    }
+
+    /// The rows of `file` in the array: copied on first use.
+    fn place(&mut self, file: &Arc<FileTable>) -> (u32, u32) {
+        let rows = &file.table.rows;
+        if rows.is_empty() {
+            return (0, 0);
+        }
+        let first = match self.placed.get(&file.id) {
+            Some(first) => *first,
+            None => {
+                let first = if u64::from(self.next_row) + rows.len() as u64
+                    > u64::from(self.rows.capacity)
+                {
+                    self.stats.files_table_full += 1;
+                    TABLE_FULL
+                } else {
+                    // SAFETY: in bounds (checked above); no mapping entry refers to these
+                    // rows before they are written.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            rows.as_ptr(),
+                            self.rows.base.add(self.next_row as usize),
+                            rows.len(),
+                        )
+                    };
+                    let first = self.next_row;
+                    self.next_row += rows.len() as u32;
+                    self.stats.files += 1;
+                    self.stats.rows += rows.len() as u64;
+                    first
+                };
+                self.placed.insert(file.id, first);
+                first
+            }
+        };
+        if first == TABLE_FULL {
+            (TABLE_FULL, 0)
+        } else {
+            (first, rows.len() as u32)
+        }
+    }
+}
+
+impl Probes {
+    /// Loads the unwinding tables of a process first seen while recording (no-op with
+    /// `--unwind fp`, or when it was loaded a moment ago).
+    pub fn unwind_process(&self, pid: u32) {
+        if let Some(unwinder) = &self.unwind {
+            // The worker is gone only if it panicked: then there is nobody to load it.
+            let _ = unwinder.requests.send(pid);
+        }
+    }
+
+    /// The walker's counters (kernel) and the loader's (userspace), `unwind_`-prefixed.
+    pub fn unwind_counters(&self) -> Result<Vec<(String, u64)>> {
+        let Some(unwinder) = &self.unwind else {
+            return Ok(Vec::new());
+        };
+        let mut out: Vec<(String, u64)> =
+            read_counters(self.ebpf(), maps::COUNTERS, &counter::NAMES)?
+                .into_iter()
+                .map(|(name, value)| (format!("unwind_{name}"), value))
+                .collect();
+        let stats = unwinder
+            .loader
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .stats;
+        for (name, value) in [
+            ("processes", stats.processes),
+            ("processes_failed", stats.processes_failed),
+            ("files", stats.files),
+            ("rows", stats.rows),
+            ("row_capacity", stats.row_capacity),
+            ("files_table_full", stats.files_table_full),
+            ("mappings_dropped", stats.mappings_dropped),
+            ("build_ns", stats.build_ns),
+            ("load_ns", stats.load_ns),
+            ("prepare_ns", stats.prepare_ns),
+            ("ready_ns", stats.ready_ns),
+        ] {
+            out.push((format!("unwind_table_{name}"), value));
+        }
+        Ok(out)
+    }
+}
