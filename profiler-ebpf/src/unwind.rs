@@ -165,9 +165,10 @@ struct Walk {
     stack: *mut UnwoundStack,
 }
 
-/// Walks the user stack of process `tgid` from `regs`. `None`: no tables for this process
-/// (the caller takes the frame-pointer stack instead). `Some(id)`: a stack id with
-/// `UNWOUND_STACK_BIT`, or a negative errno when the stack could not be stored.
+/// Walks the user stack of process `tgid` from `regs`. `None`: no tables for this process,
+/// or the walked stack could not be stored (full map, or another stack under its key): the
+/// caller takes the frame-pointer stack instead. `Some(id)`: a stack id with
+/// `UNWOUND_STACK_BIT`, or -EFAULT when not even the first frame could be recorded.
 #[inline(always)]
 pub fn walk(tgid: u32, regs: UserRegs) -> Option<i32> {
     let Some(mappings) = (unsafe { PROCESSES.get(tgid) }) else {
@@ -220,7 +221,7 @@ pub fn walk(tgid: u32, regs: UserRegs) -> Option<i32> {
             return Some(id);
         }
         count(counter::STACK_COLLISION);
-        return Some(-17); // EEXIST, as bpf_get_stackid says for a collision
+        return None;
     }
     unsafe {
         (*stack).hash = hash;
@@ -231,9 +232,9 @@ pub fn walk(tgid: u32, regs: UserRegs) -> Option<i32> {
         Ok(()) => Some(id),
         // Another CPU stored this stack (or a colliding one) meanwhile.
         Err(-17) => Some(id),
-        Err(err) => {
+        Err(_) => {
             count(counter::STACK_MAP_FULL);
-            Some(err as i32)
+            None
         }
     }
 }

@@ -284,7 +284,11 @@ impl Probes {
         match &unwind_tables {
             Some(prepared) => {
                 loader.map_max_entries(unwind_maps::ROWS, prepared.capacity.max(1));
-                loader.map_max_entries(unwind_maps::STACKS, config.stack_storage_size.max(1));
+                // As many as the two frame-pointer stack maps together hold.
+                loader.map_max_entries(
+                    unwind_maps::STACKS,
+                    config.stack_storage_size.max(1).saturating_add(4096),
+                );
             }
             None => {
                 loader.map_max_entries(unwind_maps::STACKS, 1);
