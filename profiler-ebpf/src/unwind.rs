@@ -326,6 +326,16 @@ fn step_frame(walk: &mut Walk, index: u64) -> Option<()> {
             return None;
         }
     };
+    // The usual frame saves fp right below the return address: one read for both.
+    if row.fp == -2 && RA_OFFSET == -8 && row.rule() != CFA_PLT {
+        let Ok([fp, ra]) =
+            (unsafe { bpf_probe_read_user(cfa.wrapping_sub(16) as *const [u64; 2]) })
+        else {
+            walk.outcome = counter::UNREADABLE;
+            return None;
+        };
+        return move_to(walk, ra, cfa, fp);
+    }
     let Ok(ra) = (unsafe { bpf_probe_read_user((cfa as i64 + RA_OFFSET) as u64 as *const u64) })
     else {
         walk.outcome = counter::UNREADABLE;
@@ -427,7 +437,9 @@ fn find_mapping(mappings: &ProcessMappings, pc: u64) -> Option<&UnwindMapping> {
         return None;
     }
     if n > MAX_MAPPINGS as u64 {
-        n = MAX_MAPPINGS as u64;
+        // Userspace never writes more. (Not clamped: a path where `n` is a constant lets
+        // the verifier follow every halving apart, hundreds of paths.)
+        return None;
     }
     let mut base: u64 = 0;
     // 2^8 = MAX_MAPPINGS.
