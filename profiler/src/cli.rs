@@ -273,8 +273,8 @@ pub struct RecordArgs {
     /// result to --output.
     #[arg(long, value_name = "ADDR")]
     pub from_daemon: Option<String>,
-    /// How off-CPU user stacks are walked: dwarf (from .eh_frame tables, in the kernel; frame
-    /// pointers where no table covers the code) or fp (frame pointers only).
+    /// How user stacks are walked (every family): dwarf (from .eh_frame tables, in the kernel;
+    /// frame pointers where no table covers the code) or fp (frame pointers only).
     #[arg(long, value_enum, default_value_t = UnwindMode::Dwarf)]
     pub unwind: UnwindMode,
     /// Kernel BTF to read struct offsets from.

@@ -71,7 +71,7 @@ pub struct ProbeConfig {
     pub measure_overhead: bool,
     /// Leave the profiler's own process out of every family.
     pub exclude_self: bool,
-    /// How off-CPU user stacks are walked.
+    /// How user stacks are walked (every family that takes one).
     pub unwind: unwind::UnwindMode,
 }
 
