@@ -202,7 +202,7 @@ fn unwind_summary(out: &mut String, counters: &std::collections::BTreeMap<String
     let _ = writeln!(
         out,
         "user stacks: {} walked from .eh_frame tables ({} to the outermost frame, {} frames), \
-         {} by frame pointers for processes without tables; tables: {} processes, {} files, \
+         {} by frame pointers for processes without tables; tables: {} process loads, {} files, \
          {} rows of {} ({} B each), built in {}, loaded in {}; {} before the start, ready {} \
          after it",
         counter("unwind_walks"),
