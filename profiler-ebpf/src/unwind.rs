@@ -21,11 +21,11 @@ use core::ffi::c_void;
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{
-        bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
         generated::{bpf_loop, bpf_task_pt_regs},
     },
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use profiler_common::unwind::{
     ANONYMOUS, CFA_END, CFA_FP, CFA_PLT, CFA_SIGNAL, CFA_SP, FP_SAME, FP_UNDEFINED, HOW_FP_STEP,
@@ -34,11 +34,26 @@ use profiler_common::unwind::{
     signal_frame,
 };
 
+use aya_log_ebpf::{debug, warn};
+
 use crate::common::config;
 
 /// `MODE_DWARF`: walk user stacks from the tables; `MODE_FP`: `bpf_get_stackid` only.
 #[unsafe(no_mangle)]
 static UNWIND_MODE: u32 = MODE_FP;
+
+/// 1: log walks that stop on a failure through aya-log (`--ebpf-log`), at most one line per
+/// CPU per second. 0 (the default): the verifier drops the logging code, it costs nothing.
+#[unsafe(no_mangle)]
+static UNWIND_LOG: u32 = 0;
+
+/// When this CPU last logged a failed walk.
+#[map(name = "UNWIND_LOG_LAST")]
+static LOG_LAST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Failures already logged, (tgid, reason, pc): each is logged once.
+#[map(name = "UNWIND_LOGGED")]
+static LOGGED: LruHashMap<[u64; 2], u8> = LruHashMap::with_max_entries(4096, 0);
 
 /// Every file's rows, back to back; userspace sizes it and writes it through mmap.
 #[map(name = "UNWIND_ROWS")]
@@ -204,6 +219,9 @@ pub fn walk(tgid: u32, regs: UserRegs) -> Option<i32> {
     };
     count(outcome);
     count_by(counter::FRAMES, u64::from(state.len));
+    if config(&UNWIND_LOG) != 0 {
+        log_failure(tgid, outcome, state.pc, state.len);
+    }
     if outcome != counter::WALK_OK {
         state.how |= HOW_TRUNCATED;
     }
@@ -237,6 +255,63 @@ pub fn walk(tgid: u32, regs: UserRegs) -> Option<i32> {
             None
         }
     }
+}
+
+/// One line for a walk that stopped on a failure: its reason, the pc it stopped at and how
+/// many frames it had. Once per (process, reason, pc), and at most one line per CPU per
+/// second. A function of its own (a BPF subprogram): inlined, the logging's stack pushed
+/// syscalls_exit past the 512-byte limit.
+#[inline(never)]
+fn log_failure(tgid: u32, outcome: u32, pc: u64, frames: u32) {
+    if !matches!(
+        outcome,
+        counter::UNSUPPORTED_CFA | counter::UNREADABLE | counter::BAD_FRAME | counter::OUTSIDE_CODE
+    ) {
+        return;
+    }
+    let Some(last) = LOG_LAST.get_ptr_mut(0) else {
+        return;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if unsafe { *last } != 0 && now.wrapping_sub(unsafe { *last }) < 1_000_000_000 {
+        return;
+    }
+    let key = [u64::from(tgid) << 32 | u64::from(outcome), pc];
+    if LOGGED.insert(&key, &1, BPF_NOEXIST as u64).is_err() {
+        return; // logged before (or by another CPU just now)
+    }
+    match outcome {
+        counter::UNSUPPORTED_CFA => warn!(
+            &(),
+            "unwind: tgid {} stopped at pc {:x} after {} frames: unsupported CFA rule",
+            tgid,
+            pc,
+            frames
+        ),
+        counter::UNREADABLE => warn!(
+            &(),
+            "unwind: tgid {} stopped at pc {:x} after {} frames: unreadable stack memory",
+            tgid,
+            pc,
+            frames
+        ),
+        counter::BAD_FRAME => warn!(
+            &(),
+            "unwind: tgid {} stopped at pc {:x} after {} frames: a frame that does not move up the stack",
+            tgid,
+            pc,
+            frames
+        ),
+        counter::OUTSIDE_CODE => debug!(
+            &(),
+            "unwind: tgid {} stopped after {} frames: return address {:x} outside code",
+            tgid,
+            frames,
+            pc
+        ),
+        _ => return,
+    }
+    unsafe { *last = now };
 }
 
 /// One frame: `bpf_loop` callback. Returns 1 to stop.

@@ -7,6 +7,7 @@ use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 
 use crate::probes::db::DbConfig;
+use crate::probes::ebpf_log::EbpfLogLevel;
 use crate::probes::offcpu::{AttachMode, OffcpuConfig, StateFilter};
 use crate::probes::oncpu::OncpuConfig;
 use crate::probes::syscalls::SyscallsConfig;
@@ -277,6 +278,10 @@ pub struct RecordArgs {
     /// frame pointers where no table covers the code) or fp (frame pointers only).
     #[arg(long, value_enum, default_value_t = UnwindMode::Dwarf)]
     pub unwind: UnwindMode,
+    /// Print the eBPF programs' own diagnostics on stderr, up to this level (rare and
+    /// rate-limited: e.g. an unwinding walk that stopped, with its pc and reason). Off: free.
+    #[arg(long, value_enum, default_value_t = EbpfLogLevel::Off, value_name = "LEVEL")]
+    pub ebpf_log: EbpfLogLevel,
     /// Kernel BTF to read struct offsets from.
     #[arg(long, default_value = "/sys/kernel/btf/vmlinux", hide = true)]
     pub btf: PathBuf,
@@ -378,6 +383,7 @@ impl RecordArgs {
                 measure_overhead: self.measure_overhead,
                 exclude_self: self.exclude_self,
                 unwind: self.unwind,
+                ebpf_log: self.ebpf_log,
             },
             state_name,
             threads_name,
