@@ -201,7 +201,8 @@ pub mod counter {
     pub const BAD_FRAME: u32 = 10;
     /// Frames recorded by walks.
     pub const FRAMES: u32 = 11;
-    /// Walked stacks lost: the stack map was full, or another stack held the key.
+    /// Walked stacks not stored (the stack map was full, or another stack held the key): the
+    /// frame-pointer stack from `bpf_get_stackid` is taken instead.
     pub const STACK_MAP_FULL: u32 = 12;
     pub const STACK_COLLISION: u32 = 13;
     /// Signal frames stepped through.

@@ -148,9 +148,12 @@ fn counted_stack_id<C: StackIdContext>(ctx: &C, flags: u64) -> i32 {
     }
 }
 
-/// Switch-out of the current thread (`prev`). `task` is its task_struct.
+/// Switch-out of the current thread (`prev`). `task` is its task_struct. `walk_user`: take
+/// the user stack from the unwinding tables (tp_btf only: kernels without tp_btf have no
+/// bpf_loop either, and the classic tracepoint's program with the walk inlined is one the
+/// verifier gives up on).
 #[inline(always)]
-fn switch_out<C: StackIdContext>(ctx: &C, task: *const u8, state: u32, now: u64) {
+fn switch_out<C: StackIdContext>(ctx: &C, task: *const u8, state: u32, now: u64, walk_user: bool) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
     let tgid = (pid_tgid >> 32) as u32;
@@ -173,7 +176,10 @@ fn switch_out<C: StackIdContext>(ctx: &C, task: *const u8, state: u32, now: u64)
     };
     let (user_stack_id, db_frame) = match inflight {
         Some(query) => (query.user_stack_id, query.frame),
-        None => match crate::unwind::current_stack(tgid) {
+        None => match walk_user
+            .then(|| crate::unwind::current_stack(tgid))
+            .flatten()
+        {
             Some(walked) => (walked, 0),
             None => (counted_stack_id(ctx, BPF_F_USER_STACK as u64), 0),
         },
@@ -337,7 +343,7 @@ pub fn offcpu_switch_btf(ctx: BtfTracePointContext) -> u32 {
             .unwrap_or(0)
     };
     let state = classify_raw_state(preempt & 0xff != 0, raw_state);
-    switch_out(&ctx, prev, state, now);
+    switch_out(&ctx, prev, state, now, true);
     let next_tid: u32 =
         unsafe { bpf_probe_read_kernel(next.add(config(&TASK_PID_OFF) as usize) as *const u32) }
             .unwrap_or(0);
@@ -357,7 +363,7 @@ pub fn offcpu_switch_tp(ctx: TracePointContext) -> u32 {
         unsafe { ctx.read_at::<u64>(config(&TP_PREV_STATE_OFF) as usize) }.unwrap_or(0) as u32;
     let state = classify_reported_state(reported);
     let task = unsafe { bpf_get_current_task() } as *const u8;
-    switch_out(&ctx, task, state, now);
+    switch_out(&ctx, task, state, now, false);
     let next_tid: u32 =
         unsafe { ctx.read_at::<u32>(config(&TP_NEXT_PID_OFF) as usize) }.unwrap_or(0);
     let comm = unsafe { (ctx.as_ptr() as *const u8).add(config(&TP_NEXT_COMM_OFF) as usize) };

@@ -21,11 +21,11 @@ use core::ffi::c_void;
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{
-        bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
         generated::{bpf_loop, bpf_task_pt_regs},
     },
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use profiler_common::unwind::{
     ANONYMOUS, CFA_END, CFA_FP, CFA_PLT, CFA_SIGNAL, CFA_SP, FP_SAME, FP_UNDEFINED, HOW_FP_STEP,
@@ -34,11 +34,26 @@ use profiler_common::unwind::{
     signal_frame,
 };
 
+use aya_log_ebpf::{debug, warn};
+
 use crate::common::config;
 
 /// `MODE_DWARF`: walk user stacks from the tables; `MODE_FP`: `bpf_get_stackid` only.
 #[unsafe(no_mangle)]
 static UNWIND_MODE: u32 = MODE_FP;
+
+/// 1: log walks that stop on a failure through aya-log (`--ebpf-log`), at most one line per
+/// CPU per second. 0 (the default): the verifier drops the logging code, it costs nothing.
+#[unsafe(no_mangle)]
+static UNWIND_LOG: u32 = 0;
+
+/// When this CPU last logged a failed walk.
+#[map(name = "UNWIND_LOG_LAST")]
+static LOG_LAST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Failures already logged, (tgid, reason, pc): each is logged once.
+#[map(name = "UNWIND_LOGGED")]
+static LOGGED: LruHashMap<[u64; 2], u8> = LruHashMap::with_max_entries(4096, 0);
 
 /// Every file's rows, back to back; userspace sizes it and writes it through mmap.
 #[map(name = "UNWIND_ROWS")]
@@ -165,9 +180,10 @@ struct Walk {
     stack: *mut UnwoundStack,
 }
 
-/// Walks the user stack of process `tgid` from `regs`. `None`: no tables for this process
-/// (the caller takes the frame-pointer stack instead). `Some(id)`: a stack id with
-/// `UNWOUND_STACK_BIT`, or a negative errno when the stack could not be stored.
+/// Walks the user stack of process `tgid` from `regs`. `None`: no tables for this process,
+/// or the walked stack could not be stored (full map, or another stack under its key): the
+/// caller takes the frame-pointer stack instead. `Some(id)`: a stack id with
+/// `UNWOUND_STACK_BIT`, or -EFAULT when not even the first frame could be recorded.
 #[inline(always)]
 pub fn walk(tgid: u32, regs: UserRegs) -> Option<i32> {
     let Some(mappings) = (unsafe { PROCESSES.get(tgid) }) else {
@@ -203,6 +219,9 @@ pub fn walk(tgid: u32, regs: UserRegs) -> Option<i32> {
     };
     count(outcome);
     count_by(counter::FRAMES, u64::from(state.len));
+    if config(&UNWIND_LOG) != 0 {
+        log_failure(tgid, outcome, state.pc, state.len);
+    }
     if outcome != counter::WALK_OK {
         state.how |= HOW_TRUNCATED;
     }
@@ -220,7 +239,7 @@ pub fn walk(tgid: u32, regs: UserRegs) -> Option<i32> {
             return Some(id);
         }
         count(counter::STACK_COLLISION);
-        return Some(-17); // EEXIST, as bpf_get_stackid says for a collision
+        return None;
     }
     unsafe {
         (*stack).hash = hash;
@@ -231,11 +250,68 @@ pub fn walk(tgid: u32, regs: UserRegs) -> Option<i32> {
         Ok(()) => Some(id),
         // Another CPU stored this stack (or a colliding one) meanwhile.
         Err(-17) => Some(id),
-        Err(err) => {
+        Err(_) => {
             count(counter::STACK_MAP_FULL);
-            Some(err as i32)
+            None
         }
     }
+}
+
+/// One line for a walk that stopped on a failure: its reason, the pc it stopped at and how
+/// many frames it had. Once per (process, reason, pc), and at most one line per CPU per
+/// second. A function of its own (a BPF subprogram): inlined, the logging's stack pushed
+/// syscalls_exit past the 512-byte limit.
+#[inline(never)]
+fn log_failure(tgid: u32, outcome: u32, pc: u64, frames: u32) {
+    if !matches!(
+        outcome,
+        counter::UNSUPPORTED_CFA | counter::UNREADABLE | counter::BAD_FRAME | counter::OUTSIDE_CODE
+    ) {
+        return;
+    }
+    let Some(last) = LOG_LAST.get_ptr_mut(0) else {
+        return;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    if unsafe { *last } != 0 && now.wrapping_sub(unsafe { *last }) < 1_000_000_000 {
+        return;
+    }
+    let key = [u64::from(tgid) << 32 | u64::from(outcome), pc];
+    if LOGGED.insert(&key, &1, BPF_NOEXIST as u64).is_err() {
+        return; // logged before (or by another CPU just now)
+    }
+    match outcome {
+        counter::UNSUPPORTED_CFA => warn!(
+            &(),
+            "unwind: tgid {} stopped at pc {:x} after {} frames: unsupported CFA rule",
+            tgid,
+            pc,
+            frames
+        ),
+        counter::UNREADABLE => warn!(
+            &(),
+            "unwind: tgid {} stopped at pc {:x} after {} frames: unreadable stack memory",
+            tgid,
+            pc,
+            frames
+        ),
+        counter::BAD_FRAME => warn!(
+            &(),
+            "unwind: tgid {} stopped at pc {:x} after {} frames: a frame that does not move up the stack",
+            tgid,
+            pc,
+            frames
+        ),
+        counter::OUTSIDE_CODE => debug!(
+            &(),
+            "unwind: tgid {} stopped after {} frames: return address {:x} outside code",
+            tgid,
+            frames,
+            pc
+        ),
+        _ => return,
+    }
+    unsafe { *last = now };
 }
 
 /// One frame: `bpf_loop` callback. Returns 1 to stop.
@@ -325,6 +401,16 @@ fn step_frame(walk: &mut Walk, index: u64) -> Option<()> {
             return None;
         }
     };
+    // The usual frame saves fp right below the return address: one read for both.
+    if row.fp == -2 && RA_OFFSET == -8 && row.rule() != CFA_PLT {
+        let Ok([fp, ra]) =
+            (unsafe { bpf_probe_read_user(cfa.wrapping_sub(16) as *const [u64; 2]) })
+        else {
+            walk.outcome = counter::UNREADABLE;
+            return None;
+        };
+        return move_to(walk, ra, cfa, fp);
+    }
     let Ok(ra) = (unsafe { bpf_probe_read_user((cfa as i64 + RA_OFFSET) as u64 as *const u64) })
     else {
         walk.outcome = counter::UNREADABLE;
@@ -426,7 +512,9 @@ fn find_mapping(mappings: &ProcessMappings, pc: u64) -> Option<&UnwindMapping> {
         return None;
     }
     if n > MAX_MAPPINGS as u64 {
-        n = MAX_MAPPINGS as u64;
+        // Userspace never writes more. (Not clamped: a path where `n` is a constant lets
+        // the verifier follow every halving apart, hundreds of paths.)
+        return None;
     }
     let mut base: u64 = 0;
     // 2^8 = MAX_MAPPINGS.

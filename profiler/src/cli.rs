@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 use crate::collect::RecordOptions;
 use crate::probes::db::DbConfig;
+use crate::probes::ebpf_log::EbpfLogLevel;
 use crate::probes::offcpu::{AttachMode, OffcpuConfig, StateFilter};
 use crate::probes::oncpu::OncpuConfig;
 use crate::probes::syscalls::SyscallsConfig;
@@ -282,10 +283,14 @@ pub struct RecordArgs {
     /// result to --output.
     #[arg(long, value_name = "ADDR")]
     pub from_daemon: Option<String>,
-    /// How off-CPU user stacks are walked: dwarf (from .eh_frame tables, in the kernel; frame
-    /// pointers where no table covers the code) or fp (frame pointers only).
+    /// How user stacks are walked (every family): dwarf (from .eh_frame tables, in the kernel;
+    /// frame pointers where no table covers the code) or fp (frame pointers only).
     #[arg(long, value_enum, default_value_t = UnwindMode::Dwarf)]
     pub unwind: UnwindMode,
+    /// Print the eBPF programs' own diagnostics on stderr, up to this level (rare and
+    /// rate-limited: e.g. an unwinding walk that stopped, with its pc and reason). Off: free.
+    #[arg(long, value_enum, default_value_t = EbpfLogLevel::Off, value_name = "LEVEL")]
+    pub ebpf_log: EbpfLogLevel,
     /// Kernel BTF to read struct offsets from.
     #[arg(long, default_value = "/sys/kernel/btf/vmlinux", hide = true)]
     pub btf: PathBuf,
@@ -387,6 +392,7 @@ impl RecordArgs {
                 measure_overhead: self.measure_overhead,
                 exclude_self: !self.include_self,
                 unwind: self.unwind,
+                ebpf_log: self.ebpf_log,
             },
             state_name,
             threads_name,

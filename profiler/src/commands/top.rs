@@ -53,6 +53,8 @@ pub fn run(args: TopArgs) -> Result<()> {
             optional: true,
             ..DbConfig::default()
         }),
+        // The live view shows no stacks: no unwinding tables to build for them.
+        unwind: crate::probes::unwind::UnwindMode::Fp,
         ..Default::default()
     };
     let mut probes = Probes::load(&config)?;

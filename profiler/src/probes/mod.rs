@@ -13,6 +13,7 @@
 //! ```
 
 pub mod db;
+pub mod ebpf_log;
 pub mod kernel;
 pub mod offcpu;
 pub mod oncpu;
@@ -71,8 +72,10 @@ pub struct ProbeConfig {
     pub measure_overhead: bool,
     /// Leave the profiler's own process out of every family.
     pub exclude_self: bool,
-    /// How off-CPU user stacks are walked.
+    /// How user stacks are walked (every family that takes one).
     pub unwind: unwind::UnwindMode,
+    /// Kernel-side diagnostics printed on stderr (`--ebpf-log`).
+    pub ebpf_log: ebpf_log::EbpfLogLevel,
 }
 
 impl Default for ProbeConfig {
@@ -93,6 +96,7 @@ impl Default for ProbeConfig {
             measure_overhead: false,
             exclude_self: false,
             unwind: unwind::UnwindMode::Dwarf,
+            ebpf_log: ebpf_log::EbpfLogLevel::Off,
         }
     }
 }
@@ -128,6 +132,8 @@ pub struct Probes {
     _stats: Option<std::os::fd::OwnedFd>,
     /// The unwinding tables in the kernel (`--unwind dwarf`).
     unwind: Option<unwind::Unwinder>,
+    /// Prints the programs' log records (`--ebpf-log`).
+    _ebpf_log: Option<ebpf_log::EbpfLog>,
 }
 
 /// BPF_ENABLE_STATS(BPF_STATS_RUN_TIME): the kernel times every BPF program run while the
@@ -275,6 +281,12 @@ impl Probes {
             None => MODE_FP,
         };
         global(&mut globals, "UNWIND_MODE", unwind_mode);
+        global(
+            &mut globals,
+            "UNWIND_LOG",
+            u32::from(config.ebpf_log != ebpf_log::EbpfLogLevel::Off),
+        );
+        global(&mut globals, "AYA_LOG_LEVEL", config.ebpf_log.number());
 
         let mut loader = EbpfLoader::new();
         for (name, bytes) in &globals {
@@ -284,7 +296,11 @@ impl Probes {
         match &unwind_tables {
             Some(prepared) => {
                 loader.map_max_entries(unwind_maps::ROWS, prepared.capacity.max(1));
-                loader.map_max_entries(unwind_maps::STACKS, config.stack_storage_size.max(1));
+                // As many as the two frame-pointer stack maps together hold.
+                loader.map_max_entries(
+                    unwind_maps::STACKS,
+                    config.stack_storage_size.max(1).saturating_add(4096),
+                );
             }
             None => {
                 loader.map_max_entries(unwind_maps::STACKS, 1);
@@ -298,6 +314,10 @@ impl Probes {
         let unwind = match unwind_tables {
             Some(prepared) => Some(unwind::Unwinder::start(&mut ebpf, prepared)?),
             None => None,
+        };
+        let ebpf_log = match config.ebpf_log {
+            ebpf_log::EbpfLogLevel::Off => None,
+            level => Some(ebpf_log::start(&mut ebpf, level)?),
         };
 
         let offcpu_attached_with = match &config.offcpu {
@@ -333,6 +353,7 @@ impl Probes {
             db_targets: db_targets.paths(),
             _db_links: db_links,
             unwind,
+            _ebpf_log: ebpf_log,
         })
     }
 

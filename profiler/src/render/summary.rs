@@ -41,7 +41,7 @@ fn unwind_summary(out: &mut String, counters: &std::collections::BTreeMap<String
     let _ = writeln!(
         out,
         "user stacks: {} walked from .eh_frame tables ({} to the outermost frame, {} frames), \
-         {} by frame pointers for processes without tables; tables: {} processes, {} files, \
+         {} by frame pointers for processes without tables; tables: {} process loads, {} files, \
          {} rows of {} ({} B each), built in {}, loaded in {}; {} before the start, ready {} \
          after it",
         counter("unwind_walks"),
@@ -63,8 +63,8 @@ fn unwind_summary(out: &mut String, counters: &std::collections::BTreeMap<String
         "unwinding: frame-pointer steps {} (anonymous/JIT code {}, no table for the file {}, \
          table map full {} ({} files), no row for the pc {}); walks cut: depth limit {}, \
          unreadable stack {}, unsupported CFA rule {}, bad frame {}, return address outside \
-         code {}, frame-pointer chain ended {}; signal frames {}; stacks lost: map full {}, \
-         collisions {}",
+         code {}, frame-pointer chain ended {}; signal frames {}; stacks not stored (frame pointers \
+         instead): map full {}, collisions {}",
         counter("unwind_fp_steps"),
         counter("unwind_anonymous_code"),
         counter("unwind_no_table_file"),

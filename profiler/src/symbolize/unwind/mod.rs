@@ -310,6 +310,17 @@ mod tests {
                 .any(|m| m.file.as_ref().unwrap().name.contains("libc.so")),
             "{tables:?}"
         );
+        // The vDSO has no file: its table comes from our memory.
+        assert!(
+            with_table
+                .iter()
+                .any(|m| m.file.as_ref().unwrap().name == "[vdso]"),
+            "no vDSO table: {tables:?}"
+        );
+        assert!(
+            tables.windows(2).all(|w| w[0].end <= w[1].start),
+            "sorted, disjoint"
+        );
         // Our own code: this function's address resolves to a row.
         let pc = own_process_tables as *const () as u64;
         let mapping = with_table
