@@ -19,14 +19,24 @@
 //! A family's name is the same at every layer: `profiler-ebpf/src/tcp.rs`,
 //! `profiler-common/src/tcp.rs`, `probes/tcp.rs`, `collect/tcp.rs`, `tests/tests/tcp.rs`.
 
-pub mod cli;
-pub mod collect;
-pub mod commands;
-pub mod compare;
-pub mod model;
+// In flow order (a comment per stage keeps rustfmt from sorting them).
+// ① load, configure, attach, detach; read the maps
 pub mod probes;
-pub mod render;
-pub mod serve;
+// ② drain each interval, aggregate per family
+pub mod collect;
+// ③ addresses → frames
 pub mod symbolize;
+// ④ the Capture
+pub mod model;
+// ⑤ views of a Capture
+pub mod render;
+// ⑥ verdicts between Captures
+pub mod compare;
+// ⑦ the daemon
+pub mod serve;
+// thin wiring per subcommand
+pub mod commands;
+// the flags
+pub mod cli;
 
 pub use commands::run;
