@@ -3,11 +3,15 @@
 //!
 //! offcpu: cost per operation of `perf bench sched pipe` (two tasks ping-ponging through a
 //! pipe: two context switches per operation, the worst case for a sched_switch probe) with
-//! nothing attached, with `profiler record` on the whole host (tp_btf, and the tracepoint
+//! nothing attached, with `profiler record` on the whole host (tp_btf with user stacks walked
+//! from .eh_frame tables — the default — and with frame pointers only; the tracepoint
 //! fallback), and with libbpf-tools' `offcputime` (the peer) on the whole host. Each is
 //! measured twice per round: free to use both CPUs (cross-CPU wakeups dominate the cost), and
 //! pinned to one CPU with `taskset -c 0` (the cost is then mostly the context switch itself,
-//! so the probe's own cost per switch shows undiluted).
+//! so the probe's own cost per switch shows undiluted). Judge by the pinned added cost per
+//! operation (variant − nothing attached): unpinned ratios on this 2-CPU VM are mostly noise.
+//! Separate untimed runs measure the programs' kernel run time (`--measure-overhead`): ns
+//! per program run, i.e. per context switch, DWARF walk vs frame pointers.
 
 use std::io::{BufRead as _, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -40,6 +44,7 @@ pub fn run(args: &[String]) -> Result<()> {
 enum Variant {
     Baseline,
     Profiler,
+    ProfilerFp,
     ProfilerNoSplit,
     ProfilerTracepoint,
     Offcputime,
@@ -49,7 +54,8 @@ impl Variant {
     fn name(self) -> &'static str {
         match self {
             Self::Baseline => "nothing attached",
-            Self::Profiler => "profiler record (tp_btf)",
+            Self::Profiler => "profiler (tp_btf, DWARF unwind)",
+            Self::ProfilerFp => "profiler (tp_btf, frame pointers)",
             Self::ProfilerNoSplit => "profiler (tp_btf, no runq split)",
             Self::ProfilerTracepoint => "profiler record (tracepoint)",
             Self::Offcputime => "libbpf-tools offcputime",
@@ -73,6 +79,7 @@ fn offcpu() -> Result<()> {
     let variants = [
         Variant::Baseline,
         Variant::Profiler,
+        Variant::ProfilerFp,
         Variant::ProfilerNoSplit,
         Variant::ProfilerTracepoint,
         Variant::Offcputime,
@@ -105,11 +112,47 @@ fn offcpu() -> Result<()> {
     for (mode, (mode_name, _)) in MODES.iter().enumerate() {
         let medians: Vec<f64> = results[mode].iter_mut().map(|r| median(r)).collect();
         for (i, variant) in variants.iter().enumerate() {
+            let (low, high) = range(&results[mode][i]);
             println!(
-                "  {mode_name:<7} {:<30} {:>8.3} usecs/op  ratio {:.3}x",
+                "  {mode_name:<7} {:<34} {:>8.3} usecs/op (range {low:.3}–{high:.3})  ratio \
+                 {:.3}x  added {:+.3} usecs/op",
                 variant.name(),
                 medians[i],
-                medians[i] / medians[0]
+                medians[i] / medians[0],
+                medians[i] - medians[0]
+            );
+        }
+    }
+    // The programs' own kernel run time per run (per context switch), in separate untimed
+    // runs: BPF statistics add ~20 ns per run, which the timed runs above must not carry.
+    let mut run_ns = [Vec::new(), Vec::new()];
+    for round in 0..rounds {
+        for (i, unwind) in ["dwarf", "fp"].iter().enumerate() {
+            let tracer = start_profiler(&[
+                "--events",
+                "offcpu",
+                "--attach",
+                "tp-btf",
+                "--unwind",
+                unwind,
+                "--measure-overhead",
+            ])?;
+            let ran = perf_bench(loops, Some("0"));
+            stop(tracer, Variant::Profiler)?;
+            ran.with_context(|| format!("round {round}: eBPF run time, --unwind {unwind}"))?;
+            if let Some(ns) = ebpf_ns_per_run()? {
+                run_ns[i].push(ns);
+            }
+        }
+    }
+    for (i, unwind) in ["dwarf", "fp"].iter().enumerate() {
+        if !run_ns[i].is_empty() {
+            let (low, high) = range(&run_ns[i]);
+            println!(
+                "  eBPF run time per sched_switch, --unwind {unwind:<5} {:>7.0} ns (range \
+                 {low:.0}–{high:.0}, {} runs)",
+                median(&mut run_ns[i]),
+                run_ns[i].len()
             );
         }
     }
@@ -287,6 +330,14 @@ fn dd_ns_per_syscall(blocks: u64) -> Result<f64> {
     Ok(start.elapsed().as_nanos() as f64 / (2 * blocks) as f64)
 }
 
+fn range(values: &[f64]) -> (f64, f64) {
+    values
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+            (lo.min(*v), hi.max(*v))
+        })
+}
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     values[values.len() / 2]
@@ -297,7 +348,10 @@ fn measure(variant: Variant, loops: u64) -> Result<Vec<f64>> {
     let tracer = match variant {
         Variant::Baseline => None,
         Variant::Profiler => Some(start_profiler(&[
-            "--events", "offcpu", "--attach", "tp-btf",
+            "--events", "offcpu", "--attach", "tp-btf", "--unwind", "dwarf",
+        ])?),
+        Variant::ProfilerFp => Some(start_profiler(&[
+            "--events", "offcpu", "--attach", "tp-btf", "--unwind", "fp",
         ])?),
         Variant::ProfilerNoSplit => Some(start_profiler(&[
             "--events",
@@ -322,6 +376,23 @@ fn measure(variant: Variant, loops: u64) -> Result<Vec<f64>> {
         stop(tracer, variant)?;
     }
     result
+}
+
+/// `bpf_run_ns / bpf_runs` of the last capture `start_profiler` wrote.
+fn ebpf_ns_per_run() -> Result<Option<f64>> {
+    let path = bench_output_dir().join("capture.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let capture: serde_json::Value = serde_json::from_str(&text).context("capture.json")?;
+    let counter = |name: &str| capture["metadata"]["counters"][name].as_f64();
+    Ok(match (counter("bpf_run_ns"), counter("bpf_runs")) {
+        (Some(ns), Some(runs)) if runs > 0.0 => Some(ns / runs),
+        _ => None,
+    })
+}
+
+fn bench_output_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("profiler-bench-{}", std::process::id()))
 }
 
 fn perf_bench(loops: u64, cpu: Option<&str>) -> Result<f64> {
@@ -353,7 +424,7 @@ fn perf_bench(loops: u64, cpu: Option<&str>) -> Result<f64> {
 
 /// Starts `profiler record --duration 1h ARGS -o TMP` and waits until it is recording.
 fn start_profiler(args: &[&str]) -> Result<Child> {
-    let out_dir = std::env::temp_dir().join(format!("profiler-bench-{}", std::process::id()));
+    let out_dir = bench_output_dir();
     let mut child = Command::new(workspace_root().join("target/release/profiler"))
         .args(["record", "--duration", "1h"])
         .args(args)
