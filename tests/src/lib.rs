@@ -109,24 +109,12 @@ impl Recording {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start profiler");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut seen = Vec::new();
-        loop {
-            match rx.recv_timeout(Duration::from_secs(60)) {
-                Ok(line) if line.starts_with("recording ") && line.contains("Ctrl-C") => break,
-                Ok(line) => seen.push(line),
-                Err(_) => {
-                    let _ = child.kill();
-                    panic!("profiler did not start recording; stderr: {seen:?}");
-                }
-            }
-        }
+        let rx = wait_for_stderr_line(
+            &mut child,
+            Duration::from_secs(60),
+            |line| line.starts_with("recording ") && line.contains("Ctrl-C"),
+            "profiler did not start recording",
+        );
         Self {
             child,
             stderr_lines: rx,
@@ -407,4 +395,33 @@ pub fn system_library(name: &str) -> PathBuf {
         .map(|d| d.join(name))
         .find(|p| p.is_file())
         .unwrap_or_else(|| panic!("{name} not found in /usr/lib"))
+}
+
+/// Reads `child`'s standard error on a thread until a line says it is ready; kills it and
+/// panics with `what` and what it said when no such line comes within `timeout`. Returns the
+/// lines after that one (the thread keeps draining, so the child never blocks on a pipe).
+pub fn wait_for_stderr_line(
+    child: &mut Child,
+    timeout: Duration,
+    ready: impl Fn(&str) -> bool,
+    what: &str,
+) -> mpsc::Receiver<String> {
+    let stderr = child.stderr.take().expect("stderr piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    loop {
+        match rx.recv_timeout(timeout) {
+            Ok(line) if ready(&line) => return rx,
+            Ok(line) => seen.push(line),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("{what}; stderr: {seen:?}");
+            }
+        }
+    }
 }

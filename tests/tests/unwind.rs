@@ -37,25 +37,24 @@
 //! broken oracle fails loudly instead of passing.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead as _, BufReader};
+
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+
 use std::time::Duration;
 
 use profiler_tests::*;
 use serde_json::Value;
 
-/// TODO(unwinder): the capture counters (`metadata.counters`) that say a walk could not use a
-/// table for a frame and stepped by frame pointer or stopped. Named after
-/// `profiler_common::unwind::counter::NAMES` (prefixed `unwind_`) as the unwinder work defines
-/// them today; adjust here if they change.
-const TODO_NO_TABLE_COUNTERS: [&str; 2] = ["unwind_no_table_file", "unwind_no_row"];
-/// TODO(unwinder): the capture counter of frames stepped by frame pointer.
-const TODO_FP_STEPS_COUNTER: &str = "unwind_fp_steps";
-/// TODO(unwinder): the capture counter of user stacks walked from the tables.
-const TODO_WALKS_COUNTER: &str = "unwind_walks";
+/// The capture counters (`metadata.counters`) that say a walk could not use a table for a
+/// frame and stepped by frame pointer or stopped (`profiler_common::unwind::counter::NAMES`,
+/// prefixed `unwind_`).
+const NO_TABLE_COUNTERS: [&str; 2] = ["unwind_no_table_file", "unwind_no_row"];
+/// The capture counter of frames stepped by frame pointer.
+const FP_STEPS_COUNTER: &str = "unwind_fp_steps";
+/// The capture counter of user stacks walked from the tables.
+const WALKS_COUNTER: &str = "unwind_walks";
 
 /// libc frames whose names no alias hides; the only libc frames compared with perf.
 const LIBC_ROOT_FRAMES: [&str; 2] = ["__libc_start_call_main", "start_thread"];
@@ -213,24 +212,12 @@ impl PerfRecording {
             .stderr(Stdio::piped())
             .spawn()
             .expect("perf (package linux-perf)");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut seen = Vec::new();
-        loop {
-            match rx.recv_timeout(Duration::from_secs(30)) {
-                Ok(line) if line.contains("Events enabled") => break,
-                Ok(line) => seen.push(line),
-                Err(_) => {
-                    let _ = child.kill();
-                    panic!("perf record did not start: {seen:?}");
-                }
-            }
-        }
+        wait_for_stderr_line(
+            &mut child,
+            Duration::from_secs(30),
+            |line| line.contains("Events enabled"),
+            "perf record did not start",
+        );
         Self { child, data }
     }
 
@@ -1025,23 +1012,20 @@ fn binary_without_unwind_tables_is_recorded_and_the_fallback_counted() {
         );
     }
     let counters = &run.capture["metadata"]["counters"];
-    let walks = run.counter(TODO_WALKS_COUNTER);
-    let no_table: Option<u64> = TODO_NO_TABLE_COUNTERS
-        .iter()
-        .map(|name| run.counter(name))
-        .sum();
-    let fp_steps = run.counter(TODO_FP_STEPS_COUNTER);
+    let walks = run.counter(WALKS_COUNTER);
+    let no_table: Option<u64> = NO_TABLE_COUNTERS.iter().map(|name| run.counter(name)).sum();
+    let fp_steps = run.counter(FP_STEPS_COUNTER);
     assert!(
         walks.is_some_and(|n| n > 0),
-        "TODO counter {TODO_WALKS_COUNTER}: no walk from tables counted: {counters}"
+        "counter {WALKS_COUNTER}: no walk from tables counted: {counters}"
     );
     assert!(
         no_table.is_some_and(|n| n > 0),
-        "TODO counters {TODO_NO_TABLE_COUNTERS:?}: frames without a table not counted: {counters}"
+        "counters {NO_TABLE_COUNTERS:?}: frames without a table not counted: {counters}"
     );
     assert!(
         fp_steps.is_some_and(|n| n > 0),
-        "TODO counter {TODO_FP_STEPS_COUNTER}: frame-pointer fallback not counted: {counters}"
+        "counter {FP_STEPS_COUNTER}: frame-pointer fallback not counted: {counters}"
     );
 }
 
