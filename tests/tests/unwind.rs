@@ -1101,3 +1101,117 @@ fn symbol_at(symbols: &[(u64, u64, String)], offset: u64) -> Option<&str> {
         .find(|(start, end, _)| (*start..*end).contains(&offset))
         .map(|(_, _, name)| name.as_str())
 }
+
+/// `--ebpf-log warn` (aya-log): a walk that stops on a CFA rule the walker does not follow —
+/// a hand-written function whose CFI puts the CFA in r12 — is logged once, with its reason and
+/// pc, however many walks stop there (100 blocks here). Oracle for the pc: `nm -S` of the
+/// binary places it inside `odd_sleep`, after the process's load base from /proc/PID/maps.
+#[test]
+fn ebpf_log_says_once_why_a_walk_stopped_and_where() {
+    require_root();
+    let dir = temp_dir("unwind-ebpf-log");
+    let bin = dir.join("unwind_odd_cfa");
+    let output = Command::new("gcc")
+        .args(["-O2", "-o"])
+        .arg(&bin)
+        .arg(workload_source("unwind_odd_cfa.c"))
+        .output()
+        .expect("gcc (package gcc)");
+    assert!(
+        output.status.success(),
+        "gcc failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut workload = Command::new(&bin)
+        .arg("300")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the workload");
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(workload.stdout.take().expect("stdout")),
+        &mut ready,
+    )
+    .expect("ready line");
+    let pid = ready.trim().trim_start_matches("ready ").to_string();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let out = dir.join("capture");
+    let recorded = run_profiler(&[
+        "record",
+        "-p",
+        &pid,
+        "--events",
+        "offcpu",
+        "-d",
+        "1500ms",
+        "--ebpf-log",
+        "warn",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    let _ = workload.kill();
+    let _ = workload.wait();
+    let stderr = String::from_utf8_lossy(&recorded.stderr);
+    assert!(recorded.status.success(), "record failed: {stderr}");
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("profiler: ebpf ") && l.contains(&format!("tgid {pid} ")))
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "one log line for the stopped walks: {stderr}"
+    );
+    let line = lines[0];
+    assert!(
+        line.starts_with("profiler: ebpf warn: ") && line.ends_with("unsupported CFA rule"),
+        "{line}"
+    );
+    let stopped = read_capture(&out)["metadata"]["counters"]["unwind_unsupported_cfa"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        stopped >= 50,
+        "{stopped} walks stopped on the rule in 1.5 s of 10 ms sleeps"
+    );
+
+    // The logged pc is inside odd_sleep: load base + nm's address ≤ pc < … + its size.
+    let pc = line
+        .split("stopped at pc ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        .unwrap_or_else(|| panic!("no pc in {line}"));
+    let exe = bin.to_string_lossy();
+    let base = maps
+        .lines()
+        .find(|l| l.ends_with(exe.as_ref()) && l.split_whitespace().nth(2) == Some("00000000"))
+        .and_then(|l| l.split('-').next())
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        .unwrap_or_else(|| panic!("no load base of {exe} in {maps}"));
+    let nm = Command::new("nm")
+        .arg("-S")
+        .arg(&bin)
+        .output()
+        .expect("nm (package binutils)");
+    let symbols = String::from_utf8_lossy(&nm.stdout);
+    let (start, size) = symbols
+        .lines()
+        .find_map(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            match fields[..] {
+                [start, size, _, "odd_sleep"] => Some((
+                    u64::from_str_radix(start, 16).ok()?,
+                    u64::from_str_radix(size, 16).ok()?,
+                )),
+                _ => None,
+            }
+        })
+        .unwrap_or_else(|| panic!("no odd_sleep in nm -S: {symbols}"));
+    assert!(
+        (base + start..base + start + size).contains(&pc),
+        "logged pc {pc:#x} is not in odd_sleep ({:#x}..{:#x})",
+        base + start,
+        base + start + size
+    );
+}

@@ -174,6 +174,9 @@ pub fn prepare(options: RecordOptions) -> Result<Prepared> {
             .map_err(|err| anyhow::anyhow!("cannot poll the database event ring buffer: {err}"))?,
         ),
     };
+    let started = probes.counting_since;
+    // Wall-clock time of that same instant.
+    let start_unix_ms = unix_ms().saturating_sub(started.elapsed().as_millis() as u64);
     Ok(Prepared {
         options,
         probes,
@@ -182,8 +185,8 @@ pub fn prepare(options: RecordOptions) -> Result<Prepared> {
         db_events,
         cpu_at_start,
         attach_ktime,
-        started: Instant::now(),
-        start_unix_ms: unix_ms(),
+        started,
+        start_unix_ms,
     })
 }
 

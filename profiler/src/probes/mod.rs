@@ -23,6 +23,7 @@ pub mod unwind;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::time::Instant;
 
 use anyhow::{Context as _, Result, bail};
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf, StackTraceMap};
@@ -114,6 +115,8 @@ pub(crate) fn global<T: Pod>(globals: &mut Globals, name: &'static str, value: T
 
 /// The loaded object and what is attached. Dropping it detaches everything.
 pub struct Probes {
+    /// When the first family was attached: what the capture's time is measured from.
+    pub counting_since: Instant,
     ebpf: Ebpf,
     /// How off-CPU attached (`tp_btf` or `tracepoint`), when it did.
     pub offcpu_attached_with: Option<&'static str>,
@@ -320,23 +323,37 @@ impl Probes {
             level => Some(ebpf_log::start(&mut ebpf, level)?),
         };
 
+        // The families attach one after the other, each after the verifier checked its
+        // programs (a tenth of a second or more apiece): the first one attached is already
+        // counting while the next load. The capture's clock starts with it.
+        let mut counting_since: Option<Instant> = None;
         let offcpu_attached_with = match &config.offcpu {
-            Some(offcpu) => Some(offcpu::attach(&mut ebpf, offcpu, &config.btf_path)?),
+            Some(offcpu) => {
+                let attached = offcpu::attach(&mut ebpf, offcpu, &config.btf_path)?;
+                counting_since.get_or_insert_with(Instant::now);
+                Some(attached)
+            }
             None => None,
         };
         let oncpu_frequency = match &config.oncpu {
-            Some(oncpu) => Some(oncpu::attach(&mut ebpf, oncpu)?),
+            Some(oncpu) => {
+                let frequency = oncpu::attach(&mut ebpf, oncpu)?;
+                counting_since.get_or_insert_with(Instant::now);
+                Some(frequency)
+            }
             None => None,
         };
         let syscalls_slow_ns = match &config.syscalls {
             Some(syscalls) => {
                 syscalls::attach(&mut ebpf)?;
+                counting_since.get_or_insert_with(Instant::now);
                 Some(syscalls.slow_ns)
             }
             None => None,
         };
         if config.tcp {
             tcp::attach(&mut ebpf)?;
+            counting_since.get_or_insert_with(Instant::now);
         }
         let db_links = db::attach(&mut ebpf, &db_targets)?;
         let stats = match config.measure_overhead {
@@ -344,6 +361,7 @@ impl Probes {
             false => None,
         };
         Ok(Self {
+            counting_since: counting_since.unwrap_or_else(Instant::now),
             _stats: stats,
             ebpf,
             offcpu_attached_with,
