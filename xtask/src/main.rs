@@ -124,9 +124,10 @@ fn test() -> Result<()> {
     build(false)?;
     println!("[test] unit and end-to-end tests (as root, against the running kernel)");
     // One test at a time: end-to-end tests measure blocked time on a 2-CPU machine and must
-    // not compete with each other for CPUs.
+    // not compete with each other for CPUs. Every test file runs even after one fails, so a
+    // CI log shows all that failed.
     let mut child = cargo()
-        .args(["test", "--", "--test-threads=1"])
+        .args(["test", "--no-fail-fast", "--", "--test-threads=1"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("cannot start cargo test")?;

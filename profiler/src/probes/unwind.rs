@@ -135,6 +135,12 @@ impl Unwinder {
                     if worker_stop.load(Ordering::Relaxed) {
                         return;
                     }
+                    // Processes first seen while recording go first: they are running now,
+                    // and until their tables load their stacks are frame-pointer walks
+                    // (another stack id for the same code path).
+                    while let Ok(new) = queue.try_recv() {
+                        lock().load_process(new);
+                    }
                     lock().load_process(pid);
                 }
                 lock().stats.ready_ns = started.elapsed().as_nanos() as u64;
