@@ -1,6 +1,9 @@
 //! What every probe family shares: the stack maps, the pid/tid filters and the ring buffer
 //! of first-seen tasks.
 
+/// The user "stack id" of a kernel thread: it has no user stack (not a lost one).
+pub const KERNEL_THREAD_STACK: i32 = -2;
+
 /// Stack ids with this bit set live in the overflow stack map (`STACKS_OVERFLOW`): a stack
 /// whose bucket in the main map holds another stack goes there instead of being lost.
 pub const OVERFLOW_STACK_BIT: i32 = 1 << 30;

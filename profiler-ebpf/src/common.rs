@@ -102,6 +102,15 @@ pub fn wanted_ids(tgid: u32, tid: u32) -> bool {
     true
 }
 
+/// Whether `task` (a task_struct) is a kernel thread.
+#[inline(always)]
+pub fn is_kernel_thread(task: *const u8) -> bool {
+    let flags: u32 =
+        unsafe { bpf_probe_read_kernel(task.add(config(&TASK_FLAGS_OFF) as usize) as *const u32) }
+            .unwrap_or(0);
+    flags & PF_KTHREAD != 0
+}
+
 /// Whether a thread passes the pid/tid filters and, when asked, the user/kernel thread
 /// filter (`task` is its task_struct).
 #[inline(always)]

@@ -24,10 +24,12 @@ use profiler_common::offcpu::{
     OffcpuKey, OffcpuStart, OffcpuValue, RUNQ_BUCKETS, RunqKey, STATE_DISK, STATE_IDLE,
     STATE_MASK_ANY, STATE_OTHER, STATE_RUNQUEUE, STATE_SLEEP, TOTALS_MAX, counter,
 };
+use profiler_common::shared::KERNEL_THREAD_STACK;
 
 use crate::common::{
     DB_INFLIGHT, DB_INFLIGHT_ON, OFFCPU_SAMPLE_MASK, StackError, TASK_COMM_OFF, TASK_PID_OFF,
-    TASK_STATE_OFF, config, log2_bucket, notify_new_task, sampled_out, stack_id, wanted,
+    TASK_STATE_OFF, config, is_kernel_thread, log2_bucket, notify_new_task, sampled_out, stack_id,
+    wanted,
 };
 
 // ---- Configuration, set by the loader before load (read-only globals). ----
@@ -148,6 +150,24 @@ fn counted_stack_id<C: StackIdContext>(ctx: &C, flags: u64) -> i32 {
     }
 }
 
+/// The user stack id of the current thread, or `KERNEL_THREAD_STACK` for a kernel thread:
+/// it has no user stack, so none is missing (only then are its flags read).
+#[inline(always)]
+fn user_stack_id_of<C: StackIdContext>(ctx: &C, task: *const u8) -> i32 {
+    match stack_id(ctx, BPF_F_USER_STACK as u64) {
+        Ok(id) => id,
+        Err(StackError::Collision(err)) => {
+            count(counter::STACK_COLLISION, 1);
+            err
+        }
+        Err(StackError::Missing(_)) if is_kernel_thread(task) => KERNEL_THREAD_STACK,
+        Err(StackError::Missing(err)) => {
+            count(counter::USER_STACK_MISSING, 1);
+            err
+        }
+    }
+}
+
 /// Switch-out of the current thread (`prev`). `task` is its task_struct. `walk_user`: take
 /// the user stack from the unwinding tables (tp_btf only: kernels without tp_btf have no
 /// bpf_loop either, and the classic tracepoint's program with the walk inlined is one the
@@ -181,7 +201,7 @@ fn switch_out<C: StackIdContext>(ctx: &C, task: *const u8, state: u32, now: u64,
             .flatten()
         {
             Some(walked) => (walked, 0),
-            None => (counted_stack_id(ctx, BPF_F_USER_STACK as u64), 0),
+            None => (user_stack_id_of(ctx, task), 0),
         },
     };
     let start = OffcpuStart {

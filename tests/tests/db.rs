@@ -395,9 +395,10 @@ fn repeated_lookups_are_reported_as_n_plus_one_with_their_code_path() {
     let (capture, stdout) = recording.interrupt();
     let suspects = capture["db"]["n_plus_one"].as_array().expect("n_plus_one");
     // One suspect per code path. pgbench starts after this whole-host capture did: until its
-    // unwinding tables are loaded (a few ms after its first event) its stacks are
-    // frame-pointer walks, a second and shorter stack of the same code path. Every run is
-    // counted once over the two; the one walked from the tables holds nearly all.
+    // unwinding tables are loaded (after its first event, behind the sweep of the processes
+    // already running) its stacks are frame-pointer walks, a second and shorter stack of the
+    // same code path. Every run is counted once over the two; how they split depends on how
+    // busy the table loader is (alone: 1 run of 600; in the suite: up to a quarter).
     let ours: Vec<&serde_json::Value> = suspects
         .iter()
         .filter(|s| s["comm"] == "pgbench" && s["source"] == "libpq")
@@ -419,10 +420,9 @@ fn repeated_lookups_are_reported_as_n_plus_one_with_their_code_path() {
     }
     let runs: u64 = ours.iter().map(|s| s["runs"].as_u64().unwrap()).sum();
     assert_eq!(runs, transactions, "{ours:?}");
-    let main_runs = suspect["runs"].as_u64().unwrap();
     assert!(
-        main_runs * 100 >= transactions * 95,
-        "{main_runs} of {transactions} runs under the code path walked from the tables"
+        ours.len() <= 2,
+        "one code path, two walks at most: {ours:?}"
     );
     // The other query never repeats in a row: no suspect.
     assert!(
@@ -431,13 +431,18 @@ fn repeated_lookups_are_reported_as_n_plus_one_with_their_code_path() {
             .any(|s| s["fingerprint"].as_str().unwrap().contains("count(*)")),
         "{suspects:?}"
     );
-    // The code path: the innermost frame is libpq's PQsendQuery, where the stack was taken,
-    // and (libpq has no frame pointers) it reaches libc's start below pgbench's frames.
-    let frames = frame_names(suspect);
-    assert_eq!(frames.last().copied(), Some("PQsendQuery"), "{frames:?}");
+    // The code path: the innermost frame is libpq's PQsendQuery, where the stack was taken;
+    // walked from the tables (libpq has no frame pointers) it reaches libc's start below
+    // pgbench's frames, which the frame-pointer walk does in 3 frames.
+    let walked = ours
+        .iter()
+        .map(|s| frame_names(s))
+        .max_by_key(|frames| frames.len())
+        .unwrap();
+    assert_eq!(walked.last().copied(), Some("PQsendQuery"), "{walked:?}");
     assert!(
-        frames.contains(&"__libc_start_call_main") && frames.len() >= 5,
-        "{frames:?}"
+        walked.contains(&"__libc_start_main_impl") && walked.len() >= 5,
+        "{walked:?}"
     );
     assert!(stdout.contains("N+1 suspects"), "{stdout}");
     let folded = std::fs::read_to_string(dir.join("out/db.folded")).unwrap();

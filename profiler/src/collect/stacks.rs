@@ -2,6 +2,7 @@
 //! the helpers every family's stacks share.
 
 use anyhow::Result;
+use profiler_common::shared::KERNEL_THREAD_STACK;
 
 use crate::model::{Frame, FrameKind, Stack};
 use crate::probes::Probes;
@@ -30,8 +31,10 @@ impl StackBuilder<'_> {
         let process = self.processes.get(tgid);
         match self.probes.stack(user_stack_id)? {
             Some(ips) => frames.extend(self.symbolizer.user_frames(process, &ips)),
-            // A kernel thread has no user stack: nothing to show, nothing lost.
-            None if process.is_some_and(|p| p.kernel_thread) => {}
+            // A kernel thread has no user stack: nothing to show, nothing lost. The kernel
+            // says so (it read the task's flags); /proc says so for those it did not tell.
+            None if user_stack_id == KERNEL_THREAD_STACK
+                || process.is_some_and(|p| p.kernel_thread) => {}
             None => {
                 self.user_stacks_missing += 1;
                 frames.push(missing_stack_frame(FrameKind::User, user_stack_id));
