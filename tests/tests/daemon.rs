@@ -825,12 +825,29 @@ fn flamegraph_svg_opens_in_headless_chromium() {
     );
     let _kill_on_panic_daemon = KillOnDrop(daemon.id());
     workload.go();
+    const FUNCTIONS: [&str; 3] = [
+        "workload_nanosleep",
+        "workload_pipe_read",
+        "workload_futex_wait",
+    ];
+    // A window by name whose flamegraph has the workload's three waits: with 1 s windows
+    // "the latest" may be another one by the time Chromium has started.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !get(port, "/flamegraph?kind=offcpu").is_some_and(|(_, svg)| svg.contains("workload_")) {
+    let window = loop {
         assert!(Instant::now() < deadline, "no flamegraph with the workload");
         std::thread::sleep(Duration::from_millis(300));
-    }
-    let url = format!("http://127.0.0.1:{port}/flamegraph?kind=offcpu");
+        let newest = get(port, "/captures")
+            .and_then(|(_, list)| serde_json::from_str::<Vec<String>>(&list).ok())
+            .and_then(|list| list.last().cloned());
+        let Some(newest) = newest else { continue };
+        let name = newest.rsplit('/').next().unwrap_or_default().to_string();
+        if get(port, &format!("/flamegraph?kind=offcpu&window={name}"))
+            .is_some_and(|(_, svg)| FUNCTIONS.iter().all(|f| svg.contains(f)))
+        {
+            break name;
+        }
+    };
+    let url = format!("http://127.0.0.1:{port}/flamegraph?kind=offcpu&window={window}");
     let out = chromium_dom(&dir, &url);
     let dom = String::from_utf8_lossy(&out.stdout).into_owned();
     // The page for a person, as Chromium builds it: the kept windows (as /captures lists
@@ -890,11 +907,7 @@ fn flamegraph_svg_opens_in_headless_chromium() {
         "XML errors: {}",
         &dom[..dom.len().min(2000)]
     );
-    for function in [
-        "workload_nanosleep",
-        "workload_pipe_read",
-        "workload_futex_wait",
-    ] {
+    for function in FUNCTIONS {
         assert!(
             dom.contains(function),
             "no {function} frame in Chromium's DOM"

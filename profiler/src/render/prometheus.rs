@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use crate::model::Capture;
+use crate::model::{Capture, FrameKind};
 
 pub const SERIES_MAX: usize = 50;
 
@@ -87,12 +87,18 @@ impl Cumulative {
         }
         if let Some(offcpu) = &capture.offcpu {
             for stack in &offcpu.stacks {
+                // Kernel threads (no user frames, not even a placeholder) are one series:
+                // dozens of kworker/rcu/migration names would take the family's series
+                // before the processes people came to see.
+                let kernel_thread = !stack.frames.is_empty()
+                    && stack.frames.iter().all(|f| f.kind == FrameKind::Kernel);
+                let comm = if kernel_thread {
+                    "[kernel threads]"
+                } else {
+                    &stack.comm
+                };
                 *self.offcpu.entry(
-                    format!(
-                        "comm=\"{}\",state=\"{}\"",
-                        label(&stack.comm),
-                        label(&stack.state)
-                    ),
+                    format!("comm=\"{}\",state=\"{}\"", label(comm), label(&stack.state)),
                     "comm=\"other\",state=\"other\"",
                 ) += stack.total_ns as f64 / 1e9;
             }
