@@ -765,8 +765,10 @@ fn prometheus_scrapes_the_daemon_during_pgbench() {
         prom_port,
         "sum(max_over_time(profiler_syscall_duration_seconds_count[1m]))",
     );
-    let mode = prometheus_query(prom_port, "profiler_mode");
-    let cpu = prometheus_query(prom_port, "profiler_cpu_seconds_total");
+    // Over the last minute, like the series above: an instant query finds nothing when the
+    // last scrape missed its 1 s timeout (the series are then stale).
+    let mode = prometheus_query(prom_port, "max_over_time(profiler_mode[1m])");
+    let cpu = prometheus_query(prom_port, "max_over_time(profiler_cpu_seconds_total[1m])");
     let _ = prometheus.kill();
     let _ = prometheus.wait();
     stop(daemon);
