@@ -1,4 +1,4 @@
-//! `cargo xtask bench [offcpu|all|db|diff]`: overhead measured as ratios against a baseline run in the
+//! `cargo xtask bench [offcpu|all|db|daemon|diff|busy-host]`: overhead measured as ratios against a baseline run in the
 //! same invocation, alternating the variants so drift hits them all alike.
 //!
 //! offcpu: cost per operation of `perf bench sched pipe` (two tasks ping-ponging through a
@@ -28,6 +28,7 @@ pub fn run(args: &[String]) -> Result<()> {
         Some("all") => all_families(),
         Some("db") => db(),
         Some("daemon") => daemon(),
+        Some("busy-host") => busy_host(),
         None => {
             offcpu()?;
             all_families()?;
@@ -35,7 +36,10 @@ pub fn run(args: &[String]) -> Result<()> {
             diff()
         }
         Some(other) => {
-            bail!("unknown benchmark {other:?} (available: offcpu, all, db, daemon, diff)")
+            bail!(
+                "unknown benchmark {other:?} (available: offcpu, all, db, daemon, diff, \
+                 busy-host)"
+            )
         }
     }
 }
@@ -185,6 +189,12 @@ fn diff() -> Result<()> {
 /// The daemon's steady and startup-peak memory and its CPU under a pgbench load (release).
 fn daemon() -> Result<()> {
     release_ignored_test("daemon", "bench_daemon_memory_and_cpu_under_pgbench")
+}
+
+/// CPU per transaction of a saturated local PostgreSQL, whole-host tracing vs none, per
+/// family and for the daemon (release build); see `tests/tests/busy_host.rs`.
+fn busy_host() -> Result<()> {
+    release_ignored_test("busy_host", "bench_busy_host_cpu_per_transaction")
 }
 
 /// pgbench select-only TPS with the db family's probes on vs off (release build).

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build | run -- ARGS | test | bench [offcpu|all|db|diff]
+//! Project tasks: `cargo xtask setup | build | run -- ARGS | test | bench [offcpu|all|db|daemon|diff|busy-host]
 //! | dist`.
 //!
 //! `setup` is idempotent and prints one progress line per step; every other task runs it
@@ -25,7 +25,7 @@ fn main() -> ExitCode {
     }
 }
 
-const USAGE: &str = "usage: cargo xtask <setup | build | run -- PROFILER_ARGS | test | bench [offcpu|all|db|diff] \
+const USAGE: &str = "usage: cargo xtask <setup | build | run -- PROFILER_ARGS | test | bench [offcpu|all|db|daemon|diff|busy-host] \
      | dist>";
 
 fn dispatch(args: &[String]) -> Result<()> {
