@@ -399,7 +399,9 @@ impl RecordArgs {
             top: self.top,
             db_required: db_required && events.contains(&Event::Db),
             show_literals: self.show_literals,
-            background_detach: false,
+            // Removing uprobes takes the kernel ~0.1 s each: the files are written meanwhile
+            // and the command waits for the detach before it exits.
+            background_detach: true,
             quiet: false,
             continues: false,
         })

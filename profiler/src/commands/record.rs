@@ -16,6 +16,8 @@ pub(crate) fn record_command(args: cli::RecordArgs) -> Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(collect::record(options))?;
+    let recorded = runtime.block_on(collect::record(options));
+    collect::wait_for_detach();
+    recorded?;
     Ok(ExitCode::SUCCESS)
 }
