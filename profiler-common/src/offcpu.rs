@@ -96,8 +96,19 @@ pub mod counter {
     pub const LOST_NS: u32 = 7;
     /// New-task notifications that did not fit in the ring buffer.
     pub const EVENTS_LOST: u32 = 8;
+    /// A switch-out found the thread's previous switch-out still pending: the switch-in in
+    /// between never reached the program (the time since that earlier switch-out is lost).
+    pub const SWITCH_IN_MISSED: u32 = 9;
+    /// A switch-in found no pending switch-out for a thread that has one recorded before.
+    pub const SWITCH_OUT_MISSED: u32 = 10;
+    /// Of `SWITCH_IN_MISSED`: the pending switch-out had seen its wakeup, so its blocked part
+    /// (switch-out to wakeup) was still recorded; only the wait for a CPU after it is lost.
+    pub const SWITCH_IN_MISSED_RECOVERED: u32 = 11;
+    /// A thread came back from a block whose wakeup never reached the sched_wakeup program
+    /// (with the run-queue split on): its wait for a CPU is counted as blocked time.
+    pub const WAKEUP_MISSED: u32 = 12;
     /// Number of counters.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 13;
 
     /// Human-readable names, indexed like the counters.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -110,6 +121,10 @@ pub mod counter {
         "agg_map_full",
         "lost_ns",
         "events_lost",
+        "switch_in_missed",
+        "switch_out_missed",
+        "switch_in_missed_recovered",
+        "wakeup_missed",
     ];
 }
 

@@ -41,6 +41,9 @@ static MAX_BLOCK_NS: u64 = u64::MAX;
 /// Bit `1 << STATE_*` set for each accepted state class.
 #[unsafe(no_mangle)]
 static STATE_FILTER: u32 = STATE_MASK_ANY;
+/// 1 when the sched_wakeup program is attached (the run-queue split).
+#[unsafe(no_mangle)]
+static RUNQ_SPLIT: u32 = 1;
 /// 1 when `btf_trace_sched_switch` carries `prev_state` as its 4th argument (5.18+).
 #[unsafe(no_mangle)]
 static BTF_HAS_PREV_STATE_ARG: u32 = 1;
@@ -215,6 +218,25 @@ fn switch_out<C: StackIdContext>(ctx: &C, task: *const u8, state: u32, now: u64,
         _pad: 0,
     };
     if let Some(slot) = STARTS.get_ptr_mut(tid) {
+        let pending = unsafe { *slot };
+        if pending.start_ns != 0 {
+            // The thread ran since its last switch-out, yet that switch-in never reached us.
+            count(counter::SWITCH_IN_MISSED, 1);
+            if pending.wakeup_ns > pending.start_ns && pending.wakeup_ns <= now {
+                count(counter::SWITCH_IN_MISSED_RECOVERED, 1);
+                let key = OffcpuKey {
+                    tgid: pending.tgid,
+                    tid,
+                    kernel_stack_id: pending.kernel_stack_id,
+                    user_stack_id: pending.user_stack_id,
+                    state: pending.state,
+                    db_frame: pending.db_frame,
+                };
+                add(&key, pending.wakeup_ns - pending.start_ns, unsafe {
+                    task.add(config(&TASK_COMM_OFF) as usize)
+                });
+            }
+        }
         // Overwrite in place: cheaper than a map update on every switch.
         unsafe { *slot = start };
     } else if STARTS.insert(tid, start, 0).is_err() {
@@ -235,6 +257,9 @@ fn switch_in(tid: u32, comm: *const u8, now: u64) {
     };
     let start = unsafe { *slot };
     if start.start_ns == 0 {
+        if config(&OFFCPU_SAMPLE_MASK) == 0 && config(&STATE_FILTER) == STATE_MASK_ANY {
+            count(counter::SWITCH_OUT_MISSED, 1);
+        }
         return;
     }
     unsafe { (*slot).start_ns = 0 };
@@ -259,7 +284,10 @@ fn switch_in(tid: u32, comm: *const u8, now: u64) {
         key.state = STATE_RUNQUEUE;
         now - start.wakeup_ns
     } else {
-        // No wakeup seen (it happened before we attached): all of it counts as blocked.
+        // No wakeup seen: all of it counts as blocked.
+        if config(&RUNQ_SPLIT) != 0 {
+            count(counter::WAKEUP_MISSED, 1);
+        }
         add(&key, delta, comm);
         return;
     };

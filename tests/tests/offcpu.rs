@@ -23,52 +23,109 @@ fn record_workload(
     (r.capture, r.stdout, r.report, r.pid)
 }
 
-/// Each function's blocked time within ±5 % of the workload's own clock. The kernel may skip
-/// a program run (classic tracepoints do while any bpf() syscall holds `bpf_prog_active` on
-/// that CPU — our own map reads included); the profiler counts those as `program_misses`, and
-/// that many 20 ms blocks may be missing beyond the 5 %.
-///
-/// KNOWN OPEN BUG: in about one full-suite run in three, one 20 ms nanosleep block of the
-/// workload's main thread is missing with no counter explaining it (not reproduced in
-/// isolation; see the issue notes). Until it is found, one unexplained missing block per
-/// function is tolerated — and reported loudly — rather than failing CI at random.
+/// Each function's blocked time within ±5 % of the workload's own clock, every shortfall
+/// beyond that explained by a counter of the capture:
+/// - `program_misses`: the kernel skipped a program run (classic tracepoints do while any
+///   bpf() syscall holds `bpf_prog_active` on that CPU — our own map reads included);
+/// - `switch_in_missed` − `switch_in_missed_recovered`: a thread's switch-in never reached
+///   the sched_switch program (the thread's next switch-out finds the earlier one still
+///   pending; perf's own sched_switch recording misses the same switch-ins on this VM under
+///   load). With its wakeup seen, the blocked part is still recorded (recovered);
+/// - blocks filed under `[user stack lost: …]` when stacks collided in full stack maps
+///   (`stack_collisions`, `unwind_stack_collision`: the time is kept, the stack is not).
+/// Each unexplained block is one 20 ms wait.
 fn assert_matches_oracle(capture: &serde_json::Value, report: &serde_json::Value, pid: u32) {
-    let misses = capture["metadata"]["counters"]["program_misses"]
-        .as_u64()
-        .expect("program_misses counter") as f64;
+    let counter = |name: &str| {
+        capture["metadata"]["counters"][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {name} counter")) as f64
+    };
+    let misses = counter("program_misses");
+    let missed_switch_ins = counter("switch_in_missed") - counter("switch_in_missed_recovered");
+    let collisions = counter("stack_collisions") + counter("unwind_stack_collision");
+    let stack_lost_ns = if collisions > 0.0 {
+        stacks_of(capture, pid)
+            .into_iter()
+            .filter(|s| {
+                frame_names(s)
+                    .iter()
+                    .any(|n| n.starts_with("[user stack lost"))
+            })
+            .map(|s| s["total_ns"].as_u64().unwrap() as f64)
+            .sum()
+    } else {
+        0.0
+    };
     for function in FUNCTIONS {
         let expected = report["blocked_ns"][function].as_u64().unwrap() as f64;
         let measured = blocked_ns_in(capture, pid, function) as f64;
+        let explained = 0.05 * expected + (misses + missed_switch_ins) * 21e6 + stack_lost_ns;
         println!(
-            "{function}: workload measured {:.3} ms, profiler {:.3} ms ({:+.2}%), {misses} \
-             program runs skipped by the kernel",
+            "{function}: workload measured {:.3} ms, profiler {:.3} ms ({:+.2}%); explained \
+             by counters: {misses} program runs skipped, {missed_switch_ins} switch-ins \
+             missed, {:.1} ms under lost stacks",
             expected / 1e6,
             measured / 1e6,
-            (measured - expected) / expected * 100.0
+            (measured - expected) / expected * 100.0,
+            stack_lost_ns / 1e6
         );
-        let allowed_shortfall = 0.05 * expected + (misses + 1.0) * 21e6;
-        if expected - measured > 0.05 * expected + misses * 21e6 {
-            eprintln!(
-                "WARNING: {function}: {:.1} ms missing that no counter explains (known open bug)",
-                (expected - measured) / 1e6
-            );
+        if expected - measured > explained {
+            dump_stacks(capture, pid);
         }
         assert!(
-            measured <= expected * 1.05 && expected - measured <= allowed_shortfall,
-            "{function}: profiler says {measured} ns, the workload measured {expected} ns \
-             ({misses} skipped program runs)"
+            measured <= expected * 1.05 && expected - measured <= explained,
+            "{function}: profiler says {measured} ns, the workload measured {expected} ns"
         );
     }
 }
 
+/// On a failure: every stack of `pid` with its time, and the capture's counters.
+fn dump_stacks(capture: &serde_json::Value, pid: u32) {
+    for stack in stacks_of(capture, pid) {
+        eprintln!(
+            "  {} ns x{} [{}] {}",
+            stack["total_ns"],
+            stack["count"],
+            stack["state"],
+            frame_names(stack).join(";")
+        );
+    }
+    eprintln!("  counters: {}", capture["metadata"]["counters"]);
+}
+
 /// Every stack through a workload function has the true callers above it.
-fn assert_callers(capture: &serde_json::Value, pid: u32) {
+fn assert_callers(capture: &serde_json::Value, report: &serde_json::Value, pid: u32) {
     for function in FUNCTIONS {
         let stacks: Vec<_> = stacks_of(capture, pid)
             .into_iter()
             .filter(|s| frame_names(s).iter().any(|n| is_function(n, function)))
             .collect();
-        assert!(!stacks.is_empty(), "no stack through {function}");
+        if stacks.is_empty() {
+            // Every block of the function hit a counted stack-map collision (a whole-host
+            // capture beside a busy build fills the stack maps): its time is under "[user
+            // stack lost: collision]", whose kernel frames still name the function's syscall.
+            let kernel_function = match function {
+                "workload_pipe_read" => "pipe_read",
+                "workload_nanosleep" => "hrtimer_nanosleep",
+                _ => "futex_wait",
+            };
+            let collisions = capture["metadata"]["counters"]["stack_collisions"]
+                .as_u64()
+                .unwrap();
+            let lost_here = stacks_of(capture, pid).into_iter().any(|s| {
+                let names = frame_names(s);
+                names
+                    .first()
+                    .is_some_and(|n| n.starts_with("[user stack lost: collision"))
+                    && names.iter().any(|n| n.starts_with(kernel_function))
+            });
+            assert!(
+                collisions > 0 && lost_here,
+                "no stack through {function}, none lost to a collision in {kernel_function}"
+            );
+            eprintln!("{function}: every stack lost to collisions ({collisions} counted)");
+            continue;
+        }
         for stack in stacks {
             let names = frame_names(stack);
             if !names.iter().any(|n| n.starts_with("entry_SYSCALL")) {
@@ -104,24 +161,47 @@ fn assert_callers(capture: &serde_json::Value, pid: u32) {
                 stack["state"]
             );
         }
-        // Nearly all of it is the sleep itself; the run-queue tail is short.
-        let by_state = |state: &str| -> u64 {
-            stacks_of(capture, pid)
-                .into_iter()
-                .filter(|s| s["state"] == state)
-                .filter(|s| frame_names(s).iter().any(|n| is_function(n, function)))
-                .map(|s| s["total_ns"].as_u64().unwrap())
-                .sum()
-        };
-        assert!(by_state("sleep") > 20 * by_state("runqueue"), "{function}");
     }
+    // The sleep/run-queue split at the wakeup, against a truth the kernel keeps: nanosleep
+    // sleeps at least what it was asked (20 ms per call) and its hrtimer wakes it within the
+    // timer slack (50 us) — however long it then waits for a CPU on a loaded machine, that
+    // wait is run queue, not sleep. A skipped program run or a wakeup that never reached
+    // the program (`wakeup_missed`) leaves one block's wait filed as sleep.
+    let counter = |name: &str| capture["metadata"]["counters"][name].as_u64().unwrap() as f64;
+    let misses = counter("program_misses") + counter("wakeup_missed");
+    let asked = report["iterations"].as_u64().unwrap() as f64 * 20e6;
+    let slept = stacks_of(capture, pid)
+        .into_iter()
+        .filter(|s| s["state"] == "sleep")
+        .filter(|s| {
+            let names = frame_names(s);
+            // Its stack, or the main thread's nanosleep whose user stack collided (counted).
+            names.iter().any(|n| is_function(n, "workload_nanosleep"))
+                || (s["tid"].as_u64() == Some(u64::from(pid))
+                    && names
+                        .first()
+                        .is_some_and(|n| n.starts_with("[user stack lost: collision"))
+                    && names.iter().any(|n| n.starts_with("hrtimer_nanosleep")))
+        })
+        .map(|s| s["total_ns"].as_u64().unwrap() as f64)
+        .sum::<f64>();
+    println!(
+        "workload_nanosleep asleep {:.3} ms of {:.0} ms asked",
+        slept / 1e6,
+        asked / 1e6
+    );
+    assert!(
+        slept >= asked && slept <= asked * 1.02 + misses * 21e6,
+        "nanosleep asleep {slept} ns, asked {asked} ns ({misses} skipped program runs or \
+         missed wakeups)"
+    );
 }
 
 #[test]
 fn blocked_time_per_function_matches_the_workloads_own_timing() {
     let (capture, stdout, report, pid) = record_workload("pid", &[]);
     assert_matches_oracle(&capture, &report, pid);
-    assert_callers(&capture, pid);
+    assert_callers(&capture, &report, pid);
     // Only the requested process was recorded.
     let stacks = capture["offcpu"]["stacks"].as_array().unwrap();
     assert!(stacks.iter().all(|s| s["pid"].as_u64() == Some(pid as u64)));
@@ -175,7 +255,7 @@ fn tracepoint_fallback_measures_the_same() {
     let (capture, _, report, pid) = record_workload("tracepoint", &["--attach", "tracepoint"]);
     assert_eq!(capture["metadata"]["attach"], "tracepoint");
     assert_matches_oracle(&capture, &report, pid);
-    assert_callers(&capture, pid);
+    assert_callers(&capture, &report, pid);
 }
 
 #[test]
@@ -183,7 +263,7 @@ fn stacks_colliding_in_a_tiny_stack_map_survive_in_the_overflow_map() {
     // Two buckets: most stacks collide there and must land in the overflow map, intact.
     let (capture, _, report, pid) = record_workload("overflow", &["--stack-storage-size", "2"]);
     assert_matches_oracle(&capture, &report, pid);
-    assert_callers(&capture, pid);
+    assert_callers(&capture, &report, pid);
     assert_eq!(capture["metadata"]["counters"]["stack_collisions"], 0);
 }
 
@@ -267,10 +347,12 @@ fn whole_host_capture_symbolizes_a_process_that_exited_before_the_end() {
     let dir = temp_dir("exited");
     let mut workload = Workload::start(5, 20, &dir.join("workload.json"));
     // Whole host: the profiler learns of the workload only from the kernel (new-task events).
-    let recording = Recording::start(&dir.join("out"), &["--duration", "4s"]);
+    // The capture is stopped once the workload has exited and been reaped, not by a timer: a
+    // timer ran out first on a loaded host (the workload still alive, rightly not "exited").
+    let recording = Recording::start(&dir.join("out"), &["--duration", "120s"]);
     workload.go();
-    let report = workload.finish(); // ~0.4 s of work, long before the 4 s end
-    let (capture, _) = recording.wait();
+    let report = workload.finish();
+    let (capture, _) = recording.interrupt();
     let pid = report["pid"].as_u64().unwrap() as u32;
     let process = capture["processes"]
         .as_array()
@@ -281,7 +363,7 @@ fn whole_host_capture_symbolizes_a_process_that_exited_before_the_end() {
     assert_eq!(process["exited"], true);
     assert_eq!(process["comm"], "offcpu-workload");
     assert_matches_oracle(&capture, &report, pid);
-    assert_callers(&capture, pid);
+    assert_callers(&capture, &report, pid);
 }
 
 /// Sampled mode (`--offcpu-sample 4`, what the daemon's CPU budget switches to): one block in

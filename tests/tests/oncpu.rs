@@ -94,7 +94,7 @@ fn wallclock_view_splits_busy_and_sleeping_time() {
         .collect();
     let (busy_ns, sleep_ns) = (fields[0], fields[1]);
     workload.finish();
-    let _ = recording.interrupt();
+    let (capture, _) = recording.interrupt();
 
     // The main thread's lines of the wall-clock view, by leaf.
     let folded = std::fs::read_to_string(dir.join("out/wallclock.folded")).unwrap();
@@ -116,24 +116,32 @@ fn wallclock_view_splits_busy_and_sleeping_time() {
         sleep_ns / 1e3
     );
     assert!((running_us - busy_ns / 1e3).abs() <= 0.10 * busy_ns / 1e3);
-    // KNOWN OPEN BUG (see tests/tests/offcpu.rs::assert_matches_oracle): rarely one sleep
-    // block goes missing with no counter explaining it; one missing 100 ms sleep is
-    // tolerated, loudly, until it is found.
-    let missing_us = sleep_ns / 1e3 - sleep_us;
-    let tolerated_us = if missing_us > 0.05 * sleep_ns / 1e3 {
-        eprintln!(
-            "WARNING: {missing_us:.0} us of sleep missing that no counter explains (known open bug)"
-        );
-        101_000.0
-    } else {
-        0.0
+    // A shortfall beyond 10 % is allowed only where a counter explains it, one 100 ms sleep
+    // each: a program run the kernel skipped, or a switch-in that never reached the
+    // sched_switch program and whose blocked part could not be recovered (see
+    // tests/tests/offcpu.rs::assert_matches_oracle).
+    let counter = |name: &str| {
+        capture["metadata"]["counters"][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {name} counter")) as f64
     };
+    let unexplained_blocks = counter("program_misses") + counter("switch_in_missed")
+        - counter("switch_in_missed_recovered");
+    let missing_us = sleep_ns / 1e3 - sleep_us;
+    let explained_us = 0.10 * sleep_ns / 1e3 + unexplained_blocks * 101_000.0;
+    if missing_us > 0.10 * sleep_ns / 1e3 {
+        eprintln!(
+            "{missing_us:.0} us of sleep missing; counters: {}",
+            capture["metadata"]["counters"]
+        );
+    }
     assert!(sleep_us <= 1.10 * sleep_ns / 1e3, "sleep {sleep_us} us");
     assert!(
-        missing_us <= 0.10 * sleep_ns / 1e3 + tolerated_us,
-        "sleep {sleep_us} us"
+        missing_us <= explained_us,
+        "sleep {sleep_us} us, {missing_us:.0} us missing, {unexplained_blocks} blocks explained \
+         by counters"
     );
-    let share = running_us / (running_us + sleep_us + tolerated_us.min(missing_us.max(0.0)));
+    let share = running_us / (running_us + sleep_us + missing_us.clamp(0.0, explained_us));
     assert!((0.45..=0.55).contains(&share), "running share {share}");
     let svg = std::fs::read_to_string(dir.join("out/wallclock.svg")).unwrap();
     assert!(svg.contains("[running]") && svg.contains("[sleep]"));

@@ -91,6 +91,7 @@ pub(super) fn globals(config: &OffcpuConfig, btf: &Btf, globals: &mut Globals) -
         config.max_block_ns.unwrap_or(u64::MAX),
     );
     global(globals, "STATE_FILTER", config.state.mask());
+    global(globals, "RUNQ_SPLIT", u32::from(config.runqueue_split));
     global(globals, "BTF_HAS_PREV_STATE_ARG", has_prev_state_arg);
     global(globals, "TP_PREV_STATE_OFF", field("prev_state")?);
     global(globals, "TP_NEXT_COMM_OFF", field("next_comm")?);

@@ -163,13 +163,19 @@ pub fn summary(capture: &Capture, top: usize) -> String {
         let _ = writeln!(
             out,
             "losses: stack collisions {}, kernel stack errors {}, start map full {}, \
-             aggregation map full {} ({} lost), new-task events lost {}",
+             aggregation map full {} ({} lost), new-task events lost {}; events the kernel \
+             never delivered: switch-ins {} ({} recovered to the wakeup), switch-outs {}, \
+             wakeups {}",
             counter("stack_collisions"),
             counter("kernel_stack_errors"),
             counter("start_map_full"),
             counter("agg_map_full"),
             seconds(counter("lost_ns")),
             counter("events_lost"),
+            counter("switch_in_missed"),
+            counter("switch_in_missed_recovered"),
+            counter("switch_out_missed"),
+            counter("wakeup_missed"),
         );
         let _ = writeln!(out, "top blocking stacks:");
         top_stacks(&mut out, &offcpu.stacks, top, "blocks", seconds);
