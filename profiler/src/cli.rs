@@ -53,8 +53,8 @@ pub enum Command {
 #[derive(Debug, clap::Args)]
 pub struct DaemonArgs {
     /// TOML file with any of these settings (`data_dir`, `window`, `keep`, `max_age`,
-    /// `max_bytes`, `listen`, `baseline`, `record` = [record options]); flags win over it.
-    /// SIGHUP re-reads it (applied from the next window; `listen` stays).
+    /// `max_bytes`, `listen`, `baseline`, `max_cpu`, `record` = [record options]); flags win
+    /// over it. SIGHUP re-reads it (applied from the next window; `listen` stays).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Where the windows' capture directories go [default: /var/lib/profiler].
@@ -79,16 +79,45 @@ pub struct DaemonArgs {
     /// window before it; a significant regression becomes an event.
     #[arg(long, value_name = "CAPTURE")]
     pub baseline: Option<PathBuf>,
-    /// CPU budget, in percent of one CPU (e.g. `1%`): the daemon measures its own cost each
-    /// window (its CPU time plus the kernel's run time of its eBPF programs) and, over the
-    /// budget, records one off-CPU block and one query in 2, 4, … 64 (sampled mode) and
-    /// lowers the on-CPU frequency, then records one window in 2 … 64; back to full mode
-    /// once well under it. Default: no budget.
-    #[arg(long, value_parser = parse_percent)]
-    pub max_cpu: Option<f64>,
+    /// CPU budget, in percent of one CPU (e.g. `1%`), or `off`: the daemon measures its own
+    /// cost each window (its CPU time plus the kernel's run time of its eBPF programs) and,
+    /// over the budget, records one off-CPU block and one query in 2, 4, … 64 (sampled mode)
+    /// and lowers the on-CPU frequency, then records one window in 2 … 64; back to full mode
+    /// once well under it. `off`: always full mode, whatever it costs [default: 1%].
+    #[arg(long, value_parser = parse_budget, value_name = "PERCENT|off")]
+    pub max_cpu: Option<Budget>,
     /// Options for each window's `record` (e.g. `-- --events offcpu,db -p 1234`).
     #[arg(last = true)]
     pub record_args: Vec<String>,
+}
+
+/// The daemon's CPU budget: a fraction of one CPU, or none (full mode whatever it costs).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Budget {
+    Off,
+    Fraction(f64),
+}
+
+/// The daemon's budget when neither a flag nor the config file sets one: the systemd unit's.
+pub const DEFAULT_BUDGET: f64 = 0.01;
+
+impl Budget {
+    pub fn fraction(self) -> Option<f64> {
+        match self {
+            Budget::Off => None,
+            Budget::Fraction(value) => Some(value),
+        }
+    }
+}
+
+/// `off`, or a percentage (`parse_percent`).
+pub fn parse_budget(text: &str) -> Result<Budget, String> {
+    if text.trim().eq_ignore_ascii_case("off") {
+        return Ok(Budget::Off);
+    }
+    parse_percent(text)
+        .map(Budget::Fraction)
+        .map_err(|err| format!("{err}, or off"))
 }
 
 /// `1%`, `0.5%` or `2` (percent) → a fraction.

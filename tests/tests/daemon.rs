@@ -371,7 +371,7 @@ fn daemon_reads_its_config_file_and_reloads_it_on_sighup() {
         std::fs::write(
             &config,
             format!(
-                "window = \"1s\"\nkeep = {keep}\nrecord = [\"--events\", \"offcpu\", \"-p\", \"{}\"]\n",
+                "window = \"1s\"\nkeep = {keep}\nmax_cpu = \"off\"\nrecord = [\"--events\", \"offcpu\", \"-p\", \"{}\"]\n",
                 sleeper.id()
             ),
         )
@@ -570,13 +570,26 @@ fn free_port() -> u16 {
 }
 
 /// Starts `profiler daemon` on `port` with these extra arguments; waits for /healthz.
+/// Starts a daemon. Without `--max-cpu` or `--config` among the daemon's own options it runs
+/// in full mode (`--max-cpu off`): the tests compare every window with an oracle, and the
+/// default 1 % budget would sample or skip windows on a busy 2-CPU test machine.
 fn start_daemon(data: &std::path::Path, port: u16, args: &[&str]) -> std::process::Child {
+    let own_options = args.iter().take_while(|a| **a != "--");
+    let budget_given = own_options
+        .clone()
+        .any(|a| *a == "--max-cpu" || *a == "--config");
+    let full_mode: &[&str] = if budget_given {
+        &[]
+    } else {
+        &["--max-cpu", "off"]
+    };
     let daemon = Command::new(profiler_bin())
         .arg("daemon")
         .arg("--data-dir")
         .arg(data)
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
+        .args(full_mode)
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

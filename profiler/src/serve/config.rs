@@ -19,7 +19,7 @@ pub struct Settings {
     pub max_bytes: Option<u64>,
     pub listen: String,
     pub baseline: Option<PathBuf>,
-    /// Fraction of one CPU.
+    /// Fraction of one CPU; `None`: full mode whatever it costs.
     pub max_cpu: Option<f64>,
     pub record_args: Vec<String>,
 }
@@ -82,12 +82,11 @@ pub fn settings(args: &DaemonArgs) -> Result<Settings> {
             .unwrap_or_else(|| "127.0.0.1:9464".into()),
         baseline: args.baseline.clone().or(file.baseline),
         max_cpu: match (args.max_cpu, &file.max_cpu) {
-            (Some(flag), _) => Some(flag),
-            (None, Some(text)) => Some(
-                crate::cli::parse_percent(text)
-                    .map_err(|e| anyhow::anyhow!("config max_cpu: {e}"))?,
-            ),
-            (None, None) => None,
+            (Some(flag), _) => flag.fraction(),
+            (None, Some(text)) => crate::cli::parse_budget(text)
+                .map_err(|e| anyhow::anyhow!("config max_cpu: {e}"))?
+                .fraction(),
+            (None, None) => Some(crate::cli::DEFAULT_BUDGET),
         },
         record_args: if args.record_args.is_empty() {
             file.record.unwrap_or_default()
@@ -162,5 +161,59 @@ pub(crate) fn reload_settings(daemon_args: &DaemonArgs, args: &mut Settings, cos
             }
         }
         Err(err) => eprintln!("profiler daemon: reload refused: {err:#}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn daemon_settings(args: &[&str], config: Option<&str>) -> Result<Settings> {
+        let dir = std::env::temp_dir().join(format!("profiler-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let file = dir.join(format!("{}.toml", args.len()));
+        let mut all = vec!["profiler", "daemon"];
+        let path = file.to_string_lossy().into_owned();
+        if let Some(text) = config {
+            std::fs::write(&file, text)?;
+            all.extend(["--config", path.as_str()]);
+        }
+        all.extend(args);
+        let Command::Daemon(daemon) = Cli::try_parse_from(all)?.command else {
+            panic!("not daemon")
+        };
+        settings(&daemon)
+    }
+
+    #[test]
+    fn the_cpu_budget_defaults_to_one_percent_and_can_be_turned_off() {
+        assert_eq!(daemon_settings(&[], None).unwrap().max_cpu, Some(0.01));
+        assert_eq!(
+            daemon_settings(&["--max-cpu", "2%"], None).unwrap().max_cpu,
+            Some(0.02)
+        );
+        assert_eq!(
+            daemon_settings(&["--max-cpu", "off"], None)
+                .unwrap()
+                .max_cpu,
+            None
+        );
+        assert_eq!(
+            daemon_settings(&[], Some("max_cpu = \"off\"\n"))
+                .unwrap()
+                .max_cpu,
+            None
+        );
+        assert_eq!(
+            daemon_settings(&["--max-cpu", "3%"], Some("max_cpu = \"off\"\n"))
+                .unwrap()
+                .max_cpu,
+            Some(0.03)
+        );
+        assert!(daemon_settings(&["--max-cpu", "lots"], None).is_err());
+        assert!(daemon_settings(&[], Some("max_cpu = \"lots\"\n")).is_err());
     }
 }
