@@ -221,20 +221,39 @@ fn min_block_and_tid_filters_apply_in_the_kernel() {
 fn thread_kind_filter_separates_kernel_and_user_threads() {
     require_root();
     let dir = temp_dir("threads");
-    let (kernel, _) =
-        Recording::start(&dir.join("kernel"), &["-d", "2s", "--threads", "kernel"]).wait();
-    let stacks = kernel["offcpu"]["stacks"].as_array().unwrap();
-    assert!(
-        !stacks.is_empty(),
-        "kernel threads always block (kworkers, rcu)"
-    );
-    for stack in stacks {
-        // Kernel threads have no user stack, and no placeholder for one (PF_KTHREAD in
-        // /proc/PID/stat): every frame is the kernel's.
-        let frames = stack["frames"].as_array().unwrap();
+    // On-CPU at 999 Hz: the host's kworkers, rcu_preempt, kdamond run often enough to be
+    // sampled in 2 s (29 samples on an idle 2-CPU VM).
+    let (kernel, _) = Recording::start(
+        &dir.join("kernel"),
+        &["-d", "2s", "--threads", "kernel", "--freq", "999"],
+    )
+    .wait();
+    for family in ["offcpu", "oncpu"] {
+        let stacks = kernel[family]["stacks"].as_array().unwrap();
         assert!(
-            !frames.is_empty() && frames.iter().all(|f| f["kind"] == "kernel"),
-            "{stack}"
+            !stacks.is_empty(),
+            "kernel threads always block and run (kworkers, rcu): no {family} stacks"
+        );
+        for stack in stacks {
+            // Kernel threads have no user stack, and no placeholder for one (the kernel reads
+            // the task's PF_KTHREAD; /proc/PID/stat says so too): every frame is the kernel's.
+            let frames = stack["frames"].as_array().unwrap();
+            assert!(
+                !frames.is_empty() && frames.iter().all(|f| f["kind"] == "kernel"),
+                "{family}: {stack}"
+            );
+        }
+    }
+    // Nor is a user stack counted as missing: there was none to lose.
+    let counters = &kernel["metadata"]["counters"];
+    for counter in [
+        "user_stack_missing",
+        "oncpu_user_stack_missing",
+        "stacks_without_user_stack",
+    ] {
+        assert_eq!(
+            counters[counter], 0,
+            "{counter} of kernel threads: {counters}"
         );
     }
     let (user, _) = Recording::start(
