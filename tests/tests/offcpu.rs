@@ -372,38 +372,55 @@ fn sampled_offcpu_mode_scales_back_to_the_workloads_timing() {
 
 /// The profiler's own process, which otherwise shows up on a whole-host capture (it waits in
 /// epoll between its snapshots and makes syscalls), is left out by every family by default
-/// (as in the daemon's windows); `--include-self` brings it back.
+/// (as in the daemon's windows); `--include-self` brings it back. Oracle: the pid of the
+/// process this test started; every family's section of the capture is searched for it.
 #[test]
 fn the_profiler_leaves_itself_out_of_a_whole_host_capture_unless_asked() {
     require_root();
     let dir = temp_dir("exclude-self");
-    let pids_seen = |extra: &[&str], name: &str| -> (u32, bool) {
+    /// The families (sections of the capture) where a record of process `pid` appears.
+    fn families_with(capture: &serde_json::Value, pid: u32) -> Vec<&'static str> {
+        fn holds(value: &serde_json::Value, pid: u32) -> bool {
+            match value {
+                serde_json::Value::Object(map) => map.iter().any(|(key, v)| {
+                    (key == "pid" && v.as_u64() == Some(pid as u64)) || holds(v, pid)
+                }),
+                serde_json::Value::Array(items) => items.iter().any(|v| holds(v, pid)),
+                _ => false,
+            }
+        }
+        ["offcpu", "oncpu", "syscalls", "tcp", "db"]
+            .into_iter()
+            .filter(|family| holds(&capture[*family], pid))
+            .collect()
+    }
+    let record = |extra: &[&str], name: &str| -> (u32, Vec<&'static str>, u64) {
         let out = dir.join(name);
-        let mut args = vec!["--duration", "1500ms", "--events", "offcpu,syscalls"];
+        let mut args = vec![
+            "--duration",
+            "1500ms",
+            "--events",
+            "offcpu,oncpu,syscalls,tcp",
+        ];
         args.extend_from_slice(extra);
         let recording = Recording::start(&out, &args);
         let pid = recording.pid();
         let (capture, _) = recording.wait();
-        let in_offcpu = capture["offcpu"]["stacks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|s| s["pid"].as_u64() == Some(pid as u64));
-        let in_syscalls = capture["syscalls"]["stats"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|s| s["pid"].as_u64() == Some(pid as u64));
-        (pid, in_offcpu || in_syscalls)
+        let blocks = capture["metadata"]["counters"]["blocks"].as_u64().unwrap();
+        (pid, families_with(&capture, pid), blocks)
     };
-    let (pid, seen) = pids_seen(&["--include-self"], "with-self");
+    let (pid, families, _) = record(&["--include-self"], "with-self");
+    for family in ["offcpu", "syscalls"] {
+        assert!(
+            families.contains(&family),
+            "the profiler ({pid}) is not in its own whole-host {family} with --include-self \
+             (found in {families:?})"
+        );
+    }
+    let (pid, families, blocks) = record(&[], "without-self");
+    assert!(blocks > 0, "the whole host blocked {blocks} times");
     assert!(
-        seen,
-        "the profiler ({pid}) is not in its own whole-host capture with --include-self"
-    );
-    let (pid, seen) = pids_seen(&[], "without-self");
-    assert!(
-        !seen,
-        "the profiler ({pid}) is in a capture by default (it leaves itself out)"
+        families.is_empty(),
+        "the profiler ({pid}) is in {families:?} by default (it leaves itself out)"
     );
 }
