@@ -394,7 +394,7 @@ fn the_profiler_leaves_itself_out_of_a_whole_host_capture_unless_asked() {
             .filter(|family| holds(&capture[*family], pid))
             .collect()
     }
-    let record = |extra: &[&str], name: &str| -> (u32, Vec<&'static str>, u64) {
+    let record = |extra: &[&str], name: &str| -> (u32, Vec<&'static str>, serde_json::Value) {
         let out = dir.join(name);
         let mut args = vec![
             "--duration",
@@ -406,8 +406,7 @@ fn the_profiler_leaves_itself_out_of_a_whole_host_capture_unless_asked() {
         let recording = Recording::start(&out, &args);
         let pid = recording.pid();
         let (capture, _) = recording.wait();
-        let blocks = capture["metadata"]["counters"]["blocks"].as_u64().unwrap();
-        (pid, families_with(&capture, pid), blocks)
+        (pid, families_with(&capture, pid), capture)
     };
     let (pid, families, _) = record(&["--include-self"], "with-self");
     for family in ["offcpu", "syscalls"] {
@@ -417,10 +416,49 @@ fn the_profiler_leaves_itself_out_of_a_whole_host_capture_unless_asked() {
              (found in {families:?})"
         );
     }
-    let (pid, families, blocks) = record(&[], "without-self");
-    assert!(blocks > 0, "the whole host blocked {blocks} times");
+    let (pid, families, capture) = record(&[], "without-self");
+    let counters = &capture["metadata"]["counters"];
+    assert!(counters["blocks"].as_u64().unwrap() > 0, "{counters}");
     assert!(
         families.is_empty(),
         "the profiler ({pid}) is in {families:?} by default (it leaves itself out)"
+    );
+
+    // Missing user stacks (user threads only: on a busy host, processes that exit while
+    // recording) each show as a `[user stack …]` stack and are counted, once per stack; none
+    // belongs to a kernel thread (PF_KTHREAD in /proc/PID/stat, for those still there).
+    let mut placeholders = 0;
+    for (family, list) in [
+        ("offcpu", "stacks"),
+        ("oncpu", "stacks"),
+        ("syscalls", "slow"),
+    ] {
+        for stack in capture[family][list].as_array().unwrap() {
+            let frames = stack["frames"].as_array().unwrap();
+            if !frames.iter().any(|f| {
+                f["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("[user stack"))
+            }) {
+                continue;
+            }
+            placeholders += 1;
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", stack["pid"]));
+            if let Some(flags) = stat.ok().and_then(|stat| {
+                // Fields after the `(comm)`: state is the first, flags the seventh.
+                let after = stat.rsplit_once(')')?.1.to_string();
+                after.split_whitespace().nth(6)?.parse::<u64>().ok()
+            }) {
+                assert_eq!(
+                    flags & 0x0020_0000,
+                    0,
+                    "a kernel thread's {family} stack: {stack}"
+                );
+            }
+        }
+    }
+    assert_eq!(
+        counters["stacks_without_user_stack"], placeholders,
+        "stacks shown with a [user stack …] frame vs counted"
     );
 }
