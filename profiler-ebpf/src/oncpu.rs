@@ -10,8 +10,11 @@ use aya_ebpf::{
     programs::PerfEventContext,
 };
 use profiler_common::oncpu::{COUNTS_MAX, OncpuKey, counter};
+use profiler_common::shared::KERNEL_THREAD_STACK;
 
-use crate::common::{StackError, TASK_COMM_OFF, config, notify_new_task, stack_id, wanted};
+use crate::common::{
+    StackError, TASK_COMM_OFF, config, is_kernel_thread, notify_new_task, stack_id, wanted,
+};
 
 #[map(name = "ONCPU_COUNTS")]
 static COUNTS: HashMap<OncpuKey, u64> = HashMap::with_max_entries(COUNTS_MAX, 0);
@@ -28,19 +31,33 @@ fn count(index: u32) {
 }
 
 #[inline(always)]
-fn counted_stack_id(ctx: &PerfEventContext, flags: u64) -> i32 {
-    match stack_id(ctx, flags) {
+fn kernel_stack_id(ctx: &PerfEventContext) -> i32 {
+    match stack_id(ctx, 0) {
         Ok(id) => id,
         Err(StackError::Collision(err)) => {
             count(counter::STACK_COLLISION);
             err
         }
         Err(StackError::Missing(err)) => {
-            count(if flags & BPF_F_USER_STACK as u64 != 0 {
-                counter::USER_STACK_MISSING
-            } else {
-                counter::KERNEL_STACK_MISSING
-            });
+            count(counter::KERNEL_STACK_MISSING);
+            err
+        }
+    }
+}
+
+/// The user stack id of the sampled thread, or `KERNEL_THREAD_STACK` for a kernel thread:
+/// it has no user stack, so none is missing (its flags are read only then).
+#[inline(always)]
+fn user_stack_id_of(ctx: &PerfEventContext, task: *const u8) -> i32 {
+    match stack_id(ctx, BPF_F_USER_STACK as u64) {
+        Ok(id) => id,
+        Err(StackError::Collision(err)) => {
+            count(counter::STACK_COLLISION);
+            err
+        }
+        Err(StackError::Missing(_)) if is_kernel_thread(task) => KERNEL_THREAD_STACK,
+        Err(StackError::Missing(err)) => {
+            count(counter::USER_STACK_MISSING);
             err
         }
     }
@@ -62,10 +79,10 @@ pub fn oncpu_sample(ctx: PerfEventContext) -> u32 {
     let key = OncpuKey {
         tgid,
         tid,
-        kernel_stack_id: counted_stack_id(&ctx, 0),
+        kernel_stack_id: kernel_stack_id(&ctx),
         user_stack_id: match crate::unwind::sampled_stack(tgid, ctx.as_ptr() as *const u8) {
             Some(walked) => walked,
-            None => counted_stack_id(&ctx, BPF_F_USER_STACK as u64),
+            None => user_stack_id_of(&ctx, task),
         },
     };
     count(counter::SAMPLES);

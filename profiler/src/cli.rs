@@ -40,13 +40,16 @@ pub enum Command {
     Diff(DiffArgs),
     /// Re-render a saved capture in another format.
     Report(ReportArgs),
-    /// Live view, refreshed every interval: processes by off-CPU and run-queue time, and the
-    /// slowest syscalls. `q` quits; when stdout is not a terminal it prints plain-text
+    /// Live view, refreshed every interval: processes by off-CPU and run-queue time, the
+    /// slowest syscalls, TCP peers and database queries (where it finds a server or library
+    /// to probe). `q` quits; when stdout is not a terminal it prints plain-text
     /// snapshots instead (for scripts).
     Top(TopArgs),
     /// Record back-to-back windows into a data directory (keeping the newest --keep) and
-    /// serve the latest on http://127.0.0.1:9464: /healthz, /metrics (Prometheus), /captures,
-    /// /flamegraph?kind=offcpu|oncpu|wallclock|db, /summary. Record options go after `--`.
+    /// serve them on http://127.0.0.1:9464: / (a page: windows, events, flamegraphs),
+    /// /healthz, /metrics (Prometheus), /captures, /events, /summary,
+    /// /flamegraph?kind=offcpu|oncpu|wallclock|db|diff, /profile (pprof), /capture?seconds=N.
+    /// Record options go after `--` (the daemon leaves itself out unless `--include-self`).
     Daemon(DaemonArgs),
 }
 
@@ -215,17 +218,18 @@ pub struct RecordArgs {
     /// Only this thread (repeatable).
     #[arg(long = "tid", value_name = "TID")]
     pub tids: Vec<u32>,
-    /// Ignore blocks shorter than this (e.g. 1us, 2ms; a plain number is microseconds).
+    /// Off-CPU: ignore blocks shorter than this (e.g. 1us, 2ms; a plain number is
+    /// microseconds).
     #[arg(long, default_value = "1us", value_parser = parse_micros)]
     pub min_block: Duration,
-    /// Ignore blocks longer than this (a plain number is microseconds).
+    /// Off-CPU: ignore blocks longer than this (a plain number is microseconds).
     #[arg(long, value_parser = parse_micros)]
     pub max_block: Option<Duration>,
-    /// Which waits count: any (including preemption), sleeping (interruptible), disk
+    /// Off-CPU: which waits count: any (including preemption), sleeping (interruptible), disk
     /// (uninterruptible).
     #[arg(long, value_enum, default_value_t = StateFilter::Any)]
     pub state: StateFilter,
-    /// Trace user threads, kernel threads, or all.
+    /// Trace user threads, kernel threads, or all (off-CPU, on-CPU and syscalls).
     #[arg(long, value_enum, default_value_t = ThreadFilter::All)]
     pub threads: ThreadFilter,
     /// Length of the intervals the capture keeps per-stack values for (used by comparisons).
@@ -237,7 +241,7 @@ pub struct RecordArgs {
     /// How many stacks the text summary shows.
     #[arg(long, default_value_t = 10)]
     pub top: usize,
-    /// How to hook sched_switch.
+    /// How to hook sched_switch (off-CPU).
     #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
     pub attach: AttachMode,
     /// Do not hook sched_wakeup: cheaper (one program run less per wakeup), but off-CPU time
@@ -251,8 +255,9 @@ pub struct RecordArgs {
     /// Probe families to record, comma-separated: offcpu (where threads wait), oncpu
     /// (where they run, sampled), syscalls (latency per process and syscall), tcp (connect
     /// latency, lifetime, bytes, RTT and retransmits per process and remote endpoint), db
-    /// (query latency of PostgreSQL servers, from their USDT probes). Default: all; db
-    /// only where a PostgreSQL server is found.
+    /// (query latency: PostgreSQL servers from their USDT probes, clients through libpq,
+    /// SQLite and MySQL/MariaDB libraries, --db-wire). Default: all; db where it finds a
+    /// server or library to probe.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub events: Option<Vec<Event>>,
     /// PostgreSQL server binary whose query probes to attach (repeatable); default: the
@@ -300,7 +305,7 @@ pub struct RecordArgs {
     pub measure_overhead: bool,
     /// Record the profiler's own process too. By default it is left out, in the kernel, by
     /// every family: its waits between snapshots, its bpf and perf_event_open calls are not
-    /// what anyone came to see (the daemon always leaves itself out).
+    /// what anyone came to see (the daemon likewise; `daemon -- --include-self` keeps it).
     #[arg(long)]
     pub include_self: bool,
     /// The default now; kept so that existing scripts and daemon configs still parse.

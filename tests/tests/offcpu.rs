@@ -301,20 +301,39 @@ fn min_block_and_tid_filters_apply_in_the_kernel() {
 fn thread_kind_filter_separates_kernel_and_user_threads() {
     require_root();
     let dir = temp_dir("threads");
-    let (kernel, _) =
-        Recording::start(&dir.join("kernel"), &["-d", "2s", "--threads", "kernel"]).wait();
-    let stacks = kernel["offcpu"]["stacks"].as_array().unwrap();
-    assert!(
-        !stacks.is_empty(),
-        "kernel threads always block (kworkers, rcu)"
-    );
-    for stack in stacks {
-        // Kernel threads have no user stack, and no placeholder for one (PF_KTHREAD in
-        // /proc/PID/stat): every frame is the kernel's.
-        let frames = stack["frames"].as_array().unwrap();
+    // On-CPU at 999 Hz: the host's kworkers, rcu_preempt, kdamond run often enough to be
+    // sampled in 2 s (29 samples on an idle 2-CPU VM).
+    let (kernel, _) = Recording::start(
+        &dir.join("kernel"),
+        &["-d", "2s", "--threads", "kernel", "--freq", "999"],
+    )
+    .wait();
+    for family in ["offcpu", "oncpu"] {
+        let stacks = kernel[family]["stacks"].as_array().unwrap();
         assert!(
-            !frames.is_empty() && frames.iter().all(|f| f["kind"] == "kernel"),
-            "{stack}"
+            !stacks.is_empty(),
+            "kernel threads always block and run (kworkers, rcu): no {family} stacks"
+        );
+        for stack in stacks {
+            // Kernel threads have no user stack, and no placeholder for one (the kernel reads
+            // the task's PF_KTHREAD; /proc/PID/stat says so too): every frame is the kernel's.
+            let frames = stack["frames"].as_array().unwrap();
+            assert!(
+                !frames.is_empty() && frames.iter().all(|f| f["kind"] == "kernel"),
+                "{family}: {stack}"
+            );
+        }
+    }
+    // Nor is a user stack counted as missing: there was none to lose.
+    let counters = &kernel["metadata"]["counters"];
+    for counter in [
+        "user_stack_missing",
+        "oncpu_user_stack_missing",
+        "stacks_without_user_stack",
+    ] {
+        assert_eq!(
+            counters[counter], 0,
+            "{counter} of kernel threads: {counters}"
         );
     }
     let (user, _) = Recording::start(
@@ -435,38 +454,93 @@ fn sampled_offcpu_mode_scales_back_to_the_workloads_timing() {
 
 /// The profiler's own process, which otherwise shows up on a whole-host capture (it waits in
 /// epoll between its snapshots and makes syscalls), is left out by every family by default
-/// (as in the daemon's windows); `--include-self` brings it back.
+/// (as in the daemon's windows); `--include-self` brings it back. Oracle: the pid of the
+/// process this test started; every family's section of the capture is searched for it.
 #[test]
 fn the_profiler_leaves_itself_out_of_a_whole_host_capture_unless_asked() {
     require_root();
     let dir = temp_dir("exclude-self");
-    let pids_seen = |extra: &[&str], name: &str| -> (u32, bool) {
+    /// The families (sections of the capture) where a record of process `pid` appears.
+    fn families_with(capture: &serde_json::Value, pid: u32) -> Vec<&'static str> {
+        fn holds(value: &serde_json::Value, pid: u32) -> bool {
+            match value {
+                serde_json::Value::Object(map) => map.iter().any(|(key, v)| {
+                    (key == "pid" && v.as_u64() == Some(pid as u64)) || holds(v, pid)
+                }),
+                serde_json::Value::Array(items) => items.iter().any(|v| holds(v, pid)),
+                _ => false,
+            }
+        }
+        ["offcpu", "oncpu", "syscalls", "tcp", "db"]
+            .into_iter()
+            .filter(|family| holds(&capture[*family], pid))
+            .collect()
+    }
+    let record = |extra: &[&str], name: &str| -> (u32, Vec<&'static str>, serde_json::Value) {
         let out = dir.join(name);
-        let mut args = vec!["--duration", "1500ms", "--events", "offcpu,syscalls"];
+        let mut args = vec![
+            "--duration",
+            "1500ms",
+            "--events",
+            "offcpu,oncpu,syscalls,tcp",
+        ];
         args.extend_from_slice(extra);
         let recording = Recording::start(&out, &args);
         let pid = recording.pid();
         let (capture, _) = recording.wait();
-        let in_offcpu = capture["offcpu"]["stacks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|s| s["pid"].as_u64() == Some(pid as u64));
-        let in_syscalls = capture["syscalls"]["stats"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|s| s["pid"].as_u64() == Some(pid as u64));
-        (pid, in_offcpu || in_syscalls)
+        (pid, families_with(&capture, pid), capture)
     };
-    let (pid, seen) = pids_seen(&["--include-self"], "with-self");
+    let (pid, families, _) = record(&["--include-self"], "with-self");
+    for family in ["offcpu", "syscalls"] {
+        assert!(
+            families.contains(&family),
+            "the profiler ({pid}) is not in its own whole-host {family} with --include-self \
+             (found in {families:?})"
+        );
+    }
+    let (pid, families, capture) = record(&[], "without-self");
+    let counters = &capture["metadata"]["counters"];
+    assert!(counters["blocks"].as_u64().unwrap() > 0, "{counters}");
     assert!(
-        seen,
-        "the profiler ({pid}) is not in its own whole-host capture with --include-self"
+        families.is_empty(),
+        "the profiler ({pid}) is in {families:?} by default (it leaves itself out)"
     );
-    let (pid, seen) = pids_seen(&[], "without-self");
-    assert!(
-        !seen,
-        "the profiler ({pid}) is in a capture by default (it leaves itself out)"
+
+    // Missing user stacks (user threads only: on a busy host, processes that exit while
+    // recording) each show as a `[user stack …]` stack and are counted, once per stack; none
+    // belongs to a kernel thread (PF_KTHREAD in /proc/PID/stat, for those still there).
+    let mut placeholders = 0;
+    for (family, list) in [
+        ("offcpu", "stacks"),
+        ("oncpu", "stacks"),
+        ("syscalls", "slow"),
+    ] {
+        for stack in capture[family][list].as_array().unwrap() {
+            let frames = stack["frames"].as_array().unwrap();
+            if !frames.iter().any(|f| {
+                f["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("[user stack"))
+            }) {
+                continue;
+            }
+            placeholders += 1;
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", stack["pid"]));
+            if let Some(flags) = stat.ok().and_then(|stat| {
+                // Fields after the `(comm)`: state is the first, flags the seventh.
+                let after = stat.rsplit_once(')')?.1.to_string();
+                after.split_whitespace().nth(6)?.parse::<u64>().ok()
+            }) {
+                assert_eq!(
+                    flags & 0x0020_0000,
+                    0,
+                    "a kernel thread's {family} stack: {stack}"
+                );
+            }
+        }
+    }
+    assert_eq!(
+        counters["stacks_without_user_stack"], placeholders,
+        "stacks shown with a [user stack …] frame vs counted"
     );
 }

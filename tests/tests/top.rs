@@ -127,3 +127,53 @@ fn tcp_peers_count_every_connection_of_the_workload() {
     assert_eq!((conns, closed), (10, 10), "{text}");
     assert!(text.contains(&format!("127.0.0.1 -> :{port}")), "{text}");
 }
+
+/// `top` leaves its own process out of every table unless `--include-self` (it blocks in its
+/// sleep between refreshes, so it would otherwise rank among the host's waiting processes).
+/// Oracle: the pid of the `top` this test started, looked for as any row's PID.
+#[test]
+fn top_leaves_itself_out_unless_asked() {
+    require_root();
+    let rows_of_self = |extra: &[&str]| -> (u32, usize, String) {
+        let mut args = vec![
+            "top",
+            "--interval",
+            "500ms",
+            "--count",
+            "3",
+            "--rows",
+            "100000",
+        ];
+        args.extend_from_slice(extra);
+        let top = Command::new(profiler_bin())
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = top.id();
+        let output = top.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&output.stdout).to_string();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let rows = text
+            .lines()
+            .filter(|l| l.split_whitespace().next() == Some(&pid.to_string()))
+            .count();
+        (pid, rows, text)
+    };
+    let (pid, rows, text) = rows_of_self(&["--include-self"]);
+    assert!(
+        rows > 0,
+        "top ({pid}) is not in its own view with --include-self:\n{text}"
+    );
+    let (pid, rows, text) = rows_of_self(&[]);
+    assert!(
+        text.matches("profiler top: last").count() == 3 && text.contains("PROCESSES BY OFF-CPU"),
+        "{text}"
+    );
+    assert_eq!(rows, 0, "top ({pid}) shows itself by default:\n{text}");
+}

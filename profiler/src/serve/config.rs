@@ -130,7 +130,8 @@ fn first_line(err: &clap::Error) -> String {
         .to_string()
 }
 
-/// A window's record options: its directory, quiet, self-measuring, the budget's mode.
+/// A window's record options: its directory, quiet, self-measuring, the budget's mode. The
+/// daemon's own process is left out as `record` leaves itself out (`-- --include-self` keeps it).
 pub(crate) fn window_options(
     args: &Settings,
     cost: &Cost,
@@ -141,7 +142,6 @@ pub(crate) fn window_options(
     let mut options = record_options(args, &dir)?;
     options.quiet = true;
     options.probes.measure_overhead = true;
-    options.probes.exclude_self = true;
     options.background_detach = true;
     cost.apply(&mut options);
     Ok(options)
@@ -215,5 +215,28 @@ mod tests {
         );
         assert!(daemon_settings(&["--max-cpu", "lots"], None).is_err());
         assert!(daemon_settings(&[], Some("max_cpu = \"lots\"\n")).is_err());
+    }
+
+    fn settings_with(record_args: &[&str]) -> Settings {
+        Settings {
+            data_dir: std::env::temp_dir(),
+            window: Duration::from_secs(1),
+            keep: 1,
+            max_age: None,
+            max_bytes: None,
+            listen: String::new(),
+            baseline: None,
+            max_cpu: None,
+            record_args: record_args.iter().map(|a| a.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn windows_leave_the_daemon_out_unless_its_record_options_include_it() {
+        let cost = Cost::default();
+        let default = window_options(&settings_with(&[]), &cost).unwrap();
+        assert!(default.probes.exclude_self);
+        let included = window_options(&settings_with(&["--include-self"]), &cost).unwrap();
+        assert!(!included.probes.exclude_self);
     }
 }
