@@ -16,7 +16,8 @@ pub const SOURCE_SQLITE: u32 = 3;
 pub const SOURCE_WIRE_POSTGRES: u32 = 4;
 pub const SOURCE_WIRE_REDIS: u32 = 5;
 /// libmariadb / libmysqlclient: mysql_real_query, or mysql_send_query to
-/// mysql_read_query_result, per connection.
+/// mysql_read_query_result, per connection; prepared statements from mysql_stmt_execute to
+/// mysql_stmt_store_result (or the execute's return), per statement handle.
 pub const SOURCE_MYSQL: u32 = 6;
 /// MySQL's COM_QUERY on the wire.
 pub const SOURCE_WIRE_MYSQL: u32 = 7;
@@ -30,8 +31,8 @@ pub const FLAG_PREPARED: u32 = 2;
 /// after it. Not a query of its own: it tells userspace what the name stands for.
 pub const FLAG_PREPARE: u32 = 4;
 pub const PREPARE_NAME_MAX: usize = 64;
-/// SQLite: `handle` is a statement whose text came with an earlier FLAG_PREPARE event of
-/// the same handle (`query` is empty).
+/// SQLite, MySQL prepared statements: `handle` is a statement whose text came with an
+/// earlier FLAG_PREPARE event of the same handle (`query` is empty).
 pub const FLAG_STATEMENT: u32 = 8;
 
 /// How a probe argument is read (see `profiler/src/probes/kernel/usdt.rs`).
@@ -105,7 +106,8 @@ pub struct DbEvent {
     /// The process's parent (for a server backend: the postmaster).
     pub ppid: u32,
     pub _pad: u32,
-    /// SQLite: the `sqlite3_stmt *` the event is about; libpq and wire: the socket fd + 1.
+    /// SQLite, MySQL statements: the statement handle the event is about; libpq and wire:
+    /// the socket fd + 1.
     pub handle: u64,
     /// Wire: the first bytes of the response (MySQL's PREPARE_OK carries the statement id
     /// that later COM_STMT_EXECUTEs name).

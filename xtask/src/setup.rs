@@ -68,6 +68,10 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ),
     ("mariadb-client", "the mariadb client, for the MySQL tests"),
     (
+        "sysbench",
+        "sysbench's OLTP scripts (prepared statements on libmariadb), for the MySQL tests",
+    ),
+    (
         "python3-mysqldb",
         "Python's MySQLdb (on libmariadb), the MySQL test workload",
     ),

@@ -17,7 +17,7 @@ pub(crate) struct DbOwners {
     pids: Vec<u32>,
     /// Prepared statements' text by (process, name), from PQsendPrepare.
     prepared: HashMap<(u32, String), String>,
-    /// SQLite statements' text by (process, statement pointer), from their prepare.
+    /// SQLite and MySQL statements' text by (process, statement handle), from their prepare.
     statements: HashMap<(u32, u64), String>,
     pub(crate) filtered_out: u64,
     /// Wire requests whose bytes did not decode.
@@ -128,7 +128,7 @@ pub(crate) fn drain_db_events(
             // What the kernel hashed for the off-CPU frame: libpq's text argument (a
             // prepared statement's name), a simple query's text on the wire.
             let frame = match query.source {
-                "libpq" | "mysql" if query.prepare_name.is_none() => {
+                "libpq" | "mysql" if query.prepare_name.is_none() && !query.statement => {
                     Some(profiler_common::db::frame_hash(query.text.as_bytes()))
                 }
                 "wire-postgres" if query.raw.first() == Some(&b'Q') => Some(
@@ -171,7 +171,7 @@ pub(crate) fn drain_db_events(
                     .and_then(|key| owners.prepared.get(&(query.pid, key)).cloned())
                     .unwrap_or(request.text);
             }
-            if query.source == "sqlite" && query.prepare_name.is_some() {
+            if matches!(query.source, "sqlite" | "mysql") && query.prepare_name.is_some() {
                 owners
                     .statements
                     .insert((query.pid, query.handle), query.text);

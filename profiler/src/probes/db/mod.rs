@@ -287,9 +287,10 @@ pub struct QueryRecord {
     pub tid: u32,
     /// `postgres-usdt`, `libpq` or `sqlite`.
     pub source: &'static str,
-    /// SQLite: the statement (prepare events name its text, statement events use it).
+    /// SQLite and MySQL prepared statements: the statement handle (prepare events name its
+    /// text, statement events use it).
     pub handle: u64,
-    /// SQLite: `text` is empty; the statement's text came with its prepare event.
+    /// SQLite, MySQL: `text` is empty; the statement's text came with its prepare event.
     pub statement: bool,
     /// Wire sources: the request's first bytes as written (`text` is empty).
     pub raw: Vec<u8>,
@@ -328,7 +329,7 @@ pub fn decode(bytes: &[u8]) -> Option<QueryRecord> {
     );
     let (text, prepare_name) = if wire {
         (String::new(), None)
-    } else if e.flags & FLAG_PREPARE != 0 && e.source == SOURCE_SQLITE {
+    } else if e.flags & FLAG_PREPARE != 0 && matches!(e.source, SOURCE_SQLITE | SOURCE_MYSQL) {
         (until_nul(&e.query[..len]), Some(String::new()))
     } else if e.flags & FLAG_PREPARE != 0 {
         let name = until_nul(&e.query[..PREPARE_NAME_MAX]);
