@@ -85,7 +85,13 @@ static CALL_HANDLE: LruHashMap<u32, u64> = LruHashMap::with_max_entries(16384, 0
 
 #[inline(always)]
 fn enter_call(tid: u32, handle: u64) {
-    let _ = CALL_HANDLE.insert(&tid, &handle, 0);
+    // In place when the thread has an entry: an LRU insert allocates a node (≈ 0.4 µs
+    // measured per call here), a lookup and a store do not.
+    if let Some(slot) = CALL_HANDLE.get_ptr_mut(&tid) {
+        unsafe { *slot = handle };
+    } else {
+        let _ = CALL_HANDLE.insert(&tid, &handle, 0);
+    }
 }
 
 /// The key of the call being returned from: (process, handle saved at entry).
@@ -228,7 +234,10 @@ fn emit_full(
             )
             .unwrap_or(0)
         };
-        if bpf_probe_read_kernel_buf((*pending).query.as_ptr(), &mut (*event).query).is_err() {
+        // Events without text (statement executions name their prepare's) skip the copy.
+        if (*pending).len != 0
+            && bpf_probe_read_kernel_buf((*pending).query.as_ptr(), &mut (*event).query).is_err()
+        {
             (*event).len = 0;
         }
     }

@@ -244,7 +244,10 @@ pub fn mysql_stmt_execute(ctx: ProbeContext) -> u32 {
         user_stack_id: issuing_stack(&ctx),
         _pad: 0,
     };
-    if MYSQL_EXEC.insert(&key, &exec, 0).is_err() {
+    // In place for a statement executed before (the usual case): no LRU node allocation.
+    if let Some(slot) = MYSQL_EXEC.get_ptr_mut(&key) {
+        unsafe { *slot = exec };
+    } else if MYSQL_EXEC.insert(&key, &exec, 0).is_err() {
         count(counter::PENDING_MAP_FULL);
     }
     0
