@@ -71,10 +71,11 @@ impl DbTargets {
             .iter()
             .map(|t| t.path.clone())
             .chain(self.libraries.iter().map(|t| t.path.clone()))
-            .chain(
-                self.wire
-                    .then(|| PathBuf::from("[wire: write/sendto, read/recvfrom]")),
-            )
+            .chain(self.wire.then(|| {
+                PathBuf::from(
+                    "[wire: write/sendto/writev/sendmsg/sendmmsg, read/recvfrom/readv/recvmsg]",
+                )
+            }))
             .collect()
     }
 }
