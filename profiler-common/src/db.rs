@@ -3,6 +3,9 @@
 
 /// Bytes of query text kept (longer text is cut).
 pub const QUERY_MAX: usize = 256;
+/// libpq: commands one connection may have waiting for results at once (pipeline mode)
+/// and still be timed, each from its send to the end of its own results.
+pub const PIPELINE_SLOTS: u32 = 32;
 
 /// Where an event comes from.
 pub const SOURCE_POSTGRES_USDT: u32 = 1;
@@ -51,7 +54,8 @@ pub struct DbPending {
     pub len: u32,
     /// The caller's user stack (client-side sources), or a negative error.
     pub user_stack_id: i32,
-    pub _pad: u32,
+    /// libpq: the command's place in its connection's pipeline (commands sent so far).
+    pub seq: u32,
     pub query: [u8; QUERY_MAX],
 }
 
@@ -129,7 +133,10 @@ pub mod counter {
     /// Wire: a request sent while another was still waiting for its response on the same
     /// socket (pipelining): only the first is timed.
     pub const PIPELINED: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// libpq: a command sent while `PIPELINE_SLOTS` others of its connection were still
+    /// waiting for their results (pipeline mode): counted, not timed.
+    pub const PIPELINE_TOO_DEEP: u32 = 7;
+    pub const COUNT: u32 = 8;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "queries",
@@ -139,6 +146,7 @@ pub mod counter {
         "text_unreadable",
         "stack_lost",
         "pipelined",
+        "pipeline_too_deep",
     ];
 }
 

@@ -26,8 +26,8 @@ use aya_ebpf::{
 };
 use profiler_common::db::{
     ARG_KIND_CONSTANT, ARG_KIND_MEMORY, DbEvent, DbInflight, DbPending, FLAG_ERROR, FLAG_PREPARE,
-    FLAG_PREPARED, FLAG_STATEMENT, PREPARE_NAME_MAX, QUERY_MAX, SOURCE_LIBPQ, SOURCE_MYSQL,
-    SOURCE_POSTGRES_USDT, SOURCE_SQLITE, SOURCE_WIRE_MYSQL, SOURCE_WIRE_POSTGRES,
+    FLAG_PREPARED, FLAG_STATEMENT, PIPELINE_SLOTS, PREPARE_NAME_MAX, QUERY_MAX, SOURCE_LIBPQ,
+    SOURCE_MYSQL, SOURCE_POSTGRES_USDT, SOURCE_SQLITE, SOURCE_WIRE_MYSQL, SOURCE_WIRE_POSTGRES,
     SOURCE_WIRE_REDIS, counter, frame_hash,
 };
 
@@ -73,8 +73,8 @@ static TASK_TGID_OFF: u32 = 0;
 #[map(name = "DB_SEEN")]
 static SEEN: LruHashMap<u32, u8> = LruHashMap::with_max_entries(4096, 0);
 
-/// Client-side commands in flight (libpq), per connection: one thread may drive several
-/// connections at once (pgbench -c 2 -j 1 does).
+/// Client-side queries in flight (MySQL library), per connection: one thread may drive
+/// several connections at once.
 #[map(name = "DB_CLIENT_PENDING")]
 static CLIENT_PENDING: LruHashMap<ConnKey, DbPending> = LruHashMap::with_max_entries(16384, 0);
 

@@ -33,6 +33,7 @@ pub const LIBPQ: ClientLibrary = ClientLibrary {
         ("PQsendQueryParams", "libpq_send_query", false),
         ("PQsendQueryPrepared", "libpq_send_prepared", false),
         ("PQsendPrepare", "libpq_send_prepare", false),
+        ("PQfinish", "libpq_finish", false),
     ],
 };
 
