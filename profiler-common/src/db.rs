@@ -120,6 +120,31 @@ pub struct DbEvent {
     pub query: [u8; QUERY_MAX],
 }
 
+/// Bytes of a pipelined write kept (`DbWireBatch`).
+pub const WIRE_BATCH_MAX: usize = 4096;
+
+/// Wire: a request write longer than `QUERY_MAX` (several requests written at once, a
+/// pipeline, or one long one): its first `WIRE_BATCH_MAX` bytes, sent at the write, as
+/// long as the write (`WIRE_BATCH_HEADER` bytes, then the write's). The request's `DbEvent`
+/// (at its reply) has the same process, socket and start time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DbWireBatch {
+    /// `WIRE_BATCH_MARKER`, where a `DbEvent` has its (never all-ones) tgid.
+    pub marker: u32,
+    /// The socket fd + 1 (as `DbEvent::handle`).
+    pub fd: u32,
+    pub tgid: u32,
+    pub _pad: u32,
+    pub start_ns: u64,
+    /// The write's length (bytes past `WIRE_BATCH_MAX` are not sent).
+    pub len: u64,
+    pub bytes: [u8; WIRE_BATCH_MAX],
+}
+
+pub const WIRE_BATCH_MARKER: u32 = u32::MAX;
+pub const WIRE_BATCH_HEADER: usize = 32;
+
 pub mod counter {
     pub const QUERIES: u32 = 0;
     pub const PENDING_MAP_FULL: u32 = 1;
@@ -162,6 +187,7 @@ mod pod {
     unsafe impl aya::Pod for super::DbInflight {}
     unsafe impl aya::Pod for super::DbPending {}
     unsafe impl aya::Pod for super::DbEvent {}
+    unsafe impl aya::Pod for super::DbWireBatch {}
 }
 
 #[cfg(test)]
@@ -185,6 +211,10 @@ mod tests {
         assert_eq!(
             core::mem::size_of::<super::DbEvent>(),
             88 + super::QUERY_MAX
+        );
+        assert_eq!(
+            core::mem::size_of::<super::DbWireBatch>(),
+            super::WIRE_BATCH_HEADER + super::WIRE_BATCH_MAX
         );
     }
 }

@@ -114,3 +114,155 @@ fn node_postgres_queries_written_with_writev_are_seen_on_the_wire() {
     }
     assert_eq!(counters["db_wire_undecoded"].as_u64(), Some(0));
 }
+
+/// A redis-server on a free loopback port, stopped on drop.
+struct Redis {
+    port: String,
+    server: std::process::Child,
+}
+
+impl Redis {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port()
+            .to_string();
+        let server = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port,
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (installed by cargo xtask setup)");
+        let redis = Self { port, server };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while redis.cli(&["PING"]).trim() != "PONG" {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        redis
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &self.port])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `cmdstat_COMMAND:calls=N` from INFO commandstats.
+    fn calls(&self, command: &str) -> u64 {
+        let stats = self.cli(&["INFO", "commandstats"]);
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+            .and_then(|rest| rest.split(',').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {command} in {stats}"))
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+/// redis-benchmark's "avg" latency (ms) per test (`====== SET ======` … `avg min p50 …`).
+fn redis_benchmark_avg_ms(output: &str, test: &str) -> f64 {
+    let section = output
+        .split(&format!("====== {test} ======"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no {test} in {output}"));
+    let mut lines = section
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("avg"));
+    lines.next();
+    lines
+        .next()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no avg for {test} in {section}"))
+}
+
+/// redis-benchmark -P 16: sixteen commands per write, sixteen replies read back. Every
+/// command is counted (INFO commandstats, exact) and timed from its write to the first
+/// byte of the replies: within 10 % of redis-benchmark's own mean, which times each command
+/// of a batch from just before the write to the moment the replies are readable (before
+/// its read).
+#[test]
+fn redis_pipelines_are_counted_command_by_command() {
+    require_root();
+    let redis = Redis::start();
+    redis.cli(&["CONFIG", "RESETSTAT"]);
+    let dir = temp_dir("db-redis-pipeline");
+    let recording = Recording::start(
+        &dir.join("out"),
+        &["--events", "db", "--db-wire", "--duration", "120s"],
+    );
+    let bench = std::process::Command::new("redis-benchmark")
+        .args([
+            "-p",
+            &redis.port,
+            "-n",
+            "16000",
+            "-c",
+            "2",
+            "-P",
+            "16",
+            "-t",
+            "set,get",
+        ])
+        .output()
+        .expect("redis-benchmark");
+    assert!(bench.status.success());
+    let report = String::from_utf8_lossy(&bench.stdout).into_owned();
+    let (capture, _) = recording.interrupt();
+    let queries = capture["db"]["queries"].as_array().expect("db queries");
+    let ours = |fingerprint: &str| -> (u64, u64) {
+        queries
+            .iter()
+            .filter(|q| q["source"] == "wire-redis" && q["comm"] == "redis-benchmark")
+            .filter(|q| q["fingerprint"] == fingerprint)
+            .map(|q| {
+                (
+                    q["calls"].as_u64().unwrap(),
+                    q["total_ns"].as_u64().unwrap(),
+                )
+            })
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+    };
+    for (test, command, fingerprint) in [("SET", "set", "SET ? ?"), ("GET", "get", "GET ?")] {
+        let (calls, total_ns) = ours(fingerprint);
+        let mean_ms = total_ns as f64 / calls as f64 / 1e6;
+        let theirs_ms = redis_benchmark_avg_ms(&report, test);
+        println!(
+            "{test}: ours {calls} server {}; mean ours {mean_ms:.4} ms, redis-benchmark \
+             {theirs_ms:.3} ms",
+            redis.calls(command)
+        );
+        assert_eq!(calls, 16000, "{test}");
+        assert_eq!(redis.calls(command), 16000, "{test}");
+        // Its clock stops when the reply is readable, before its read(); ours when the
+        // read returns: either may be the longer, by a syscall.
+        assert!(
+            (mean_ms - theirs_ms).abs() <= 0.10 * theirs_ms,
+            "{test}: ours {mean_ms} ms vs redis-benchmark's {theirs_ms} ms"
+        );
+    }
+    let counters = &capture["metadata"]["counters"];
+    assert_eq!(counters["db_wire_pipeline_cut"].as_u64(), Some(0));
+    assert_eq!(counters["db_wire_undecoded"].as_u64(), Some(0));
+}

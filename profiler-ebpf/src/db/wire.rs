@@ -236,6 +236,11 @@ fn wire_send(ctx: &TracePointContext, kind: u32) -> u32 {
         if WIRE_PENDING.insert(&key, &*scratch, 0).is_err() {
             count(counter::PENDING_MAP_FULL);
         }
+        // Several requests in one write (a pipeline): userspace counts and names them all
+        // from the first WIRE_BATCH_MAX bytes.
+        if kind == BYTES_PLAIN && len > QUERY_MAX as u64 {
+            send_batch(tgid, fd, (*scratch).start_ns, buf, len);
+        }
         // A simple query's text starts after its 5-byte header. (Parse/Bind carry names and
         // binary parameters, Redis its arguments: no frame for those.)
         if head[0] == b'Q' {
@@ -243,6 +248,54 @@ fn wire_send(ctx: &TracePointContext, kind: u32) -> u32 {
         }
     }
     0
+}
+
+#[map(name = "DB_WIRE_BATCH")]
+static BATCH: PerCpuArray<DbWireBatch> = PerCpuArray::with_max_entries(1, 0);
+
+/// The first `WIRE_BATCH_MAX` bytes of a long request write, for userspace: an event as
+/// long as the write (up to that), not a fixed 4 KiB, so fast pipelines fit the ring.
+#[inline(always)]
+fn send_batch(tgid: u32, fd: u64, start_ns: u64, buf: u64, len: u64) {
+    let Some(batch) = BATCH.get_ptr_mut(0) else {
+        return;
+    };
+    let n = if len < WIRE_BATCH_MAX as u64 {
+        len as usize
+    } else {
+        WIRE_BATCH_MAX
+    };
+    unsafe {
+        (*batch).marker = WIRE_BATCH_MARKER;
+        (*batch).tgid = tgid;
+        (*batch).fd = fd as u32 + 1;
+        (*batch)._pad = 0;
+        (*batch).start_ns = start_ns;
+        (*batch).len = len;
+        if n == 0
+            || n > WIRE_BATCH_MAX
+            || aya_ebpf::helpers::bpf_probe_read_user_buf(
+                buf as *const u8,
+                &mut (&mut (*batch).bytes)[..n],
+            )
+            .is_err()
+        {
+            return;
+        }
+        let size = WIRE_BATCH_HEADER + n;
+        if size > core::mem::size_of::<DbWireBatch>() {
+            return;
+        }
+        let wakeup = if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BACKLOG {
+            BPF_RB_FORCE_WAKEUP
+        } else {
+            BPF_RB_NO_WAKEUP
+        };
+        let bytes = core::slice::from_raw_parts(batch as *const u8, size);
+        if EVENTS.output::<[u8]>(bytes, wakeup).is_err() {
+            count(counter::EVENTS_LOST);
+        }
+    }
 }
 
 #[tracepoint(category = "syscalls", name = "sys_enter_write")]

@@ -522,6 +522,7 @@ fn family_counters(
         }
         counters.insert("db_filtered_out".into(), db_owners.filtered_out);
         counters.insert("db_wire_undecoded".into(), db_owners.undecoded);
+        counters.insert("db_wire_pipeline_cut".into(), db_owners.pipeline_cut);
     }
     Ok(counters)
 }
