@@ -115,6 +115,66 @@ fn node_postgres_queries_written_with_writev_are_seen_on_the_wire() {
     assert_eq!(counters["db_wire_undecoded"].as_u64(), Some(0));
 }
 
+/// A client no source decodes is stated, not silent: node-postgres over TCP recorded on the
+/// whole host (where the wire is off and no library probe fits) with parameterized queries
+/// only (the server's probes fire for the simple protocol only). Its row in `db.coverage` has
+/// no source and names its connection to the server's port, and the summary has a line for
+/// it; pg_stat_statements shows the queries it ran.
+#[test]
+fn a_client_no_source_decodes_is_stated_in_the_coverage() {
+    require_root();
+    let cluster = PgCluster::start("node-coverage");
+    cluster.psql("CREATE EXTENSION pg_stat_statements");
+    let dir = temp_dir("db-node-coverage");
+    let release = dir.join("release");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("workloads/pg_node_client.js");
+    let mut client = ReadyProcess::spawn(
+        std::process::Command::new("node")
+            .env("NODE_PATH", NODE_PATH)
+            .arg(&script)
+            .arg("127.0.0.1")
+            .arg(cluster.port.to_string())
+            .args(["0", "50"])
+            .arg(&release),
+    );
+    let recording = Recording::start(&dir.join("out"), &["--events", "db", "--duration", "120s"]);
+    cluster.psql("SELECT pg_stat_statements_reset()");
+    client.go();
+    let report: Value = serde_json::from_str(&client.line().expect("report")).unwrap();
+    // The capture ends while the client still holds its connection.
+    let (capture, summary) = recording.interrupt();
+    std::fs::write(&release, "").unwrap();
+    let pid: u64 = client.pid.parse().unwrap();
+    client.finish();
+    let calls = pgss_calls(&cluster, "SELECT $1::int AS node_extended, pg_sleep($2)");
+    assert_eq!(Some(calls), report["extended"].as_u64());
+    let queries = capture["db"]["queries"].as_array().expect("db queries");
+    assert!(
+        !queries.iter().any(|q| q["pid"].as_u64() == Some(pid)),
+        "a source timed the client after all: {queries:?}"
+    );
+    let coverage = capture["db"]["coverage"].as_array().expect("db coverage");
+    let row = coverage
+        .iter()
+        .find(|c| c["pid"].as_u64() == Some(pid))
+        .unwrap_or_else(|| panic!("no coverage row for the client in {coverage:?}"));
+    println!("client ran {calls} queries (pg_stat_statements); coverage: {row}");
+    assert_eq!(row["sources"], serde_json::json!([]), "{row}");
+    assert_eq!(
+        row["untimed_connections"],
+        serde_json::json!([format!("127.0.0.1:{} postgres", cluster.port)]),
+        "{row}"
+    );
+    assert!(
+        summary.contains(&format!(
+            "[{pid}]: 0 queries timed, yet connected to 127.0.0.1:{} postgres",
+            cluster.port
+        )),
+        "{summary}"
+    );
+}
+
 /// A redis-server on a free loopback port, stopped on drop.
 struct Redis {
     port: String,

@@ -2,13 +2,15 @@
 // writev of Parse/Bind/Describe/Execute/Sync, simple ones in one write; replies come in
 // with read). The database family must see both on the wire.
 //
-// node pg_node_client.js SOCKET_DIR PORT SIMPLE EXTENDED prints `ready PID`, waits for a
-// line on stdin, then runs SIMPLE simple-protocol queries and EXTENDED parameterized ones
-// (each sleeping 1 ms in the server, so the client's own overhead is small against the
-// round trip), timing each with its own clock, and prints a JSON report.
+// node pg_node_client.js HOST PORT SIMPLE EXTENDED [RELEASE_FILE] prints `ready PID`, waits
+// for a line on stdin, then runs SIMPLE simple-protocol queries and EXTENDED parameterized
+// ones (each sleeping 1 ms in the server, so the client's own overhead is small against the
+// round trip), timing each with its own clock, and prints a JSON report. HOST is the
+// server's socket directory or address. With RELEASE_FILE it keeps its connection open after
+// the report until that file exists.
 const { Client } = require('pg');
 
-const [socketDir, port, simple, extended] = process.argv.slice(2);
+const [socketDir, port, simple, extended, releaseFile] = process.argv.slice(2);
 
 async function main() {
   process.stdout.write(`ready ${process.pid}\n`);
@@ -28,13 +30,19 @@ async function main() {
     await client.query('SELECT $1::int AS node_extended, pg_sleep(0.001)', [i]);
     extendedNs += process.hrtime.bigint() - start;
   }
-  await client.end();
   process.stdout.write(JSON.stringify({
     simple: Number(simple),
     simple_ns: Number(simpleNs),
     extended: Number(extended),
     extended_ns: Number(extendedNs),
   }) + '\n');
+  if (releaseFile) {
+    const fs = require('fs');
+    while (!fs.existsSync(releaseFile)) {
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+  }
+  await client.end();
 }
 
 main().catch((err) => {

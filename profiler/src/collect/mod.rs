@@ -395,6 +395,7 @@ impl Prepared {
                 &db,
                 &mut builder,
                 config.db_sample_every,
+                &config.pids,
             )?),
         };
         // User threads' stacks shown as `[user stack …]` (kernel threads have none to lose).

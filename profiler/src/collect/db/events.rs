@@ -285,8 +285,10 @@ pub(crate) fn profile(
     db: &DbAggregator,
     builder: &mut StackBuilder,
     sample_every: u32,
+    pids: &[u32],
 ) -> Result<DbProfile> {
     let mut profile = db.profile();
+    profile.coverage = super::coverage::coverage(&profile.queries, pids, std::process::id());
     for (_, pid, fingerprint, stack_id, tid, calls, total_ns) in db.stack_usage() {
         if stack_id < 0 {
             continue; // server-side: no client code path
