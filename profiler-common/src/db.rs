@@ -3,6 +3,9 @@
 
 /// Bytes of query text kept (longer text is cut).
 pub const QUERY_MAX: usize = 256;
+/// libpq: commands one connection may have waiting for results at once (pipeline mode)
+/// and still be timed, each from its send to the end of its own results.
+pub const PIPELINE_SLOTS: u32 = 32;
 
 /// Where an event comes from.
 pub const SOURCE_POSTGRES_USDT: u32 = 1;
@@ -16,7 +19,8 @@ pub const SOURCE_SQLITE: u32 = 3;
 pub const SOURCE_WIRE_POSTGRES: u32 = 4;
 pub const SOURCE_WIRE_REDIS: u32 = 5;
 /// libmariadb / libmysqlclient: mysql_real_query, or mysql_send_query to
-/// mysql_read_query_result, per connection.
+/// mysql_read_query_result, per connection; prepared statements from mysql_stmt_execute to
+/// mysql_stmt_store_result (or the execute's return), per statement handle.
 pub const SOURCE_MYSQL: u32 = 6;
 /// MySQL's COM_QUERY on the wire.
 pub const SOURCE_WIRE_MYSQL: u32 = 7;
@@ -30,8 +34,8 @@ pub const FLAG_PREPARED: u32 = 2;
 /// after it. Not a query of its own: it tells userspace what the name stands for.
 pub const FLAG_PREPARE: u32 = 4;
 pub const PREPARE_NAME_MAX: usize = 64;
-/// SQLite: `handle` is a statement whose text came with an earlier FLAG_PREPARE event of
-/// the same handle (`query` is empty).
+/// SQLite, MySQL prepared statements: `handle` is a statement whose text came with an
+/// earlier FLAG_PREPARE event of the same handle (`query` is empty).
 pub const FLAG_STATEMENT: u32 = 8;
 
 /// How a probe argument is read (see `profiler/src/probes/kernel/usdt.rs`).
@@ -50,7 +54,8 @@ pub struct DbPending {
     pub len: u32,
     /// The caller's user stack (client-side sources), or a negative error.
     pub user_stack_id: i32,
-    pub _pad: u32,
+    /// libpq: the command's place in its connection's pipeline (commands sent so far).
+    pub seq: u32,
     pub query: [u8; QUERY_MAX],
 }
 
@@ -105,7 +110,8 @@ pub struct DbEvent {
     /// The process's parent (for a server backend: the postmaster).
     pub ppid: u32,
     pub _pad: u32,
-    /// SQLite: the `sqlite3_stmt *` the event is about; libpq and wire: the socket fd + 1.
+    /// SQLite, MySQL statements: the statement handle the event is about; libpq and wire:
+    /// the socket fd + 1.
     pub handle: u64,
     /// Wire: the first bytes of the response (MySQL's PREPARE_OK carries the statement id
     /// that later COM_STMT_EXECUTEs name).
@@ -113,6 +119,31 @@ pub struct DbEvent {
     pub comm: [u8; 16],
     pub query: [u8; QUERY_MAX],
 }
+
+/// Bytes of a pipelined write kept (`DbWireBatch`).
+pub const WIRE_BATCH_MAX: usize = 4096;
+
+/// Wire: a request write longer than `QUERY_MAX` (several requests written at once, a
+/// pipeline, or one long one): its first `WIRE_BATCH_MAX` bytes, sent at the write, as
+/// long as the write (`WIRE_BATCH_HEADER` bytes, then the write's). The request's `DbEvent`
+/// (at its reply) has the same process, socket and start time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DbWireBatch {
+    /// `WIRE_BATCH_MARKER`, where a `DbEvent` has its (never all-ones) tgid.
+    pub marker: u32,
+    /// The socket fd + 1 (as `DbEvent::handle`).
+    pub fd: u32,
+    pub tgid: u32,
+    pub _pad: u32,
+    pub start_ns: u64,
+    /// The write's length (bytes past `WIRE_BATCH_MAX` are not sent).
+    pub len: u64,
+    pub bytes: [u8; WIRE_BATCH_MAX],
+}
+
+pub const WIRE_BATCH_MARKER: u32 = u32::MAX;
+pub const WIRE_BATCH_HEADER: usize = 32;
 
 pub mod counter {
     pub const QUERIES: u32 = 0;
@@ -127,7 +158,10 @@ pub mod counter {
     /// Wire: a request sent while another was still waiting for its response on the same
     /// socket (pipelining): only the first is timed.
     pub const PIPELINED: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// libpq: a command sent while `PIPELINE_SLOTS` others of its connection were still
+    /// waiting for their results (pipeline mode): counted, not timed.
+    pub const PIPELINE_TOO_DEEP: u32 = 7;
+    pub const COUNT: u32 = 8;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "queries",
@@ -137,6 +171,7 @@ pub mod counter {
         "text_unreadable",
         "stack_lost",
         "pipelined",
+        "pipeline_too_deep",
     ];
 }
 
@@ -152,6 +187,7 @@ mod pod {
     unsafe impl aya::Pod for super::DbInflight {}
     unsafe impl aya::Pod for super::DbPending {}
     unsafe impl aya::Pod for super::DbEvent {}
+    unsafe impl aya::Pod for super::DbWireBatch {}
 }
 
 #[cfg(test)]
@@ -175,6 +211,10 @@ mod tests {
         assert_eq!(
             core::mem::size_of::<super::DbEvent>(),
             88 + super::QUERY_MAX
+        );
+        assert_eq!(
+            core::mem::size_of::<super::DbWireBatch>(),
+            super::WIRE_BATCH_HEADER + super::WIRE_BATCH_MAX
         );
     }
 }

@@ -14,6 +14,11 @@ pub struct MariaDb {
 
 impl MariaDb {
     pub fn start(name: &str) -> Self {
+        Self::start_with(name, &[])
+    }
+
+    /// Started with extra server options (e.g. `--performance-schema=ON`).
+    pub fn start_with(name: &str, options: &[&str]) -> Self {
         let dir =
             std::env::temp_dir().join(format!("profiler-maria-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -52,6 +57,7 @@ impl MariaDb {
             .arg(format!("--pid-file={}", dir.join("pid").display()))
             .arg(format!("--log-error={}", dir.join("err.log").display()))
             .args(["--skip-networking", "--user=mysql", "--skip-grant-tables"])
+            .args(options)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -371,6 +371,94 @@ fn libpq_client_latency_matches_pgbench_prepared_statements() {
     check_libpq("prepared");
 }
 
+/// PostgreSQL pipeline mode through libpq (pgbench `\startpipeline` … `\endpipeline`, three
+/// prepared commands sent before the first result is read): every command is counted and
+/// timed from its own send to the end of its own results. Oracles: pg_stat_statements'
+/// calls (exact) and execution time (inside each of our windows), and pgbench's
+/// transaction latency (each window lies inside its transaction).
+#[test]
+fn pgbench_pipeline_mode_times_every_command() {
+    require_root();
+    let cluster = PgCluster::start("pipeline");
+    cluster.pgbench(&["-i", "-q", "-s", "1"]);
+    cluster.psql("CREATE EXTENSION pg_stat_statements");
+    let script = cluster.dir.join("pipeline.sql");
+    std::fs::write(
+        &script,
+        "\\set aid random(1, 100000)\n\\startpipeline\n\
+         SELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n\
+         SELECT abalance + 1 FROM pgbench_accounts WHERE aid = :aid;\n\
+         SELECT abalance, pg_sleep(0.001) FROM pgbench_accounts WHERE aid = :aid;\n\
+         \\endpipeline\n",
+    )
+    .unwrap();
+    let dir = temp_dir("db-pipeline");
+    let recording = Recording::start(&dir.join("out"), &["--events", "db", "--duration", "120s"]);
+    cluster.psql("SELECT pg_stat_statements_reset()");
+    let bench = cluster.pgbench(&[
+        "-n",
+        "-M",
+        "prepared",
+        "-f",
+        script.to_str().unwrap(),
+        "-c",
+        "2",
+        "-t",
+        "300",
+    ]);
+    let (capture, _) = recording.interrupt();
+    let transactions = pgbench_transactions(&bench);
+    let latency_ms: f64 = bench
+        .lines()
+        .find_map(|l| l.strip_prefix("latency average = "))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no latency in {bench}"));
+    let stats = cluster.psql(
+        "SELECT calls, total_exec_time, regexp_replace(query, '\\s+', ' ', 'g') \
+         FROM pg_stat_statements WHERE query LIKE '%abalance%'",
+    );
+    let queries = capture["db"]["queries"].as_array().expect("db queries");
+    let mut seen = 0;
+    for line in stats.lines() {
+        let mut f = line.splitn(3, '|');
+        let (calls, exec_ms, text) = (
+            f.next().unwrap().parse::<u64>().unwrap(),
+            f.next().unwrap().parse::<f64>().unwrap(),
+            normalized(f.next().unwrap()),
+        );
+        let ours = queries
+            .iter()
+            .find(|q| {
+                q["source"] == "libpq"
+                    && q["comm"] == "pgbench"
+                    && normalized(q["fingerprint"].as_str().unwrap()) == text
+            })
+            .unwrap_or_else(|| panic!("no libpq query {text} in {queries:?}"));
+        let ours_calls = ours["calls"].as_u64().unwrap();
+        let ours_ms = ours["total_ns"].as_u64().unwrap() as f64 / 1e6;
+        // pg_stat_statements folds `abalance` and `abalance + 1` apart, the literal as $n.
+        let per_transaction = ours_calls / transactions;
+        println!(
+            "{text}: calls ours {ours_calls} pg_stat_statements {calls}; time ours {ours_ms:.3} \
+             ms, server {exec_ms:.3} ms, pgbench's transactions {:.3} ms",
+            latency_ms * (per_transaction * transactions) as f64
+        );
+        assert_eq!(ours_calls, calls, "{text}");
+        assert!(ours_ms > exec_ms, "{text}: ours {ours_ms} ms");
+        assert!(
+            ours_ms < latency_ms * (per_transaction * transactions) as f64,
+            "{text}: ours {ours_ms} ms"
+        );
+        assert_eq!(ours["errors"].as_u64(), Some(0));
+        seen += calls;
+    }
+    assert_eq!(seen, 3 * transactions, "{stats}");
+    assert_eq!(
+        capture["metadata"]["counters"]["db_pipeline_too_deep"].as_u64(),
+        Some(0)
+    );
+}
+
 /// A script of 30 single-row lookups and one different query, run as pgbench transactions:
 /// one run of 30 per transaction (pgbench counts them), the N+1 pattern, issued from
 /// libpq's PQsendQuery.

@@ -68,6 +68,10 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ),
     ("mariadb-client", "the mariadb client, for the MySQL tests"),
     (
+        "sysbench",
+        "sysbench's OLTP scripts (prepared statements on libmariadb), for the MySQL tests",
+    ),
+    (
         "python3-mysqldb",
         "Python's MySQLdb (on libmariadb), the MySQL test workload",
     ),
@@ -110,7 +114,7 @@ impl Steps {
 
 pub fn run(purpose: Purpose) -> Result<()> {
     let mut steps = Steps {
-        total: 5,
+        total: if purpose == Purpose::Test { 6 } else { 5 },
         current: 0,
     };
     let packages: Vec<(&str, &str)> = match purpose {
@@ -122,6 +126,10 @@ pub fn run(purpose: Purpose) -> Result<()> {
         Purpose::Test => "Debian packages (to build, and the tests' peers and servers)",
     });
     install_packages(&packages)?;
+    if purpose == Purpose::Test {
+        steps.step("npm packages the tests' clients use");
+        install_npm_packages()?;
+    }
     steps.step("bpf-linker (links the eBPF object)");
     install_bpf_linker()?;
     steps.step(&format!(
@@ -135,6 +143,39 @@ pub fn run(purpose: Purpose) -> Result<()> {
         println!("      ok: /sys/kernel/btf/vmlinux");
     } else {
         bail!("this kernel has no /sys/kernel/btf/vmlinux (needs CONFIG_DEBUG_INFO_BTF=y)");
+    }
+    Ok(())
+}
+
+/// Where the tests find their npm packages (`NODE_PATH`); see `tests/src/lib.rs`.
+const NPM_PREFIX: &str = "/usr/local/lib/profiler-tests";
+/// npm packages the tests run: node-postgres, a pure-JavaScript PostgreSQL client on libuv
+/// (it writes with writev), for the db family's wire tests.
+const NPM_PACKAGES: &[&str] = &["pg@8.23.1"];
+
+fn install_npm_packages() -> Result<()> {
+    if Command::new("npm").arg("--version").output().is_err() {
+        // Only when there is no npm at all: a Node.js from elsewhere brings its own.
+        install_packages(&[
+            ("nodejs", "Node.js, which runs the npm test clients"),
+            ("npm", "npm, which installs them"),
+        ])?;
+    }
+    for package in NPM_PACKAGES {
+        let (name, version) = package.split_once('@').unwrap_or((package, ""));
+        let manifest = Path::new(NPM_PREFIX).join(format!("node_modules/{name}/package.json"));
+        let have = std::fs::read_to_string(&manifest).unwrap_or_default();
+        if have.contains(&format!("\"version\": \"{version}\"")) {
+            println!("      ok: {package}");
+            continue;
+        }
+        println!("      running npm install {package}");
+        crate::run_checked(
+            Command::new("npm")
+                .args(["install", "--no-audit", "--no-fund", "--prefix", NPM_PREFIX])
+                .arg(package),
+            "npm install",
+        )?;
     }
     Ok(())
 }

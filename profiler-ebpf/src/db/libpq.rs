@@ -1,10 +1,61 @@
 //! libpq in the client: PQsendQuery* / PQsendPrepare start a command, PQgetResult returning
 //! NULL ends it.
+//!
+//! Per connection, commands complete in the order they were sent, also in pipeline mode
+//! (several sent before the first result is read): each connection counts the commands it
+//! sent and the ones that completed, and keeps the ones in flight in `PIPELINE_SLOTS`
+//! slots (by their number), so each is timed from its own send to the end of its own
+//! results. A command sent while every slot is taken is counted, not timed. PQfinish
+//! forgets the connection (a new one may get the same address).
 
 use super::*;
 
+/// Commands sent and completed on one connection (`PGconn *`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Pipeline {
+    sent: u32,
+    done: u32,
+}
+
+/// A command in flight: its connection and slot (its number modulo `PIPELINE_SLOTS`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CommandKey {
+    tgid: u32,
+    slot: u32,
+    conn: u64,
+}
+
+#[map(name = "DB_LIBPQ_PIPELINE")]
+static PIPELINE: LruHashMap<ConnKey, Pipeline> = LruHashMap::with_max_entries(16384, 0);
+
+#[map(name = "DB_LIBPQ_COMMANDS")]
+static COMMANDS: LruHashMap<CommandKey, DbPending> = LruHashMap::with_max_entries(16384, 0);
+
+/// The number of the command `conn` sends now, or None when its slots are all in flight
+/// (counted).
+#[inline(always)]
+fn next_command(key: &ConnKey) -> Option<u32> {
+    let Some(pipeline) = PIPELINE.get_ptr_mut(key) else {
+        let first = Pipeline { sent: 1, done: 0 };
+        if PIPELINE.insert(key, &first, 0).is_err() {
+            count(counter::PENDING_MAP_FULL);
+            return None;
+        }
+        return Some(0);
+    };
+    let seq = unsafe { (*pipeline).sent };
+    unsafe { (*pipeline).sent = seq.wrapping_add(1) };
+    if seq.wrapping_sub(unsafe { (*pipeline).done }) >= PIPELINE_SLOTS {
+        count(counter::PIPELINE_TOO_DEEP);
+        return None;
+    }
+    Some(seq)
+}
+
 /// A libpq call that sends something and whose end PQgetResult will report: stores the
-/// start time and `text` (a user pointer) as the thread's client query.
+/// start time and `text` (a user pointer) as the connection's next command.
 #[inline(always)]
 fn client_start(ctx: &ProbeContext, flags: u32) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -13,16 +64,17 @@ fn client_start(ctx: &ProbeContext, flags: u32) -> u32 {
         return 0;
     }
     announce(tgid, tid);
+    let conn_key = ConnKey {
+        tgid,
+        _pad: 0,
+        conn: reg(ctx.regs as *const u8, &ARG1_REG),
+    };
+    let Some(seq) = next_command(&conn_key) else {
+        return 0;
+    };
     // Sampled mode: statement preparations are always seen (later executions name them).
+    // A command left out leaves its slot with an older number: its end is not timed.
     if flags & FLAG_PREPARE == 0 && sampled_out(config(&DB_SAMPLE_MASK)) {
-        let key = ConnKey {
-            tgid,
-            _pad: 0,
-            conn: reg(ctx.regs as *const u8, &ARG1_REG),
-        };
-        if let Some(previous) = CLIENT_PENDING.get_ptr_mut(&key) {
-            unsafe { (*previous).start_ns = 0 };
-        }
         return 0;
     }
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
@@ -31,6 +83,7 @@ fn client_start(ctx: &ProbeContext, flags: u32) -> u32 {
     unsafe {
         (*scratch).start_ns = bpf_ktime_get_ns();
         (*scratch).source = SOURCE_LIBPQ | (flags << 8);
+        (*scratch).seq = seq;
         (*scratch).user_stack_id = issuing_stack(ctx);
         let text = reg(ctx.regs as *const u8, &ARG2_REG) as *const u8;
         let len = if flags & FLAG_PREPARE != 0 {
@@ -52,12 +105,15 @@ fn client_start(ctx: &ProbeContext, flags: u32) -> u32 {
             }
         };
         (*scratch).len = len.min(QUERY_MAX) as u32;
-        let key = ConnKey {
+        let key = CommandKey {
             tgid,
-            _pad: 0,
-            conn: reg(ctx.regs as *const u8, &ARG1_REG),
+            slot: seq % PIPELINE_SLOTS,
+            conn: conn_key.conn,
         };
-        if CLIENT_PENDING.insert(&key, &*scratch, 0).is_err() {
+        // In place when the slot exists (no LRU node allocation).
+        if let Some(slot) = COMMANDS.get_ptr_mut(&key) {
+            core::ptr::copy_nonoverlapping(scratch as *const DbPending, slot, 1);
+        } else if COMMANDS.insert(&key, &*scratch, 0).is_err() {
             count(counter::PENDING_MAP_FULL);
         }
         if flags & FLAG_PREPARE == 0 {
@@ -95,7 +151,8 @@ pub fn libpq_get_result(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// PQgetResult returning NULL: the command's results are all in.
+/// PQgetResult returning NULL: the oldest command in flight on the connection has all its
+/// results.
 #[uretprobe]
 pub fn libpq_get_result_return(ctx: RetProbeContext) -> u32 {
     if reg(ctx.regs as *const u8, &RET_REG) != 0 {
@@ -104,15 +161,28 @@ pub fn libpq_get_result_return(ctx: RetProbeContext) -> u32 {
     let now = unsafe { bpf_ktime_get_ns() };
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    let Some(key) = returning_call(tgid, tid) else {
+    let Some(conn_key) = returning_call(tgid, tid) else {
         return 0;
     };
-    let Some(pending) = CLIENT_PENDING.get_ptr_mut(&key) else {
+    let Some(pipeline) = PIPELINE.get_ptr_mut(&conn_key) else {
+        return 0;
+    };
+    let seq = unsafe { (*pipeline).done };
+    if seq == unsafe { (*pipeline).sent } {
+        return 0; // nothing in flight (a NULL asked for again)
+    }
+    unsafe { (*pipeline).done = seq.wrapping_add(1) };
+    let key = CommandKey {
+        tgid,
+        slot: seq % PIPELINE_SLOTS,
+        conn: conn_key.conn,
+    };
+    let Some(pending) = COMMANDS.get_ptr_mut(&key) else {
         return 0;
     };
     let start = unsafe { (*pending).start_ns };
-    if start == 0 {
-        return 0;
+    if start == 0 || unsafe { (*pending).seq } != seq {
+        return 0; // sampled out, or sent past the slots
     }
     let flags = unsafe { (*pending).source } >> 8;
     unsafe { (*pending).source = SOURCE_LIBPQ };
@@ -125,10 +195,22 @@ pub fn libpq_get_result_return(ctx: RetProbeContext) -> u32 {
     let socket = if off == 0 {
         0
     } else {
-        unsafe { bpf_probe_read_user((key.conn + off as u64) as *const i32) }
+        unsafe { bpf_probe_read_user((conn_key.conn + off as u64) as *const i32) }
             .map_or(0, |fd| if fd >= 0 { fd as u64 + 1 } else { 0 })
     };
     emit_with_handle(pending, tgid, tid, flags, now.wrapping_sub(start), socket);
     unsafe { (*pending).start_ns = 0 };
+    0
+}
+
+/// PQfinish(conn): the connection is gone; its address may come back as a new one.
+#[uprobe]
+pub fn libpq_finish(ctx: ProbeContext) -> u32 {
+    let key = ConnKey {
+        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        _pad: 0,
+        conn: reg(ctx.regs as *const u8, &ARG1_REG),
+    };
+    let _ = PIPELINE.remove(&key);
     0
 }

@@ -25,10 +25,11 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use profiler_common::db::{
-    ARG_KIND_CONSTANT, ARG_KIND_MEMORY, DbEvent, DbInflight, DbPending, FLAG_ERROR, FLAG_PREPARE,
-    FLAG_PREPARED, FLAG_STATEMENT, PREPARE_NAME_MAX, QUERY_MAX, SOURCE_LIBPQ, SOURCE_MYSQL,
-    SOURCE_POSTGRES_USDT, SOURCE_SQLITE, SOURCE_WIRE_MYSQL, SOURCE_WIRE_POSTGRES,
-    SOURCE_WIRE_REDIS, counter, frame_hash,
+    ARG_KIND_CONSTANT, ARG_KIND_MEMORY, DbEvent, DbInflight, DbPending, DbWireBatch, FLAG_ERROR,
+    FLAG_PREPARE, FLAG_PREPARED, FLAG_STATEMENT, PIPELINE_SLOTS, PREPARE_NAME_MAX, QUERY_MAX,
+    SOURCE_LIBPQ, SOURCE_MYSQL, SOURCE_POSTGRES_USDT, SOURCE_SQLITE, SOURCE_WIRE_MYSQL,
+    SOURCE_WIRE_POSTGRES, SOURCE_WIRE_REDIS, WIRE_BATCH_HEADER, WIRE_BATCH_MARKER, WIRE_BATCH_MAX,
+    counter, frame_hash,
 };
 
 use crate::common::{
@@ -73,8 +74,8 @@ static TASK_TGID_OFF: u32 = 0;
 #[map(name = "DB_SEEN")]
 static SEEN: LruHashMap<u32, u8> = LruHashMap::with_max_entries(4096, 0);
 
-/// Client-side commands in flight (libpq), per connection: one thread may drive several
-/// connections at once (pgbench -c 2 -j 1 does).
+/// Client-side queries in flight (MySQL library), per connection: one thread may drive
+/// several connections at once.
 #[map(name = "DB_CLIENT_PENDING")]
 static CLIENT_PENDING: LruHashMap<ConnKey, DbPending> = LruHashMap::with_max_entries(16384, 0);
 
@@ -85,7 +86,13 @@ static CALL_HANDLE: LruHashMap<u32, u64> = LruHashMap::with_max_entries(16384, 0
 
 #[inline(always)]
 fn enter_call(tid: u32, handle: u64) {
-    let _ = CALL_HANDLE.insert(&tid, &handle, 0);
+    // In place when the thread has an entry: an LRU insert allocates a node (≈ 0.4 µs
+    // measured per call here), a lookup and a store do not.
+    if let Some(slot) = CALL_HANDLE.get_ptr_mut(&tid) {
+        unsafe { *slot = handle };
+    } else {
+        let _ = CALL_HANDLE.insert(&tid, &handle, 0);
+    }
 }
 
 /// The key of the call being returned from: (process, handle saved at entry).
@@ -228,7 +235,10 @@ fn emit_full(
             )
             .unwrap_or(0)
         };
-        if bpf_probe_read_kernel_buf((*pending).query.as_ptr(), &mut (*event).query).is_err() {
+        // Events without text (statement executions name their prepare's) skip the copy.
+        if (*pending).len != 0
+            && bpf_probe_read_kernel_buf((*pending).query.as_ptr(), &mut (*event).query).is_err()
+        {
             (*event).len = 0;
         }
     }

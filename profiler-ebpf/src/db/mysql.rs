@@ -1,5 +1,11 @@
 //! MySQL / MariaDB client library: mysql_real_query, mysql_send_query +
-//! mysql_read_query_result; per connection (the MYSQL *), one query in flight each.
+//! mysql_read_query_result; per connection (the MYSQL *), one query in flight each. And
+//! server-side prepared statements: mysql_stmt_prepare (text per statement handle),
+//! mysql_stmt_execute to mysql_stmt_store_result (time per execution).
+//!
+//! Cost per call: a uprobe trap each (entry, and the uretprobes' trampoline), one LRU map
+//! update per call and a ring-buffer event per query; the issuing user stack is walked at
+//! the query's start.
 
 use super::*;
 
@@ -101,5 +107,220 @@ pub fn mysql_query_return(ctx: RetProbeContext) -> u32 {
     );
     unsafe { (*pending).start_ns = 0 };
     let _ = DB_INFLIGHT.remove(&tid);
+    0
+}
+
+// Server-side prepared statements (the binary protocol): mysql_stmt_prepare names a
+// statement handle's text (one event; userspace keeps it per process and handle), an
+// execution runs from mysql_stmt_execute's entry until its result is in: the return of
+// mysql_stmt_store_result when the client buffers the rows (sysbench, most drivers), else
+// the execute's own return (emitted when the client next touches the statement: another
+// execute, a reset, free_result or close). Per statement handle, one execution in flight.
+
+/// An execution of a prepared statement.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct MysqlExec {
+    start_ns: u64,
+    /// When mysql_stmt_execute returned (0: not yet).
+    executed_ns: u64,
+    user_stack_id: i32,
+    _pad: u32,
+}
+
+#[map(name = "DB_MYSQL_EXEC")]
+static MYSQL_EXEC: LruHashMap<ConnKey, MysqlExec> = LruHashMap::with_max_entries(16384, 0);
+
+/// mysql_stmt_prepare(stmt, query, length): the statement's text, sent once.
+#[uprobe]
+pub fn mysql_stmt_prepare(ctx: ProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    if !wanted_ids(tgid, tid) {
+        return 0;
+    }
+    announce(tgid, tid);
+    let regs = ctx.regs as *const u8;
+    let stmt = reg(regs, &ARG1_REG);
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    unsafe {
+        (*scratch).start_ns = 0;
+        (*scratch).source = SOURCE_MYSQL;
+        (*scratch).user_stack_id = -1;
+        let text = reg(regs, &ARG2_REG) as *const u8;
+        let len = reg(regs, &ARG3_REG);
+        let n = if len < QUERY_MAX as u64 {
+            len
+        } else {
+            QUERY_MAX as u64
+        } as usize;
+        (*scratch).len = if n > 0
+            && n <= QUERY_MAX
+            && aya_ebpf::helpers::bpf_probe_read_user_buf(text, &mut (&mut (*scratch).query)[..n])
+                .is_ok()
+        {
+            if n < QUERY_MAX {
+                (*scratch).query[n] = 0;
+            }
+            n as u32
+        } else {
+            count(counter::TEXT_UNREADABLE);
+            0
+        };
+    }
+    emit_with_handle(scratch, tgid, tid, FLAG_PREPARE, 0, stmt);
+    0
+}
+
+/// Sends one finished execution of statement `key` (text from its prepare event).
+#[inline(always)]
+fn mysql_exec_finish(
+    tgid: u32,
+    tid: u32,
+    key: &ConnKey,
+    exec: &MysqlExec,
+    end_ns: u64,
+    error: bool,
+) {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    unsafe {
+        (*scratch).start_ns = exec.start_ns;
+        (*scratch).source = SOURCE_MYSQL;
+        (*scratch).user_stack_id = exec.user_stack_id;
+        (*scratch).len = 0;
+    }
+    count(counter::QUERIES);
+    let flags = FLAG_STATEMENT | if error { FLAG_ERROR } else { 0 };
+    emit_with_handle(
+        scratch,
+        tgid,
+        tid,
+        flags,
+        end_ns.wrapping_sub(exec.start_ns),
+        key.conn,
+    );
+    let _ = DB_INFLIGHT.remove(&tid);
+}
+
+/// An execution whose execute returned and no store_result followed ends at that return.
+#[inline(always)]
+fn mysql_exec_flush(tgid: u32, tid: u32, key: &ConnKey) {
+    if let Some(exec) = MYSQL_EXEC.get_ptr_mut(key) {
+        let done = unsafe { *exec };
+        if done.start_ns != 0 && done.executed_ns != 0 {
+            mysql_exec_finish(tgid, tid, key, &done, done.executed_ns, false);
+            unsafe { (*exec).start_ns = 0 };
+        }
+    }
+}
+
+/// mysql_stmt_execute(stmt) entry: an execution starts.
+#[uprobe]
+pub fn mysql_stmt_execute(ctx: ProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    if !wanted_ids(tgid, tid) {
+        return 0;
+    }
+    announce(tgid, tid);
+    let key = ConnKey {
+        tgid,
+        _pad: 0,
+        conn: reg(ctx.regs as *const u8, &ARG1_REG),
+    };
+    mysql_exec_flush(tgid, tid, &key);
+    enter_call(tid, key.conn);
+    if sampled_out(config(&DB_SAMPLE_MASK)) {
+        let _ = MYSQL_EXEC.remove(&key);
+        return 0;
+    }
+    let exec = MysqlExec {
+        start_ns: unsafe { bpf_ktime_get_ns() },
+        executed_ns: 0,
+        user_stack_id: issuing_stack(&ctx),
+        _pad: 0,
+    };
+    // In place for a statement executed before (the usual case): no LRU node allocation.
+    if let Some(slot) = MYSQL_EXEC.get_ptr_mut(&key) {
+        unsafe { *slot = exec };
+    } else if MYSQL_EXEC.insert(&key, &exec, 0).is_err() {
+        count(counter::PENDING_MAP_FULL);
+    }
+    0
+}
+
+/// mysql_stmt_execute returned: failed (the execution ends), or the result header is in.
+#[uretprobe]
+pub fn mysql_stmt_execute_return(ctx: RetProbeContext) -> u32 {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    let Some(key) = returning_call(tgid, tid) else {
+        return 0;
+    };
+    let Some(exec) = MYSQL_EXEC.get_ptr_mut(&key) else {
+        return 0;
+    };
+    if unsafe { (*exec).start_ns } == 0 {
+        return 0;
+    }
+    if reg(ctx.regs as *const u8, &RET_REG) as u32 != 0 {
+        let done = unsafe { *exec };
+        mysql_exec_finish(tgid, tid, &key, &done, now, true);
+        unsafe { (*exec).start_ns = 0 };
+    } else {
+        unsafe { (*exec).executed_ns = now };
+    }
+    0
+}
+
+/// mysql_stmt_store_result(stmt) entry: remember the statement for the return.
+#[uprobe]
+pub fn mysql_stmt_store_result(ctx: ProbeContext) -> u32 {
+    enter_call(
+        bpf_get_current_pid_tgid() as u32,
+        reg(ctx.regs as *const u8, &ARG1_REG),
+    );
+    0
+}
+
+/// mysql_stmt_store_result returned: every row is in; the execution ends.
+#[uretprobe]
+pub fn mysql_stmt_store_result_return(ctx: RetProbeContext) -> u32 {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    let Some(key) = returning_call(tgid, tid) else {
+        return 0;
+    };
+    let Some(exec) = MYSQL_EXEC.get_ptr_mut(&key) else {
+        return 0;
+    };
+    let done = unsafe { *exec };
+    if done.start_ns == 0 || done.executed_ns == 0 {
+        return 0;
+    }
+    let failed = reg(ctx.regs as *const u8, &RET_REG) as u32 != 0;
+    mysql_exec_finish(tgid, tid, &key, &done, now, failed);
+    unsafe { (*exec).start_ns = 0 };
+    0
+}
+
+/// mysql_stmt_reset / mysql_stmt_free_result / mysql_stmt_close(stmt): an execution
+/// without store_result ended at its execute's return.
+#[uprobe]
+pub fn mysql_stmt_done(ctx: ProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    let key = ConnKey {
+        tgid,
+        _pad: 0,
+        conn: reg(ctx.regs as *const u8, &ARG1_REG),
+    };
+    mysql_exec_flush(tgid, tid, &key);
     0
 }

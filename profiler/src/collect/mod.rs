@@ -395,6 +395,7 @@ impl Prepared {
                 &db,
                 &mut builder,
                 config.db_sample_every,
+                &config.pids,
             )?),
         };
         // User threads' stacks shown as `[user stack …]` (kernel threads have none to lose).
@@ -522,6 +523,7 @@ fn family_counters(
         }
         counters.insert("db_filtered_out".into(), db_owners.filtered_out);
         counters.insert("db_wire_undecoded".into(), db_owners.undecoded);
+        counters.insert("db_wire_pipeline_cut".into(), db_owners.pipeline_cut);
     }
     Ok(counters)
 }

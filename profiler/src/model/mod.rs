@@ -238,6 +238,23 @@ pub struct DbProfile {
     /// N+1 suspects: one fingerprint issued many times in a row by one thread.
     #[serde(default)]
     pub n_plus_one: Vec<NPlusOne>,
+    /// Per process: which sources timed its queries, or its database connections that no
+    /// source decoded.
+    #[serde(default)]
+    pub coverage: Vec<DbCoverage>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DbCoverage {
+    pub pid: u32,
+    pub comm: String,
+    /// A server: its queries were timed on the server's side (`postgres-usdt`).
+    pub server: bool,
+    /// (source, calls) of its timed queries.
+    pub sources: Vec<(String, u64)>,
+    /// With no timed query: its established TCP connections to database ports at the end
+    /// of the capture (`ADDRESS:PORT KIND`, kind `postgres`, `mysql` or `redis`).
+    pub untimed_connections: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

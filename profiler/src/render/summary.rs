@@ -263,6 +263,42 @@ pub fn summary(capture: &Capture, top: usize) -> String {
     out
 }
 
+/// Which source timed each process's queries, and the processes that talk to a database
+/// port with no query timed (a line each: what the capture could not see).
+fn db_coverage(out: &mut String, db: &crate::model::DbProfile) {
+    if db.coverage.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "coverage (which source timed each process's queries):");
+    for c in &db.coverage {
+        if c.sources.is_empty() {
+            let _ = writeln!(
+                out,
+                "  {}[{}]: 0 queries timed, yet connected to {}; no source decoded it (a \
+                 client library not probed, or the wire off: try -p {} or --db-wire)",
+                c.comm,
+                c.pid,
+                c.untimed_connections.join(", "),
+                c.pid,
+            );
+            continue;
+        }
+        let sources: Vec<String> = c
+            .sources
+            .iter()
+            .map(|(source, calls)| format!("{source} {calls}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "  {}[{}]{}: {}",
+            c.comm,
+            c.pid,
+            if c.server { " (server side)" } else { "" },
+            sources.join(", "),
+        );
+    }
+}
+
 fn db_summary(
     out: &mut String,
     db: &crate::model::DbProfile,
@@ -282,6 +318,7 @@ fn db_summary(
         counter("db_text_unreadable"),
         counter("db_filtered_out"),
     );
+    db_coverage(out, db);
     if db.queries.is_empty() {
         return;
     }

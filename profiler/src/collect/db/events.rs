@@ -17,7 +17,7 @@ pub(crate) struct DbOwners {
     pids: Vec<u32>,
     /// Prepared statements' text by (process, name), from PQsendPrepare.
     prepared: HashMap<(u32, String), String>,
-    /// SQLite statements' text by (process, statement pointer), from their prepare.
+    /// SQLite and MySQL statements' text by (process, statement handle), from their prepare.
     statements: HashMap<(u32, u64), String>,
     pub(crate) filtered_out: u64,
     /// Wire requests whose bytes did not decode.
@@ -26,7 +26,17 @@ pub(crate) struct DbOwners {
     /// off-CPU stacks.
     pub(crate) frames: HashMap<u32, String>,
     endpoints: HashMap<(u32, u64), String>,
+    /// Wire: long request writes (pipelines) by (process, socket + 1, start), until their
+    /// reply's event names them: the bytes kept and the write's length.
+    batches: HashMap<(u32, u64, u64), (Vec<u8>, u64)>,
+    /// Wire: pipelined writes whose requests went on past the bytes kept (the rest is not
+    /// counted).
+    pub(crate) pipeline_cut: u64,
 }
+
+/// Pipelined writes kept at most while waiting for their replies (a reply never seen:
+/// the process died or the capture ended).
+const BATCHES_MAX: usize = 4096;
 
 /// `ip:port` (`[ip6]:port`) of the peer of socket `fd` of process `pid`, or `unix`, from
 /// /proc (the process's own network namespace).
@@ -82,6 +92,8 @@ impl DbOwners {
             undecoded: 0,
             frames: HashMap::new(),
             endpoints: HashMap::new(),
+            batches: HashMap::new(),
+            pipeline_cut: 0,
         }
     }
 
@@ -116,6 +128,16 @@ pub(crate) fn drain_db_events(
     (started_from, started_before): (u64, u64),
 ) {
     while let Some(item) = ring.next() {
+        if let Some(batch) = crate::probes::db::decode_batch(&item) {
+            if owners.batches.len() >= BATCHES_MAX {
+                owners.batches.clear();
+            }
+            owners.batches.insert(
+                (batch.tgid, u64::from(batch.fd), batch.start_ns),
+                (batch.bytes, batch.len),
+            );
+            continue;
+        }
         if let Some(query) = crate::probes::db::decode(&item)
             // Statement definitions (SQLite prepares carry no time, libpq prepares are no
             // queries) go to both windows: later executions are named from them.
@@ -128,7 +150,7 @@ pub(crate) fn drain_db_events(
             // What the kernel hashed for the off-CPU frame: libpq's text argument (a
             // prepared statement's name), a simple query's text on the wire.
             let frame = match query.source {
-                "libpq" | "mysql" if query.prepare_name.is_none() => {
+                "libpq" | "mysql" if query.prepare_name.is_none() && !query.statement => {
                     Some(profiler_common::db::frame_hash(query.text.as_bytes()))
                 }
                 "wire-postgres" if query.raw.first() == Some(&b'Q') => Some(
@@ -136,6 +158,27 @@ pub(crate) fn drain_db_events(
                 ),
                 _ => None,
             };
+            // A pipeline written at once: every request in it, each timed like the first
+            // (from the write to the first byte of the replies).
+            // A write of at most QUERY_MAX bytes is whole in the event; a longer one came
+            // before it as a batch.
+            let batch = owners
+                .batches
+                .remove(&(query.pid, query.handle, query.start_ns));
+            let batch_cut = batch
+                .as_ref()
+                .is_some_and(|(bytes, len)| *len > bytes.len() as u64);
+            if let Some((bytes, _)) = batch {
+                query.raw = bytes;
+            }
+            let mut more: Vec<String> = Vec::new();
+            if query.source == "wire-redis" {
+                let (requests, cut) = crate::collect::db::wire::redis_all(&query.raw);
+                if batch_cut || (cut && !requests.is_empty()) {
+                    owners.pipeline_cut += 1;
+                }
+                more = requests.into_iter().skip(1).map(|r| r.text).collect();
+            }
             if query.source.starts_with("wire-") {
                 let decoded = match query.source {
                     "wire-redis" => crate::collect::db::wire::redis(&query.raw),
@@ -171,7 +214,7 @@ pub(crate) fn drain_db_events(
                     .and_then(|key| owners.prepared.get(&(query.pid, key)).cloned())
                     .unwrap_or(request.text);
             }
-            if query.source == "sqlite" && query.prepare_name.is_some() {
+            if matches!(query.source, "sqlite" | "mysql") && query.prepare_name.is_some() {
                 owners
                     .statements
                     .insert((query.pid, query.handle), query.text);
@@ -217,19 +260,21 @@ pub(crate) fn drain_db_events(
                 }
                 _ => String::new(),
             };
-            db.add(&Observed {
-                source: query.source,
-                pid: owner,
-                comm: &query.comm,
-                tid: query.tid,
-                text: &text,
-                truncated: query.truncated,
-                error: query.error,
-                start_ns: query.start_ns,
-                duration_ns: query.duration_ns,
-                user_stack_id: query.user_stack_id,
-                endpoint: &endpoint,
-            });
+            for text in std::iter::once(&text).chain(&more) {
+                db.add(&Observed {
+                    source: query.source,
+                    pid: owner,
+                    comm: &query.comm,
+                    tid: query.tid,
+                    text,
+                    truncated: query.truncated,
+                    error: query.error,
+                    start_ns: query.start_ns,
+                    duration_ns: query.duration_ns,
+                    user_stack_id: query.user_stack_id,
+                    endpoint: &endpoint,
+                });
+            }
         }
     }
 }
@@ -240,8 +285,10 @@ pub(crate) fn profile(
     db: &DbAggregator,
     builder: &mut StackBuilder,
     sample_every: u32,
+    pids: &[u32],
 ) -> Result<DbProfile> {
     let mut profile = db.profile();
+    profile.coverage = super::coverage::coverage(&profile.queries, pids, std::process::id());
     for (_, pid, fingerprint, stack_id, tid, calls, total_ns) in db.stack_usage() {
         if stack_id < 0 {
             continue; // server-side: no client code path

@@ -1,8 +1,10 @@
 //! Database family, aggregated: per-fingerprint latency statistics and N+1 suspects from the
 //! queries every source reports (server probes, client libraries, the wire).
 //!
-//! Beside it: `fingerprint` (query normalization) and `wire` (decoding client requests).
+//! Beside it: `fingerprint` (query normalization), `wire` (decoding client requests) and
+//! `coverage` (which source timed each process, and database connections none decoded).
 
+pub mod coverage;
 pub mod events;
 pub mod fingerprint;
 pub mod wire;

@@ -102,6 +102,47 @@ pub fn mysql_prepared_id(reply: &[u8]) -> Option<u32> {
     Some(u32::from_le_bytes(reply.get(5..9)?.try_into().ok()?))
 }
 
+/// Every whole Redis command in `bytes` (a pipeline written at once), in order, and
+/// whether bytes were left that are no whole command (a command cut at the end).
+pub fn redis_all(bytes: &[u8]) -> (Vec<WireRequest>, bool) {
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let Some((request, used)) = redis_one(rest) else {
+            return (out, true);
+        };
+        out.push(request);
+        rest = &rest[used..];
+    }
+    (out, false)
+}
+
+/// One RESP command at the start of `bytes` and the bytes it takes, when it is whole.
+fn redis_one(bytes: &[u8]) -> Option<(WireRequest, usize)> {
+    let request = redis(bytes)?;
+    let line = |from: usize| -> Option<(usize, usize)> {
+        // The number after bytes[from] (a '*' or '$') and where its line ends.
+        let end = from + bytes.get(from..)?.windows(2).position(|w| w == b"\r\n")?;
+        let n = std::str::from_utf8(bytes.get(from + 1..end)?)
+            .ok()?
+            .parse()
+            .ok()?;
+        Some((n, end + 2))
+    };
+    let (count, mut at) = line(0)?;
+    for _ in 0..count {
+        if bytes.get(at) != Some(&b'$') {
+            return None;
+        }
+        let (len, data) = line(at)?;
+        at = data + len + 2;
+        if bytes.get(at - 2..at)? != b"\r\n" {
+            return None;
+        }
+    }
+    Some((request, at))
+}
+
 /// A Redis RESP command: `*N\r\n$L\r\nCMD\r\n…` → `CMD ? ?` (arguments are data).
 pub fn redis(bytes: &[u8]) -> Option<WireRequest> {
     let rest = bytes.strip_prefix(b"*")?;
@@ -169,6 +210,32 @@ mod tests {
         assert_eq!(redis(b"*1\r\n$4\r\nPING\r\n").unwrap().text, "PING");
         let mset = format!("*21\r\n$4\r\nMSET\r\n{}", "$1\r\nx\r\n".repeat(20));
         assert!(redis(mset.as_bytes()).unwrap().text.ends_with('…'));
+    }
+
+    #[test]
+    fn redis_pipelines_are_split_into_their_commands() {
+        let set = b"*3\r\n$3\r\nSET\r\n$5\r\nkey:1\r\n$3\r\na\r\n\r\n";
+        let get = b"*2\r\n$3\r\nGET\r\n$5\r\nkey:1\r\n";
+        let mut pipeline = Vec::new();
+        for _ in 0..3 {
+            pipeline.extend_from_slice(set);
+            pipeline.extend_from_slice(get);
+        }
+        let (requests, cut) = redis_all(&pipeline);
+        let texts: Vec<&str> = requests.iter().map(|r| r.text.as_str()).collect();
+        assert_eq!(
+            texts,
+            ["SET ? ?", "GET ?", "SET ? ?", "GET ?", "SET ? ?", "GET ?"]
+        );
+        assert!(!cut);
+        // Cut inside the fourth command: three whole ones, and the rest said to be cut.
+        let (requests, cut) = redis_all(&pipeline[..set.len() * 2 + get.len() + 10]);
+        assert_eq!(requests.len(), 3);
+        assert!(cut);
+        // A value's bytes that look like a command are data.
+        let tricky = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$14\r\n*1\r\n$4\r\nPING\r\n\r\n";
+        let (requests, cut) = redis_all(tricky);
+        assert_eq!((requests.len(), cut), (1, false));
     }
 
     #[test]

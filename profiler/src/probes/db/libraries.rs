@@ -33,6 +33,7 @@ pub const LIBPQ: ClientLibrary = ClientLibrary {
         ("PQsendQueryParams", "libpq_send_query", false),
         ("PQsendQueryPrepared", "libpq_send_prepared", false),
         ("PQsendPrepare", "libpq_send_prepare", false),
+        ("PQfinish", "libpq_finish", false),
     ],
 };
 
@@ -59,6 +60,19 @@ pub(super) const MYSQL_PROBES: &[(&str, &str, bool)] = &[
     ("mysql_read_query_result", "mysql_read_result", false),
     ("mysql_real_query", "mysql_query", false),
     ("mysql_send_query", "mysql_query", false),
+    // Prepared statements: ends (store_result, then the execute's return) before starts.
+    (
+        "mysql_stmt_store_result",
+        "mysql_stmt_store_result_return",
+        true,
+    ),
+    ("mysql_stmt_store_result", "mysql_stmt_store_result", false),
+    ("mysql_stmt_execute", "mysql_stmt_execute_return", true),
+    ("mysql_stmt_reset", "mysql_stmt_done", false),
+    ("mysql_stmt_free_result", "mysql_stmt_done", false),
+    ("mysql_stmt_close", "mysql_stmt_done", false),
+    ("mysql_stmt_execute", "mysql_stmt_execute", false),
+    ("mysql_stmt_prepare", "mysql_stmt_prepare", false),
 ];
 
 pub const MARIADB: ClientLibrary = ClientLibrary {

@@ -22,7 +22,7 @@ use aya::programs::UProbe;
 use profiler_common::db::{
     DbEvent, FLAG_ERROR, FLAG_PREPARE, FLAG_PREPARED, FLAG_STATEMENT, PREPARE_NAME_MAX, QUERY_MAX,
     SOURCE_LIBPQ, SOURCE_MYSQL, SOURCE_SQLITE, SOURCE_WIRE_MYSQL, SOURCE_WIRE_POSTGRES,
-    SOURCE_WIRE_REDIS, counter, maps,
+    SOURCE_WIRE_REDIS, WIRE_BATCH_HEADER, WIRE_BATCH_MARKER, WIRE_BATCH_MAX, counter, maps,
 };
 
 use super::{Globals, Probes, global, program, read_counters};
@@ -71,10 +71,11 @@ impl DbTargets {
             .iter()
             .map(|t| t.path.clone())
             .chain(self.libraries.iter().map(|t| t.path.clone()))
-            .chain(
-                self.wire
-                    .then(|| PathBuf::from("[wire: write/sendto, read/recvfrom]")),
-            )
+            .chain(self.wire.then(|| {
+                PathBuf::from(
+                    "[wire: write/sendto/writev/sendmsg/sendmmsg, read/recvfrom/readv/recvmsg]",
+                )
+            }))
             .collect()
     }
 }
@@ -287,9 +288,10 @@ pub struct QueryRecord {
     pub tid: u32,
     /// `postgres-usdt`, `libpq` or `sqlite`.
     pub source: &'static str,
-    /// SQLite: the statement (prepare events name its text, statement events use it).
+    /// SQLite and MySQL prepared statements: the statement handle (prepare events name its
+    /// text, statement events use it).
     pub handle: u64,
-    /// SQLite: `text` is empty; the statement's text came with its prepare event.
+    /// SQLite, MySQL: `text` is empty; the statement's text came with its prepare event.
     pub statement: bool,
     /// Wire sources: the request's first bytes as written (`text` is empty).
     pub raw: Vec<u8>,
@@ -311,8 +313,41 @@ pub struct QueryRecord {
     pub truncated: bool,
 }
 
+/// A long request write on the wire (a pipeline), kept until its reply's event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WireBatch {
+    pub tgid: u32,
+    /// The socket fd + 1.
+    pub fd: u32,
+    pub start_ns: u64,
+    /// The write's length; `bytes` holds its first `WIRE_BATCH_MAX`.
+    pub len: u64,
+    pub bytes: Vec<u8>,
+}
+
+/// A `DbWireBatch` ring item (told apart from `DbEvent`s by its marker).
+pub fn decode_batch(bytes: &[u8]) -> Option<WireBatch> {
+    let header = bytes.get(..WIRE_BATCH_HEADER)?;
+    let word = |at: usize| u32::from_ne_bytes(header[at..at + 4].try_into().expect("4 bytes"));
+    let long = |at: usize| u64::from_ne_bytes(header[at..at + 8].try_into().expect("8 bytes"));
+    if word(0) != WIRE_BATCH_MARKER {
+        return None;
+    }
+    let len = long(24);
+    let kept = (len as usize)
+        .min(WIRE_BATCH_MAX)
+        .min(bytes.len() - WIRE_BATCH_HEADER);
+    Some(WireBatch {
+        fd: word(4),
+        tgid: word(8),
+        start_ns: long(16),
+        len,
+        bytes: bytes[WIRE_BATCH_HEADER..WIRE_BATCH_HEADER + kept].to_vec(),
+    })
+}
+
 pub fn decode(bytes: &[u8]) -> Option<QueryRecord> {
-    if bytes.len() < std::mem::size_of::<DbEvent>() {
+    if bytes.len() < std::mem::size_of::<DbEvent>() || decode_batch(bytes).is_some() {
         return None;
     }
     // SAFETY: DbEvent is plain data; read_unaligned copes with any alignment.
@@ -328,7 +363,7 @@ pub fn decode(bytes: &[u8]) -> Option<QueryRecord> {
     );
     let (text, prepare_name) = if wire {
         (String::new(), None)
-    } else if e.flags & FLAG_PREPARE != 0 && e.source == SOURCE_SQLITE {
+    } else if e.flags & FLAG_PREPARE != 0 && matches!(e.source, SOURCE_SQLITE | SOURCE_MYSQL) {
         (until_nul(&e.query[..len]), Some(String::new()))
     } else if e.flags & FLAG_PREPARE != 0 {
         let name = until_nul(&e.query[..PREPARE_NAME_MAX]);
