@@ -343,6 +343,117 @@ fn daemon_reports_a_regression_against_a_pinned_baseline() {
     );
 }
 
+/// Without a baseline: the windows of a steady diff workload raise no event; when it slows
+/// (`stage_query` blocks 5 ms more per request from 20 s on), a window holding the change
+/// raises one event naming `stage_query` — not `main` or the other frames that carry every
+/// stack — and the windows after it, all slow, raise none (the change is the new normal).
+#[test]
+fn daemon_reports_a_change_against_its_recent_windows() {
+    require_root();
+    let _serial = serial();
+    let dir = temp_dir("daemon-rolling");
+    let mut workload = Command::new(built_binary("diff-workload"))
+        .args(["--extra-ms", "5", "--extra-after-s", "20"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("diff-workload");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(workload.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let slow_from_ms = unix_ms() + 20_000;
+    let pid = line.trim().trim_start_matches("ready ").to_string();
+    let port = free_port();
+    let mut daemon = start_daemon(
+        &dir.join("data"),
+        port,
+        &[
+            "--window",
+            "2s",
+            "--keep",
+            "40",
+            "--",
+            "--events",
+            "offcpu",
+            "--interval",
+            "125ms",
+            "-p",
+            &pid,
+        ],
+    );
+    let _kill_on_panic = KillOnDrop(daemon.id());
+    let events = |port| -> Vec<serde_json::Value> {
+        get(port, "/events")
+            .and_then(|(_, body)| serde_json::from_str(&body).ok())
+            .unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let first = loop {
+        assert!(Instant::now() < deadline, "no regression event");
+        std::thread::sleep(Duration::from_millis(500));
+        if let Some(event) = events(port).into_iter().next() {
+            break event;
+        }
+    };
+    println!("{first}");
+    // The window that raised it holds the change (ends after the workload slowed).
+    let window = std::path::Path::new(first["window"].as_str().unwrap());
+    let capture: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(window.join("capture.json")).unwrap()).unwrap();
+    let start_ms = capture["metadata"]["start_unix_ms"].as_u64().unwrap();
+    let end_ms = start_ms + capture["metadata"]["duration_ns"].as_u64().unwrap() / 1_000_000;
+    assert!(
+        end_ms > slow_from_ms,
+        "an event for a window that ended {} ms before the workload changed: {first}",
+        slow_from_ms - end_ms
+    );
+    let names: Vec<&str> = first["regressions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    assert!(
+        names.iter().any(|n| is_function(n, "stage_query")),
+        "{names:?}"
+    );
+    for carrier in ["main", "handle_request", "__libc_start_call_main"] {
+        assert!(
+            !names.iter().any(|n| is_function(n, carrier)),
+            "{carrier} carries every stack and was named: {names:?}"
+        );
+    }
+    // Six more windows of the slow workload: no second event.
+    let (_, metrics) = get(port, "/metrics").unwrap();
+    let windows = metric(&metrics, "profiler_windows_total ").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(Instant::now() < deadline, "windows stopped");
+        std::thread::sleep(Duration::from_millis(500));
+        let (_, metrics) = get(port, "/metrics").unwrap();
+        if metric(&metrics, "profiler_windows_total ").unwrap() >= windows + 6.0 {
+            break;
+        }
+    }
+    let all = events(port);
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let status = daemon.wait().unwrap();
+    let _ = workload.kill();
+    let _ = workload.wait();
+    assert!(status.success());
+    assert_eq!(all.len(), 1, "one change, one event: {all:?}");
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
 /// Settings from a TOML file; SIGHUP re-reads it: lowering `keep` from 5 to 1 leaves one
 /// window listed and on disk. A bad edit is refused with one line and the daemon goes on.
 #[test]

@@ -551,3 +551,52 @@ fn windows_captures_and_outputs_are_private() {
         "systemd-analyze found fault with the unit: {said}"
     );
 }
+
+/// SIGSTOP for 30 s, then SIGCONT: the window that spans the stop ends when the daemon
+/// resumes and says how long it really lasted, the windows still follow each other with no
+/// gap (each starts no later than the previous one ended, by the captures' own clocks), and
+/// none fails.
+#[test]
+fn a_daemon_stopped_for_30_s_keeps_its_windows_consistent() {
+    require_root();
+    let _serial = serial();
+    let dir = temp_dir("fault-sigstop");
+    let data = dir.join("data");
+    let port = free_port();
+    let mut daemon = Daemon::start(&data, port);
+    wait_until("2 windows", Duration::from_secs(60), || {
+        metric(port, "profiler_windows_total") >= 2.0
+    });
+    let pid = daemon.0.id() as i32;
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_secs(30));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let windows = metric(port, "profiler_windows_total");
+    wait_until("3 windows after SIGCONT", Duration::from_secs(60), || {
+        metric(port, "profiler_windows_total") >= windows + 3.0
+    });
+    assert_eq!(metric(port, "profiler_window_errors_total"), 0.0);
+    daemon.stop();
+    let mut spans: Vec<(u64, u64)> = Vec::new();
+    for window in windows_in(&data) {
+        assert_complete(&window);
+        let capture = read_capture(&window);
+        let meta = &capture["metadata"];
+        spans.push((
+            meta["start_unix_ms"].as_u64().unwrap(),
+            meta["duration_ns"].as_u64().unwrap() / 1_000_000,
+        ));
+    }
+    let longest = spans.iter().map(|s| s.1).max().unwrap();
+    println!("windows (start ms, length ms): {spans:?}");
+    assert!(
+        longest >= 30_000,
+        "no window spans the 30 s stop: {spans:?}"
+    );
+    for pair in spans.windows(2) {
+        let gap = pair[1].0 as i64 - (pair[0].0 + pair[0].1) as i64;
+        assert!(gap <= 20, "{gap} ms between windows: {spans:?}");
+    }
+}

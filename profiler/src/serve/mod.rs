@@ -34,7 +34,7 @@ use crate::model::Capture;
 use budget::Cost;
 pub use config::{Settings, settings};
 use config::{reload_settings, window_options};
-use events::{EVENTS_KEPT, regression_event};
+use events::{Baseline, EVENTS_KEPT};
 pub use http::capture_from_daemon;
 use windows::{apply_retention, dirs_named};
 
@@ -124,13 +124,12 @@ async fn serve_and_record(
 
     let mut signals = Signals::new()?;
     let mut reload = false;
-    let baseline = match &args.baseline {
-        Some(path) => Some(Capture::load(path)?),
-        None => None,
+    let mut baseline = match &args.baseline {
+        Some(path) => Baseline::new(Some(&Capture::load(path)?)),
+        None => Baseline::new(None),
     };
     // Windows left by an earlier run (a restart) count for retention too.
     state.lock().expect("state lock").kept = dirs_named(&args.data_dir, "window-");
-    let mut previous: Option<Capture> = None;
     let mut next: Option<Result<crate::collect::Prepared>> = None;
     let mut mark = Mark::now();
     let mut last_error: Option<String> = None;
@@ -184,12 +183,17 @@ async fn serve_and_record(
                 tokio::pin!(window);
                 let result = loop {
                     tokio::select! {
-                        result = &mut window => break result,
+                        biased;
                         _ = signals.term.recv() => stop = true,
                         _ = signals.int.recv() => stop = true,
                         _ = signals.hup.recv() => reload = true,
+                        result = &mut window => break result,
                     }
                 };
+                // A signal that came while the window was symbolized and written (one
+                // uninterrupted poll) is still pending: seen now, it stops the daemon
+                // before another window starts (that window would not see it).
+                signals.pending(&mut stop, &mut reload).await;
                 // Complete: from its staging name to its own.
                 let published = windows::published_path(&dir);
                 match result.and_then(|(capture, following)| {
@@ -237,11 +241,7 @@ async fn serve_and_record(
                 continue;
             }
         };
-        let baseline_capture = match &baseline {
-            Some(pinned) => Some(pinned),
-            None => previous.as_ref(),
-        };
-        let event = baseline_capture.and_then(|b| regression_event(b, &capture, &dir));
+        let event = baseline.judge(&capture, &dir);
         let mut state = state.lock().expect("state lock");
         if let Some(event) = event {
             // One JSON line per event, for log shippers.
@@ -276,7 +276,6 @@ async fn serve_and_record(
         cost.oncpu_hz = capture.oncpu.as_ref().map(|o| o.frequency_hz);
         state.cost = cost.clone();
         state.cumulative.add(&capture);
-        previous = Some(capture.clone());
         state.latest = Some((dir, capture));
         drop(state);
         // A window's symbolization and aggregation leave freed heap behind; hand it back so
@@ -313,6 +312,20 @@ impl Signals {
             int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
             hup: signal(SignalKind::hangup()).context("cannot handle SIGHUP")?,
         })
+    }
+
+    /// Takes the signals already delivered, without waiting.
+    async fn pending(&mut self, stop: &mut bool, reload: &mut bool) {
+        // One of each kind at most.
+        for _ in 0..3 {
+            tokio::select! {
+                biased;
+                _ = self.term.recv() => *stop = true,
+                _ = self.int.recv() => *stop = true,
+                _ = self.hup.recv() => *reload = true,
+                _ = std::future::ready(()) => return,
+            }
+        }
     }
 
     /// Sleeps `duration`, or until a signal: SIGTERM/SIGINT set `stop`, SIGHUP `reload`.
