@@ -357,6 +357,7 @@ fn daemon_reports_a_change_against_its_recent_windows() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("diff-workload");
+    let _kill_workload_on_panic = KillOnDrop(workload.id());
     let mut line = String::new();
     std::io::BufRead::read_line(
         &mut std::io::BufReader::new(workload.stdout.take().unwrap()),
