@@ -56,8 +56,9 @@ pub enum Command {
 #[derive(Debug, clap::Args)]
 pub struct DaemonArgs {
     /// TOML file with any of these settings (`data_dir`, `window`, `keep`, `max_age`,
-    /// `max_bytes`, `listen`, `baseline`, `max_cpu`, `record` = [record options]); flags win
-    /// over it. SIGHUP re-reads it (applied from the next window; `listen` stays).
+    /// `max_bytes`, `listen`, `allow_remote`, `allow_capture_get`, `baseline`, `max_cpu`,
+    /// `record` = [record options]); flags win over it. SIGHUP re-reads it (applied from the
+    /// next window; `listen` stays).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Where the windows' capture directories go [default: /var/lib/profiler].
@@ -75,9 +76,17 @@ pub struct DaemonArgs {
     /// Remove the oldest windows while all of them take more than this many bytes.
     #[arg(long)]
     pub max_bytes: Option<u64>,
-    /// HTTP address [default: 127.0.0.1:9464].
+    /// HTTP address [default: 127.0.0.1:9464]. Loopback only, unless --allow-remote.
     #[arg(long)]
     pub listen: Option<String>,
+    /// Let --listen name an address other hosts can reach (the endpoints have no
+    /// authentication: a warning line says so).
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// Let `GET /capture` start an on-demand capture too (default: POST only, so a link or
+    /// a crawler cannot start one).
+    #[arg(long)]
+    pub allow_capture_get: bool,
     /// Compare every window with this capture (directory or capture.json) instead of the
     /// window before it; a significant regression becomes an event.
     #[arg(long, value_name = "CAPTURE")]

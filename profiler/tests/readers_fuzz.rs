@@ -72,3 +72,50 @@ proptest! {
         let _ = profiler::symbolize::procmaps::parse_maps(&text);
     }
 }
+
+/// The daemon's settings from a config file holding `text`: an error or settings, never a
+/// panic.
+fn settings_from_config(text: &str) -> anyhow::Result<profiler::serve::Settings> {
+    use clap::Parser as _;
+    let dir = std::env::temp_dir().join(format!("profiler-config-fuzz-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("profiler.toml");
+    std::fs::write(&path, text)?;
+    let cli = profiler::cli::Cli::try_parse_from([
+        "profiler".as_ref(),
+        "daemon".as_ref(),
+        "--config".as_ref(),
+        path.as_os_str(),
+    ])?;
+    match cli.command {
+        profiler::cli::Command::Daemon(args) => profiler::serve::settings(&args),
+        _ => unreachable!("parsed as daemon"),
+    }
+}
+
+#[test]
+fn the_config_loader_reads_a_valid_config() {
+    let settings = settings_from_config("window = \"5s\"\nkeep = 3\n").expect("valid config");
+    assert_eq!(
+        (settings.window, settings.keep),
+        (std::time::Duration::from_secs(5), 3)
+    );
+    assert!(settings_from_config("window = \"0s\"\n").is_err());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn config_loader_never_panics_on_text(text in "\\PC{0,300}") {
+        let _ = settings_from_config(&text);
+    }
+
+    #[test]
+    fn config_loader_never_panics_on_odd_values(
+        key in "(window|keep|max_age|max_bytes|listen|allow_remote|max_cpu|record|baseline|data_dir|nope)",
+        value in "(\"[^\"\\\\]{0,20}\"|-?[0-9]{1,25}|[0-9.e+-]{1,12}|true|\\[\"[a-z -]{0,12}\"\\]|\\{\\}|\"[0-9]{1,22}(ms|s|m|h|%|)\")",
+    ) {
+        let _ = settings_from_config(&format!("{key} = {value}\n"));
+    }
+}

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+pub mod bpf;
 pub mod mariadb;
 pub mod pg;
 pub mod rawsys;

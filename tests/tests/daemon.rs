@@ -10,11 +10,19 @@ use std::time::{Duration, Instant};
 use profiler_tests::*;
 
 fn get(port: u16, path: &str) -> Option<(String, String)> {
+    request(port, "GET", path)
+}
+
+/// One request with `method` (no body); the status line and the body.
+fn request(port: u16, method: &str, path: &str) -> Option<(String, String)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream
         .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
+            format!(
+                "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\
+                 Connection: close\r\n\r\n"
+            )
+            .as_bytes(),
         )
         .ok()?;
     let mut response = String::new();
@@ -79,53 +87,30 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn profiler_programs_loaded() -> usize {
-    let out = Command::new("bpftool")
-        .args(["prog", "show"])
-        .output()
-        .expect("bpftool (cargo xtask setup installs it)");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| {
-            // Every program of ours is named after its family.
-            [
-                "offcpu_",
-                "oncpu_",
-                "syscalls_",
-                "tcp_",
-                "pg_",
-                "libpq_",
-                "sqlite_",
-                "mysql_",
-                "wire_",
-            ]
-            .iter()
-            .any(|family| l.contains(&format!("name {family}")))
-        })
-        .count()
+/// The programs and links the daemon holds, sampled until it exits (or `within`): a handoff
+/// may load the next window's between two samples.
+type Held = (
+    std::collections::BTreeSet<u64>,
+    std::collections::BTreeSet<u64>,
+);
+
+fn sample_held(pid: u32, held: &mut Held) {
+    let (programs, links) = profiler_tests::bpf::held_by(pid);
+    held.0.extend(programs);
+    held.1.extend(links);
 }
 
-/// No profiler program stays loaded. The kernel frees a closed program after an RCU grace
-/// period (tracing programs' trampolines after an RCU-tasks one), so one may still be listed
-/// for a moment after the last fd closed: wait up to 10 s for that, no longer.
-fn assert_all_programs_gone(after: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let started = Instant::now();
-    loop {
-        let loaded = profiler_programs_loaded();
-        if loaded == 0 {
-            println!(
-                "no profiler programs loaded {:.0} ms after {after}",
-                started.elapsed().as_secs_f64() * 1e3
-            );
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{loaded} profiler programs still loaded 10 s after {after}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// None of the daemon's programs or links stays loaded (other processes' may: the host is
+/// shared); the kernel's list is the oracle.
+fn assert_ours_gone(held: &Held, after: &str) {
+    assert!(!held.0.is_empty(), "the daemon held no programs");
+    let took = profiler_tests::bpf::assert_gone(&held.0, &held.1, after);
+    println!(
+        "none of the daemon's {} programs and {} links loaded {:.0} ms after {after}",
+        held.0.len(),
+        held.1.len(),
+        took.as_secs_f64() * 1e3
+    );
 }
 
 #[test]
@@ -228,16 +213,16 @@ fn daemon_serves_windows_and_detaches_on_sigterm() {
     assert_eq!(&pprof[..2], &[0x1f, 0x8b], "not gzip");
     let (status, _) = get(port, "/flamegraph?window=window-1").unwrap();
     assert!(status.contains("404"), "{status}");
-    assert!(
-        profiler_programs_loaded() > 0,
-        "no programs attached while running"
-    );
+    let mut held = Held::default();
+    sample_held(daemon.id(), &mut held);
+    assert!(!held.0.is_empty(), "no programs attached while running");
 
     // SIGTERM: the current window is written, everything detaches, exit 0.
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
+        sample_held(daemon.id(), &mut held);
         if let Some(status) = daemon.try_wait().unwrap() {
             break status;
         }
@@ -256,7 +241,7 @@ fn daemon_serves_windows_and_detaches_on_sigterm() {
         .unwrap();
     assert!(status.success(), "{status}: {stderr}");
     assert!(stderr.contains("stopped; probes detached"), "{stderr}");
-    assert_all_programs_gone("SIGTERM");
+    assert_ours_gone(&held, "SIGTERM");
     let _ = workload.finish();
 }
 
@@ -358,6 +343,118 @@ fn daemon_reports_a_regression_against_a_pinned_baseline() {
     );
 }
 
+/// Without a baseline: the windows of a steady diff workload raise no event; when it slows
+/// (`stage_query` blocks 5 ms more per request from 20 s on), a window holding the change
+/// raises one event naming `stage_query` — not `main` or the other frames that carry every
+/// stack — and the windows after it, all slow, raise none (the change is the new normal).
+#[test]
+fn daemon_reports_a_change_against_its_recent_windows() {
+    require_root();
+    let _serial = serial();
+    let dir = temp_dir("daemon-rolling");
+    let mut workload = Command::new(built_binary("diff-workload"))
+        .args(["--extra-ms", "5", "--extra-after-s", "20"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("diff-workload");
+    let _kill_workload_on_panic = KillOnDrop(workload.id());
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(workload.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let slow_from_ms = unix_ms() + 20_000;
+    let pid = line.trim().trim_start_matches("ready ").to_string();
+    let port = free_port();
+    let mut daemon = start_daemon(
+        &dir.join("data"),
+        port,
+        &[
+            "--window",
+            "2s",
+            "--keep",
+            "40",
+            "--",
+            "--events",
+            "offcpu",
+            "--interval",
+            "125ms",
+            "-p",
+            &pid,
+        ],
+    );
+    let _kill_on_panic = KillOnDrop(daemon.id());
+    let events = |port| -> Vec<serde_json::Value> {
+        get(port, "/events")
+            .and_then(|(_, body)| serde_json::from_str(&body).ok())
+            .unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let first = loop {
+        assert!(Instant::now() < deadline, "no regression event");
+        std::thread::sleep(Duration::from_millis(500));
+        if let Some(event) = events(port).into_iter().next() {
+            break event;
+        }
+    };
+    println!("{first}");
+    // The window that raised it holds the change (ends after the workload slowed).
+    let window = std::path::Path::new(first["window"].as_str().unwrap());
+    let capture: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(window.join("capture.json")).unwrap()).unwrap();
+    let start_ms = capture["metadata"]["start_unix_ms"].as_u64().unwrap();
+    let end_ms = start_ms + capture["metadata"]["duration_ns"].as_u64().unwrap() / 1_000_000;
+    assert!(
+        end_ms > slow_from_ms,
+        "an event for a window that ended {} ms before the workload changed: {first}",
+        slow_from_ms - end_ms
+    );
+    let names: Vec<&str> = first["regressions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    assert!(
+        names.iter().any(|n| is_function(n, "stage_query")),
+        "{names:?}"
+    );
+    for carrier in ["main", "handle_request", "__libc_start_call_main"] {
+        assert!(
+            !names.iter().any(|n| is_function(n, carrier)),
+            "{carrier} carries every stack and was named: {names:?}"
+        );
+    }
+    // Six more windows of the slow workload: no second event.
+    let (_, metrics) = get(port, "/metrics").unwrap();
+    let windows = metric(&metrics, "profiler_windows_total ").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(Instant::now() < deadline, "windows stopped");
+        std::thread::sleep(Duration::from_millis(500));
+        let (_, metrics) = get(port, "/metrics").unwrap();
+        if metric(&metrics, "profiler_windows_total ").unwrap() >= windows + 6.0 {
+            break;
+        }
+    }
+    let all = events(port);
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let status = daemon.wait().unwrap();
+    let _ = workload.kill();
+    let _ = workload.wait();
+    assert!(status.success());
+    assert_eq!(all.len(), 1, "one change, one event: {all:?}");
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
 /// Settings from a TOML file; SIGHUP re-reads it: lowering `keep` from 5 to 1 leaves one
 /// window listed and on disk. A bad edit is refused with one line and the daemon goes on.
 #[test]
@@ -419,8 +516,17 @@ fn daemon_reads_its_config_file_and_reloads_it_on_sighup() {
         std::thread::sleep(Duration::from_millis(200));
     }
     std::thread::sleep(Duration::from_millis(1500));
-    let on_disk = std::fs::read_dir(dir.join("data")).unwrap().count();
-    assert!(on_disk <= 2, "{on_disk} windows on disk with keep = 1");
+    // Published windows; `.partial-window-*` are the ones being recorded and written.
+    let names: Vec<String> = std::fs::read_dir(dir.join("data"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let on_disk = names.iter().filter(|n| n.starts_with("window-")).count();
+    assert!(
+        on_disk <= 2,
+        "{on_disk} windows on disk with keep = 1: {names:?}"
+    );
+    println!("data directory with keep = 1: {names:?}");
     // SAFETY: as above.
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
     let status = daemon.wait().unwrap();
@@ -955,13 +1061,12 @@ fn sigkill_leaves_nothing_attached_and_a_restart_works() {
     );
     let _kill_on_panic_daemon = KillOnDrop(daemon.id());
     wait_for_metric(port, "profiler_window_seconds", Duration::from_secs(60));
-    assert!(
-        profiler_programs_loaded() > 0,
-        "nothing loaded while running"
-    );
+    let mut held = Held::default();
+    sample_held(daemon.id(), &mut held);
+    assert!(!held.0.is_empty(), "nothing loaded while running");
     daemon.kill().unwrap(); // SIGKILL
     daemon.wait().unwrap();
-    assert_all_programs_gone("SIGKILL");
+    assert_ours_gone(&held, "SIGKILL");
     let before = std::fs::read_dir(&data).unwrap().count();
     assert!(before >= 1, "no window written before the kill");
     let port = free_port();
@@ -982,9 +1087,24 @@ fn sigkill_leaves_nothing_attached_and_a_restart_works() {
     let metrics = wait_for_metric(port, "profiler_window_seconds", Duration::from_secs(60));
     assert!(metrics.contains("profiler_windows_total"));
     std::thread::sleep(Duration::from_secs(3));
+    let mut held = Held::default();
+    sample_held(daemon.id(), &mut held);
+    let pid = daemon.id();
+    let sampler = std::thread::spawn(move || {
+        // Until the daemon is gone: what it held while stopping counts too.
+        let mut held = Held::default();
+        while std::path::Path::new(&format!("/proc/{pid}/fdinfo")).exists() {
+            sample_held(pid, &mut held);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        held
+    });
     let stderr = stop(daemon);
+    let during_stop = sampler.join().unwrap();
+    held.0.extend(during_stop.0);
+    held.1.extend(during_stop.1);
     assert!(stderr.contains("stopped; probes detached"), "{stderr}");
-    assert_all_programs_gone("SIGTERM after the restart");
+    assert_ours_gone(&held, "SIGTERM after the restart");
     let windows = std::fs::read_dir(&data)
         .unwrap()
         .flatten()
@@ -1027,8 +1147,11 @@ fn record_from_daemon_returns_an_on_demand_capture() {
         "record --from-daemon: {}",
         String::from_utf8_lossy(&status.stderr)
     );
-    let (busy, _) = get(port, "/capture?seconds=0").unwrap();
-    assert!(busy.contains("400"), "{busy}");
+    let (bad, _) = request(port, "POST", "/capture?seconds=0").unwrap();
+    assert!(bad.contains(" 400 "), "{bad}");
+    // A capture is started by POST only: a link or a crawler's GET starts nothing.
+    let (get_refused, _) = get(port, "/capture?seconds=1").unwrap();
+    assert!(get_refused.contains(" 405 "), "{get_refused}");
     let _ = workload.finish();
     stop(daemon);
     let capture = read_capture(&out);

@@ -1,5 +1,5 @@
 //! Project tasks: `cargo xtask setup | build | run -- ARGS | test | bench [offcpu|all|db|daemon|diff|busy-host]
-//! | dist`.
+//! | soak [--minutes N] | dist`.
 //!
 //! `setup` is idempotent and prints one progress line per step; every other task runs it
 //! first, so a fresh Debian/Ubuntu machine needs nothing but `cargo xtask run` or
@@ -8,6 +8,7 @@
 mod bench;
 mod dist;
 mod setup;
+mod soak;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -26,7 +27,7 @@ fn main() -> ExitCode {
 }
 
 const USAGE: &str = "usage: cargo xtask <setup | build | run -- PROFILER_ARGS | test | bench [offcpu|all|db|daemon|diff|busy-host] \
-     | dist>";
+     | soak [--minutes N] | dist>";
 
 fn dispatch(args: &[String]) -> Result<()> {
     let Some(task) = args.first() else {
@@ -64,6 +65,10 @@ fn dispatch(args: &[String]) -> Result<()> {
             setup::run(setup::Purpose::Test)?;
             build(true)?;
             bench::run(rest)
+        }
+        "soak" => {
+            setup::run(setup::Purpose::Test)?;
+            soak::run(rest)
         }
         "-h" | "--help" | "help" => {
             println!("{USAGE}");

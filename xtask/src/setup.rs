@@ -48,6 +48,10 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
         "offcputime, the peer benchmarks compare with",
     ),
     ("bpftool", "inspecting loaded programs"),
+    (
+        "systemd",
+        "systemd-analyze, which checks that the daemon's unit file loads",
+    ),
     ("util-linux", "setpriv, for the unprivileged-user tests"),
     ("iproute2", "ip netns, for the TCP retransmit tests"),
     (

@@ -18,6 +18,10 @@ pub struct Settings {
     pub max_age: Option<Duration>,
     pub max_bytes: Option<u64>,
     pub listen: String,
+    /// `listen` may be a non-loopback address.
+    pub allow_remote: bool,
+    /// `GET /capture` starts a capture too.
+    pub allow_capture_get: bool,
     pub baseline: Option<PathBuf>,
     /// Fraction of one CPU; `None`: full mode whatever it costs.
     pub max_cpu: Option<f64>,
@@ -34,6 +38,8 @@ struct FileConfig {
     max_age: Option<String>,
     max_bytes: Option<u64>,
     listen: Option<String>,
+    allow_remote: Option<bool>,
+    allow_capture_get: Option<bool>,
     baseline: Option<PathBuf>,
     max_cpu: Option<String>,
     record: Option<Vec<String>>,
@@ -80,6 +86,8 @@ pub fn settings(args: &DaemonArgs) -> Result<Settings> {
             .clone()
             .or(file.listen)
             .unwrap_or_else(|| "127.0.0.1:9464".into()),
+        allow_remote: args.allow_remote || file.allow_remote.unwrap_or(false),
+        allow_capture_get: args.allow_capture_get || file.allow_capture_get.unwrap_or(false),
         baseline: args.baseline.clone().or(file.baseline),
         max_cpu: match (args.max_cpu, &file.max_cpu) {
             (Some(flag), _) => flag.fraction(),
@@ -136,9 +144,11 @@ pub(crate) fn window_options(
     args: &Settings,
     cost: &Cost,
 ) -> Result<crate::collect::RecordOptions> {
-    let dir = args
-        .data_dir
-        .join(format!("window-{}", crate::collect::unix_ms()));
+    // Written under a staging name, renamed once complete (see `windows`).
+    let dir = args.data_dir.join(super::windows::staging_name(&format!(
+        "window-{}",
+        crate::collect::unix_ms()
+    )));
     let mut options = record_options(args, &dir)?;
     options.quiet = true;
     options.probes.measure_overhead = true;
@@ -147,13 +157,44 @@ pub(crate) fn window_options(
     Ok(options)
 }
 
+/// Where the HTTP server listens: `listen` resolved; a non-loopback address needs
+/// `allow_remote` (and gets a warning line).
+pub(crate) fn listen_address(settings: &Settings) -> Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs as _;
+    let address = settings
+        .listen
+        .to_socket_addrs()
+        .with_context(|| format!("bad --listen address {:?}", settings.listen))?
+        .next()
+        .with_context(|| format!("--listen {:?} resolves to no address", settings.listen))?;
+    if !address.ip().is_loopback() {
+        if !settings.allow_remote {
+            bail!(
+                "--listen {address} is reachable from other hosts and the endpoints have no \
+                 authentication; pass --allow-remote to listen there anyway"
+            );
+        }
+        eprintln!(
+            "profiler daemon: warning: HTTP on {address} is reachable from other hosts, without \
+             authentication (--allow-remote)"
+        );
+    }
+    Ok(address)
+}
+
 /// SIGHUP: the config file again (a bad edit keeps the running settings; `listen` stays).
 pub(crate) fn reload_settings(daemon_args: &DaemonArgs, args: &mut Settings, cost: &mut Cost) {
     match settings(daemon_args) {
         Ok(new) => {
             eprintln!("profiler daemon: configuration reloaded");
             let listen = std::mem::take(&mut args.listen);
-            *args = Settings { listen, ..new };
+            let (allow_remote, allow_capture_get) = (args.allow_remote, args.allow_capture_get);
+            *args = Settings {
+                listen,
+                allow_remote,
+                allow_capture_get,
+                ..new
+            };
             if cost.budget != args.max_cpu {
                 // A new budget: the next window is recorded and judged against it.
                 cost.budget = args.max_cpu;
@@ -225,6 +266,8 @@ mod tests {
             max_age: None,
             max_bytes: None,
             listen: String::new(),
+            allow_remote: false,
+            allow_capture_get: false,
             baseline: None,
             max_cpu: None,
             record_args: record_args.iter().map(|a| a.to_string()).collect(),

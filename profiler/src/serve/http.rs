@@ -1,16 +1,31 @@
-//! The daemon's HTTP endpoints on loopback: `/healthz`, `/captures`, `/metrics`,
-//! `/flamegraph`, `/profile`, `/summary`, `/events`, `/capture`; and the client side of
-//! `record --from-daemon`.
+//! The daemon's HTTP endpoints: `/`, `/healthz`, `/captures`, `/metrics`, `/flamegraph`,
+//! `/profile`, `/summary`, `/events` (GET and HEAD), `/capture` (POST); and the client side
+//! of `record --from-daemon`.
+//!
+//! HTTP/1.1 is hyper's (keep-alive, parsing, 431 for oversized headers). Around it, what a
+//! service on a host in trouble needs: its own thread and runtime, so a window being
+//! symbolized and written never delays an answer (a Prometheus scrape times out in 1 s); a
+//! deadline for a request's headers, which also closes idle keep-alive connections; at most
+//! `MAX_CONNECTIONS` open connections, the oldest idle one closed to make room (and a new
+//! one refused at once when all are busy); and an accept loop that backs off when the
+//! process is out of file descriptors instead of spinning.
 
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, TRANSFER_ENCODING};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-
-use std::fmt::Write as _;
-use std::time::Duration;
+use tokio::sync::Notify;
 
 use super::State;
 use super::config::{Settings, record_options};
@@ -22,14 +37,32 @@ use crate::model::Capture;
 const CAPTURE_MAX_S: u64 = 600;
 /// On-demand captures kept in the data directory.
 pub(crate) const CAPTURES_KEPT: usize = 5;
+/// Open connections at most; past it the oldest idle one is closed for a new one.
+pub(crate) const MAX_CONNECTIONS: usize = 256;
+/// A request's headers must arrive within this (from its first byte, or from the end of the
+/// previous response on a keep-alive connection: an idle connection is closed after it).
+pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Request line and headers, at most (431 past it).
+const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// No endpoint takes a body: a declared one larger than this is refused (413).
+const MAX_BODY_BYTES: u64 = 1024;
+
+/// What the server allows beyond its defaults.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct HttpOptions {
+    /// `GET /capture` starts a capture too (`--allow-capture-get`); otherwise POST only.
+    pub allow_capture_get: bool,
+}
+
+type Reply = (StatusCode, &'static str, Vec<u8>);
+
+const TEXT: &str = "text/plain; charset=utf-8";
+const JSON: &str = "application/json";
 
 /// `/capture?seconds=N[&pid=P]…`: records N seconds with the daemon's record options (the
 /// pids, when given, replace its -p filter) into `DATA_DIR/capture-<unix ms>/` and answers
 /// with the capture (JSON). One at a time; it runs alongside the windows.
-async fn on_demand_capture(
-    query: &str,
-    state: &Mutex<State>,
-) -> (&'static str, &'static str, Vec<u8>) {
+async fn on_demand_capture(query: &str, state: &Mutex<State>) -> Reply {
     let mut seconds = 30u64;
     let mut pids = Vec::new();
     for kv in query.split('&').filter(|kv| !kv.is_empty()) {
@@ -48,8 +81,8 @@ async fn on_demand_capture(
         let mut state = state.lock().expect("state lock");
         if state.capturing {
             return (
-                "429 Too Many Requests",
-                "text/plain",
+                StatusCode::TOO_MANY_REQUESTS,
+                TEXT,
                 b"an on-demand capture is already running\n".to_vec(),
             );
         }
@@ -59,9 +92,11 @@ async fn on_demand_capture(
         state.capturing = true;
         settings
     };
-    let dir = settings
-        .data_dir
-        .join(format!("capture-{}", crate::collect::unix_ms()));
+    let name = format!("capture-{}", crate::collect::unix_ms());
+    // Recorded under a staging name, renamed once complete (a crash leaves no capture that
+    // reads as valid).
+    let staging = settings.data_dir.join(super::windows::staging_name(&name));
+    let dir = settings.data_dir.join(&name);
     let mut record_args = Vec::new();
     let mut args = settings.record_args.iter();
     while let Some(arg) = args.next() {
@@ -81,7 +116,7 @@ async fn on_demand_capture(
         record_args,
         ..settings.clone()
     };
-    let result = match record_options(&window, &dir) {
+    let result = match record_options(&window, &staging) {
         Ok(mut options) => {
             options.quiet = true;
             options.probes.measure_overhead = true;
@@ -92,7 +127,14 @@ async fn on_demand_capture(
                     .enable_all()
                     .build()
                     .map_err(anyhow::Error::from)
-                    .and_then(|rt| rt.block_on(crate::collect::record(options)));
+                    .and_then(|rt| rt.block_on(crate::collect::record(options)))
+                    .and_then(|capture| {
+                        super::windows::publish(&staging, &dir)?;
+                        Ok(capture)
+                    });
+                if result.is_err() {
+                    let _ = std::fs::remove_dir_all(&staging);
+                }
                 let _ = tx.send(result);
             });
             rx.await
@@ -104,34 +146,34 @@ async fn on_demand_capture(
     prune_captures(&settings.data_dir);
     match result {
         Ok(capture) => (
-            "200 OK",
-            "application/json",
+            StatusCode::OK,
+            JSON,
             serde_json::to_vec(&capture).unwrap_or_default(),
         ),
         Err(err) => (
-            "500 Internal Server Error",
-            "text/plain",
+            StatusCode::INTERNAL_SERVER_ERROR,
+            TEXT,
             format!("capture failed: {err:#}\n").into_bytes(),
         ),
     }
 }
 
-fn no_such_window(name: &str) -> (&'static str, &'static str, Vec<u8>) {
+fn no_such_window(name: &str) -> Reply {
     (
-        "404 Not Found",
-        "text/plain",
+        StatusCode::NOT_FOUND,
+        TEXT,
         format!("no window {name:?} kept (see /captures)\n").into_bytes(),
     )
 }
 
-fn bad_request(text: String) -> (&'static str, &'static str, Vec<u8>) {
-    ("400 Bad Request", "text/plain", text.into_bytes())
+fn bad_request(text: String) -> Reply {
+    (StatusCode::BAD_REQUEST, TEXT, text.into_bytes())
 }
 
-fn unavailable() -> (&'static str, &'static str, Vec<u8>) {
+fn unavailable() -> Reply {
     (
-        "503 Service Unavailable",
-        "text/plain",
+        StatusCode::SERVICE_UNAVAILABLE,
+        TEXT,
         b"no window yet\n".to_vec(),
     )
 }
@@ -157,7 +199,7 @@ pub fn capture_from_daemon(
         .context("socket timeout")?;
     write!(
         stream,
-        "GET {target} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+        "POST {target} HTTP/1.1\r\nHost: {address}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .with_context(|| format!("cannot send the request to {address}"))?;
     eprintln!("asked the daemon at {address} for a {seconds} s capture");
@@ -180,108 +222,313 @@ pub fn capture_from_daemon(
         );
     }
     let capture = Capture::from_slice(body).context("the daemon's answer")?;
-    std::fs::create_dir_all(output)
-        .with_context(|| format!("cannot create {}", output.display()))?;
+    crate::render::outputs::create_private_dir(output)?;
     crate::render::outputs::write_outputs(&capture, output, top, true)
 }
 
-/// Answers each connection on its own task: one read of the request, then the response.
-pub(super) fn spawn_server(listener: TcpListener, server_state: Arc<Mutex<State>>) {
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let state = Arc::clone(&server_state);
-            tokio::spawn(async move {
-                let mut request = vec![0u8; 8192];
-                let n = stream.read(&mut request).await.unwrap_or(0);
-                let text = String::from_utf8_lossy(&request[..n]).into_owned();
-                let target = text.split_whitespace().nth(1).unwrap_or("/").to_string();
-                let (status, content_type, body) = match target.split_once('?') {
-                    Some(("/capture", query)) => on_demand_capture(query, &state).await,
-                    None if target == "/capture" => on_demand_capture("", &state).await,
-                    _ => respond(&target, &state),
-                };
-                let head = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
-                     Connection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = stream.write_all(head.as_bytes()).await;
-                let _ = stream.write_all(&body).await;
-                let _ = stream.shutdown().await;
-            });
-        }
-    });
+/// The open connections, by age: whether each is answering a request, and how to close it.
+#[derive(Default)]
+struct Connections {
+    next_id: u64,
+    open: BTreeMap<u64, Connection>,
 }
 
-fn respond(target: &str, state: &Mutex<State>) -> (&'static str, &'static str, Vec<u8>) {
-    let state = state.lock().expect("state lock");
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+struct Connection {
+    busy: Arc<AtomicBool>,
+    close: Arc<Notify>,
+}
+
+impl Connections {
+    /// Room for one more: the oldest idle connection is told to close when all slots are
+    /// taken. `None` when every connection is answering a request (the new one is refused).
+    fn admit(&mut self) -> Option<(u64, Arc<AtomicBool>, Arc<Notify>)> {
+        if self.open.len() >= MAX_CONNECTIONS {
+            let idle = self
+                .open
+                .iter()
+                .find(|(_, c)| !c.busy.load(Ordering::Acquire))
+                .map(|(id, _)| *id)?;
+            if let Some(evicted) = self.open.remove(&idle) {
+                evicted.close.notify_one();
+            }
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let (busy, close) = (Arc::new(AtomicBool::new(false)), Arc::new(Notify::new()));
+        self.open.insert(
+            id,
+            Connection {
+                busy: Arc::clone(&busy),
+                close: Arc::clone(&close),
+            },
+        );
+        Some((id, busy, close))
+    }
+}
+
+/// Serves HTTP on `listener` from a thread and runtime of its own (the window loop's work
+/// never delays an answer). Returns once the thread runs.
+pub(super) fn start(
+    listener: std::net::TcpListener,
+    state: Arc<Mutex<State>>,
+    options: HttpOptions,
+) -> Result<()> {
+    listener
+        .set_nonblocking(true)
+        .context("cannot make the HTTP socket non-blocking")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("profiler-http")
+        .enable_all()
+        .build()
+        .context("cannot start the HTTP runtime")?;
+    std::thread::Builder::new()
+        .name("profiler-http".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => accept_loop(listener, state, options).await,
+                    Err(err) => eprintln!("profiler daemon: HTTP stopped: {err}"),
+                }
+            })
+        })
+        .context("cannot start the HTTP thread")?;
+    Ok(())
+}
+
+async fn accept_loop(listener: TcpListener, state: Arc<Mutex<State>>, options: HttpOptions) {
+    let connections = Arc::new(Mutex::new(Connections::default()));
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_header_size(MAX_HEADER_BYTES)
+        .max_buf_size(MAX_HEADER_BYTES.max(8192) * 2)
+        .keep_alive(true);
+    let mut said_out_of_fds = false;
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                // Out of descriptors or memory: accepting again at once would fail again
+                // (and spin). Wait for connections to close.
+                if matches!(
+                    err.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                ) && !said_out_of_fds
+                {
+                    eprintln!("profiler daemon: HTTP cannot accept ({err}); backing off");
+                    said_out_of_fds = true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        said_out_of_fds = false;
+        let Some((id, busy, close)) = connections.lock().expect("connections lock").admit() else {
+            // Every slot answers a request: closed at once (the client sees a reset/EOF).
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let state = Arc::clone(&state);
+        let connections = Arc::clone(&connections);
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn({
+                let busy = Arc::clone(&busy);
+                move |request| {
+                    let state = Arc::clone(&state);
+                    let busy = Arc::clone(&busy);
+                    async move {
+                        busy.store(true, Ordering::Release);
+                        let response = handle(request, state, options).await;
+                        busy.store(false, Ordering::Release);
+                        Ok::<_, Infallible>(response)
+                    }
+                }
+            });
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = close.notified() => {
+                    // Evicted for a newer connection while idle: finish what is under way.
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(1), connection).await;
+                }
+            }
+            connections
+                .lock()
+                .expect("connections lock")
+                .open
+                .remove(&id);
+        });
+    }
+}
+
+/// One request: the method checked against the endpoint, then its answer.
+async fn handle(
+    request: Request<Incoming>,
+    state: Arc<Mutex<State>>,
+    options: HttpOptions,
+) -> Response<Full<Bytes>> {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let query = request.uri().query().unwrap_or("").to_string();
+    let declared_body = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared_body.is_some_and(|n| n > MAX_BODY_BYTES)
+        || request.headers().contains_key(TRANSFER_ENCODING)
+    {
+        let mut response = reply((
+            StatusCode::PAYLOAD_TOO_LARGE,
+            TEXT,
+            b"no endpoint takes a request body\n".to_vec(),
+        ));
+        response
+            .headers_mut()
+            .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+        return response;
+    }
+    if path == "/capture" {
+        let allowed = if options.allow_capture_get {
+            "GET, POST"
+        } else {
+            "POST"
+        };
+        if method == Method::POST || (method == Method::GET && options.allow_capture_get) {
+            return reply(on_demand_capture(&query, &state).await);
+        }
+        return not_allowed(
+            allowed,
+            if method == Method::GET {
+                "/capture starts a capture: POST it (or run the daemon with --allow-capture-get)\n"
+            } else {
+                "/capture: POST only\n"
+            },
+        );
+    }
+    if method != Method::GET && method != Method::HEAD {
+        return not_allowed("GET, HEAD", "read-only: GET or HEAD\n");
+    }
+    if path == "/healthz" {
+        // Nothing locked, nothing read: liveness even while a window is written.
+        return reply((StatusCode::OK, TEXT, b"ok\n".to_vec()));
+    }
+    // Files are read and rendered off the runtime's workers.
+    let answer = tokio::task::spawn_blocking(move || respond(&path, &query, &state)).await;
+    reply(answer.unwrap_or_else(|_| {
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            TEXT,
+            b"the request failed\n".to_vec(),
+        )
+    }))
+}
+
+fn not_allowed(allow: &'static str, text: &'static str) -> Response<Full<Bytes>> {
+    let mut response = reply((
+        StatusCode::METHOD_NOT_ALLOWED,
+        TEXT,
+        text.as_bytes().to_vec(),
+    ));
+    response
+        .headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    response
+}
+
+fn reply((status, content_type, body): Reply) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    response
+}
+
+fn respond(path: &str, query: &str, state: &Mutex<State>) -> Reply {
     let param = |name: &str| {
         query
             .split('&')
             .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
             .map(str::to_string)
     };
-    let text = |s: String| ("200 OK", "text/plain; charset=utf-8", s.into_bytes());
     match path {
-        "/" | "/index.html" => (
-            "200 OK",
-            "text/html; charset=utf-8",
-            super::page::index(&state, &crate::collect::hostname()).into_bytes(),
-        ),
-        "/healthz" => text("ok\n".into()),
-        "/events" => (
-            "200 OK",
-            "application/json",
-            serde_json::to_vec(&state.events).unwrap_or_default(),
-        ),
+        "/" | "/index.html" => {
+            let state = state.lock().expect("state lock");
+            (
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                super::page::index(&state, &crate::collect::hostname()).into_bytes(),
+            )
+        }
+        "/events" => {
+            let state = state.lock().expect("state lock");
+            (
+                StatusCode::OK,
+                JSON,
+                serde_json::to_vec(&state.events).unwrap_or_default(),
+            )
+        }
         "/captures" => {
+            let state = state.lock().expect("state lock");
             let list: Vec<String> = state.kept.iter().map(|p| p.display().to_string()).collect();
             (
-                "200 OK",
-                "application/json",
+                StatusCode::OK,
+                JSON,
                 serde_json::to_vec(&list).unwrap_or_default(),
             )
         }
-        "/metrics" => (
-            "200 OK",
-            "text/plain; version=0.0.4",
-            metrics(&state).into_bytes(),
-        ),
+        "/metrics" => {
+            let text = metrics(&state.lock().expect("state lock"));
+            (
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                text.into_bytes(),
+            )
+        }
         "/profile" => {
             let capture = match param("window") {
                 // An older window: its capture from disk.
-                Some(name) => match kept_window(&state, &name)
-                    .map(|dir| Capture::load(&dir.join(crate::model::CAPTURE_FILE)))
-                {
-                    Some(Ok(capture)) => capture,
-                    _ => return no_such_window(&name),
-                },
-                None => match &state.latest {
+                Some(name) => {
+                    let dir = kept_window(&state.lock().expect("state lock"), &name);
+                    match dir.map(|dir| Capture::load(&dir.join(crate::model::CAPTURE_FILE))) {
+                        Some(Ok(capture)) => capture,
+                        _ => return no_such_window(&name),
+                    }
+                }
+                None => match &state.lock().expect("state lock").latest {
                     Some((_, capture)) => capture.clone(),
                     None => return unavailable(),
                 },
             };
             match crate::render::pprof::gzipped(&capture) {
-                Ok(body) => ("200 OK", "application/octet-stream", body),
+                Ok(body) => (StatusCode::OK, "application/octet-stream", body),
                 Err(err) => (
-                    "500 Internal Server Error",
-                    "text/plain",
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    TEXT,
                     format!("{err:#}\n").into_bytes(),
                 ),
             }
         }
         "/summary" | "/flamegraph" => {
-            let dir = match (param("window"), &state.latest) {
-                (Some(name), _) => match kept_window(&state, &name) {
-                    Some(dir) => dir,
-                    None => return no_such_window(&name),
-                },
-                (None, Some((dir, _))) => dir.clone(),
-                (None, None) => return unavailable(),
+            let dir = {
+                let state = state.lock().expect("state lock");
+                match (param("window"), &state.latest) {
+                    (Some(name), _) => match kept_window(&state, &name) {
+                        Some(dir) => dir,
+                        None => return no_such_window(&name),
+                    },
+                    (None, Some((dir, _))) => dir.clone(),
+                    (None, None) => return unavailable(),
+                }
             };
             let file = if path == "/summary" {
                 "summary.txt".to_string()
@@ -293,28 +540,57 @@ fn respond(target: &str, state: &Mutex<State>) -> (&'static str, &'static str, V
                 } else if matches!(kind.as_str(), "offcpu" | "oncpu" | "wallclock" | "db") {
                     format!("{kind}.svg")
                 } else {
-                    return (
-                        "400 Bad Request",
-                        "text/plain",
-                        b"kind: offcpu, oncpu, wallclock, db or diff\n".to_vec(),
-                    );
+                    return bad_request("kind: offcpu, oncpu, wallclock, db or diff\n".into());
                 }
             };
             match std::fs::read(dir.join(&file)) {
-                Ok(body) if file.ends_with(".svg") => ("200 OK", "image/svg+xml", body),
-                Ok(body) => ("200 OK", "text/plain; charset=utf-8", body),
+                Ok(body) if file.ends_with(".svg") => (StatusCode::OK, "image/svg+xml", body),
+                Ok(body) => (StatusCode::OK, TEXT, body),
                 Err(_) => (
-                    "404 Not Found",
-                    "text/plain",
-                    format!("no {file} in {}\n", dir.display()).into_bytes(),
+                    StatusCode::NOT_FOUND,
+                    TEXT,
+                    format!(
+                        "no {file} in {}\n",
+                        dir.file_name().unwrap_or_default().to_string_lossy()
+                    )
+                    .into_bytes(),
                 ),
             }
         }
         _ => (
-            "404 Not Found",
-            "text/plain",
+            StatusCode::NOT_FOUND,
+            TEXT,
             b"try / (the page), /healthz /metrics /captures /events /flamegraph /profile /summary\n"
                 .to_vec(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_table_closes_the_oldest_idle_connection_and_refuses_when_all_are_busy() {
+        let mut table = Connections::default();
+        let mut admitted = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            admitted.push(table.admit().expect("room"));
+        }
+        // All idle: the oldest (id 0) makes room.
+        let (id, _, _) = table.admit().expect("room after eviction");
+        assert_eq!(id, MAX_CONNECTIONS as u64);
+        assert!(!table.open.contains_key(&0));
+        for (_, busy, _) in &admitted {
+            busy.store(true, Ordering::Release);
+        }
+        // id 1.. busy, the newest idle: it goes.
+        assert!(table.admit().is_some());
+        assert!(!table.open.contains_key(&(MAX_CONNECTIONS as u64)));
+        // Now every connection is busy except the one just admitted, then that one too.
+        let newest = *table.open.keys().last().unwrap();
+        table.open[&newest].busy.store(true, Ordering::Release);
+        assert!(table.admit().is_none(), "all busy: refused");
+        assert_eq!(table.open.len(), MAX_CONNECTIONS);
     }
 }

@@ -1,8 +1,13 @@
 //! `profiler daemon`: back-to-back recording windows written to a data directory (oldest
-//! removed past `--keep`), and a small HTTP server on 127.0.0.1 serving the latest window:
+//! removed past `--keep`), and an HTTP server on 127.0.0.1 serving the latest window:
 //! `/healthz`, `/captures`, `/metrics` (Prometheus text), `/flamegraph?kind=…`, `/profile`
 //! (pprof, gzipped profile.proto), `/summary`.
 //! SIGTERM or SIGINT ends the current window (written like any capture) and the daemon.
+//!
+//! The window loop runs on this thread's runtime and blocks it while a window is
+//! symbolized and written; the HTTP server has a thread and runtime of its own, so it
+//! answers meanwhile. Everything the daemon writes is private (umask 077, data directory
+//! 0700).
 //!
 //! One file per seam: `config` (flags, config file, SIGHUP reload), `windows` (the data
 //! directory and retention), `budget` (the CPU budget and its sampled modes), `events`
@@ -21,7 +26,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::cli::DaemonArgs;
@@ -30,7 +34,7 @@ use crate::model::Capture;
 use budget::Cost;
 pub use config::{Settings, settings};
 use config::{reload_settings, window_options};
-use events::{EVENTS_KEPT, regression_event};
+use events::{Baseline, EVENTS_KEPT};
 pub use http::capture_from_daemon;
 use windows::{apply_retention, dirs_named};
 
@@ -55,22 +59,53 @@ struct State {
 
 pub fn run(args: DaemonArgs) -> Result<()> {
     let settings = settings(&args)?;
-    std::fs::create_dir_all(&settings.data_dir).with_context(|| {
-        format!(
-            "cannot create data directory {}",
-            settings.data_dir.display()
-        )
-    })?;
+    let address = config::listen_address(&settings)?;
+    // Whatever we create (windows, diffs, captures) is for root's eyes only.
+    // SAFETY: umask only changes this process's file-creation mask.
+    unsafe { libc::umask(0o077) };
+    prepare_data_dir(&settings.data_dir)?;
+    let listener = std::net::TcpListener::bind(address)
+        .with_context(|| format!("cannot listen on {address}"))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(serve_and_record(args, settings))
+    runtime.block_on(serve_and_record(args, settings, listener))
 }
 
-async fn serve_and_record(daemon_args: DaemonArgs, mut args: Settings) -> Result<()> {
-    let listener = TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+/// The data directory, 0700 (an existing one is made private), without what an interrupted
+/// run left half-written.
+fn prepare_data_dir(data_dir: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    crate::render::outputs::create_private_dir(data_dir)
+        .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+    let mode = std::fs::metadata(data_dir)
+        .with_context(|| format!("cannot read data directory {}", data_dir.display()))?
+        .permissions()
+        .mode()
+        & 0o7777;
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot make {} private", data_dir.display()))?;
+        eprintln!(
+            "profiler daemon: data directory {} was mode {mode:o}; now 700",
+            data_dir.display()
+        );
+    }
+    let removed = windows::remove_leftovers(data_dir, false);
+    if removed > 0 {
+        eprintln!(
+            "profiler daemon: removed {removed} half-written window(s) or capture(s) left by an \
+             earlier run"
+        );
+    }
+    Ok(())
+}
+
+async fn serve_and_record(
+    daemon_args: DaemonArgs,
+    mut args: Settings,
+    listener: std::net::TcpListener,
+) -> Result<()> {
     eprintln!(
         "profiler daemon: {} windows into {}, keeping {}; HTTP on http://{}",
         humantime(args.window),
@@ -79,17 +114,22 @@ async fn serve_and_record(daemon_args: DaemonArgs, mut args: Settings) -> Result
         listener.local_addr()?
     );
     let state = Arc::new(Mutex::new(State::default()));
-    http::spawn_server(listener, Arc::clone(&state));
+    http::start(
+        listener,
+        Arc::clone(&state),
+        http::HttpOptions {
+            allow_capture_get: args.allow_capture_get,
+        },
+    )?;
 
     let mut signals = Signals::new()?;
     let mut reload = false;
-    let baseline = match &args.baseline {
-        Some(path) => Some(Capture::load(path)?),
-        None => None,
+    let mut baseline = match &args.baseline {
+        Some(path) => Baseline::new(Some(&Capture::load(path)?)),
+        None => Baseline::new(None),
     };
     // Windows left by an earlier run (a restart) count for retention too.
     state.lock().expect("state lock").kept = dirs_named(&args.data_dir, "window-");
-    let mut previous: Option<Capture> = None;
     let mut next: Option<Result<crate::collect::Prepared>> = None;
     let mut mark = Mark::now();
     let mut last_error: Option<String> = None;
@@ -143,17 +183,25 @@ async fn serve_and_record(daemon_args: DaemonArgs, mut args: Settings) -> Result
                 tokio::pin!(window);
                 let result = loop {
                     tokio::select! {
-                        result = &mut window => break result,
+                        biased;
                         _ = signals.term.recv() => stop = true,
                         _ = signals.int.recv() => stop = true,
                         _ = signals.hup.recv() => reload = true,
+                        result = &mut window => break result,
                     }
                 };
-                match result {
-                    Ok((capture, following)) => {
-                        next = following;
-                        (dir, Ok(capture))
-                    }
+                // A signal that came while the window was symbolized and written (one
+                // uninterrupted poll) is still pending: seen now, it stops the daemon
+                // before another window starts (that window would not see it).
+                signals.pending(&mut stop, &mut reload).await;
+                // Complete: from its staging name to its own.
+                let published = windows::published_path(&dir);
+                match result.and_then(|(capture, following)| {
+                    next = following;
+                    windows::publish(&dir, &published)?;
+                    Ok(capture)
+                }) {
+                    Ok(capture) => (published, Ok(capture)),
                     Err(err) => (dir, Err(err)),
                 }
             }
@@ -176,6 +224,12 @@ async fn serve_and_record(daemon_args: DaemonArgs, mut args: Settings) -> Result
                 if !dir.as_os_str().is_empty() {
                     let _ = std::fs::remove_dir_all(&dir);
                 }
+                // A window loaded by the handoff before this one failed to write (a full
+                // disk) left its staging directory too; an on-demand capture's stays.
+                windows::remove_leftovers(&args.data_dir, true);
+                if let Some(Ok(unused)) = next.take() {
+                    unused.discard();
+                }
                 if !stop {
                     let pause = args.window.min(Duration::from_secs(5));
                     signals.sleep(pause, &mut stop, &mut reload).await;
@@ -187,11 +241,7 @@ async fn serve_and_record(daemon_args: DaemonArgs, mut args: Settings) -> Result
                 continue;
             }
         };
-        let baseline_capture = match &baseline {
-            Some(pinned) => Some(pinned),
-            None => previous.as_ref(),
-        };
-        let event = baseline_capture.and_then(|b| regression_event(b, &capture, &dir));
+        let event = baseline.judge(&capture, &dir);
         let mut state = state.lock().expect("state lock");
         if let Some(event) = event {
             // One JSON line per event, for log shippers.
@@ -226,7 +276,6 @@ async fn serve_and_record(daemon_args: DaemonArgs, mut args: Settings) -> Result
         cost.oncpu_hz = capture.oncpu.as_ref().map(|o| o.frequency_hz);
         state.cost = cost.clone();
         state.cumulative.add(&capture);
-        previous = Some(capture.clone());
         state.latest = Some((dir, capture));
         drop(state);
         // A window's symbolization and aggregation leave freed heap behind; hand it back so
@@ -263,6 +312,20 @@ impl Signals {
             int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
             hup: signal(SignalKind::hangup()).context("cannot handle SIGHUP")?,
         })
+    }
+
+    /// Takes the signals already delivered, without waiting.
+    async fn pending(&mut self, stop: &mut bool, reload: &mut bool) {
+        // One of each kind at most.
+        for _ in 0..3 {
+            tokio::select! {
+                biased;
+                _ = self.term.recv() => *stop = true,
+                _ = self.int.recv() => *stop = true,
+                _ = self.hup.recv() => *reload = true,
+                _ = std::future::ready(()) => return,
+            }
+        }
     }
 
     /// Sleeps `duration`, or until a signal: SIGTERM/SIGINT set `stop`, SIGHUP `reload`.

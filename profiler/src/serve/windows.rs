@@ -1,7 +1,12 @@
 //! The data directory: windows and on-demand captures by name, and retention by count, age
-//! and size.
+//! and size. A window or capture is recorded under a staging name (`.partial-window-…`) and
+//! renamed to its own once every file is written and synced, so a `window-…` directory is
+//! always complete: a crash or a full disk mid-write leaves only a staging directory, which
+//! the next start removes.
 
 use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result};
 
 use super::State;
 use super::config::Settings;
@@ -22,6 +27,58 @@ pub(crate) fn dirs_named(data_dir: &Path, prefix: &str) -> Vec<PathBuf> {
         .collect();
     dirs.sort();
     dirs
+}
+
+/// Where a window or capture named `name` is written until it is complete.
+pub(crate) fn staging_name(name: &str) -> String {
+    format!("{STAGING_PREFIX}{name}")
+}
+
+const STAGING_PREFIX: &str = ".partial-";
+
+/// The final directory of a staging one (`.partial-window-1` → `window-1`).
+pub(crate) fn published_path(staging: &Path) -> PathBuf {
+    let name = staging
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    staging.with_file_name(name.strip_prefix(STAGING_PREFIX).unwrap_or(name))
+}
+
+/// Gives a finished staging directory its name, durably: the rename, then the data
+/// directory synced (the files inside were synced as they were written).
+pub(crate) fn publish(staging: &Path, dir: &Path) -> Result<()> {
+    std::fs::rename(staging, dir)
+        .with_context(|| format!("cannot rename {} to {}", staging.display(), dir.display()))?;
+    if let Some(parent) = dir.parent() {
+        crate::render::outputs::sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+/// Removes what an interrupted run left: staging directories, and window or capture
+/// directories without a capture file (written before staging existed). Returns how many.
+/// With `only_windows`, on-demand captures' staging directories stay (one may be running).
+pub(crate) fn remove_leftovers(data_dir: &Path, only_windows: bool) -> usize {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(data_dir).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let path = entry.path();
+        let half_written = match name.strip_prefix(STAGING_PREFIX) {
+            Some(rest) => !only_windows || rest.starts_with("window-"),
+            None => {
+                !only_windows
+                    && (name.starts_with("window-") || name.starts_with("capture-"))
+                    && path.is_dir()
+                    && !path.join(crate::model::CAPTURE_FILE).is_file()
+            }
+        };
+        if half_written && std::fs::remove_dir_all(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// Keeps the newest `CAPTURES_KEPT` on-demand captures.
@@ -61,6 +118,8 @@ fn dir_bytes(dir: &Path) -> u64 {
 
 /// Removes the oldest windows past the count, age and size limits (the newest stays).
 pub(crate) fn apply_retention(kept: &mut Vec<PathBuf>, settings: &Settings) {
+    // Windows removed behind our back (the data directory deleted) are no longer kept.
+    kept.retain(|dir| dir.is_dir());
     loop {
         if kept.len() <= 1 {
             return;
