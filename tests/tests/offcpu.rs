@@ -33,7 +33,9 @@ fn record_workload(
 ///   load). With its wakeup seen, the blocked part is still recorded (recovered);
 /// - blocks filed under `[user stack lost: …]` when stacks collided in full stack maps
 ///   (`stack_collisions`, `unwind_stack_collision`: the time is kept, the stack is not).
-/// Each unexplained block is one 20 ms wait.
+///
+/// Each block a counter explains is at most the function's longest call (the workload's
+/// own clock: 20 ms asked, longer when the helper thread waits for a CPU).
 fn assert_matches_oracle(capture: &serde_json::Value, report: &serde_json::Value, pid: u32) {
     let counter = |name: &str| {
         capture["metadata"]["counters"][name]
@@ -59,7 +61,8 @@ fn assert_matches_oracle(capture: &serde_json::Value, report: &serde_json::Value
     for function in FUNCTIONS {
         let expected = report["blocked_ns"][function].as_u64().unwrap() as f64;
         let measured = blocked_ns_in(capture, pid, function) as f64;
-        let explained = 0.05 * expected + (misses + missed_switch_ins) * 21e6 + stack_lost_ns;
+        let longest = report["longest_ns"][function].as_u64().unwrap() as f64;
+        let explained = 0.05 * expected + (misses + missed_switch_ins) * longest + stack_lost_ns;
         println!(
             "{function}: workload measured {:.3} ms, profiler {:.3} ms ({:+.2}%); explained \
              by counters: {misses} program runs skipped, {missed_switch_ins} switch-ins \
@@ -128,6 +131,12 @@ fn assert_callers(capture: &serde_json::Value, report: &serde_json::Value, pid: 
         }
         for stack in stacks {
             let names = frame_names(stack);
+            if names.iter().any(|n| is_function(n, "run_delay")) {
+                // nanosleep's reading of its run-queue wait (schedstat), preempted: a wait for
+                // a CPU around the blocking call, not in it.
+                assert_eq!(stack["state"], "runqueue", "{names:?}");
+                continue;
+            }
             if !names.iter().any(|n| n.starts_with("entry_SYSCALL")) {
                 // Preempted while running the function's own code (a timer interrupt, as
                 // under a loaded CI machine): a wait for a CPU, not one of its blocking calls.
@@ -162,14 +171,24 @@ fn assert_callers(capture: &serde_json::Value, report: &serde_json::Value, pid: 
             );
         }
     }
-    // The sleep/run-queue split at the wakeup, against a truth the kernel keeps: nanosleep
-    // sleeps at least what it was asked (20 ms per call) and its hrtimer wakes it within the
-    // timer slack (50 us) — however long it then waits for a CPU on a loaded machine, that
-    // wait is run queue, not sleep. A skipped program run or a wakeup that never reached
-    // the program (`wakeup_missed`) leaves one block's wait filed as sleep.
+    // The sleep/run-queue split at the wakeup, against truths the kernel keeps: nanosleep
+    // sleeps at least what it was asked (20 ms per call), and at most its elapsed time less
+    // the thread's run-queue wait over the same calls (run_delay in its schedstat, read by
+    // the workload around each call) — on a loaded machine that wait is run queue, not
+    // sleep; a late timer (a VM's stolen time) is sleep. A skipped program run or a wakeup
+    // that never reached the program (`wakeup_missed`) leaves one block's wait filed as sleep.
+    // A skipped run or an unrecovered missed switch-in loses at most one block.
     let counter = |name: &str| capture["metadata"]["counters"][name].as_u64().unwrap() as f64;
     let misses = counter("program_misses") + counter("wakeup_missed");
-    let asked = report["iterations"].as_u64().unwrap() as f64 * 20e6;
+    let lost_blocks = counter("program_misses") + counter("switch_in_missed")
+        - counter("switch_in_missed_recovered");
+    // Per call, up to 0.1 ms for where each count starts: the kernel's run-queue wait from
+    // the enqueue by the rq clock, ours from the sched_wakeup tracepoint just after it.
+    let iterations = report["iterations"].as_u64().unwrap() as f64;
+    let asked = iterations * 20e6;
+    let longest = report["longest_ns"]["workload_nanosleep"].as_u64().unwrap() as f64;
+    let not_waiting = report["blocked_ns"]["workload_nanosleep"].as_u64().unwrap() as f64
+        - report["nanosleep_run_delay_ns"].as_u64().unwrap() as f64;
     let slept = stacks_of(capture, pid)
         .into_iter()
         .filter(|s| s["state"] == "sleep")
@@ -186,14 +205,18 @@ fn assert_callers(capture: &serde_json::Value, report: &serde_json::Value, pid: 
         .map(|s| s["total_ns"].as_u64().unwrap() as f64)
         .sum::<f64>();
     println!(
-        "workload_nanosleep asleep {:.3} ms of {:.0} ms asked",
+        "workload_nanosleep asleep {:.3} ms of {:.0} ms asked; elapsed less run-queue wait \
+         (schedstat) {:.3} ms",
         slept / 1e6,
-        asked / 1e6
+        asked / 1e6,
+        not_waiting / 1e6
     );
     assert!(
-        slept >= asked && slept <= asked * 1.02 + misses * 21e6,
-        "nanosleep asleep {slept} ns, asked {asked} ns ({misses} skipped program runs or \
-         missed wakeups)"
+        slept >= asked - lost_blocks * longest
+            && slept <= not_waiting + iterations * 0.1e6 + misses * longest,
+        "nanosleep asleep {slept} ns, asked {asked} ns, elapsed less run-queue wait \
+         {not_waiting} ns ({misses} skipped program runs or missed wakeups, {lost_blocks} \
+         blocks lost to skipped runs or unrecovered missed switch-ins)"
     );
 }
 

@@ -31,13 +31,28 @@ fn workload_pipe_read(fd: i32) -> Duration {
 }
 
 /// Blocks in nanosleep(2) for `d`.
+/// Also returns the kernel's run-queue wait of the thread over the same span (run_delay in
+/// /proc/thread-self/schedstat): what of the elapsed time was not sleep.
 #[inline(never)]
-fn workload_nanosleep(d: Duration) -> Duration {
+fn workload_nanosleep(d: Duration) -> (Duration, Duration) {
     let ts = timespec(d);
     let start = Instant::now();
+    let delay_before = run_delay();
     let ret = unsafe { syscall3(SYS_NANOSLEEP, &ts as *const _ as usize, 0, 0) };
     assert_eq!(ret, 0, "nanosleep failed: {ret}");
-    start.elapsed()
+    let delay = run_delay() - delay_before;
+    (start.elapsed(), delay)
+}
+
+/// This thread's time waiting on a run queue so far, as the kernel counts it.
+fn run_delay() -> Duration {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").expect("schedstat");
+    let ns: u64 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|f| f.parse().ok())
+        .expect("run_delay in schedstat");
+    Duration::from_nanos(ns)
 }
 
 /// Blocks in futex(FUTEX_WAIT) until the helper changes the word and wakes us.
@@ -83,7 +98,10 @@ fn helper_release_after(d: Duration, pipe_write_fd: i32, word: &AtomicU32, use_f
 struct Totals {
     pipe: Duration,
     nanosleep: Duration,
+    nanosleep_run_delay: Duration,
     futex: Duration,
+    /// The longest single call of each: what one lost block can be at most.
+    longest: [Duration; 3],
 }
 
 #[inline(never)]
@@ -97,16 +115,23 @@ fn run_iterations(iterations: u32, block: Duration) -> Totals {
         let write_fd = fds[1];
         let helper =
             std::thread::spawn(move || helper_release_after(block, write_fd, &helper_word, false));
-        totals.pipe += workload_pipe_read(fds[0]);
+        let blocked = workload_pipe_read(fds[0]);
+        totals.pipe += blocked;
+        totals.longest[0] = totals.longest[0].max(blocked);
         helper.join().expect("helper");
 
-        totals.nanosleep += workload_nanosleep(block);
+        let (slept, delay) = workload_nanosleep(block);
+        totals.nanosleep += slept;
+        totals.longest[1] = totals.longest[1].max(slept);
+        totals.nanosleep_run_delay += delay;
 
         word.store(0, Ordering::Release);
         let helper_word = Arc::clone(&word);
         let helper =
             std::thread::spawn(move || helper_release_after(block, write_fd, &helper_word, true));
-        totals.futex += workload_futex_wait(&word);
+        let blocked = workload_futex_wait(&word);
+        totals.futex += blocked;
+        totals.longest[2] = totals.longest[2].max(blocked);
         helper.join().expect("helper");
     }
     totals
@@ -133,11 +158,16 @@ fn main() {
     let totals = run_iterations(iterations, Duration::from_millis(block_ms));
     let json = format!(
         "{{\"pid\":{},\"iterations\":{iterations},\"blocked_ns\":{{\"workload_pipe_read\":{},\
+         \"workload_nanosleep\":{},\"workload_futex_wait\":{}}},\"nanosleep_run_delay_ns\":{},\"longest_ns\":{{\"workload_pipe_read\":{},\
          \"workload_nanosleep\":{},\"workload_futex_wait\":{}}}}}\n",
         std::process::id(),
         totals.pipe.as_nanos(),
         totals.nanosleep.as_nanos(),
-        totals.futex.as_nanos()
+        totals.futex.as_nanos(),
+        totals.nanosleep_run_delay.as_nanos(),
+        totals.longest[0].as_nanos(),
+        totals.longest[1].as_nanos(),
+        totals.longest[2].as_nanos()
     );
     match report {
         Some(path) => std::fs::write(path, json).expect("write report"),
