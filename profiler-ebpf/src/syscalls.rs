@@ -1,12 +1,16 @@
 //! Syscall latency from raw_syscalls sys_enter/sys_exit: per (tgid, syscall) count, errors,
 //! total, max and a log2 histogram; the user stack of calls slower than `SLOW_SYSCALL_NS`.
+//!
+//! Two entry points per hook share the logic: `tp_btf/sys_enter|sys_exit` (preferred: the
+//! arguments are read from the call itself) and the classic `raw_syscalls` tracepoints
+//! (fallback: the kernel fills a trace record per call), picked by the loader.
 
 use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns},
-    macros::{map, tracepoint},
+    macros::{btf_tracepoint, map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray},
-    programs::TracePointContext,
+    programs::{BtfTracePointContext, TracePointContext, tracing::StackIdContext},
 };
 use profiler_common::syscalls::{
     HIST_BUCKETS, SlowKey, SlowValue, SyscallKey, SyscallStart, SyscallStats, counter,
@@ -60,8 +64,34 @@ fn add(slot: *mut u64, value: u64) {
     };
 }
 
+/// `tp_btf/sys_enter(struct pt_regs *regs, long id)`: the arguments come straight from the
+/// tracepoint call, no trace record is filled.
+#[btf_tracepoint(function = "sys_enter")]
+pub fn syscalls_enter_btf(ctx: BtfTracePointContext) -> u32 {
+    enter(ctx.arg::<i64>(1))
+}
+
+/// `tp_btf/sys_exit(struct pt_regs *regs, long ret)`.
+#[btf_tracepoint(function = "sys_exit")]
+pub fn syscalls_exit_btf(ctx: BtfTracePointContext) -> u32 {
+    exit(&ctx, ctx.arg::<i64>(1))
+}
+
+/// Fallback: the classic tracepoint (the kernel fills a trace record for each call).
 #[tracepoint(category = "raw_syscalls", name = "sys_enter")]
-pub fn syscalls_enter(ctx: TracePointContext) -> u32 {
+pub fn syscalls_enter_tp(ctx: TracePointContext) -> u32 {
+    let nr = unsafe { ctx.read_at::<i64>(config(&TP_SYS_ENTER_ID_OFF) as usize) }.unwrap_or(-1);
+    enter(nr)
+}
+
+#[tracepoint(category = "raw_syscalls", name = "sys_exit")]
+pub fn syscalls_exit_tp(ctx: TracePointContext) -> u32 {
+    let ret = unsafe { ctx.read_at::<i64>(config(&TP_SYS_EXIT_RET_OFF) as usize) }.unwrap_or(0);
+    exit(&ctx, ret)
+}
+
+#[inline(always)]
+fn enter(nr: i64) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
     let tgid = (pid_tgid >> 32) as u32;
@@ -69,7 +99,6 @@ pub fn syscalls_enter(ctx: TracePointContext) -> u32 {
     if !wanted(tgid, tid, task) {
         return 0;
     }
-    let nr = unsafe { ctx.read_at::<i64>(config(&TP_SYS_ENTER_ID_OFF) as usize) }.unwrap_or(-1);
     if nr < 0 {
         return 0;
     }
@@ -86,8 +115,8 @@ pub fn syscalls_enter(ctx: TracePointContext) -> u32 {
     0
 }
 
-#[tracepoint(category = "raw_syscalls", name = "sys_exit")]
-pub fn syscalls_exit(ctx: TracePointContext) -> u32 {
+#[inline(always)]
+fn exit<C: StackIdContext>(ctx: &C, ret: i64) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
     let tgid = (pid_tgid >> 32) as u32;
@@ -101,7 +130,6 @@ pub fn syscalls_exit(ctx: TracePointContext) -> u32 {
     unsafe { (*slot).start_ns = 0 };
     let now = unsafe { bpf_ktime_get_ns() };
     let delta = now.wrapping_sub(start.start_ns);
-    let ret = unsafe { ctx.read_at::<i64>(config(&TP_SYS_EXIT_RET_OFF) as usize) }.unwrap_or(0);
     count(counter::CALLS);
     let key = SyscallKey { tgid, nr: start.nr };
     let stats = match STATS.get_ptr_mut(&key) {
@@ -141,7 +169,7 @@ pub fn syscalls_exit(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let walked = crate::unwind::current_stack(tgid);
-    let user_stack_id = match walked.map_or_else(|| stack_id(&ctx, BPF_F_USER_STACK as u64), Ok) {
+    let user_stack_id = match walked.map_or_else(|| stack_id(ctx, BPF_F_USER_STACK as u64), Ok) {
         Ok(id) => id,
         Err(StackError::Collision(err)) => {
             count(counter::STACK_COLLISION);
