@@ -7,6 +7,7 @@ use std::path::Path;
 
 use anyhow::{Context as _, Result};
 use aya::Ebpf;
+use aya::maps::{MapData, PerCpuHashMap};
 use aya::programs::{BtfTracePoint, TracePoint};
 use profiler_common::syscalls::{SlowKey, SlowValue, SyscallKey, SyscallStats, counter, maps};
 
@@ -119,8 +120,25 @@ fn attach_tracepoint(ebpf: &mut Ebpf) -> Result<&'static str> {
 }
 
 impl Probes {
+    /// Per (process, syscall) statistics, the CPUs' copies summed.
     pub fn syscall_stats(&self) -> Result<HashMap<SyscallKey, SyscallStats>> {
-        read_hash(self.ebpf(), maps::STATS)
+        let name = maps::STATS;
+        let map = self
+            .ebpf()
+            .map(name)
+            .with_context(|| format!("no map {name}"))?;
+        let map: PerCpuHashMap<&MapData, SyscallKey, SyscallStats> = PerCpuHashMap::try_from(map)?;
+        let mut out = HashMap::new();
+        for entry in map.iter() {
+            match entry {
+                Ok((key, per_cpu)) => {
+                    out.insert(key, sum(&per_cpu));
+                }
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(err) => return Err(err).with_context(|| format!("reading {name} failed")),
+            }
+        }
+        Ok(out)
     }
 
     pub fn slow_syscalls(&self) -> Result<HashMap<SlowKey, SlowValue>> {
@@ -130,6 +148,22 @@ impl Probes {
     pub fn syscall_counters(&self) -> Result<Vec<(&'static str, u64)>> {
         read_counters(self.ebpf(), maps::COUNTERS, &counter::NAMES)
     }
+}
+
+/// One (process, syscall)'s statistics over all CPUs: counts and times add up, the maximum
+/// is the largest.
+fn sum(per_cpu: &[SyscallStats]) -> SyscallStats {
+    let mut total = SyscallStats::default();
+    for cpu in per_cpu {
+        total.count += cpu.count;
+        total.total_ns += cpu.total_ns;
+        total.max_ns = total.max_ns.max(cpu.max_ns);
+        total.errors += cpu.errors;
+        for (sum, n) in total.hist.iter_mut().zip(cpu.hist) {
+            *sum += n;
+        }
+    }
+    total
 }
 
 /// The name of syscall `nr` on the architecture this profiler runs on.
@@ -147,6 +181,35 @@ pub fn name(nr: u32) -> String {
 #[cfg(test)]
 mod tests {
     use crate::symbolize::syscall_names::{AARCH64, X86_64};
+
+    #[test]
+    fn cpu_copies_add_up_and_keep_the_largest_maximum() {
+        use profiler_common::syscalls::SyscallStats;
+        let mut a = SyscallStats {
+            count: 3,
+            total_ns: 300,
+            max_ns: 200,
+            errors: 1,
+            ..Default::default()
+        };
+        a.hist[8] = 3;
+        let mut b = SyscallStats {
+            count: 2,
+            total_ns: 1_000,
+            max_ns: 900,
+            errors: 0,
+            ..Default::default()
+        };
+        b.hist[8] = 1;
+        b.hist[10] = 1;
+        let total = super::sum(&[a, b, SyscallStats::default()]);
+        assert_eq!(
+            (total.count, total.total_ns, total.max_ns, total.errors),
+            (5, 1_300, 900, 1)
+        );
+        assert_eq!((total.hist[8], total.hist[10]), (4, 1));
+        assert_eq!(total.hist.iter().sum::<u64>(), 5);
+    }
 
     #[test]
     fn tables_are_sorted_and_known_numbers_have_their_names() {
