@@ -84,6 +84,8 @@ struct Totals {
     pipe: Duration,
     nanosleep: Duration,
     futex: Duration,
+    /// Each nanosleep call's own time, in order.
+    nanosleeps: Vec<Duration>,
 }
 
 #[inline(never)]
@@ -100,7 +102,9 @@ fn run_iterations(iterations: u32, block: Duration) -> Totals {
         totals.pipe += workload_pipe_read(fds[0]);
         helper.join().expect("helper");
 
-        totals.nanosleep += workload_nanosleep(block);
+        let slept = workload_nanosleep(block);
+        totals.nanosleep += slept;
+        totals.nanosleeps.push(slept);
 
         word.store(0, Ordering::Release);
         let helper_word = Arc::clone(&word);
@@ -131,13 +135,19 @@ fn main() {
     std::io::stdin().lock().read_line(&mut line).expect("stdin");
 
     let totals = run_iterations(iterations, Duration::from_millis(block_ms));
+    let nanosleeps: Vec<String> = totals
+        .nanosleeps
+        .iter()
+        .map(|d| d.as_nanos().to_string())
+        .collect();
     let json = format!(
         "{{\"pid\":{},\"iterations\":{iterations},\"blocked_ns\":{{\"workload_pipe_read\":{},\
-         \"workload_nanosleep\":{},\"workload_futex_wait\":{}}}}}\n",
+         \"workload_nanosleep\":{},\"workload_futex_wait\":{}}},\"nanosleep_ns\":[{}]}}\n",
         std::process::id(),
         totals.pipe.as_nanos(),
         totals.nanosleep.as_nanos(),
-        totals.futex.as_nanos()
+        totals.futex.as_nanos(),
+        nanosleeps.join(",")
     );
     match report {
         Some(path) => std::fs::write(path, json).expect("write report"),
