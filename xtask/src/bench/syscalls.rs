@@ -3,13 +3,18 @@
 //! the floor: an empty program (`r0 = 0; exit`) on raw_syscalls sys_enter and on sys_exit,
 //! attached as raw tracepoints — the same dispatch as tp_btf, so the least any tool that
 //! times each call in eBPF adds. Variants alternate, rotated each round; medians with range.
-//! Separate runs with `--measure-overhead` give the programs' own run time (bpf_stats).
+//! The figure is dd's own CPU time (user + system, from wait4's rusage) per syscall: the
+//! programs run in dd's context, so their cost is in it, and other load on the host is not.
+//! Wall time is shown beside it. Separate runs with `--measure-overhead` give the programs'
+//! own run time (bpf_stats).
 
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 
 use anyhow::{Result, bail};
 
-use super::{Variant, dd_ns_per_syscall, ebpf_ns_per_run, env_number, median, range};
+use anyhow::Context as _;
+
+use super::{Variant, ebpf_ns_per_run, env_number, median, range};
 
 /// What runs beside dd.
 #[derive(Clone, Copy)]
@@ -43,25 +48,36 @@ pub(super) fn run() -> Result<()> {
          block), whole host, {rounds} rounds, variants alternating"
     );
     let mut results = vec![Vec::new(); VARIANTS.len()];
+    let mut wall = vec![Vec::new(); VARIANTS.len()];
     for round in 0..rounds {
         for i in 0..VARIANTS.len() {
             let index = (i + round) % VARIANTS.len();
             let (label, tracer) = VARIANTS[index];
-            let ns = with_tracer(tracer, &[], || dd_ns_per_syscall(blocks))?;
-            println!("  round {round}: {label:<32} {ns:>7.1} ns/syscall");
-            results[index].push(ns);
+            let (cpu, elapsed) = with_tracer(tracer, &[], || dd_per_syscall(blocks))?;
+            println!("  round {round}: {label:<32} {cpu:>7.1} CPU ns/syscall ({elapsed:.1} wall)");
+            results[index].push(cpu);
+            wall[index].push(elapsed);
         }
     }
+    // Ratios per round against that round's untraced run (the pair), then their median.
     let base = median(&mut results[0].clone());
     let floor = median(&mut results[1].clone());
-    println!("[bench syscalls] medians over {rounds} rounds:");
+    println!("[bench syscalls] dd's CPU time per syscall, medians over {rounds} rounds:");
     for (i, (label, _)) in VARIANTS.iter().enumerate() {
+        let mut ratios: Vec<f64> = results[i]
+            .iter()
+            .zip(&results[0])
+            .map(|(v, b)| v / b)
+            .collect();
+        let (r_low, r_high) = range(&ratios);
+        let ratio = median(&mut ratios);
         let (low, high) = range(&results[i]);
         let m = median(&mut results[i]);
+        let w = median(&mut wall[i]);
         println!(
-            "  {label:<32} {m:>7.1} ns/syscall (range {low:.1}–{high:.1})  ratio {:.3}x  added \
-             {:+.1} ns/syscall ({:+.1} above the floor)",
-            m / base,
+            "  {label:<32} {m:>7.1} ns/syscall (range {low:.1}–{high:.1}; wall {w:.1})  ratio \
+             {ratio:.3}x (range {r_low:.3}–{r_high:.3})  added {:+.1} ns/syscall ({:+.1} above \
+             the floor)",
             m - base,
             m - floor
         );
@@ -71,9 +87,7 @@ pub(super) fn run() -> Result<()> {
     for (label, tracer) in &VARIANTS[2..4] {
         let mut per_run = Vec::new();
         for _ in 0..rounds.min(3) {
-            with_tracer(*tracer, &["--measure-overhead"], || {
-                dd_ns_per_syscall(blocks)
-            })?;
+            with_tracer(*tracer, &["--measure-overhead"], || dd_per_syscall(blocks))?;
             if let Some(ns) = ebpf_ns_per_run()? {
                 per_run.push(ns);
             }
@@ -90,7 +104,39 @@ pub(super) fn run() -> Result<()> {
     Ok(())
 }
 
-fn with_tracer(tracer: Tracer, extra: &[&str], work: impl FnOnce() -> Result<f64>) -> Result<f64> {
+/// `dd if=/dev/zero of=/dev/null bs=1 count=N` (2N syscalls): dd's CPU time (user + system)
+/// and its wall time, each in ns per syscall.
+fn dd_per_syscall(blocks: u64) -> Result<(f64, f64)> {
+    let start = std::time::Instant::now();
+    let child = std::process::Command::new("dd")
+        .args([
+            "if=/dev/zero",
+            "of=/dev/null",
+            "bs=1",
+            &format!("count={blocks}"),
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("cannot run dd")?;
+    let mut status = 0;
+    // SAFETY: all-zero is a valid rusage.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child, writing into the locals passed.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    let elapsed = start.elapsed().as_nanos() as f64;
+    if pid < 0 {
+        bail!("waiting for dd failed: {}", std::io::Error::last_os_error());
+    }
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        bail!("dd failed (wait status {status})");
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 * 1e9 + t.tv_usec as f64 * 1e3;
+    let cpu = tv(usage.ru_utime) + tv(usage.ru_stime);
+    let syscalls = (2 * blocks) as f64;
+    Ok((cpu / syscalls, elapsed / syscalls))
+}
+
+fn with_tracer<T>(tracer: Tracer, extra: &[&str], work: impl FnOnce() -> Result<T>) -> Result<T> {
     match tracer {
         Tracer::Nothing => work(),
         Tracer::Floor => {
