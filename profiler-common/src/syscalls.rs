@@ -26,7 +26,6 @@ pub struct SyscallKey {
 pub struct SyscallStats {
     pub count: u64,
     pub total_ns: u64,
-    /// Best effort: concurrent updates from two CPUs may keep the smaller of two maxima.
     pub max_ns: u64,
     /// Calls that returned a negative value (an errno).
     pub errors: u64,

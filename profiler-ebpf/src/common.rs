@@ -2,7 +2,7 @@
 //! hash collisions) and the ring buffer that tells userspace about new tasks.
 
 use aya_ebpf::{
-    helpers::bpf_probe_read_kernel,
+    helpers::{bpf_get_current_task, bpf_probe_read_kernel},
     macros::map,
     maps::{HashMap, LruHashMap, RingBuf, StackTrace},
     programs::tracing::StackIdContext,
@@ -115,21 +115,26 @@ pub fn is_kernel_thread(task: *const u8) -> bool {
 /// filter (`task` is its task_struct).
 #[inline(always)]
 pub fn wanted(tgid: u32, tid: u32, task: *const u8) -> bool {
-    if !wanted_ids(tgid, tid) {
-        return false;
-    }
-    let kind = config(&THREAD_KIND);
-    if kind != THREADS_ALL {
-        let flags: u32 = unsafe {
-            bpf_probe_read_kernel(task.add(config(&TASK_FLAGS_OFF) as usize) as *const u32)
-        }
-        .unwrap_or(0);
-        let is_kernel = flags & PF_KTHREAD != 0;
-        if is_kernel != (kind == THREADS_KERNEL) {
-            return false;
-        }
-    }
-    true
+    wanted_ids(tgid, tid) && (config(&THREAD_KIND) == THREADS_ALL || kind_wanted(task))
+}
+
+/// [`wanted`] for the current thread, reading its task_struct only when the user/kernel
+/// thread filter is on (hot paths that need the task for nothing else).
+#[inline(always)]
+pub fn wanted_current(tgid: u32, tid: u32) -> bool {
+    wanted_ids(tgid, tid)
+        && (config(&THREAD_KIND) == THREADS_ALL
+            || kind_wanted(unsafe { bpf_get_current_task() } as *const u8))
+}
+
+/// Whether `task` is of the kind of thread asked for (user or kernel).
+#[inline(always)]
+fn kind_wanted(task: *const u8) -> bool {
+    let flags: u32 =
+        unsafe { bpf_probe_read_kernel(task.add(config(&TASK_FLAGS_OFF) as usize) as *const u32) }
+            .unwrap_or(0);
+    let is_kernel = flags & PF_KTHREAD != 0;
+    is_kernel == (config(&THREAD_KIND) == THREADS_KERNEL)
 }
 
 /// Why a stack could not be stored.

@@ -1,19 +1,23 @@
 //! Syscall latency from raw_syscalls sys_enter/sys_exit: per (tgid, syscall) count, errors,
 //! total, max and a log2 histogram; the user stack of calls slower than `SLOW_SYSCALL_NS`.
+//!
+//! Two entry points per hook share the logic: `tp_btf/sys_enter|sys_exit` (preferred: the
+//! arguments are read from the call itself) and the classic `raw_syscalls` tracepoints
+//! (fallback: the kernel fills a trace record per call), picked by the loader.
 
 use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns},
-    macros::{map, tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray},
-    programs::TracePointContext,
+    macros::{btf_tracepoint, map, tracepoint},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    programs::{BtfTracePointContext, TracePointContext, tracing::StackIdContext},
 };
 use profiler_common::syscalls::{
     HIST_BUCKETS, SlowKey, SlowValue, SyscallKey, SyscallStart, SyscallStats, counter,
 };
 
 use crate::common::{
-    StackError, TASK_COMM_OFF, config, log2_bucket, notify_new_task, stack_id, wanted,
+    StackError, TASK_COMM_OFF, config, log2_bucket, notify_new_task, stack_id, wanted_current,
 };
 
 /// Calls at least this long keep their user stack.
@@ -31,8 +35,12 @@ static TP_SYS_EXIT_RET_OFF: u32 = 16;
 #[map(name = "SYSCALL_STARTS")]
 static STARTS: LruHashMap<u32, SyscallStart> = LruHashMap::with_max_entries(32768, 0);
 
+/// Per CPU: each CPU adds to its own copy with plain adds (no atomics, no cache line shared
+/// between CPUs); userspace sums the copies. Not preallocated: an entry costs its value size
+/// times the number of CPUs, so only the keys in use take memory.
 #[map(name = "SYSCALL_STATS")]
-static STATS: HashMap<SyscallKey, SyscallStats> = HashMap::with_max_entries(16384, 0);
+static STATS: PerCpuHashMap<SyscallKey, SyscallStats> =
+    PerCpuHashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
 
 #[map(name = "SYSCALL_SLOW")]
 static SLOW: HashMap<SlowKey, SlowValue> = HashMap::with_max_entries(16384, 0);
@@ -41,6 +49,7 @@ static SLOW: HashMap<SlowKey, SlowValue> = HashMap::with_max_entries(16384, 0);
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
 const BPF_NOEXIST: u64 = 1;
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 #[inline(always)]
 fn count(index: u32) {
@@ -50,27 +59,41 @@ fn count(index: u32) {
     }
 }
 
-#[inline(always)]
-fn add(slot: *mut u64, value: u64) {
-    // Threads of one process update its entry from several CPUs at once.
-    unsafe {
-        core::intrinsics::atomic_xadd::<_, _, { core::intrinsics::AtomicOrdering::Relaxed }>(
-            slot, value,
-        )
-    };
+/// `tp_btf/sys_enter(struct pt_regs *regs, long id)`: the arguments come straight from the
+/// tracepoint call, no trace record is filled.
+#[btf_tracepoint(function = "sys_enter")]
+pub fn syscalls_enter_btf(ctx: BtfTracePointContext) -> u32 {
+    enter(ctx.arg::<i64>(1))
 }
 
+/// `tp_btf/sys_exit(struct pt_regs *regs, long ret)`.
+#[btf_tracepoint(function = "sys_exit")]
+pub fn syscalls_exit_btf(ctx: BtfTracePointContext) -> u32 {
+    exit(&ctx, ctx.arg::<i64>(1))
+}
+
+/// Fallback: the classic tracepoint (the kernel fills a trace record for each call).
 #[tracepoint(category = "raw_syscalls", name = "sys_enter")]
-pub fn syscalls_enter(ctx: TracePointContext) -> u32 {
+pub fn syscalls_enter_tp(ctx: TracePointContext) -> u32 {
+    let nr = unsafe { ctx.read_at::<i64>(config(&TP_SYS_ENTER_ID_OFF) as usize) }.unwrap_or(-1);
+    enter(nr)
+}
+
+#[tracepoint(category = "raw_syscalls", name = "sys_exit")]
+pub fn syscalls_exit_tp(ctx: TracePointContext) -> u32 {
+    let ret = unsafe { ctx.read_at::<i64>(config(&TP_SYS_EXIT_RET_OFF) as usize) }.unwrap_or(0);
+    exit(&ctx, ret)
+}
+
+#[inline(always)]
+fn enter(nr: i64) -> u32 {
+    if nr < 0 {
+        return 0;
+    }
     let pid_tgid = bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
     let tgid = (pid_tgid >> 32) as u32;
-    let task = unsafe { bpf_get_current_task() } as *const u8;
-    if !wanted(tgid, tid, task) {
-        return 0;
-    }
-    let nr = unsafe { ctx.read_at::<i64>(config(&TP_SYS_ENTER_ID_OFF) as usize) }.unwrap_or(-1);
-    if nr < 0 {
+    if !wanted_current(tgid, tid) {
         return 0;
     }
     let start = SyscallStart {
@@ -86,8 +109,8 @@ pub fn syscalls_enter(ctx: TracePointContext) -> u32 {
     0
 }
 
-#[tracepoint(category = "raw_syscalls", name = "sys_exit")]
-pub fn syscalls_exit(ctx: TracePointContext) -> u32 {
+#[inline(always)]
+fn exit<C: StackIdContext>(ctx: &C, ret: i64) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tid = pid_tgid as u32;
     let tgid = (pid_tgid >> 32) as u32;
@@ -101,7 +124,6 @@ pub fn syscalls_exit(ctx: TracePointContext) -> u32 {
     unsafe { (*slot).start_ns = 0 };
     let now = unsafe { bpf_ktime_get_ns() };
     let delta = now.wrapping_sub(start.start_ns);
-    let ret = unsafe { ctx.read_at::<i64>(config(&TP_SYS_EXIT_RET_OFF) as usize) }.unwrap_or(0);
     count(counter::CALLS);
     let key = SyscallKey { tgid, nr: start.nr };
     let stats = match STATS.get_ptr_mut(&key) {
@@ -121,18 +143,20 @@ pub fn syscalls_exit(ctx: TracePointContext) -> u32 {
         }
     };
     match stats {
+        // This CPU's copy: the program runs with preemption off and does not nest on a CPU
+        // (syscalls do not start in interrupts), so nothing else writes it meanwhile.
         Some(stats) => unsafe {
-            add(&mut (*stats).count, 1);
-            add(&mut (*stats).total_ns, delta);
+            (*stats).count += 1;
+            (*stats).total_ns += delta;
             if ret < 0 {
-                add(&mut (*stats).errors, 1);
+                (*stats).errors += 1;
             }
             if delta > (*stats).max_ns {
                 (*stats).max_ns = delta;
             }
             let b = log2_bucket(delta, HIST_BUCKETS as u32) as usize;
             if b < HIST_BUCKETS {
-                add(&mut (*stats).hist[b], 1);
+                (*stats).hist[b] += 1;
             }
         },
         None => count(counter::STATS_MAP_FULL),
@@ -141,7 +165,7 @@ pub fn syscalls_exit(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let walked = crate::unwind::current_stack(tgid);
-    let user_stack_id = match walked.map_or_else(|| stack_id(&ctx, BPF_F_USER_STACK as u64), Ok) {
+    let user_stack_id = match walked.map_or_else(|| stack_id(ctx, BPF_F_USER_STACK as u64), Ok) {
         Ok(id) => id,
         Err(StackError::Collision(err)) => {
             count(counter::STACK_COLLISION);

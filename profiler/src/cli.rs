@@ -250,7 +250,7 @@ pub struct RecordArgs {
     /// How many stacks the text summary shows.
     #[arg(long, default_value_t = 10)]
     pub top: usize,
-    /// How to hook sched_switch (off-CPU).
+    /// How to hook sched_switch (offcpu) and raw_syscalls sys_enter/sys_exit (syscalls).
     #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
     pub attach: AttachMode,
     /// Do not hook sched_wakeup: cheaper (one program run less per wakeup), but off-CPU time
@@ -420,6 +420,7 @@ impl RecordArgs {
                 }),
                 syscalls: events.contains(&Event::Syscalls).then_some(SyscallsConfig {
                     slow_ns: self.slow_syscall.as_nanos() as u64,
+                    attach: self.attach,
                 }),
                 tcp: events.contains(&Event::Tcp),
                 db: events.contains(&Event::Db).then(|| DbConfig {

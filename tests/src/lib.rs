@@ -96,6 +96,8 @@ pub struct Recording {
     child: Child,
     stderr_lines: mpsc::Receiver<String>,
     pub output: PathBuf,
+    /// The line announcing the recording (what is recorded and how it attached).
+    pub started: String,
 }
 
 impl Recording {
@@ -110,16 +112,24 @@ impl Recording {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start profiler");
+        let started = std::cell::RefCell::new(String::new());
         let rx = wait_for_stderr_line(
             &mut child,
             Duration::from_secs(60),
-            |line| line.starts_with("recording ") && line.contains("Ctrl-C"),
+            |line| {
+                let ready = line.starts_with("recording ") && line.contains("Ctrl-C");
+                if ready {
+                    *started.borrow_mut() = line.to_string();
+                }
+                ready
+            },
             "profiler did not start recording",
         );
         Self {
             child,
             stderr_lines: rx,
             output: output.to_path_buf(),
+            started: started.into_inner(),
         }
     }
 
@@ -300,6 +310,8 @@ pub struct Recorded {
     /// The workload's own measurement (its report).
     pub report: Value,
     pub pid: u32,
+    /// The profiler's line announcing the recording.
+    pub started: String,
 }
 
 /// Records `offcpu-workload` (`iterations` × 20 ms in each blocking function), selected
@@ -318,6 +330,7 @@ pub fn record_offcpu_workload(
     let mut args = vec!["--duration", "60s", target_flag, &pid];
     args.extend_from_slice(extra);
     let recording = Recording::start(&dir.join("out"), &args);
+    let started = recording.started.clone();
     workload.go();
     let report = workload.finish();
     let (capture, stdout) = recording.interrupt();
@@ -328,6 +341,7 @@ pub fn record_offcpu_workload(
         stdout,
         report,
         pid,
+        started,
     }
 }
 

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [offcpu|all|db|daemon|diff|busy-host]`: overhead measured as ratios against a baseline run in the
+//! `cargo xtask bench [offcpu|all|db|daemon|diff|busy-host|syscalls]`: overhead measured as ratios against a baseline run in the
 //! same invocation, alternating the variants so drift hits them all alike.
 //!
 //! offcpu: cost per operation of `perf bench sched pipe` (two tasks ping-ponging through a
@@ -21,6 +21,8 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::workspace_root;
 
+mod syscalls;
+
 pub fn run(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("offcpu") => offcpu(),
@@ -29,6 +31,7 @@ pub fn run(args: &[String]) -> Result<()> {
         Some("db") => db(),
         Some("daemon") => daemon(),
         Some("busy-host") => busy_host(),
+        Some("syscalls") => syscalls::run(),
         None => {
             offcpu()?;
             all_families()?;
@@ -38,7 +41,7 @@ pub fn run(args: &[String]) -> Result<()> {
         Some(other) => {
             bail!(
                 "unknown benchmark {other:?} (available: offcpu, all, db, daemon, diff, \
-                 busy-host)"
+                 busy-host, syscalls)"
             )
         }
     }

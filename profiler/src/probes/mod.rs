@@ -124,6 +124,8 @@ pub struct Probes {
     pub oncpu_frequency: Option<u64>,
     /// Slow-syscall threshold, when the syscalls family is attached.
     pub syscalls_slow_ns: Option<u64>,
+    /// How raw_syscalls was hooked ("tp_btf" or "tracepoint"), when the family is attached.
+    pub syscalls_attached_with: Option<&'static str>,
     /// Whether the TCP family is attached.
     pub tcp: bool,
     /// PostgreSQL binaries whose query probes are attached (empty: db family off or no
@@ -345,12 +347,13 @@ impl Probes {
         };
         let syscalls_slow_ns = match &config.syscalls {
             Some(syscalls) => {
-                syscalls::attach(&mut ebpf)?;
+                let attached = syscalls::attach(&mut ebpf, syscalls, &config.btf_path)?;
                 counting_since.get_or_insert_with(Instant::now);
-                Some(syscalls.slow_ns)
+                Some((syscalls.slow_ns, attached))
             }
             None => None,
         };
+        let (syscalls_slow_ns, syscalls_attached_with) = syscalls_slow_ns.unzip();
         if config.tcp {
             tcp::attach(&mut ebpf)?;
             counting_since.get_or_insert_with(Instant::now);
@@ -367,6 +370,7 @@ impl Probes {
             offcpu_attached_with,
             oncpu_frequency,
             syscalls_slow_ns,
+            syscalls_attached_with,
             tcp: config.tcp,
             db_targets: db_targets.paths(),
             _db_links: db_links,

@@ -1,25 +1,31 @@
 //! Syscalls family: attaches `profiler-ebpf/src/syscalls.rs` to raw_syscalls sys_enter and
-//! sys_exit and reads its per-(process, syscall) statistics and slow-call stacks.
+//! sys_exit (tp_btf, or the classic tracepoints as a fallback) and reads its per-(process,
+//! syscall) statistics and slow-call stacks.
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use anyhow::{Context as _, Result};
 use aya::Ebpf;
-use aya::programs::TracePoint;
+use aya::maps::{MapData, PerCpuHashMap};
+use aya::programs::{BtfTracePoint, TracePoint};
 use profiler_common::syscalls::{SlowKey, SlowValue, SyscallKey, SyscallStats, counter, maps};
 
+use super::offcpu::AttachMode;
 use super::{Globals, Probes, global, kernel::tracefs, program, read_counters, read_hash};
 
 #[derive(Debug, Clone)]
 pub struct SyscallsConfig {
     /// Calls at least this long keep their user stack.
     pub slow_ns: u64,
+    pub attach: AttachMode,
 }
 
 impl Default for SyscallsConfig {
     fn default() -> Self {
         Self {
             slow_ns: 10_000_000,
+            attach: AttachMode::Auto,
         }
     }
 }
@@ -52,24 +58,87 @@ pub(super) fn globals(config: &SyscallsConfig, globals: &mut Globals) -> Result<
     Ok(())
 }
 
+/// Attaches sys_exit then sys_enter; returns how they were hooked.
+pub(super) fn attach(
+    ebpf: &mut Ebpf,
+    config: &SyscallsConfig,
+    btf_path: &Path,
+) -> Result<&'static str> {
+    match config.attach {
+        AttachMode::TpBtf => attach_btf(ebpf, btf_path),
+        AttachMode::Tracepoint => attach_tracepoint(ebpf),
+        AttachMode::Auto => match attach_btf(ebpf, btf_path) {
+            Ok(how) => Ok(how),
+            Err(btf_err) => {
+                // Neither half of the pair may stay attached beside the fallback's.
+                for name in BTF_PROGRAMS.map(|(name, _)| name) {
+                    if let Ok(prog) = program(ebpf, name).and_then(|p| {
+                        <&mut BtfTracePoint>::try_from(p).map_err(anyhow::Error::from)
+                    }) {
+                        let _ = prog.unload();
+                    }
+                }
+                attach_tracepoint(ebpf).with_context(|| {
+                    format!("tp_btf/sys_enter and sys_exit failed too ({btf_err:#})")
+                })
+            }
+        },
+    }
+}
+
 /// Exit first, so that no call is entered without its exit being watched.
-pub(super) fn attach(ebpf: &mut Ebpf) -> Result<()> {
+const BTF_PROGRAMS: [(&str, &str); 2] = [
+    ("syscalls_exit_btf", "sys_exit"),
+    ("syscalls_enter_btf", "sys_enter"),
+];
+
+fn attach_btf(ebpf: &mut Ebpf, btf_path: &Path) -> Result<&'static str> {
+    let btf = aya::Btf::parse_file(btf_path, aya::Endianness::default())
+        .context("parsing the kernel BTF failed")?;
+    for (name, event) in BTF_PROGRAMS {
+        let prog: &mut BtfTracePoint = program(ebpf, name)?.try_into()?;
+        prog.load(event, &btf)
+            .with_context(|| format!("loading tp_btf/{event} failed"))?;
+        prog.attach()
+            .with_context(|| format!("attaching tp_btf/{event} failed"))?;
+    }
+    Ok("tp_btf")
+}
+
+fn attach_tracepoint(ebpf: &mut Ebpf) -> Result<&'static str> {
     for (name, event) in [
-        ("syscalls_exit", "sys_exit"),
-        ("syscalls_enter", "sys_enter"),
+        ("syscalls_exit_tp", "sys_exit"),
+        ("syscalls_enter_tp", "sys_enter"),
     ] {
         let prog: &mut TracePoint = program(ebpf, name)?.try_into()?;
         prog.load()
-            .with_context(|| format!("loading the {event} program failed"))?;
+            .with_context(|| format!("loading the {event} tracepoint program failed"))?;
         prog.attach("raw_syscalls", event)
             .with_context(|| format!("attaching to raw_syscalls:{event} failed"))?;
     }
-    Ok(())
+    Ok("tracepoint")
 }
 
 impl Probes {
+    /// Per (process, syscall) statistics, the CPUs' copies summed.
     pub fn syscall_stats(&self) -> Result<HashMap<SyscallKey, SyscallStats>> {
-        read_hash(self.ebpf(), maps::STATS)
+        let name = maps::STATS;
+        let map = self
+            .ebpf()
+            .map(name)
+            .with_context(|| format!("no map {name}"))?;
+        let map: PerCpuHashMap<&MapData, SyscallKey, SyscallStats> = PerCpuHashMap::try_from(map)?;
+        let mut out = HashMap::new();
+        for entry in map.iter() {
+            match entry {
+                Ok((key, per_cpu)) => {
+                    out.insert(key, sum(&per_cpu));
+                }
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(err) => return Err(err).with_context(|| format!("reading {name} failed")),
+            }
+        }
+        Ok(out)
     }
 
     pub fn slow_syscalls(&self) -> Result<HashMap<SlowKey, SlowValue>> {
@@ -79,6 +148,22 @@ impl Probes {
     pub fn syscall_counters(&self) -> Result<Vec<(&'static str, u64)>> {
         read_counters(self.ebpf(), maps::COUNTERS, &counter::NAMES)
     }
+}
+
+/// One (process, syscall)'s statistics over all CPUs: counts and times add up, the maximum
+/// is the largest.
+fn sum(per_cpu: &[SyscallStats]) -> SyscallStats {
+    let mut total = SyscallStats::default();
+    for cpu in per_cpu {
+        total.count += cpu.count;
+        total.total_ns += cpu.total_ns;
+        total.max_ns = total.max_ns.max(cpu.max_ns);
+        total.errors += cpu.errors;
+        for (sum, n) in total.hist.iter_mut().zip(cpu.hist) {
+            *sum += n;
+        }
+    }
+    total
 }
 
 /// The name of syscall `nr` on the architecture this profiler runs on.
@@ -96,6 +181,35 @@ pub fn name(nr: u32) -> String {
 #[cfg(test)]
 mod tests {
     use crate::symbolize::syscall_names::{AARCH64, X86_64};
+
+    #[test]
+    fn cpu_copies_add_up_and_keep_the_largest_maximum() {
+        use profiler_common::syscalls::SyscallStats;
+        let mut a = SyscallStats {
+            count: 3,
+            total_ns: 300,
+            max_ns: 200,
+            errors: 1,
+            ..Default::default()
+        };
+        a.hist[8] = 3;
+        let mut b = SyscallStats {
+            count: 2,
+            total_ns: 1_000,
+            max_ns: 900,
+            errors: 0,
+            ..Default::default()
+        };
+        b.hist[8] = 1;
+        b.hist[10] = 1;
+        let total = super::sum(&[a, b, SyscallStats::default()]);
+        assert_eq!(
+            (total.count, total.total_ns, total.max_ns, total.errors),
+            (5, 1_300, 900, 1)
+        );
+        assert_eq!((total.hist[8], total.hist[10]), (4, 1));
+        assert_eq!(total.hist.iter().sum::<u64>(), 5);
+    }
 
     #[test]
     fn tables_are_sorted_and_known_numbers_have_their_names() {

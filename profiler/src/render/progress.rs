@@ -18,8 +18,8 @@ pub(crate) fn families_description(probes: &Probes) -> String {
     if let Some(frequency) = probes.oncpu_frequency {
         parts.push(format!("on-CPU samples ({frequency} Hz)"));
     }
-    if probes.syscalls_slow_ns.is_some() {
-        parts.push("syscall latency".to_string());
+    if let Some(how) = probes.syscalls_attached_with {
+        parts.push(format!("syscall latency ({how})"));
     }
     if probes.tcp {
         parts.push("TCP connections".to_string());

@@ -34,14 +34,17 @@ fn workload_pipe_read(fd: i32) -> Duration {
 /// Also returns the kernel's run-queue wait of the thread over the same span (run_delay in
 /// /proc/thread-self/schedstat): what of the elapsed time was not sleep.
 #[inline(never)]
-fn workload_nanosleep(d: Duration) -> (Duration, Duration) {
+/// And the syscall's own time (without the two schedstat reads).
+fn workload_nanosleep(d: Duration) -> (Duration, Duration, Duration) {
     let ts = timespec(d);
     let start = Instant::now();
     let delay_before = run_delay();
+    let call = Instant::now();
     let ret = unsafe { syscall3(SYS_NANOSLEEP, &ts as *const _ as usize, 0, 0) };
+    let call = call.elapsed();
     assert_eq!(ret, 0, "nanosleep failed: {ret}");
     let delay = run_delay() - delay_before;
-    (start.elapsed(), delay)
+    (start.elapsed(), delay, call)
 }
 
 /// This thread's time waiting on a run queue so far, as the kernel counts it.
@@ -102,6 +105,8 @@ struct Totals {
     futex: Duration,
     /// The longest single call of each: what one lost block can be at most.
     longest: [Duration; 3],
+    /// Each nanosleep syscall's own time, in order.
+    nanosleeps: Vec<Duration>,
 }
 
 #[inline(never)]
@@ -120,10 +125,11 @@ fn run_iterations(iterations: u32, block: Duration) -> Totals {
         totals.longest[0] = totals.longest[0].max(blocked);
         helper.join().expect("helper");
 
-        let (slept, delay) = workload_nanosleep(block);
+        let (slept, delay, call) = workload_nanosleep(block);
         totals.nanosleep += slept;
         totals.longest[1] = totals.longest[1].max(slept);
         totals.nanosleep_run_delay += delay;
+        totals.nanosleeps.push(call);
 
         word.store(0, Ordering::Release);
         let helper_word = Arc::clone(&word);
@@ -156,15 +162,21 @@ fn main() {
     std::io::stdin().lock().read_line(&mut line).expect("stdin");
 
     let totals = run_iterations(iterations, Duration::from_millis(block_ms));
+    let nanosleeps: Vec<String> = totals
+        .nanosleeps
+        .iter()
+        .map(|d| d.as_nanos().to_string())
+        .collect();
     let json = format!(
         "{{\"pid\":{},\"iterations\":{iterations},\"blocked_ns\":{{\"workload_pipe_read\":{},\
-         \"workload_nanosleep\":{},\"workload_futex_wait\":{}}},\"nanosleep_run_delay_ns\":{},\"longest_ns\":{{\"workload_pipe_read\":{},\
+         \"workload_nanosleep\":{},\"workload_futex_wait\":{}}},\"nanosleep_run_delay_ns\":{},\"nanosleep_ns\":[{}],\"longest_ns\":{{\"workload_pipe_read\":{},\
          \"workload_nanosleep\":{},\"workload_futex_wait\":{}}}}}\n",
         std::process::id(),
         totals.pipe.as_nanos(),
         totals.nanosleep.as_nanos(),
         totals.futex.as_nanos(),
         totals.nanosleep_run_delay.as_nanos(),
+        nanosleeps.join(","),
         totals.longest[0].as_nanos(),
         totals.longest[1].as_nanos(),
         totals.longest[2].as_nanos()
