@@ -23,10 +23,26 @@ fn pgss_calls(cluster: &PgCluster, text: &str) -> u64 {
         .sum()
 }
 
+/// pg_stat_statements' execution time, in ns, of the statement whose text, without
+/// whitespace, is `text`.
+fn pgss_exec_ns(cluster: &PgCluster, text: &str) -> f64 {
+    let squeezed = |t: &str| t.chars().filter(|c| !c.is_whitespace()).collect::<String>();
+    cluster
+        .psql("SELECT total_exec_time, query FROM pg_stat_statements")
+        .lines()
+        .filter_map(|line| line.split_once('|'))
+        .filter(|(_, query)| squeezed(query) == squeezed(text))
+        .map(|(ms, _)| ms.trim().parse::<f64>().unwrap() * 1e6)
+        .sum()
+}
+
 /// node-postgres (npm `pg`, pure JavaScript on libuv) sends an extended-protocol query as one
 /// writev (Parse, Bind, Describe, Execute, Sync) and a simple one as one write, and reads
 /// with read. Both are seen on the wire: counts exact against its own and
-/// pg_stat_statements', time to the first reply byte within 10 % of its own clock.
+/// pg_stat_statements', and the time from the request's write to the first reply byte
+/// between the server's own execution time (pg_stat_statements) and the client's clock
+/// (which also holds node's JavaScript work around each query: 0.35 ms a query, 14 % of
+/// the client's time, in a CI run of the suite).
 #[test]
 fn node_postgres_queries_written_with_writev_are_seen_on_the_wire() {
     require_root();
@@ -99,17 +115,30 @@ fn node_postgres_queries_written_with_writev_are_seen_on_the_wire() {
         )),
         extended["calls"].as_u64()
     );
-    for (ours, field) in [(simple, "simple_ns"), (extended, "extended_ns")] {
+    for (ours, field, text) in [
+        (
+            simple,
+            "simple_ns",
+            "SELECT $1 AS node_simple, pg_sleep($2)",
+        ),
+        (
+            extended,
+            "extended_ns",
+            "SELECT $1::int AS node_extended, pg_sleep($2)",
+        ),
+    ] {
         let ours = ours["total_ns"].as_u64().unwrap() as f64;
         let theirs = report[field].as_u64().unwrap() as f64;
+        let server = pgss_exec_ns(&cluster, text);
         println!(
-            "{field}: ours {:.3} ms, client {:.3} ms",
+            "{field}: ours {:.3} ms, client {:.3} ms, server execution {:.3} ms",
             ours / 1e6,
-            theirs / 1e6
+            theirs / 1e6,
+            server / 1e6
         );
         assert!(
-            ours <= theirs && ours >= 0.9 * theirs,
-            "ours {ours} ns vs the client's {theirs} ns"
+            server > 0.0 && server <= ours && ours <= theirs,
+            "ours {ours} ns vs the client's {theirs} ns and the server's {server} ns"
         );
     }
     assert_eq!(counters["db_wire_undecoded"].as_u64(), Some(0));
