@@ -82,7 +82,7 @@ fn tcp_peers_count_every_connection_of_the_workload() {
         "--delay-ms",
         "30",
     ]));
-    let top = Command::new(profiler_bin())
+    let mut top = Command::new(profiler_bin())
         .args([
             "top",
             "-p",
@@ -96,7 +96,14 @@ fn tcp_peers_count_every_connection_of_the_workload() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(700));
+    // Connect only once top says its probes are attached: a fixed 700 ms was too short on a
+    // busy CI machine (9 of 10 connections seen).
+    let stderr = wait_for_stderr_line(
+        &mut top,
+        Duration::from_secs(60),
+        |line| line.starts_with("profiler top: attached"),
+        "top never said it was attached",
+    );
     workload.go();
     let mut port = String::new();
     while let Some(line) = workload.line() {
@@ -112,8 +119,8 @@ fn tcp_peers_count_every_connection_of_the_workload() {
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+        "{:?}",
+        stderr.try_iter().collect::<Vec<_>>()
     );
     // Each connect and close lands in exactly one snapshot: the sums are the workload's 10.
     let endpoint = format!("127.0.0.1:{port}");

@@ -65,6 +65,11 @@ pub fn run(args: TopArgs) -> Result<()> {
         Some(probes.take_db_events()?)
     };
     let mut db_owners = DbOwners::new(&args.pids);
+    // From here on every event is counted: scripts (and the tests) can start their workload.
+    eprintln!(
+        "profiler top: attached; a view every {:.1} s",
+        args.interval.as_secs_f64()
+    );
     let tty = std::io::stdout().is_terminal();
     let _raw = if tty { RawTerminal::enter() } else { None };
     let quit = Arc::new(AtomicBool::new(false));
