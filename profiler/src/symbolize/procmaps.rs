@@ -5,6 +5,10 @@
 //! upgrade), a memfd, or a path in another mount namespace (a container) — is opened through
 //! `/proc/PID/map_files/START-END` while the process lives, and the descriptor kept for the
 //! capture: symbolization then reads it as `/proc/self/fd/N`, even after the process exits.
+//! So is a file replaced at its path since it was mapped (a rebuild, an upgrade by rename):
+//! its path now holds another inode. One replaced after its process exited cannot be read any
+//! more; its frames stay unresolved, marked `(replaced)`, and count as `unreachable_files`,
+//! rather than being symbolized with the new file's symbols.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -23,17 +27,31 @@ pub struct Vma {
     pub path: String,
     /// Where the file opens when `path` does not (`/proc/self/fd/N`, see the module doc).
     pub open_path: Option<String>,
+    /// The mapped file's inode (0 for anonymous and special mappings).
+    pub inode: u64,
 }
 
 impl Vma {
     /// Whether the mapping is a file that can be opened for symbolization.
     pub fn is_file(&self) -> bool {
-        self.open_path.is_some() || self.path.starts_with('/') && !self.path.ends_with(" (deleted)")
+        self.open_path.is_some()
+            || self.path.starts_with('/')
+                && !self.path.ends_with(" (deleted)")
+                && !self.path.ends_with(" (replaced)")
     }
 
-    /// A mapped file its path does not reach from here: deleted or a memfd (`… (deleted)`).
+    /// A mapped file its path does not reach from here: deleted or a memfd (`… (deleted)`),
+    /// or replaced by another file at the same path.
     fn needs_map_files(&self, foreign_mounts: bool) -> bool {
-        self.path.starts_with('/') && (foreign_mounts || self.path.ends_with(" (deleted)"))
+        self.path.starts_with('/')
+            && (foreign_mounts || self.path.ends_with(" (deleted)") || self.replaced())
+    }
+
+    /// Whether the file at `path` is no longer the one mapped (another inode there now).
+    fn replaced(&self) -> bool {
+        self.inode != 0
+            && self.path.starts_with('/')
+            && fs::metadata(&self.path).is_ok_and(|meta| meta.ino() != self.inode)
     }
 }
 
@@ -82,7 +100,8 @@ pub fn parse_maps(text: &str) -> Vec<Vma> {
             continue;
         }
         // dev and inode, then the path (which may contain spaces).
-        let _ = (fields.next(), fields.next());
+        let _dev = fields.next();
+        let inode = fields.next().and_then(|i| i.parse().ok()).unwrap_or(0);
         let path = fields.collect::<Vec<_>>().join(" ");
         let Some((start, end)) = range.split_once('-') else {
             continue;
@@ -104,6 +123,7 @@ pub fn parse_maps(text: &str) -> Vec<Vma> {
                 path
             },
             open_path: None,
+            inode,
         });
     }
     vmas
@@ -164,12 +184,16 @@ impl ProcessCache {
         self.unreachable_files += keep_open(entry, &mut self.kept_files);
     }
 
-    /// Re-reads every live process (the end of a capture).
+    /// Re-reads every live process (the end of a capture); in those gone, marks the files
+    /// replaced since they were read, which can no longer be (see the module doc).
     pub fn refresh_all(&mut self) {
         for entry in self.processes.values_mut() {
             if !entry.exited {
                 refresh(entry);
                 self.unreachable_files += keep_open(entry, &mut self.kept_files);
+            }
+            if entry.exited {
+                self.unreachable_files += mark_replaced(entry);
             }
         }
     }
@@ -233,6 +257,22 @@ fn keep_open(entry: &mut ProcessInfo, kept: &mut HashMap<(u64, u64), File>) -> u
         vma.open_path = Some(format!("/proc/self/fd/{}", kept[&key].as_raw_fd()));
     }
     unreachable
+}
+
+/// Marks the mappings of `entry` whose file was replaced at its path and was not kept open:
+/// they are then not read by path (wrong symbols) but shown as `PATH (replaced)`. Returns
+/// how many distinct files.
+fn mark_replaced(entry: &mut ProcessInfo) -> u64 {
+    let mut marked: Vec<String> = Vec::new();
+    for vma in &mut entry.vmas {
+        if vma.open_path.is_none() && vma.replaced() {
+            if !marked.contains(&vma.path) {
+                marked.push(vma.path.clone());
+            }
+            vma.path = format!("{} (replaced)", vma.path);
+        }
+    }
+    marked.len() as u64
 }
 
 /// Whether a `/proc/PID/stat` line is a kernel thread's: PF_KTHREAD in its flags (the 9th
@@ -355,5 +395,44 @@ mod tests {
             Location::Special { .. }
         ));
         assert_eq!(info.locate(0x1000), Location::Unknown);
+    }
+
+    /// A file replaced at its path by a rename (how cargo and package managers install) after
+    /// its process exited is not read by path: its frames are marked, not misnamed.
+    #[test]
+    fn a_file_replaced_after_its_process_exited_is_marked_not_read() {
+        let dir = std::env::temp_dir().join(format!("profiler-replaced-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("app");
+        fs::write(&path, b"old").unwrap();
+        let inode = fs::metadata(&path).unwrap().ino();
+        let maps = format!(
+            "55d0c0a20000-55d0c0a30000 r-xp 00020000 fd:01 {inode} {}\n",
+            path.display()
+        );
+        let mut vmas = parse_maps(&maps);
+        assert_eq!(vmas[0].inode, inode);
+        let mut entry = ProcessInfo {
+            pid: 1,
+            vmas: vmas.clone(),
+            exited: true,
+            ..Default::default()
+        };
+        // Untouched: read by its path.
+        assert_eq!(mark_replaced(&mut entry), 0);
+        assert!(entry.vmas[0].is_file());
+        // Replaced by a rename: another inode at the path.
+        let new = dir.join("app.new");
+        fs::write(&new, b"new").unwrap();
+        fs::rename(&new, &path).unwrap();
+        assert_ne!(fs::metadata(&path).unwrap().ino(), inode);
+        entry.vmas = std::mem::take(&mut vmas);
+        assert_eq!(mark_replaced(&mut entry), 1);
+        assert!(!entry.vmas[0].is_file());
+        assert!(matches!(
+            entry.locate(0x55d0c0a20010),
+            Location::Special { name, .. } if name.ends_with(" (replaced)")
+        ));
+        fs::remove_dir_all(&dir).unwrap();
     }
 }
