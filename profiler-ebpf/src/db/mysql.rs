@@ -9,6 +9,35 @@
 
 use super::*;
 
+/// Copies the query text the mysql_* call was given (its second argument, not
+/// NUL-terminated, the length is the third) into `scratch`, up to `QUERY_MAX` bytes; returns
+/// the length kept (0, counted, when it cannot be read).
+#[inline(always)]
+unsafe fn read_counted_text(scratch: *mut DbPending, regs: *const u8) -> u32 {
+    let text = reg(regs, &ARG2_REG) as *const u8;
+    let len = reg(regs, &ARG3_REG);
+    let n = if len < QUERY_MAX as u64 {
+        len
+    } else {
+        QUERY_MAX as u64
+    } as usize;
+    if n > 0
+        && n <= QUERY_MAX
+        && unsafe {
+            aya_ebpf::helpers::bpf_probe_read_user_buf(text, &mut (&mut (*scratch).query)[..n])
+        }
+        .is_ok()
+    {
+        if n < QUERY_MAX {
+            unsafe { (*scratch).query[n] = 0 };
+        }
+        n as u32
+    } else {
+        count(counter::TEXT_UNREADABLE);
+        0
+    }
+}
+
 #[inline(always)]
 fn mysql_start(ctx: &ProbeContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -35,26 +64,7 @@ fn mysql_start(ctx: &ProbeContext) -> u32 {
         (*scratch).source = SOURCE_MYSQL;
         (*scratch).user_stack_id = issuing_stack(ctx);
         // The text is not NUL-terminated: its length is the third argument.
-        let text = reg(regs, &ARG2_REG) as *const u8;
-        let len = reg(regs, &ARG3_REG);
-        let n = if len < QUERY_MAX as u64 {
-            len
-        } else {
-            QUERY_MAX as u64
-        } as usize;
-        (*scratch).len = if n > 0
-            && n <= QUERY_MAX
-            && aya_ebpf::helpers::bpf_probe_read_user_buf(text, &mut (&mut (*scratch).query)[..n])
-                .is_ok()
-        {
-            if n < QUERY_MAX {
-                (*scratch).query[n] = 0;
-            }
-            n as u32
-        } else {
-            count(counter::TEXT_UNREADABLE);
-            0
-        };
+        (*scratch).len = read_counted_text(scratch, regs);
         if CLIENT_PENDING.insert(&key, &*scratch, 0).is_err() {
             count(counter::PENDING_MAP_FULL);
         }
@@ -149,26 +159,7 @@ pub fn mysql_stmt_prepare(ctx: ProbeContext) -> u32 {
         (*scratch).start_ns = 0;
         (*scratch).source = SOURCE_MYSQL;
         (*scratch).user_stack_id = -1;
-        let text = reg(regs, &ARG2_REG) as *const u8;
-        let len = reg(regs, &ARG3_REG);
-        let n = if len < QUERY_MAX as u64 {
-            len
-        } else {
-            QUERY_MAX as u64
-        } as usize;
-        (*scratch).len = if n > 0
-            && n <= QUERY_MAX
-            && aya_ebpf::helpers::bpf_probe_read_user_buf(text, &mut (&mut (*scratch).query)[..n])
-                .is_ok()
-        {
-            if n < QUERY_MAX {
-                (*scratch).query[n] = 0;
-            }
-            n as u32
-        } else {
-            count(counter::TEXT_UNREADABLE);
-            0
-        };
+        (*scratch).len = read_counted_text(scratch, regs);
     }
     emit_with_handle(scratch, tgid, tid, FLAG_PREPARE, 0, stmt);
     0
