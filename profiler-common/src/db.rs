@@ -116,6 +116,13 @@ pub struct DbEvent {
     /// Wire: the first bytes of the response (MySQL's PREPARE_OK carries the statement id
     /// that later COM_STMT_EXECUTEs name).
     pub reply: [u8; 16],
+    /// libpq and wire: the socket's peer, read by the kernel when the event was sent (the
+    /// connection may be closed before userspace could look): `AF_INET`/`AF_INET6` with the
+    /// address in network order and the port in host order, `AF_UNIX`, or 0 when unknown.
+    pub peer_family: u16,
+    pub peer_port: u16,
+    pub _pad2: u32,
+    pub peer: [u8; 16],
     pub comm: [u8; 16],
     pub query: [u8; QUERY_MAX],
 }
@@ -179,6 +186,12 @@ pub mod maps {
     pub const PENDING: &str = "DB_PENDING";
     pub const EVENTS: &str = "DB_EVENTS";
     pub const COUNTERS: &str = "DB_COUNTERS";
+    /// Queries in flight, per source (each value begins with its start time, 0 once done).
+    pub const CLIENT_PENDING: &str = "DB_CLIENT_PENDING";
+    pub const LIBPQ_COMMANDS: &str = "DB_LIBPQ_COMMANDS";
+    pub const WIRE_PENDING: &str = "DB_WIRE_PENDING";
+    pub const MYSQL_EXEC: &str = "DB_MYSQL_EXEC";
+    pub const SQLITE_EXEC: &str = "DB_SQLITE_EXEC";
 }
 
 #[cfg(feature = "user")]
@@ -210,7 +223,7 @@ mod tests {
         );
         assert_eq!(
             core::mem::size_of::<super::DbEvent>(),
-            88 + super::QUERY_MAX
+            112 + super::QUERY_MAX
         );
         assert_eq!(
             core::mem::size_of::<super::DbWireBatch>(),

@@ -222,7 +222,7 @@ impl Redis {
                 "--port",
                 &port,
                 "--bind",
-                "127.0.0.1",
+                "127.0.0.1 ::1",
                 "--save",
                 "",
                 "--appendonly",
@@ -354,4 +354,53 @@ fn redis_pipelines_are_counted_command_by_command() {
     let counters = &capture["metadata"]["counters"];
     assert_eq!(counters["db_wire_pipeline_cut"].as_u64(), Some(0));
     assert_eq!(counters["db_wire_undecoded"].as_u64(), Some(0));
+}
+
+/// A client that exits right after its reply (redis-cli, one command each) is still named by
+/// its server's address: the kernel reads the socket's peer with the event, while the
+/// connection is open; looking it up in /proc when the event is read finds nothing left.
+/// Over IPv4 and IPv6; counts against INFO commandstats.
+#[test]
+fn short_lived_clients_are_named_by_their_servers_address() {
+    require_root();
+    let redis = Redis::start();
+    redis.cli(&["CONFIG", "RESETSTAT"]);
+    let dir = temp_dir("db-redis-short");
+    let recording = Recording::start(
+        &dir.join("out"),
+        &["--events", "db", "--db-wire", "--duration", "120s"],
+    );
+    for host in ["127.0.0.1", "::1"].repeat(5) {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-h", host, "-p", &redis.port, "INCR", "short"])
+            .output()
+            .expect("redis-cli");
+        assert!(out.status.success());
+    }
+    let (capture, _) = recording.interrupt();
+    let queries = capture["db"]["queries"].as_array().expect("db queries");
+    let mut endpoints: std::collections::BTreeMap<String, u64> = Default::default();
+    for q in queries
+        .iter()
+        .filter(|q| q["source"] == "wire-redis" && q["comm"] == "redis-cli")
+        .filter(|q| q["fingerprint"] == "INCR ?")
+    {
+        *endpoints
+            .entry(q["endpoint"].as_str().unwrap().to_string())
+            .or_default() += q["calls"].as_u64().unwrap();
+    }
+    println!(
+        "INCR by endpoint: {endpoints:?}; server {}",
+        redis.calls("incr")
+    );
+    assert_eq!(redis.calls("incr"), 10);
+    assert_eq!(
+        endpoints,
+        [
+            (format!("127.0.0.1:{}", redis.port), 5),
+            (format!("[::1]:{}", redis.port), 5)
+        ]
+        .into_iter()
+        .collect()
+    );
 }

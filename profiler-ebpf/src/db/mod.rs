@@ -69,6 +69,124 @@ static TASK_REAL_PARENT_OFF: u32 = 0;
 #[unsafe(no_mangle)]
 static TASK_TGID_OFF: u32 = 0;
 
+/// The way from the current task to a socket's peer (BTF): task_struct.files,
+/// files_struct.fdt, fdtable.{max_fds, fd}, file.{f_inode, private_data}, inode.i_mode,
+/// socket.sk, sock_common.{skc_family, skc_dport, skc_daddr, skc_v6_daddr}. 0 in
+/// `TASK_FILES_OFF`: not known, the peer is not read.
+#[unsafe(no_mangle)]
+static TASK_FILES_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static FILES_FDT_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static FDT_MAX_FDS_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static FDT_FD_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static FILE_INODE_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static FILE_PRIVATE_DATA_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static INODE_MODE_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static SOCKET_SK_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static SKC_FAMILY_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static SKC_DPORT_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static SKC_DADDR_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static SKC_V6_DADDR_OFF: u32 = 0;
+
+const AF_UNIX: u16 = 1;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const S_IFMT: u16 = 0o170000;
+const S_IFSOCK: u16 = 0o140000;
+
+/// A kernel pointer at `base + off` (0 when `base` is 0 or unreadable).
+#[inline(always)]
+fn kernel_ptr(base: u64, off: u32) -> u64 {
+    if base == 0 {
+        return 0;
+    }
+    unsafe { bpf_probe_read_kernel((base as *const u8).add(off as usize) as *const u64) }
+        .unwrap_or(0)
+}
+
+/// The peer of the current process's socket `fd`, into the event (family 0: not a socket,
+/// or not readable).
+#[inline(always)]
+fn socket_peer(fd: u64, event: *mut DbEvent) {
+    if config(&TASK_FILES_OFF) == 0 {
+        return;
+    }
+    let task = unsafe { bpf_get_current_task() };
+    let fdt = kernel_ptr(
+        kernel_ptr(task, config(&TASK_FILES_OFF)),
+        config(&FILES_FDT_OFF),
+    );
+    if fdt == 0 {
+        return;
+    }
+    let max_fds: u32 = unsafe {
+        bpf_probe_read_kernel(
+            (fdt as *const u8).add(config(&FDT_MAX_FDS_OFF) as usize) as *const u32
+        )
+    }
+    .unwrap_or(0);
+    if fd >= max_fds as u64 {
+        return;
+    }
+    let file = kernel_ptr(kernel_ptr(fdt, config(&FDT_FD_OFF)), (fd * 8) as u32);
+    let inode = kernel_ptr(file, config(&FILE_INODE_OFF));
+    if inode == 0 {
+        return;
+    }
+    let mode: u16 = unsafe {
+        bpf_probe_read_kernel(
+            (inode as *const u8).add(config(&INODE_MODE_OFF) as usize) as *const u16
+        )
+    }
+    .unwrap_or(0);
+    if mode & S_IFMT != S_IFSOCK {
+        return;
+    }
+    let sk = kernel_ptr(
+        kernel_ptr(file, config(&FILE_PRIVATE_DATA_OFF)),
+        config(&SOCKET_SK_OFF),
+    );
+    if sk == 0 {
+        return;
+    }
+    let at = |off: u32| unsafe { (sk as *const u8).add(off as usize) };
+    unsafe {
+        let family: u16 =
+            bpf_probe_read_kernel(at(config(&SKC_FAMILY_OFF)) as *const u16).unwrap_or(0);
+        let port: u16 =
+            bpf_probe_read_kernel(at(config(&SKC_DPORT_OFF)) as *const u16).unwrap_or(0);
+        match family {
+            AF_INET => {
+                let addr: [u8; 4] =
+                    bpf_probe_read_kernel(at(config(&SKC_DADDR_OFF)) as *const [u8; 4])
+                        .unwrap_or([0; 4]);
+                (*event).peer = [
+                    addr[0], addr[1], addr[2], addr[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                ];
+            }
+            AF_INET6 => {
+                (*event).peer =
+                    bpf_probe_read_kernel(at(config(&SKC_V6_DADDR_OFF)) as *const [u8; 16])
+                        .unwrap_or([0; 16]);
+            }
+            AF_UNIX => {}
+            _ => return,
+        }
+        (*event).peer_family = family;
+        (*event).peer_port = u16::from_be(port);
+    }
+}
+
 /// Client processes (libpq, MySQL) already announced to userspace (which reads their memory
 /// maps to symbolize the issuing stacks, while they live); the wire decoder leaves them alone.
 #[map(name = "DB_SEEN")]
@@ -223,6 +341,20 @@ fn emit_full(
         (*event).handle = handle;
         (*event).reply = reply;
         (*event)._pad = 0;
+        (*event).peer_family = 0;
+        (*event).peer_port = 0;
+        (*event)._pad2 = 0;
+        (*event).peer = [0; 16];
+        // The socket's peer while the connection is open (it may close before userspace
+        // reads the event).
+        if handle > 0
+            && matches!(
+                (*pending).source,
+                SOURCE_LIBPQ | SOURCE_WIRE_POSTGRES | SOURCE_WIRE_MYSQL | SOURCE_WIRE_REDIS
+            )
+        {
+            socket_peer(handle - 1, event);
+        }
         let task = bpf_get_current_task() as *const u8;
         let parent: u64 =
             bpf_probe_read_kernel(task.add(config(&TASK_REAL_PARENT_OFF) as usize) as *const u64)

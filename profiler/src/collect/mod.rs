@@ -42,6 +42,9 @@ use stacks::StackBuilder;
 use tasks::drain_new_tasks;
 use tcp::{TcpAggregator, drain_tcp_events};
 
+/// How long a window that handed over waits for the queries it saw start to end.
+const HANDOFF_QUERY_GRACE: Duration = Duration::from_secs(1);
+
 pub struct RecordOptions {
     pub duration: Duration,
     pub interval: Duration,
@@ -334,6 +337,26 @@ impl Prepared {
             vec![started.elapsed().as_nanos() as u64]
         };
         drain_new_tasks(new_tasks.get_mut(), &mut processes, &probes);
+        // Queries that started before the next capture attached are this one's: give those
+        // still running a moment to end, or the next window (which did not see them start)
+        // and this one would both miss them. What is still running is counted.
+        let db_in_flight_at_end = match probes.db_targets.is_empty() {
+            true => 0,
+            false => {
+                let grace = match &next {
+                    Some(Ok(_)) => HANDOFF_QUERY_GRACE,
+                    _ => Duration::ZERO,
+                };
+                let waited = tokio::time::Instant::now();
+                loop {
+                    let running = probes.db_in_flight((from_ktime, until_ktime))?;
+                    if running == 0 || waited.elapsed() >= grace {
+                        break running;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
         if let Some(events) = tcp_events.as_mut() {
             drain_tcp_events(
                 events.get_mut(),
@@ -354,6 +377,9 @@ impl Prepared {
         progress.finish();
         processes.refresh_all();
         let mut counters = family_counters(&probes, config, &db_owners)?;
+        if !probes.db_targets.is_empty() {
+            counters.insert("db_in_flight_at_end".into(), db_in_flight_at_end);
+        }
         map_fill_counters(
             &probes,
             &mut counters,

@@ -310,10 +310,12 @@ fn db_summary(
     let _ = writeln!(
         out,
         "database: {calls} queries, {} fingerprints; failed (no done probe) {}; losses: events \
-         lost {}, in-flight map full {}, unreadable text {}; not in the -p filter {}",
+         lost {}, still running at the end {}, in-flight map full {}, unreadable text {}; not \
+         in the -p filter {}",
         db.queries.len(),
         counter("db_abandoned"),
         counter("db_events_lost"),
+        counter("db_in_flight_at_end"),
         counter("db_pending_map_full"),
         counter("db_text_unreadable"),
         counter("db_filtered_out"),

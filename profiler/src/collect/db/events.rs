@@ -256,7 +256,10 @@ pub(crate) fn drain_db_events(
             }
             let endpoint = match query.source {
                 "libpq" | "wire-postgres" | "wire-mysql" | "wire-redis" if query.handle > 0 => {
-                    owners.endpoint(query.pid, query.handle - 1)
+                    match &query.peer {
+                        Some(peer) => peer.clone(),
+                        None => owners.endpoint(query.pid, query.handle - 1),
+                    }
                 }
                 _ => String::new(),
             };

@@ -20,8 +20,8 @@ use aya::Ebpf;
 use aya::maps::{MapData, RingBuf};
 use aya::programs::UProbe;
 use profiler_common::db::{
-    DbEvent, FLAG_ERROR, FLAG_PREPARE, FLAG_PREPARED, FLAG_STATEMENT, PREPARE_NAME_MAX, QUERY_MAX,
-    SOURCE_LIBPQ, SOURCE_MYSQL, SOURCE_SQLITE, SOURCE_WIRE_MYSQL, SOURCE_WIRE_POSTGRES,
+    DbEvent, DbPending, FLAG_ERROR, FLAG_PREPARE, FLAG_PREPARED, FLAG_STATEMENT, PREPARE_NAME_MAX,
+    QUERY_MAX, SOURCE_LIBPQ, SOURCE_MYSQL, SOURCE_SQLITE, SOURCE_WIRE_MYSQL, SOURCE_WIRE_POSTGRES,
     SOURCE_WIRE_REDIS, WIRE_BATCH_HEADER, WIRE_BATCH_MARKER, WIRE_BATCH_MAX, counter, maps,
 };
 
@@ -167,6 +167,31 @@ pub(super) fn globals(targets: &DbTargets, btf: &Btf, globals: &mut Globals) -> 
         "TASK_TGID_OFF",
         btf.member_offset("task_struct", "tgid")?,
     );
+    // The way to a socket's peer (libpq and wire endpoints): left unset (the peer is then
+    // looked up in /proc while the connection lives) when the kernel lays it out otherwise.
+    let peer_offsets = [
+        ("TASK_FILES_OFF", "task_struct", "files"),
+        ("FILES_FDT_OFF", "files_struct", "fdt"),
+        ("FDT_MAX_FDS_OFF", "fdtable", "max_fds"),
+        ("FDT_FD_OFF", "fdtable", "fd"),
+        ("FILE_INODE_OFF", "file", "f_inode"),
+        ("FILE_PRIVATE_DATA_OFF", "file", "private_data"),
+        ("INODE_MODE_OFF", "inode", "i_mode"),
+        ("SOCKET_SK_OFF", "socket", "sk"),
+        ("SKC_FAMILY_OFF", "sock_common", "skc_family"),
+        ("SKC_DPORT_OFF", "sock_common", "skc_dport"),
+        ("SKC_DADDR_OFF", "sock_common", "skc_daddr"),
+        ("SKC_V6_DADDR_OFF", "sock_common", "skc_v6_daddr"),
+    ]
+    .map(|(global, ty, member)| (global, btf.member_offset(ty, member).ok()));
+    if peer_offsets.iter().all(|(_, off)| off.is_some()) {
+        // `struct sock` begins with its `sock_common`.
+        if btf.member_offset("sock", "__sk_common").ok() == Some(0) {
+            for (name, off) in peer_offsets {
+                global(globals, name, off.expect("checked"));
+            }
+        }
+    }
     let arg_register = |name: &str| {
         crate::probes::kernel::usdt::register_offset(name)
             .with_context(|| format!("no register {name} on this architecture"))
@@ -279,6 +304,55 @@ impl Probes {
     pub fn db_counters(&self) -> Result<Vec<(&'static str, u64)>> {
         read_counters(self.ebpf(), maps::COUNTERS, &counter::NAMES)
     }
+
+    /// Queries these programs saw start in `[from, until)` that have not ended yet: each
+    /// source's in-flight map, by the start time its entries begin with (0 once ended).
+    pub fn db_in_flight(&self, (from, until): (u64, u64)) -> Result<u64> {
+        fn started<K: aya::Pod, V: aya::Pod>(
+            ebpf: &Ebpf,
+            name: &str,
+            (from, until): (u64, u64),
+        ) -> Result<u64> {
+            let map = ebpf.map(name).with_context(|| format!("no map {name}"))?;
+            let map: aya::maps::HashMap<&MapData, K, V> = aya::maps::HashMap::try_from(map)?;
+            let mut n = 0;
+            for entry in map.iter() {
+                let value = match entry {
+                    Ok((_, value)) => value,
+                    Err(aya::maps::MapError::KeyNotFound) => continue,
+                    Err(err) => return Err(err).with_context(|| format!("reading {name} failed")),
+                };
+                // SAFETY: V is plain data at least 8 bytes long (checked below by its
+                // callers' types), starting with the start time.
+                let start: u64 =
+                    unsafe { std::ptr::read_unaligned(&value as *const V as *const u64) };
+                if start != 0 && (from..until).contains(&start) {
+                    n += 1;
+                }
+            }
+            Ok(n)
+        }
+        let ebpf = self.ebpf();
+        let range = (from, until);
+        // Keys: (thread), (process, connection), (process, slot, connection), (process, fd).
+        Ok(started::<u32, DbPending>(ebpf, maps::PENDING, range)?
+            + started::<[u8; 16], DbPending>(ebpf, maps::CLIENT_PENDING, range)?
+            + started::<[u8; 16], DbPending>(ebpf, maps::LIBPQ_COMMANDS, range)?
+            + started::<[u8; 8], DbPending>(ebpf, maps::WIRE_PENDING, range)?
+            + started::<[u8; 16], [u64; 3]>(ebpf, maps::MYSQL_EXEC, range)?
+            + started::<[u8; 16], [u64; 3]>(ebpf, maps::SQLITE_EXEC, range)?)
+    }
+}
+
+/// A socket's peer from an event (see `DbEvent::peer_family`).
+fn peer_address(family: u16, port: u16, addr: [u8; 16]) -> Option<String> {
+    let ip = match i32::from(family) {
+        libc::AF_INET => std::net::IpAddr::from([addr[0], addr[1], addr[2], addr[3]]),
+        libc::AF_INET6 => std::net::IpAddr::from(addr),
+        libc::AF_UNIX => return Some("unix".to_string()),
+        _ => return None,
+    };
+    Some(std::net::SocketAddr::new(ip, port).to_string())
 }
 
 /// A decoded query event.
@@ -297,6 +371,9 @@ pub struct QueryRecord {
     pub raw: Vec<u8>,
     /// Wire sources: the reply's first bytes.
     pub reply: Vec<u8>,
+    /// libpq and wire: the socket's peer as the kernel had it (`127.0.0.1:5432`, `[::1]:6379`,
+    /// `unix`), when it could be read.
+    pub peer: Option<String>,
     /// A PQsendPrepare: `text` is the statement and this its name (not a query itself).
     pub prepare_name: Option<String>,
     /// `text` is the name of a prepared statement (PQsendQueryPrepared).
@@ -392,6 +469,7 @@ pub fn decode(bytes: &[u8]) -> Option<QueryRecord> {
             Vec::new()
         },
         reply: if wire { e.reply.to_vec() } else { Vec::new() },
+        peer: peer_address(e.peer_family, e.peer_port, e.peer),
         handle: e.handle,
         statement: e.flags & FLAG_STATEMENT != 0,
         prepare_name,
