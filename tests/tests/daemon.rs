@@ -888,6 +888,17 @@ fn prometheus_scrapes_the_daemon_during_pgbench() {
     // last scrape missed its 1 s timeout (the series are then stale).
     let mode = prometheus_query(prom_port, "max_over_time(profiler_mode[1m])");
     let cpu = prometheus_query(prom_port, "max_over_time(profiler_cpu_seconds_total[1m])");
+    // The page charts the query's latency across the windows that ran it.
+    let (_, page) = get(port, "/").expect("the page");
+    let chart = page
+        .split("<svg id=\"chart-queries\"")
+        .nth(1)
+        .and_then(|rest| rest.split("</svg>").next())
+        .unwrap_or_else(|| panic!("no query chart: {page}"));
+    assert!(
+        chart.contains("data-name=\"SELECT abalance, pg_sleep(?) FROM pgbench_accounts WHERE aid = ? — pgbench (libpq)\""),
+        "{chart}"
+    );
     let _ = prometheus.kill();
     let _ = prometheus.wait();
     stop(daemon);
@@ -1034,6 +1045,161 @@ fn flamegraph_svg_opens_in_headless_chromium() {
             "no {function} frame in Chromium's DOM"
         );
     }
+}
+
+/// The page for a person, as headless Chromium builds it, on a workload that slows down
+/// half-way (`stage_query` blocks 5 ms more per request from 7 s on): the kept windows with
+/// the workload's off-CPU time, a chart of it across windows, and a form whose comparison of
+/// a window before the change (A) with one after (B) finds a regression and names
+/// `stage_query` first among the functions, with a differential flamegraph that has it.
+/// Screenshots of both pages are kept under target/screenshots/.
+#[test]
+fn the_page_compares_two_windows_and_names_the_delayed_function() {
+    require_root();
+    let _serial = serial();
+    let dir = temp_dir("daemon-page");
+    let mut workload = Command::new(built_binary("diff-workload"))
+        .args(["--extra-ms", "5", "--extra-after-s", "7"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("diff-workload");
+    let _kill_workload_on_panic = KillOnDrop(workload.id());
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(workload.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let slow_from_ms = unix_ms() + 7_000;
+    let pid = line.trim().trim_start_matches("ready ").to_string();
+    let port = free_port();
+    let daemon = start_daemon(
+        &dir.join("data"),
+        port,
+        &[
+            "--window",
+            "2s",
+            "--",
+            "--events",
+            "offcpu",
+            "--interval",
+            "125ms",
+            "-p",
+            &pid,
+        ],
+    );
+    let _kill_on_panic = KillOnDrop(daemon.id());
+    // Windows as (name, start ms, end ms), from their captures.
+    let windows = || -> Vec<(String, u64, u64)> {
+        let listed: Vec<String> = get(port, "/captures")
+            .and_then(|(_, body)| serde_json::from_str(&body).ok())
+            .unwrap_or_default();
+        listed
+            .iter()
+            .filter_map(|path| {
+                let path = std::path::Path::new(path);
+                let capture: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(path.join("capture.json")).ok()?).ok()?;
+                let start = capture["metadata"]["start_unix_ms"].as_u64()?;
+                let end = start + capture["metadata"]["duration_ns"].as_u64()? / 1_000_000;
+                Some((path.file_name()?.to_string_lossy().into_owned(), start, end))
+            })
+            .collect()
+    };
+    // A: the last window wholly before the change; B: the first wholly after it.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let (a, b) = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no windows on both sides of the change"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        let all = windows();
+        let before = all.iter().rev().find(|w| w.2 < slow_from_ms);
+        let after = all.iter().find(|w| w.1 > slow_from_ms);
+        if let (Some(before), Some(after)) = (before, after) {
+            break (before.0.clone(), after.0.clone());
+        }
+    };
+    let shots = built_binary("profiler")
+        .parent()
+        .and_then(std::path::Path::parent)
+        .unwrap()
+        .join("screenshots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let page_url = format!("http://127.0.0.1:{port}/");
+    let compare_url = format!("http://127.0.0.1:{port}/compare?a={a}&b={b}");
+    let page = String::from_utf8_lossy(&chromium_dom(&dir, &page_url).stdout).into_owned();
+    let compare = String::from_utf8_lossy(&chromium_dom(&dir, &compare_url).stdout).into_owned();
+    let diff_svg = get(port, &format!("/compare?a={a}&b={b}&format=svg"))
+        .map(|(_, svg)| svg)
+        .unwrap_or_default();
+    for (url, file) in [
+        (&page_url, "daemon-page.png"),
+        (&compare_url, "daemon-compare.png"),
+    ] {
+        let shot = chromium_screenshot(&dir, url, &shots.join(file));
+        assert!(
+            shot.status.success(),
+            "{}",
+            String::from_utf8_lossy(&shot.stderr)
+        );
+    }
+    let _ = workload.kill();
+    let _ = workload.wait();
+    stop(daemon);
+    println!("A {a}, B {b}; screenshots in {}", shots.display());
+    // The page: a form offering both windows, the workload in the table and the chart.
+    let form = page
+        .split("<form id=\"compare\"")
+        .nth(1)
+        .and_then(|rest| rest.split("</form>").next())
+        .unwrap_or_else(|| panic!("no compare form: {page}"));
+    for name in [&a, &b] {
+        assert!(
+            form.contains(&format!("<option value=\"{name}\"")),
+            "{name} not offered: {form}"
+        );
+    }
+    let process = format!("diff-workload[{pid}]");
+    let table = page
+        .split("<table id=\"windows\">")
+        .nth(1)
+        .unwrap_or_default();
+    assert!(
+        table.contains(&process),
+        "{process} not in the windows table: {table}"
+    );
+    let chart = page
+        .split("<svg id=\"chart-offcpu\"")
+        .nth(1)
+        .and_then(|rest| rest.split("</svg>").next())
+        .unwrap_or_else(|| panic!("no off-CPU chart: {page}"));
+    assert!(
+        chart.contains(&format!("data-name=\"{process}\"")),
+        "{chart}"
+    );
+    // The comparison: a regression, stage_query first among the functions.
+    assert!(
+        compare.contains("<p id=\"verdict\" class=\"bad\">Regression found</p>"),
+        "{compare}"
+    );
+    let first_function = compare
+        .split("<table id=\"regressed-functions\">")
+        .nth(1)
+        .and_then(|rest| rest.split("<td><code title=\"").nth(1))
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no regressed function: {compare}"));
+    assert!(
+        is_function(first_function, "stage_query"),
+        "{first_function}"
+    );
+    assert!(compare.contains(&format!("data=\"/compare?a={a}&amp;b={b}&amp;format=svg\"")));
+    assert!(
+        diff_svg.starts_with("<?xml") && diff_svg.contains("stage_query"),
+        "{}",
+        &diff_svg[..diff_svg.len().min(300)]
+    );
 }
 
 /// SIGKILL gives the daemon no chance to clean up: the kernel must still detach everything
@@ -1273,6 +1439,33 @@ fn cpu_budget_switches_to_sampled_mode_and_back() {
     );
     stop(daemon);
     let _ = workload.finish();
+}
+
+/// A PNG of `url` as headless Chromium draws it, into `png`.
+fn chromium_screenshot(
+    dir: &std::path::Path,
+    url: &str,
+    png: &std::path::Path,
+) -> std::process::Output {
+    Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-background-networking",
+            "--hide-scrollbars",
+            "--window-size=1280,1800",
+            "--virtual-time-budget=2000",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            dir.join("chromium").display()
+        ))
+        .arg(format!("--screenshot={}", png.display()))
+        .arg(url)
+        .output()
+        .expect("chromium (cargo xtask setup installs the Debian package)")
 }
 
 /// Chromium's DOM of `url` after its scripts ran (headless, a fresh profile under `dir`).

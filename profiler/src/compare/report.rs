@@ -29,9 +29,14 @@ pub fn differential_folded(report: &Report) -> Vec<String> {
 
 /// Red: grew from base to new; blue: shrank. Widths are the new profile's.
 pub fn differential_svg(report: &Report, path: &Path) -> Result<()> {
-    let lines = differential_folded(report);
     let file =
         std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    write_differential_svg(report, std::io::BufWriter::new(file))
+}
+
+/// `differential_svg` into any writer (the daemon's compare page serves it from memory).
+pub fn write_differential_svg<W: std::io::Write>(report: &Report, writer: W) -> Result<()> {
+    let lines = differential_folded(report);
     let mut options = Options::default();
     options.title = "Differential off-CPU time".to_string();
     options.subtitle = Some(format!(
@@ -44,12 +49,8 @@ pub fn differential_svg(report: &Report, path: &Path) -> Result<()> {
     } else {
         lines
     };
-    flamegraph::from_lines(
-        &mut options,
-        lines.iter().map(String::as_str),
-        std::io::BufWriter::new(file),
-    )
-    .context("rendering the differential flamegraph failed")
+    flamegraph::from_lines(&mut options, lines.iter().map(String::as_str), writer)
+        .context("rendering the differential flamegraph failed")
 }
 
 fn amount(value: f64, unit: &str) -> String {
@@ -123,7 +124,7 @@ fn table(out: &mut String, title: &str, changes: &[&Change], unit: &str, with_se
 }
 
 /// The last few frames of a folded path, leaf last.
-fn short_path(path: &str) -> String {
+pub(crate) fn short_path(path: &str) -> String {
     let frames: Vec<&str> = path.split(';').collect();
     let first = frames.first().copied().unwrap_or("");
     if frames.len() <= 6 {

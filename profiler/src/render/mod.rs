@@ -1,6 +1,7 @@
 //! Views of one Capture, one file per format: folded stacks, flamegraph SVG (inferno), the
 //! text summary, pprof and Prometheus text. Every view reads the same model.
 
+pub mod chart;
 mod flamegraph;
 mod folded;
 pub mod outputs;

@@ -453,6 +453,12 @@ fn reply((status, content_type, body): Reply) -> Response<Full<Bytes>> {
     response
 }
 
+fn dir_name(dir: &std::path::Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 fn respond(path: &str, query: &str, state: &Mutex<State>) -> Reply {
     let param = |name: &str| {
         query
@@ -462,7 +468,29 @@ fn respond(path: &str, query: &str, state: &Mutex<State>) -> Reply {
     };
     match path {
         "/" | "/index.html" => {
-            let state = state.lock().expect("state lock");
+            // Windows left by an earlier run: their digests are read once, without the lock.
+            let missing: Vec<std::path::PathBuf> = {
+                let state = state.lock().expect("state lock");
+                state
+                    .kept
+                    .iter()
+                    .filter(|dir| !state.digests.contains_key(*dir))
+                    .cloned()
+                    .collect()
+            };
+            let read: Vec<_> = missing
+                .into_iter()
+                .filter_map(|dir| {
+                    let capture = Capture::load(&dir.join(crate::model::CAPTURE_FILE)).ok()?;
+                    Some((dir, super::page::Digest::of(&capture)))
+                })
+                .collect();
+            let mut state = state.lock().expect("state lock");
+            for (dir, digest) in read {
+                if state.kept.contains(&dir) {
+                    state.digests.insert(dir, digest);
+                }
+            }
             (
                 StatusCode::OK,
                 "text/html; charset=utf-8",
@@ -518,6 +546,67 @@ fn respond(path: &str, query: &str, state: &Mutex<State>) -> Reply {
                 ),
             }
         }
+        "/compare" => {
+            let (Some(a), Some(b)) = (param("a"), param("b")) else {
+                return bad_request("/compare?a=WINDOW&b=WINDOW (names from /captures)\n".into());
+            };
+            let dirs = {
+                let state = state.lock().expect("state lock");
+                (kept_window(&state, &a), kept_window(&state, &b))
+            };
+            let (dir_a, dir_b) = match dirs {
+                (Some(dir_a), Some(dir_b)) => (dir_a, dir_b),
+                (None, _) => return no_such_window(&a),
+                (_, None) => return no_such_window(&b),
+            };
+            let load = |dir: &std::path::Path| -> anyhow::Result<crate::compare::Profile> {
+                let capture = Capture::load(&dir.join(crate::model::CAPTURE_FILE))?;
+                let name = dir.file_name().unwrap_or_default().to_string_lossy();
+                Ok(crate::compare::Profile::from_capture(
+                    &capture,
+                    name.into_owned(),
+                ))
+            };
+            let report = load(&dir_a).and_then(|base| {
+                let new = load(&dir_b)?;
+                crate::compare::compare(&base, &new, &crate::compare::Thresholds::default())
+            });
+            let report = match report {
+                Ok(report) => report,
+                Err(err) => {
+                    return (
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        TEXT,
+                        format!("cannot compare {a} with {b}: {err:#}\n").into_bytes(),
+                    );
+                }
+            };
+            let (a, b) = (dir_name(&dir_a), dir_name(&dir_b));
+            match param("format").as_deref() {
+                Some("svg") => {
+                    let mut svg = Vec::new();
+                    match crate::compare::report::write_differential_svg(&report, &mut svg) {
+                        Ok(()) => (StatusCode::OK, "image/svg+xml", svg),
+                        Err(err) => (
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            TEXT,
+                            format!("{err:#}\n").into_bytes(),
+                        ),
+                    }
+                }
+                Some("json") => (
+                    StatusCode::OK,
+                    JSON,
+                    serde_json::to_vec(&report).unwrap_or_default(),
+                ),
+                None | Some("html") => (
+                    StatusCode::OK,
+                    "text/html; charset=utf-8",
+                    super::page::compare_page(&a, &b, &report).into_bytes(),
+                ),
+                Some(_) => bad_request("format: html (default), svg or json\n".into()),
+            }
+        }
         "/summary" | "/flamegraph" => {
             let dir = {
                 let state = state.lock().expect("state lock");
@@ -560,7 +649,8 @@ fn respond(path: &str, query: &str, state: &Mutex<State>) -> Reply {
         _ => (
             StatusCode::NOT_FOUND,
             TEXT,
-            b"try / (the page), /healthz /metrics /captures /events /flamegraph /profile /summary\n"
+            b"try / (the page), /healthz /metrics /captures /events /flamegraph /profile /summary \
+              /compare\n"
                 .to_vec(),
         ),
     }

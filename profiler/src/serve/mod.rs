@@ -55,6 +55,9 @@ struct State {
     capturing: bool,
     /// Windows that failed to run.
     window_errors_total: u64,
+    /// What the page shows of each kept window (windows left by an earlier run are read
+    /// when the page is first asked for).
+    digests: std::collections::HashMap<PathBuf, page::Digest>,
 }
 
 pub fn run(args: DaemonArgs) -> Result<()> {
@@ -255,6 +258,11 @@ async fn serve_and_record(
         state.windows_total += 1;
         state.kept.push(dir.clone());
         apply_retention(&mut state.kept, &args);
+        state
+            .digests
+            .insert(dir.clone(), page::Digest::of(&capture));
+        let kept: std::collections::HashSet<PathBuf> = state.kept.iter().cloned().collect();
+        state.digests.retain(|dir, _| kept.contains(dir));
         // The cycle's cost: our CPU since the previous window was done (recording, loading
         // the next window, writing, comparing, detaching) and our programs' run time, per
         // second of wall time.

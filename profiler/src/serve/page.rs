@@ -1,12 +1,76 @@
 //! The daemon's page for a person (`/`): the latest window's flamegraph (interactive: the
-//! SVG is embedded, so its search and zoom work) and summary, the regression events, every
-//! kept window with links to its views, and the machine-readable endpoints. Plain HTML with
-//! no script of ours and nothing fetched from elsewhere: it works on an air-gapped host.
+//! SVG is embedded, so its search and zoom work) and summary, the regression events, charts
+//! across the kept windows (query latency, off-CPU time per process), a form to compare any
+//! two windows (`/compare`), every kept window with its top processes and queries and links
+//! to its views, and the machine-readable endpoints. Plain HTML with no script of ours and
+//! nothing fetched from elsewhere: it works on an air-gapped host.
 
 use std::fmt::Write as _;
 use std::path::Path;
 
 use super::State;
+use crate::compare::{Change, EntityKind, QueryChange, Report};
+use crate::model::Capture;
+use crate::render::chart::{Series, line_chart};
+
+/// Lines per chart, rows per table cell.
+const CHART_SERIES: usize = 5;
+const CELL_ROWS: usize = 3;
+
+/// What the page shows of one window, taken once from its capture.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Digest {
+    pub start_unix_ms: u64,
+    /// Off-CPU seconds per process (`comm[pid]`), most first.
+    pub offcpu: Vec<(String, f64)>,
+    /// Its queries, most total time first.
+    pub queries: Vec<QueryDigest>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct QueryDigest {
+    /// `fingerprint — comm (source)`.
+    pub label: String,
+    pub calls: u64,
+    pub total_ms: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+impl Digest {
+    pub(crate) fn of(capture: &Capture) -> Self {
+        let mut offcpu: std::collections::BTreeMap<String, f64> = Default::default();
+        for stack in capture.offcpu.iter().flat_map(|o| &o.stacks) {
+            *offcpu
+                .entry(format!("{}[{}]", stack.comm, stack.pid))
+                .or_default() += stack.total_ns as f64 / 1e9;
+        }
+        let mut offcpu: Vec<(String, f64)> = offcpu.into_iter().collect();
+        offcpu.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let mut queries: Vec<QueryDigest> = capture
+            .db
+            .iter()
+            .flat_map(|d| &d.queries)
+            .map(|q| QueryDigest {
+                label: format!("{} — {} ({})", q.fingerprint, q.comm, q.source),
+                calls: q.calls,
+                total_ms: q.total_ns as f64 / 1e6,
+                p50_ms: q.p50_ns as f64 / 1e6,
+                p99_ms: q.p99_ns as f64 / 1e6,
+            })
+            .collect();
+        queries.sort_by(|a, b| {
+            b.total_ms
+                .total_cmp(&a.total_ms)
+                .then_with(|| a.label.cmp(&b.label))
+        });
+        Self {
+            start_unix_ms: capture.metadata.start_unix_ms,
+            offcpu,
+            queries,
+        }
+    }
+}
 
 /// The flamegraph kinds a window may have, in the order the page offers them.
 const KINDS: [(&str, &str); 4] = [
@@ -130,13 +194,48 @@ pub(crate) fn index(state: &State, host: &str) -> String {
         let _ = writeln!(html, "</ul>");
     }
 
+    let digests: Vec<(&std::path::PathBuf, &Digest)> = state
+        .kept
+        .iter()
+        .filter_map(|dir| Some((dir, state.digests.get(dir)?)))
+        .collect();
+    charts(&mut html, &digests);
+    compare_form(&mut html, state);
     let _ = writeln!(
         html,
         "<h2>Windows kept</h2>\n<table id=\"windows\"><tr><th>window</th><th>start (UTC)</th>\
+         <th>off-CPU by process (s)</th><th>queries by total time (p50 / p99 ms)</th>\
          <th>views</th></tr>"
     );
     for dir in state.kept.iter().rev() {
         let name = dir_name(dir);
+        let (offcpu, queries) = match state.digests.get(dir) {
+            Some(digest) => (
+                digest
+                    .offcpu
+                    .iter()
+                    .take(CELL_ROWS)
+                    .map(|(process, s)| format!("{} {s:.2}", escape(process)))
+                    .collect::<Vec<_>>()
+                    .join("<br>"),
+                digest
+                    .queries
+                    .iter()
+                    .take(CELL_ROWS)
+                    .map(|q| {
+                        format!(
+                            "<code>{}</code> {} calls, {:.3} / {:.3}",
+                            escape(&q.label),
+                            q.calls,
+                            q.p50_ms,
+                            q.p99_ms
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("<br>"),
+            ),
+            None => (String::new(), String::new()),
+        };
         let start = name
             .strip_prefix("window-")
             .and_then(|ms| ms.parse::<u64>().ok())
@@ -153,7 +252,8 @@ pub(crate) fn index(state: &State, host: &str) -> String {
         views.push(format!("<a href=\"/profile?window={name}\">pprof</a>"));
         let _ = writeln!(
             html,
-            "<tr><td><code>{}</code></td><td>{start}</td><td>{}</td></tr>",
+            "<tr><td><code>{}</code></td><td>{start}</td><td>{offcpu}</td><td>{queries}</td>\
+             <td>{}</td></tr>",
             escape(&name),
             views.join(" · ")
         );
@@ -162,11 +262,294 @@ pub(crate) fn index(state: &State, host: &str) -> String {
     html
 }
 
+/// Two charts across the kept windows, oldest to newest: the p50 latency of the queries
+/// with the most total time, and the off-CPU seconds of the processes with the most.
+fn charts(html: &mut String, digests: &[(&std::path::PathBuf, &Digest)]) {
+    use std::collections::BTreeMap;
+    if digests.is_empty() {
+        return;
+    }
+    let top = |totals: BTreeMap<&str, f64>| -> Vec<String> {
+        let mut ranked: Vec<(&str, f64)> = totals.into_iter().collect();
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        ranked
+            .into_iter()
+            .take(CHART_SERIES)
+            .map(|(name, _)| name.to_string())
+            .collect()
+    };
+    let mut query_totals: BTreeMap<&str, f64> = BTreeMap::new();
+    let mut process_totals: BTreeMap<&str, f64> = BTreeMap::new();
+    for (_, d) in digests {
+        for q in &d.queries {
+            *query_totals.entry(&q.label).or_default() += q.total_ms;
+        }
+        for (process, s) in &d.offcpu {
+            *process_totals.entry(process).or_default() += s;
+        }
+    }
+    let queries: Vec<Series> = top(query_totals)
+        .into_iter()
+        .map(|label| Series {
+            points: digests
+                .iter()
+                .filter_map(|(_, d)| {
+                    let q = d.queries.iter().find(|q| q.label == label)?;
+                    Some((d.start_unix_ms, q.p50_ms))
+                })
+                .collect(),
+            name: label,
+        })
+        .collect();
+    // A process absent from a window spent no time off the CPU in it that we saw.
+    let processes: Vec<Series> = top(process_totals)
+        .into_iter()
+        .map(|process| Series {
+            points: digests
+                .iter()
+                .map(|(_, d)| {
+                    let s = d
+                        .offcpu
+                        .iter()
+                        .find(|(p, _)| *p == process)
+                        .map(|(_, s)| *s);
+                    (d.start_unix_ms, s.unwrap_or(0.0))
+                })
+                .collect(),
+            name: process,
+        })
+        .collect();
+    let _ = writeln!(html, "<h2>Across the kept windows</h2>");
+    if !queries.is_empty() {
+        let _ = writeln!(
+            html,
+            "{}",
+            line_chart(
+                "chart-queries",
+                "Query latency, p50 per window (the queries with the most time)",
+                "ms",
+                &queries
+            )
+        );
+    }
+    if !processes.is_empty() {
+        let _ = writeln!(
+            html,
+            "{}",
+            line_chart(
+                "chart-offcpu",
+                "Off-CPU time per window (the processes with the most)",
+                "s",
+                &processes
+            )
+        );
+    }
+}
+
+/// A form to compare two kept windows: the older as A (base), the newest as B.
+fn compare_form(html: &mut String, state: &State) {
+    if state.kept.len() < 2 {
+        return;
+    }
+    let options = |selected: usize| -> String {
+        state
+            .kept
+            .iter()
+            .enumerate()
+            .rev()
+            .map(|(i, dir)| {
+                let name = escape(&dir_name(dir));
+                let start = dir_name(dir)
+                    .strip_prefix("window-")
+                    .and_then(|ms| ms.parse::<u64>().ok())
+                    .map(utc)
+                    .unwrap_or_default();
+                let mark = if i == selected { " selected" } else { "" };
+                format!("<option value=\"{name}\"{mark}>{name} ({start})</option>")
+            })
+            .collect()
+    };
+    let last = state.kept.len() - 1;
+    let _ = writeln!(
+        html,
+        "<h2>Compare two windows</h2>\n<form id=\"compare\" action=\"/compare\" method=\"get\">\
+         <label>A (base) <select name=\"a\">{}</select></label> \
+         <label>B (new) <select name=\"b\">{}</select></label> \
+         <button type=\"submit\">Compare</button></form>",
+        options(last - 1),
+        options(last)
+    );
+}
+
+/// The comparison of window `a` (base) with `b`: the verdict, what regressed and improved
+/// (functions, stacks, queries), and the differential flamegraph.
+pub(crate) fn compare_page(a: &str, b: &str, report: &Report) -> String {
+    let mut html = String::new();
+    let verdict = if report.regression {
+        "Regression found"
+    } else {
+        "No significant regression"
+    };
+    let _ = writeln!(
+        html,
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <title>{a} vs {b} — profiler daemon</title><style>{STYLE}</style></head><body>\n\
+         <p><a href=\"/\">← the daemon's page</a></p>\n\
+         <h1>Compare <code>{a}</code> (A) with <code>{b}</code> (B)</h1>\n\
+         <p id=\"verdict\" class=\"{class}\">{verdict}</p>\n\
+         <p>Off-CPU time A {} , B {} ({}). Method: {}.</p>",
+        number(report.base_total),
+        number(report.new_total),
+        escape(&report.unit),
+        escape(&report.method),
+        a = escape(a),
+        b = escape(b),
+        class = if report.regression { "bad" } else { "good" },
+    );
+    for warning in &report.warnings {
+        let _ = writeln!(
+            html,
+            "<p class=\"warning\">warning: {}</p>",
+            escape(warning)
+        );
+    }
+    for (label, id, changes) in [
+        ("Regressed", "regressed", &report.regressions),
+        ("Improved", "improved", &report.improvements),
+    ] {
+        for (what, kind, kernel) in [
+            ("functions (your code)", EntityKind::Function, false),
+            ("kernel functions", EntityKind::Function, true),
+            ("stacks", EntityKind::Stack, false),
+        ] {
+            let rows: Vec<&Change> = changes
+                .iter()
+                .filter(|c| c.kind == kind && c.kernel == kernel)
+                .take(10)
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let _ = writeln!(
+                html,
+                "<h2>{label} {what}</h2>\n<table id=\"{id}-{}\"><tr><th>name</th><th>A</th>\
+                 <th>B</th><th>change</th><th>p (Holm)</th></tr>",
+                if kind == EntityKind::Stack {
+                    "stacks"
+                } else if kernel {
+                    "kernel"
+                } else {
+                    "functions"
+                }
+            );
+            for c in rows {
+                // A whole stack as its root and last five frames; all of it on hover.
+                let shown = match kind {
+                    EntityKind::Stack => crate::compare::report::short_path(&c.name),
+                    EntityKind::Function => c.name.clone(),
+                };
+                let _ = writeln!(
+                    html,
+                    "<tr><td><code title=\"{}\">{}</code></td><td>{}</td><td>{}</td><td>{}</td>\
+                     <td>{}</td></tr>",
+                    escape(&c.name),
+                    escape(&shown),
+                    number(c.base),
+                    number(c.new),
+                    percent(c.relative),
+                    c.p_adjusted.map(|p| format!("{p:.2e}")).unwrap_or_default()
+                );
+            }
+            let _ = writeln!(html, "</table>");
+        }
+    }
+    for (label, id, changes) in [
+        (
+            "Slower queries",
+            "slower-queries",
+            &report.query_regressions,
+        ),
+        (
+            "Faster queries",
+            "faster-queries",
+            &report.query_improvements,
+        ),
+    ] {
+        if changes.is_empty() {
+            continue;
+        }
+        let _ = writeln!(
+            html,
+            "<h2>{label}</h2>\n<table id=\"{id}\"><tr><th>query</th><th>process</th>\
+             <th>source</th><th>calls A → B</th><th>mean ms A → B</th><th>change</th>\
+             <th>p (Holm)</th></tr>"
+        );
+        for q in changes.iter().take(10) {
+            query_row(&mut html, q);
+        }
+        let _ = writeln!(html, "</table>");
+    }
+    let _ = writeln!(
+        html,
+        "<p>{} regressions, {} improvements, {} changes past the thresholds but not \
+         significant; {} stacks and functions, {} queries tested.</p>",
+        report.regressions.len() + report.query_regressions.len(),
+        report.improvements.len() + report.query_improvements.len(),
+        report.not_significant,
+        report.entities_tested,
+        report.queries_tested
+    );
+    let _ = writeln!(
+        html,
+        "<h2>Differential flamegraph</h2>\n<object id=\"diff\" type=\"image/svg+xml\" \
+         data=\"/compare?a={a}&amp;b={b}&amp;format=svg\" \
+         aria-label=\"differential flamegraph\"></object>\n</body></html>",
+        a = escape(a),
+        b = escape(b)
+    );
+    html
+}
+
+fn query_row(html: &mut String, q: &QueryChange) {
+    let _ = writeln!(
+        html,
+        "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{} → {}</td>\
+         <td>{:.3} → {:.3}</td><td>{}</td><td>{:.2e}</td></tr>",
+        escape(&q.fingerprint),
+        escape(&q.comm),
+        escape(&q.source),
+        q.base_calls,
+        q.new_calls,
+        q.base_mean_ms,
+        q.new_mean_ms,
+        percent(q.relative),
+        q.p_adjusted
+    );
+}
+
+fn percent(relative: f64) -> String {
+    if relative.is_finite() {
+        format!("{:+.0}%", relative * 100.0)
+    } else {
+        "new".into()
+    }
+}
+
+fn number(value: f64) -> String {
+    if value.abs() >= 100.0 {
+        format!("{value:.0}")
+    } else {
+        format!("{value:.2}")
+    }
+}
+
 const STYLE: &str = "body{font-family:sans-serif;margin:1em 2em;color:#222}\
     small{color:#666;font-weight:normal}code{font-size:90%}\
     object{width:100%;height:auto;border:1px solid #ccc}\
     pre{background:#f6f6f6;padding:.5em;overflow-x:auto;font-size:85%}\
-    table{border-collapse:collapse}td,th{padding:.2em .8em;text-align:left;border-bottom:1px solid #eee}";
+    table{border-collapse:collapse}td,th{padding:.2em .8em;text-align:left;border-bottom:1px solid #eee;vertical-align:top}\
+    svg.chart{width:100%;max-width:960px;height:auto;display:block;margin:.5em 0}\
+    .bad{color:#b00;font-weight:bold}.good{color:#070;font-weight:bold}.warning{color:#a60}";
 
 /// The `viewBox` size of an SVG file (inferno writes `viewBox="0 0 W H"` in its root tag).
 fn svg_size(path: &Path) -> Option<(u32, u32)> {
@@ -191,20 +574,7 @@ fn dir_name(dir: &Path) -> String {
         .unwrap_or_default()
 }
 
-fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+use crate::render::chart::escape;
 
 /// `YYYY-MM-DD HH:MM:SS` of a Unix time in milliseconds (UTC; days to civil date after
 /// Howard Hinnant's algorithm).
