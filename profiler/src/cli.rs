@@ -48,9 +48,25 @@ pub enum Command {
     /// Record back-to-back windows into a data directory (keeping the newest --keep) and
     /// serve them on http://127.0.0.1:9464: / (a page: windows, events, flamegraphs),
     /// /healthz, /metrics (Prometheus), /captures, /events, /summary,
-    /// /flamegraph?kind=offcpu|oncpu|wallclock|db|diff, /profile (pprof), /capture?seconds=N.
+    /// /flamegraph?kind=offcpu|oncpu|wallclock|db|diff, /profile (pprof), /capture?seconds=N,
+    /// /compare?a=WINDOW&b=WINDOW.
     /// Record options go after `--` (the daemon leaves itself out unless `--include-self`).
     Daemon(DaemonArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout, e.g.
+    /// `profiler completions bash > /etc/bash_completion.d/profiler`.
+    Completions(CompletionsArgs),
+    /// Write the man pages (roff) into a directory: profiler.1 and profiler-SUBCOMMAND.1.
+    #[command(hide = true)]
+    Manpage {
+        /// Where to write them.
+        dir: std::path::PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    pub shell: clap_complete::Shell,
 }
 
 #[derive(Debug, clap::Args)]

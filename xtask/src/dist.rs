@@ -3,12 +3,15 @@
 //! glibc 2.34 or newer (Debian 12, Ubuntu 22.04, RHEL 9) and a BTF kernel. Two forms, in
 //! `target/dist/`:
 //!
-//! - `profiler-VERSION-ARCH-linux-gnu.tar.gz`: `bin/profiler`, the systemd unit, the README;
+//! - `profiler-VERSION-ARCH-linux-gnu.tar.gz`: `bin/profiler`, the systemd unit, a commented
+//!   `profiler.toml`, man pages and shell completions under `share/`, the README;
 //! - `profiler_VERSION_DEBARCH.deb`: `/usr/bin/profiler`, the unit in `/lib/systemd/system/`
-//!   (not enabled), the README in `/usr/share/doc/profiler/`; built with `dpkg-deb`.
+//!   (not enabled) reading `/etc/profiler.toml` (a conffile), man pages, bash/zsh/fish
+//!   completions, the README in `/usr/share/doc/profiler/`; built with `dpkg-deb`.
 //!
-//! The binary is stripped of debug info (about 8 MB remain), not of its symbols: a profiler
-//! that profiles itself should still name its own functions.
+//! The binary is stripped of debug info (about 8 MB remain; the debug info is kept apart in
+//! `profiler.debug`, linked with `.gnu_debuglink`), not of its symbols: a profiler that
+//! profiles itself should still name its own functions.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -34,23 +37,99 @@ pub fn run() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dist);
     std::fs::create_dir_all(&dist).with_context(|| format!("cannot create {}", dist.display()))?;
 
+    // The debug info goes to profiler.debug, beside the packages (gdb and perf find it
+    // through the binary's .gnu_debuglink); the binary keeps its symbols.
     let binary = dist.join("profiler");
     std::fs::copy(root.join("target/release/profiler"), &binary)
         .context("cannot copy target/release/profiler")?;
     run_checked(
+        Command::new("objcopy")
+            .arg("--only-keep-debug")
+            .arg(&binary)
+            .arg(dist.join("profiler.debug")),
+        "objcopy --only-keep-debug",
+    )?;
+    run_checked(
         Command::new("strip").arg("--strip-debug").arg(&binary),
         "strip --strip-debug",
     )?;
+    run_checked(
+        Command::new("objcopy")
+            .arg("--add-gnu-debuglink=profiler.debug")
+            .arg(&binary)
+            .current_dir(&dist),
+        "objcopy --add-gnu-debuglink",
+    )?;
     let unit = std::fs::read_to_string(root.join("profiler/contrib/profiler.service"))
         .context("cannot read profiler/contrib/profiler.service")?;
+    let config = root.join("profiler/contrib/profiler.toml");
     let readme = root.join("README.md");
+
+    // Man pages (gzipped) and shell completions, from the binary's own command line.
+    let generated = dist.join("generated");
+    let man = generated.join("man1");
+    run_checked(
+        Command::new(&binary).arg("manpage").arg(&man),
+        "profiler manpage",
+    )?;
+    let mut pages: Vec<PathBuf> = std::fs::read_dir(&man)?
+        .filter_map(|e| Some(e.ok()?.path()))
+        .collect();
+    pages.sort();
+    for page in &pages {
+        run_checked(Command::new("gzip").arg("-9n").arg(page), "gzip")?;
+    }
+    let completions = [
+        ("bash", "profiler"),
+        ("zsh", "_profiler"),
+        ("fish", "profiler.fish"),
+    ];
+    for (shell, file) in completions {
+        let out = Command::new(&binary)
+            .args(["completions", shell])
+            .output()
+            .context("profiler completions")?;
+        if !out.status.success() {
+            bail!("profiler completions {shell} failed");
+        }
+        make_parent(&generated.join(shell).join(file))?;
+        std::fs::write(generated.join(shell).join(file), &out.stdout)?;
+    }
+    // Files shared by both forms, under (tarball prefix, Debian prefix).
+    let shared = |prefix: &Path, zsh: &str| -> Result<()> {
+        for page in &pages {
+            let gz = format!("{}.gz", page.file_name().unwrap().to_string_lossy());
+            install(
+                &man.join(&gz),
+                &prefix.join("share/man/man1").join(&gz),
+                0o644,
+            )?;
+        }
+        install(
+            &generated.join("bash/profiler"),
+            &prefix.join("share/bash-completion/completions/profiler"),
+            0o644,
+        )?;
+        install(
+            &generated.join("zsh/_profiler"),
+            &prefix.join(zsh).join("_profiler"),
+            0o644,
+        )?;
+        install(
+            &generated.join("fish/profiler.fish"),
+            &prefix.join("share/fish/vendor_completions.d/profiler.fish"),
+            0o644,
+        )
+    };
 
     // The tarball: copy `bin/profiler` to /usr/local/bin, the unit as it is.
     let name = format!("profiler-{version}-{arch}-linux-gnu");
     let staging = dist.join(&name);
     install(&binary, &staging.join("bin/profiler"), 0o755)?;
     write(&staging.join("profiler.service"), &unit, 0o644)?;
+    install(&config, &staging.join("profiler.toml"), 0o644)?;
     install(&readme, &staging.join("README.md"), 0o644)?;
+    shared(&staging, "share/zsh/site-functions")?;
     let tarball = dist.join(format!("{name}.tar.gz"));
     run_checked(
         Command::new("tar")
@@ -62,18 +141,35 @@ pub fn run() -> Result<()> {
         "tar",
     )?;
 
-    // The Debian package: the binary in /usr/bin, so the unit points there.
+    // The Debian package: the binary in /usr/bin; the unit reads /etc/profiler.toml (a
+    // conffile: an edit survives upgrades).
     let deb_arch = debian_arch()?;
     let deb_root = dist.join("deb");
     install(&binary, &deb_root.join("usr/bin/profiler"), 0o755)?;
+    // Its settings come from the config file; the flags' comment goes with the flags.
+    let deb_unit: String = unit
+        .lines()
+        .filter(|line| !line.starts_with("# --max-cpu 1") && !line.starts_with("# written without"))
+        .map(|line| match line.starts_with("ExecStart=") {
+            true => "ExecStart=/usr/bin/profiler daemon --config /etc/profiler.toml\n".to_string(),
+            false => format!("{line}\n"),
+        })
+        .collect();
     write(
         &deb_root.join("lib/systemd/system/profiler.service"),
-        &unit.replace("/usr/local/bin/profiler", "/usr/bin/profiler"),
+        &deb_unit,
         0o644,
     )?;
+    install(&config, &deb_root.join("etc/profiler.toml"), 0o644)?;
     install(
         &readme,
         &deb_root.join("usr/share/doc/profiler/README.md"),
+        0o644,
+    )?;
+    shared(&deb_root.join("usr"), "share/zsh/vendor-completions")?;
+    write(
+        &deb_root.join("DEBIAN/conffiles"),
+        "/etc/profiler.toml\n",
         0o644,
     )?;
     let installed_kb = std::fs::metadata(&binary)?.len() / 1024 + 64;
@@ -106,6 +202,10 @@ pub fn run() -> Result<()> {
     )?;
     println!("[dist] wrote {}", tarball.display());
     println!("[dist] wrote {}", deb.display());
+    println!(
+        "[dist] wrote {} (debug info)",
+        dist.join("profiler.debug").display()
+    );
     Ok(())
 }
 

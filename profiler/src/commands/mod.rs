@@ -21,6 +21,8 @@ pub fn run(cli: cli::Cli) -> ExitCode {
         cli::Command::Report(args) => (report::report_command(args).map(|()| ExitCode::SUCCESS), 2),
         cli::Command::Top(args) => (top::run(args).map(|()| ExitCode::SUCCESS), 1),
         cli::Command::Daemon(args) => (daemon::daemon_command(args).map(|()| ExitCode::SUCCESS), 1),
+        cli::Command::Completions(args) => (completions(args.shell), 1),
+        cli::Command::Manpage { dir } => (manpage(&dir), 1),
     };
     match result {
         Ok(code) => code,
@@ -30,4 +32,32 @@ pub fn run(cli: cli::Cli) -> ExitCode {
             ExitCode::from(error_code)
         }
     }
+}
+
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<ExitCode> {
+    use clap::CommandFactory as _;
+    let mut command = cli::Cli::command();
+    clap_complete::generate(shell, &mut command, "profiler", &mut std::io::stdout());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The man pages into `dir`: `profiler.1` and one `profiler-SUBCOMMAND.1` per subcommand
+/// (the names the top page's SUBCOMMANDS section refers to).
+fn manpage(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+    use anyhow::Context as _;
+    use clap::CommandFactory as _;
+    let command = cli::Cli::command();
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut pages = vec![("profiler.1".to_string(), command.clone())];
+    for sub in command.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name: &'static str = Box::leak(format!("profiler-{}", sub.get_name()).into_boxed_str());
+        pages.push((format!("{name}.1"), sub.clone().name(name)));
+    }
+    for (file, page) in pages {
+        let mut out = Vec::new();
+        clap_mangen::Man::new(page).render(&mut out)?;
+        let path = dir.join(&file);
+        std::fs::write(&path, out).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -215,7 +215,10 @@ mod tests {
     fn daemon_settings(args: &[&str], config: Option<&str>) -> Result<Settings> {
         let dir = std::env::temp_dir().join(format!("profiler-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
-        let file = dir.join(format!("{}.toml", args.len()));
+        // One file per call: tests run in parallel.
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let file = dir.join(format!("{call}.toml"));
         let mut all = vec!["profiler", "daemon"];
         let path = file.to_string_lossy().into_owned();
         if let Some(text) = config {
@@ -281,5 +284,36 @@ mod tests {
         assert!(default.probes.exclude_self);
         let included = window_options(&settings_with(&["--include-self"]), &cost).unwrap();
         assert!(!included.probes.exclude_self);
+    }
+
+    /// The packaged /etc/profiler.toml: as shipped (all commented) it gives the defaults;
+    /// with every setting uncommented, each key is one the daemon knows and its value the
+    /// default it documents.
+    #[test]
+    fn the_packaged_config_documents_the_defaults() {
+        let text = include_str!("../../contrib/profiler.toml");
+        let defaults = daemon_settings(&[], None).unwrap();
+        let shipped = daemon_settings(&[], Some(text)).unwrap();
+        assert_eq!(format!("{shipped:?}"), format!("{defaults:?}"));
+        let settings: String = text
+            .lines()
+            .filter_map(|l| l.strip_prefix('#'))
+            .filter(|l| l.contains(" = ") && !l.starts_with(' '))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let file: FileConfig = toml::from_str(&settings).expect("documented keys");
+        assert_eq!(file.data_dir, Some(defaults.data_dir));
+        assert_eq!(file.window.as_deref(), Some("60s"));
+        assert_eq!(file.keep, Some(defaults.keep));
+        assert_eq!(file.listen, Some(defaults.listen));
+        assert_eq!(file.allow_remote, Some(false));
+        assert_eq!(file.allow_capture_get, Some(false));
+        assert_eq!(
+            crate::cli::parse_budget(file.max_cpu.as_deref().unwrap())
+                .unwrap()
+                .fraction(),
+            defaults.max_cpu
+        );
+        assert!(file.record.is_some() && file.max_age.is_some() && file.baseline.is_some());
     }
 }
