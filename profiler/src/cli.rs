@@ -72,7 +72,8 @@ pub struct CompletionsArgs {
 #[derive(Debug, clap::Args)]
 pub struct DaemonArgs {
     /// TOML file with any of these settings (`data_dir`, `window`, `keep`, `max_age`,
-    /// `max_bytes`, `listen`, `allow_remote`, `allow_capture_get`, `baseline`, `max_cpu`,
+    /// `max_bytes`, `listen`, `allow_remote`, `allow_capture_get`, `capture_token_file`,
+    /// `baseline`, `max_cpu`,
     /// `record` = [record options]); flags win over it. SIGHUP re-reads it (applied from the
     /// next window; `listen` stays).
     #[arg(long, value_name = "FILE")]
@@ -103,6 +104,10 @@ pub struct DaemonArgs {
     /// a crawler cannot start one).
     #[arg(long)]
     pub allow_capture_get: bool,
+    /// Require `Authorization: Bearer TOKEN` on /capture, TOKEN being this file's first line
+    /// (keep it 0600; `record --from-daemon --token-file FILE` sends it). Read at start.
+    #[arg(long, value_name = "FILE")]
+    pub capture_token_file: Option<PathBuf>,
     /// Compare every window with this capture (directory or capture.json) instead of the
     /// window before it; a significant regression becomes an event.
     #[arg(long, value_name = "CAPTURE")]
@@ -342,6 +347,10 @@ pub struct RecordArgs {
     /// result to --output.
     #[arg(long, value_name = "ADDR")]
     pub from_daemon: Option<String>,
+    /// With --from-daemon: the file holding the daemon's capture token (its
+    /// --capture-token-file), sent as `Authorization: Bearer`.
+    #[arg(long, value_name = "FILE", requires = "from_daemon")]
+    pub token_file: Option<PathBuf>,
     /// How user stacks are walked (every family): dwarf (from .eh_frame tables, in the kernel;
     /// frame pointers where no table covers the code) or fp (frame pointers only).
     #[arg(long, value_enum, default_value_t = UnwindMode::Dwarf)]

@@ -15,11 +15,16 @@ fn get(port: u16, path: &str) -> Option<(String, String)> {
 
 /// One request with `method` (no body); the status line and the body.
 fn request(port: u16, method: &str, path: &str) -> Option<(String, String)> {
+    request_with(port, method, path, "")
+}
+
+/// `request` with extra header lines (each ending in CRLF).
+fn request_with(port: u16, method: &str, path: &str, headers: &str) -> Option<(String, String)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream
         .write_all(
             format!(
-                "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\
+                "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{headers}Content-Length: 0\r\n\
                  Connection: close\r\n\r\n"
             )
             .as_bytes(),
@@ -1285,19 +1290,33 @@ fn sigkill_leaves_nothing_attached_and_a_restart_works() {
 /// An on-demand capture from the running daemon (`profiler record --from-daemon`): the
 /// workload's main thread blocks nearly all the time in 20 ms calls, so its off-CPU time in
 /// the capture is the capture's length, less at most the blocks cut at either end (and
-/// 5 %); the -p given replaces the daemon's filter; the files are written locally.
+/// 5 %); the -p given replaces the daemon's filter; the files are written locally. The
+/// daemon wants its token (`--capture-token-file`): without it, or with another, 401.
 #[test]
 fn record_from_daemon_returns_an_on_demand_capture() {
     require_root();
     let _serial = serial();
     let dir = temp_dir("daemon-capture");
+    let token = "b2f1c0a4e3d95f7a";
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
     let mut workload = Workload::start(150, 20, &dir.join("workload.json"));
     let pid = workload.pid;
     let port = free_port();
     let daemon = start_daemon(
         &dir.join("data"),
         port,
-        &["--window", "5s", "--", "--events", "offcpu", "-p", "1"],
+        &[
+            "--window",
+            "5s",
+            "--capture-token-file",
+            token_file.to_str().unwrap(),
+            "--",
+            "--events",
+            "offcpu",
+            "-p",
+            "1",
+        ],
     );
     let _kill_on_panic_daemon = KillOnDrop(daemon.id());
     workload.go();
@@ -1306,6 +1325,8 @@ fn record_from_daemon_returns_an_on_demand_capture() {
         .args(["record", "--from-daemon", &format!("127.0.0.1:{port}")])
         .args(["-d", "3", "-p", &pid.to_string(), "-o"])
         .arg(&out)
+        .arg("--token-file")
+        .arg(&token_file)
         .output()
         .unwrap();
     assert!(
@@ -1313,7 +1334,37 @@ fn record_from_daemon_returns_an_on_demand_capture() {
         "record --from-daemon: {}",
         String::from_utf8_lossy(&status.stderr)
     );
-    let (bad, _) = request(port, "POST", "/capture?seconds=0").unwrap();
+    let (no_token, _) = request(port, "POST", "/capture?seconds=1").unwrap();
+    assert!(no_token.contains(" 401 "), "{no_token}");
+    let (wrong, _) = request_with(
+        port,
+        "POST",
+        "/capture?seconds=1",
+        "Authorization: Bearer b2f1c0a4e3d95f7b\r\n",
+    )
+    .unwrap();
+    assert!(wrong.contains(" 401 "), "{wrong}");
+    let without = Command::new(profiler_bin())
+        .args(["record", "--from-daemon", &format!("127.0.0.1:{port}")])
+        .args(["-d", "1", "-o"])
+        .arg(dir.join("refused"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&without.stderr);
+    assert!(
+        !without.status.success()
+            && stderr
+                .lines()
+                .any(|l| l.starts_with("profiler: error: ") && l.contains("401")),
+        "{stderr}"
+    );
+    let (bad, _) = request_with(
+        port,
+        "POST",
+        "/capture?seconds=0",
+        &format!("Authorization: Bearer {token}\r\n"),
+    )
+    .unwrap();
     assert!(bad.contains(" 400 "), "{bad}");
     // A capture is started by POST only: a link or a crawler's GET starts nothing.
     let (get_refused, _) = get(port, "/capture?seconds=1").unwrap();

@@ -56,7 +56,10 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
         "binutils",
         "objcopy, strip, readelf, objdump: cargo xtask dist and its test",
     ),
-    ("man-db", "man, which reads the packaged man pages in the dist test"),
+    (
+        "man-db",
+        "man, which reads the packaged man pages in the dist test",
+    ),
     ("util-linux", "setpriv, for the unprivileged-user tests"),
     ("iproute2", "ip netns, for the TCP retransmit tests"),
     (

@@ -9,7 +9,18 @@ use crate::{cli, collect, serve};
 pub(crate) fn record_command(args: cli::RecordArgs) -> Result<ExitCode> {
     if let Some(address) = &args.from_daemon {
         let seconds = args.duration.as_secs_f64().ceil().max(1.0) as u64;
-        serve::capture_from_daemon(address, seconds, &args.pids, &args.output, args.top)?;
+        let token = match &args.token_file {
+            Some(path) => Some(serve::read_token(path)?),
+            None => None,
+        };
+        serve::capture_from_daemon(
+            address,
+            seconds,
+            &args.pids,
+            &args.output,
+            args.top,
+            token.as_deref(),
+        )?;
         return Ok(ExitCode::SUCCESS);
     }
     let options = args.into_options()?;

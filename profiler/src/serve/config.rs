@@ -22,6 +22,8 @@ pub struct Settings {
     pub allow_remote: bool,
     /// `GET /capture` starts a capture too.
     pub allow_capture_get: bool,
+    /// /capture wants `Authorization: Bearer` this.
+    pub capture_token: Option<String>,
     pub baseline: Option<PathBuf>,
     /// Fraction of one CPU; `None`: full mode whatever it costs.
     pub max_cpu: Option<f64>,
@@ -40,6 +42,7 @@ struct FileConfig {
     listen: Option<String>,
     allow_remote: Option<bool>,
     allow_capture_get: Option<bool>,
+    capture_token_file: Option<PathBuf>,
     baseline: Option<PathBuf>,
     max_cpu: Option<String>,
     record: Option<Vec<String>>,
@@ -88,6 +91,10 @@ pub fn settings(args: &DaemonArgs) -> Result<Settings> {
             .unwrap_or_else(|| "127.0.0.1:9464".into()),
         allow_remote: args.allow_remote || file.allow_remote.unwrap_or(false),
         allow_capture_get: args.allow_capture_get || file.allow_capture_get.unwrap_or(false),
+        capture_token: match args.capture_token_file.clone().or(file.capture_token_file) {
+            Some(path) => Some(read_token(&path)?),
+            None => None,
+        },
         baseline: args.baseline.clone().or(file.baseline),
         max_cpu: match (args.max_cpu, &file.max_cpu) {
             (Some(flag), _) => flag.fraction(),
@@ -182,6 +189,21 @@ pub(crate) fn listen_address(settings: &Settings) -> Result<std::net::SocketAddr
     Ok(address)
 }
 
+/// A token file's first line (at least 16 characters: a guessable token protects nothing).
+pub fn read_token(path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the token file {}", path.display()))?;
+    let token = text.lines().next().unwrap_or_default().trim().to_string();
+    if token.len() < 16 || token.chars().any(|c| c.is_control() || c == ' ') {
+        bail!(
+            "the token file {} must hold a token of at least 16 characters, no spaces, on its \
+             first line",
+            path.display()
+        );
+    }
+    Ok(token)
+}
+
 /// SIGHUP: the config file again (a bad edit keeps the running settings; `listen` stays).
 pub(crate) fn reload_settings(daemon_args: &DaemonArgs, args: &mut Settings, cost: &mut Cost) {
     match settings(daemon_args) {
@@ -189,10 +211,12 @@ pub(crate) fn reload_settings(daemon_args: &DaemonArgs, args: &mut Settings, cos
             eprintln!("profiler daemon: configuration reloaded");
             let listen = std::mem::take(&mut args.listen);
             let (allow_remote, allow_capture_get) = (args.allow_remote, args.allow_capture_get);
+            let capture_token = args.capture_token.take();
             *args = Settings {
                 listen,
                 allow_remote,
                 allow_capture_get,
+                capture_token,
                 ..new
             };
             if cost.budget != args.max_cpu {
@@ -271,6 +295,7 @@ mod tests {
             listen: String::new(),
             allow_remote: false,
             allow_capture_get: false,
+            capture_token: None,
             baseline: None,
             max_cpu: None,
             record_args: record_args.iter().map(|a| a.to_string()).collect(),

@@ -48,10 +48,12 @@ const MAX_HEADER_BYTES: usize = 16 * 1024;
 const MAX_BODY_BYTES: u64 = 1024;
 
 /// What the server allows beyond its defaults.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct HttpOptions {
     /// `GET /capture` starts a capture too (`--allow-capture-get`); otherwise POST only.
     pub allow_capture_get: bool,
+    /// /capture wants `Authorization: Bearer` this (`--capture-token-file`).
+    pub capture_token: Option<String>,
 }
 
 type Reply = (StatusCode, &'static str, Vec<u8>);
@@ -178,6 +180,15 @@ fn unavailable() -> Reply {
     )
 }
 
+/// Equal secrets, compared in time that does not depend on where they differ.
+fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    let mut diff = u8::from(given.len() != expected.len());
+    for (i, e) in expected.iter().enumerate() {
+        diff |= e ^ given.get(i).copied().unwrap_or(0);
+    }
+    diff == 0
+}
+
 /// `profiler record --from-daemon ADDR`: asks the running daemon for an on-demand capture
 /// and writes it (and its views) to the output directory like a local recording.
 pub fn capture_from_daemon(
@@ -186,6 +197,7 @@ pub fn capture_from_daemon(
     pids: &[u32],
     output: &Path,
     top: usize,
+    token: Option<&str>,
 ) -> Result<()> {
     use std::io::{Read as _, Write as _};
     let mut stream = std::net::TcpStream::connect(address)
@@ -197,9 +209,13 @@ pub fn capture_from_daemon(
     stream
         .set_read_timeout(Some(Duration::from_secs(seconds + 120)))
         .context("socket timeout")?;
+    let authorization = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(
         stream,
-        "POST {target} HTTP/1.1\r\nHost: {address}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "POST {target} HTTP/1.1\r\nHost: {address}\r\n{authorization}Content-Length: 0\r\n\
+         Connection: close\r\n\r\n"
     )
     .with_context(|| format!("cannot send the request to {address}"))?;
     eprintln!("asked the daemon at {address} for a {seconds} s capture");
@@ -297,6 +313,7 @@ pub(super) fn start(
 }
 
 async fn accept_loop(listener: TcpListener, state: Arc<Mutex<State>>, options: HttpOptions) {
+    let options = Arc::new(options);
     let connections = Arc::new(Mutex::new(Connections::default()));
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -334,12 +351,14 @@ async fn accept_loop(listener: TcpListener, state: Arc<Mutex<State>>, options: H
         let state = Arc::clone(&state);
         let connections = Arc::clone(&connections);
         let builder = builder.clone();
+        let options = Arc::clone(&options);
         tokio::spawn(async move {
             let service = hyper::service::service_fn({
                 let busy = Arc::clone(&busy);
                 move |request| {
                     let state = Arc::clone(&state);
                     let busy = Arc::clone(&busy);
+                    let options = Arc::clone(&options);
                     async move {
                         busy.store(true, Ordering::Release);
                         let response = handle(request, state, options).await;
@@ -371,7 +390,7 @@ async fn accept_loop(listener: TcpListener, state: Arc<Mutex<State>>, options: H
 async fn handle(
     request: Request<Incoming>,
     state: Arc<Mutex<State>>,
-    options: HttpOptions,
+    options: Arc<HttpOptions>,
 ) -> Response<Full<Bytes>> {
     let method = request.method().clone();
     let path = request.uri().path().to_string();
@@ -400,6 +419,27 @@ async fn handle(
             "POST"
         };
         if method == Method::POST || (method == Method::GET && options.allow_capture_get) {
+            if let Some(token) = &options.capture_token {
+                let given = request
+                    .headers()
+                    .get(hyper::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .unwrap_or_default();
+                if !same_secret(given.as_bytes(), token.as_bytes()) {
+                    let mut response = reply((
+                        StatusCode::UNAUTHORIZED,
+                        TEXT,
+                        b"/capture needs the daemon's token: Authorization: Bearer TOKEN\n"
+                            .to_vec(),
+                    ));
+                    response.headers_mut().insert(
+                        hyper::header::WWW_AUTHENTICATE,
+                        HeaderValue::from_static("Bearer"),
+                    );
+                    return response;
+                }
+            }
             return reply(on_demand_capture(&query, &state).await);
         }
         return not_allowed(

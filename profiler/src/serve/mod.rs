@@ -32,7 +32,7 @@ use crate::cli::DaemonArgs;
 use crate::model::Capture;
 
 use budget::Cost;
-pub use config::{Settings, settings};
+pub use config::{Settings, read_token, settings};
 use config::{reload_settings, window_options};
 use events::{Baseline, EVENTS_KEPT};
 pub use http::capture_from_daemon;
@@ -122,6 +122,7 @@ async fn serve_and_record(
         Arc::clone(&state),
         http::HttpOptions {
             allow_capture_get: args.allow_capture_get,
+            capture_token: args.capture_token.clone(),
         },
     )?;
 
