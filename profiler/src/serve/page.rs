@@ -625,4 +625,39 @@ mod tests {
         assert!(html.contains("id=\"waiting\""));
         assert!(html.contains("0 windows recorded"));
     }
+
+    #[test]
+    fn kept_windows_get_their_row_a_chart_point_and_a_place_in_the_form() {
+        let mut state = State::default();
+        for (i, ms) in [1_000u64, 2_000, 3_000].into_iter().enumerate() {
+            let dir = std::path::PathBuf::from(format!("/data/window-{ms}"));
+            state.kept.push(dir.clone());
+            state.digests.insert(
+                dir,
+                Digest {
+                    start_unix_ms: ms,
+                    offcpu: vec![("app<1>[7]".into(), 1.5 + i as f64)],
+                    queries: vec![QueryDigest {
+                        label: "SELECT ? — app (libpq)".into(),
+                        calls: 10,
+                        total_ms: 20.0,
+                        p50_ms: 1.25,
+                        p99_ms: 4.5,
+                    }],
+                },
+            );
+        }
+        let html = index(&state, "h");
+        assert!(html.contains("app&lt;1&gt;[7] 3.50"), "{html}");
+        assert!(html.contains("<code>SELECT ? — app (libpq)</code> 10 calls, 1.250 / 4.500"));
+        let chart = html.split("<svg id=\"chart-offcpu\"").nth(1).unwrap();
+        let series = chart.split("<g class=\"series\"").nth(1).unwrap();
+        assert!(series.contains("data-name=\"app&lt;1&gt;[7]\""));
+        assert_eq!(series.matches("<circle").count(), 3);
+        assert!(html.contains("<svg id=\"chart-queries\""));
+        // A is the window before the newest, B the newest.
+        assert!(html.contains("<option value=\"window-2000\" selected>"));
+        assert!(html.contains("<option value=\"window-3000\" selected>"));
+        assert_eq!(html.matches(" selected>").count(), 2);
+    }
 }
