@@ -192,6 +192,7 @@ pub mod maps {
     pub const WIRE_PENDING: &str = "DB_WIRE_PENDING";
     pub const MYSQL_EXEC: &str = "DB_MYSQL_EXEC";
     pub const SQLITE_EXEC: &str = "DB_SQLITE_EXEC";
+    pub const PG_EXTENDED: &str = "DB_PG_EXTENDED";
 }
 
 #[cfg(feature = "user")]

@@ -311,6 +311,11 @@ pub struct RecordArgs {
     /// program on every read and write of the watched processes (the whole host without -p).
     #[arg(long)]
     pub db_wire: bool,
+    /// Also time the PostgreSQL servers' extended-protocol requests (Parse/Bind/Execute …
+    /// Sync: prepared statements, queries with parameters), from their statement__status
+    /// probe: two more probe hits per request, simple queries included.
+    #[arg(long)]
+    pub pg_extended: bool,
     /// Keep one example of each query with its literals (default: only the fingerprint,
     /// literals replaced by `?`).
     #[arg(long)]
@@ -455,6 +460,7 @@ impl RecordArgs {
                     mysql: self.mysql.clone(),
                     wire: self.db_wire,
                     optional: !db_required,
+                    postgres_extended: self.pg_extended,
                 }),
                 offcpu_sample_every: self.offcpu_sample,
                 db_sample_every: self.db_sample,

@@ -1,11 +1,96 @@
-//! PostgreSQL's `query__start` / `query__done` USDT probes in the server.
+//! PostgreSQL's `query__start` / `query__done` USDT probes in the server, and (with
+//! `--pg-extended`) its `statement__status` probe for the extended protocol.
+//!
+//! `statement__status(text)` fires at the top of `pgstat_report_activity`: with the
+//! statement's text when a request starts running (Parse, Bind, Execute, a simple Query), and
+//! with NULL when the backend goes idle before its ReadyForQuery. A request is timed from the
+//! first of the former to the latter; one that ran a simple query (`query__start` seen) is
+//! already timed by `query__start`/`query__done` and is dropped.
 
 use super::*;
+
+/// How to read statement__status's argument (its USDT spec).
+#[unsafe(no_mangle)]
+static PG_STATUS_ARG_KIND: u32 = 1;
+#[unsafe(no_mangle)]
+static PG_STATUS_ARG_REG: u32 = 0;
+#[unsafe(no_mangle)]
+static PG_STATUS_ARG_DISP: i64 = 0;
+
+/// Requests in progress per backend thread (`seq` 1: a simple query ran in it).
+#[map(name = "DB_PG_EXTENDED")]
+static EXTENDED: LruHashMap<u32, DbPending> = LruHashMap::with_max_entries(16384, 0);
+
+#[uprobe]
+pub fn pg_statement_status(ctx: ProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    let text = read_arg(
+        ctx.regs as *const u8,
+        config(&PG_STATUS_ARG_KIND),
+        config(&PG_STATUS_ARG_REG),
+        config(&PG_STATUS_ARG_DISP),
+    );
+    let running = EXTENDED.get_ptr_mut(&tid);
+    if text == 0 {
+        // Idle: the request is over.
+        if let Some(request) = running {
+            let start = unsafe { (*request).start_ns };
+            if start != 0 && unsafe { (*request).seq } == 0 {
+                let now = unsafe { bpf_ktime_get_ns() };
+                count(counter::QUERIES);
+                emit(request, tgid, tid, 0, now.wrapping_sub(start));
+            }
+            unsafe {
+                (*request).start_ns = 0;
+                (*request).seq = 0;
+            }
+        }
+        return 0;
+    }
+    if let Some(request) = running
+        && unsafe { (*request).start_ns } != 0
+    {
+        return 0; // Bind, Execute… of a request already started
+    }
+    if sampled_out(config(&DB_SAMPLE_MASK)) {
+        return 0;
+    }
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    unsafe {
+        (*scratch).len =
+            match bpf_probe_read_user_str_bytes(text as *const u8, &mut (*scratch).query) {
+                Ok(bytes) => bytes.len().min(QUERY_MAX) as u32,
+                Err(_) => {
+                    count(counter::TEXT_UNREADABLE);
+                    0
+                }
+            };
+        // Background workers report what they do the same way; no client waits on them.
+        if (*scratch).len >= 11 && (&(*scratch).query)[..11] == *b"autovacuum:" {
+            return 0;
+        }
+        (*scratch).start_ns = bpf_ktime_get_ns();
+        (*scratch).source = SOURCE_POSTGRES_USDT;
+        (*scratch).user_stack_id = -1;
+        (*scratch).seq = 0;
+        if EXTENDED.insert(&tid, &*scratch, 0).is_err() {
+            count(counter::PENDING_MAP_FULL);
+        }
+    }
+    0
+}
 
 #[uprobe]
 pub fn pg_query_start(ctx: ProbeContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    // A simple query: its request is timed here, not by statement__status.
+    if let Some(request) = EXTENDED.get_ptr_mut(&tid) {
+        unsafe { (*request).seq = 1 };
+    }
     if let Some(previous) = PENDING.get_ptr_mut(&tid)
         && unsafe { (*previous).start_ns } != 0
     {

@@ -379,6 +379,10 @@ impl Prepared {
         let mut counters = family_counters(&probes, config, &db_owners)?;
         if !probes.db_targets.is_empty() {
             counters.insert("db_in_flight_at_end".into(), db_in_flight_at_end);
+            counters.insert(
+                "db_pg_extended".into(),
+                u64::from(config.db.as_ref().is_some_and(|d| d.postgres_extended)),
+            );
         }
         map_fill_counters(
             &probes,

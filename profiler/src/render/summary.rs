@@ -265,11 +265,24 @@ pub fn summary(capture: &Capture, top: usize) -> String {
 
 /// Which source timed each process's queries, and the processes that talk to a database
 /// port with no query timed (a line each: what the capture could not see).
-fn db_coverage(out: &mut String, db: &crate::model::DbProfile) {
+fn db_coverage(
+    out: &mut String,
+    db: &crate::model::DbProfile,
+    counters: &std::collections::BTreeMap<String, u64>,
+) {
     if db.coverage.is_empty() {
         return;
     }
     let _ = writeln!(out, "coverage (which source timed each process's queries):");
+    // The server's query probes fire for the simple protocol only.
+    if counters.get("db_pg_extended") == Some(&0) && db.coverage.iter().any(|c| c.server) {
+        let _ = writeln!(
+            out,
+            "  (server side: simple-protocol queries only; extended-protocol ones — prepared \
+             statements, queries with parameters — are timed on the client side (libpq, wire) \
+             or by the server with --pg-extended)"
+        );
+    }
     for c in &db.coverage {
         if c.sources.is_empty() {
             let _ = writeln!(
@@ -320,7 +333,7 @@ fn db_summary(
         counter("db_text_unreadable"),
         counter("db_filtered_out"),
     );
-    db_coverage(out, db);
+    db_coverage(out, db, counters);
     if db.queries.is_empty() {
         return;
     }

@@ -50,6 +50,8 @@ pub struct DbConfig {
     pub wire: bool,
     /// Not asked for explicitly: a server that cannot be probed is a note, not an error.
     pub optional: bool,
+    /// Also time extended-protocol requests in the server (`statement__status`).
+    pub postgres_extended: bool,
 }
 
 /// Everything the db family attaches to.
@@ -58,6 +60,8 @@ pub struct DbTargets {
     pub postgres: Vec<PostgresTarget>,
     pub libraries: Vec<LibraryTarget>,
     pub wire: bool,
+    /// The servers' extended-protocol requests are timed too.
+    pub postgres_extended: bool,
 }
 
 impl DbTargets {
@@ -131,14 +135,24 @@ pub fn discover(config: &DbConfig, pids: &[u32]) -> Result<DbTargets> {
              processes; watching their sockets for PostgreSQL, MySQL and Redis requests"
         );
     }
+    let postgres_extended = config.postgres_extended && !postgres.is_empty();
+    if postgres_extended && let Some(target) = postgres.iter().find(|t| t.status.is_none()) {
+        bail!(
+            "{} has no usable postgresql:statement__status probe: --pg-extended cannot time \
+             its extended-protocol requests",
+            target.path.display()
+        );
+    }
     Ok(DbTargets {
         postgres,
         libraries,
         wire,
+        postgres_extended,
     })
 }
 
-pub(super) fn globals(targets: &DbTargets, btf: &Btf, globals: &mut Globals) -> Result<()> {
+pub(super) fn globals(all: &DbTargets, btf: &Btf, globals: &mut Globals) -> Result<()> {
+    let targets = all;
     // libpq's socket offset (for the endpoint of client-side queries), when all agree.
     let offsets: HashSet<Option<u32>> = targets
         .libraries
@@ -225,6 +239,23 @@ pub(super) fn globals(targets: &DbTargets, btf: &Btf, globals: &mut Globals) -> 
     global(globals, "PG_START_ARG_KIND", kind);
     global(globals, "PG_START_ARG_REG", reg);
     global(globals, "PG_START_ARG_DISP", disp);
+    if all.postgres_extended {
+        let status = |t: &PostgresTarget| t.status.as_ref().map(|s| s.args[0].clone());
+        let arg = status(first).context("statement__status checked at discovery")?;
+        if targets[1..]
+            .iter()
+            .any(|t| status(t).as_ref() != Some(&arg))
+        {
+            bail!(
+                "the PostgreSQL binaries pass statement__status's argument differently; \
+                 probe one at a time (--postgres-binary)"
+            );
+        }
+        let (kind, reg, disp) = arg.location.encode();
+        global(globals, "PG_STATUS_ARG_KIND", kind);
+        global(globals, "PG_STATUS_ARG_REG", reg);
+        global(globals, "PG_STATUS_ARG_DISP", disp);
+    }
     Ok(())
 }
 
@@ -272,6 +303,29 @@ pub(super) fn attach(ebpf: &mut Ebpf, all: &DbTargets) -> Result<Vec<UprobeLink>
         ),
         ("pg_query_start", |t: &PostgresTarget| &t.start),
     ] {
+        attach_usdt(ebpf, name, targets, pick, &mut links)?;
+    }
+    if all.postgres_extended {
+        attach_usdt(
+            ebpf,
+            "pg_statement_status",
+            targets,
+            |t| t.status.as_ref().expect("checked at discovery"),
+            &mut links,
+        )?;
+    }
+    Ok(links)
+}
+
+/// Program `name` on each target's probe `pick`.
+fn attach_usdt(
+    ebpf: &mut Ebpf,
+    name: &str,
+    targets: &[PostgresTarget],
+    pick: fn(&PostgresTarget) -> &UsdtProbe,
+    links: &mut Vec<UprobeLink>,
+) -> Result<()> {
+    {
         let prog: &mut UProbe = program(ebpf, name)?.try_into()?;
         prog.load()
             .with_context(|| format!("loading the {name} program failed"))?;
@@ -288,7 +342,7 @@ pub(super) fn attach(ebpf: &mut Ebpf, all: &DbTargets) -> Result<Vec<UprobeLink>
             )?);
         }
     }
-    Ok(links)
+    Ok(())
 }
 
 impl Probes {
@@ -340,7 +394,8 @@ impl Probes {
             + started::<[u8; 16], DbPending>(ebpf, maps::LIBPQ_COMMANDS, range)?
             + started::<[u8; 8], DbPending>(ebpf, maps::WIRE_PENDING, range)?
             + started::<[u8; 16], [u64; 3]>(ebpf, maps::MYSQL_EXEC, range)?
-            + started::<[u8; 16], [u64; 3]>(ebpf, maps::SQLITE_EXEC, range)?)
+            + started::<[u8; 16], [u64; 3]>(ebpf, maps::SQLITE_EXEC, range)?
+            + started::<u32, DbPending>(ebpf, maps::PG_EXTENDED, range)?)
     }
 }
 

@@ -16,6 +16,8 @@ pub struct PostgresTarget {
     pub path: PathBuf,
     pub(super) start: UsdtProbe,
     pub(super) done: UsdtProbe,
+    /// `statement__status(text)`, when the binary has it with a readable argument.
+    pub(super) status: Option<UsdtProbe>,
 }
 
 /// PostgreSQL server binaries installed the Debian way (`/usr/lib/postgresql/*/bin`).
@@ -101,7 +103,12 @@ pub(super) fn discover_postgres(config: &DbConfig, pids: &[u32]) -> Result<Vec<P
                     .as_deref()
                     .unwrap_or("the probe has no argument")
             ),
-            (Some(start), Some(done)) => targets.push(PostgresTarget { path, start, done }),
+            (Some(start), Some(done)) => targets.push(PostgresTarget {
+                path,
+                start,
+                done,
+                status: find("statement__status").filter(|s| !s.args.is_empty()),
+            }),
             _ => bail!(
                 "{} has no postgresql:query__start/query__done USDT probes (a PostgreSQL built \
                  without --enable-dtrace); cannot time its queries",
