@@ -154,65 +154,69 @@ fn pgbench_select_only_through_server_usdt_matches_pg_stat_statements_and_pgbenc
     );
 }
 
-/// pgbench -M extended sends each query as one Parse/Bind/Describe/Execute/Sync request,
-/// which query__start/query__done never see. With --pg-extended the server times each
-/// request (statement__status): counted exactly as pg_stat_statements counts (-t: a fixed
-/// number), its mean between the executor's (pg_stat_statements) and pgbench's client
-/// latency; and a simple-protocol query in the same capture is counted once, not twice.
+/// pgbench -M extended sends each query as one Parse/Bind/Describe/Execute/Sync request, and
+/// -M prepared a Bind/Describe/Execute/Sync after preparing each statement once per
+/// connection (Parse/Sync): none of which query__start/query__done see. With --pg-extended
+/// the server times each request (statement__status): counted exactly as pg_stat_statements
+/// counts (-t: a fixed number; the prepares execute nothing and are no queries), its mean
+/// between the executor's (pg_stat_statements) and pgbench's client latency; and a
+/// simple-protocol query in the same capture is counted once, not twice.
 #[test]
 fn pgbench_extended_protocol_is_timed_by_the_server_with_pg_extended() {
     require_root();
     let cluster = PgCluster::start("extended");
     cluster.pgbench(&["-i", "-q", "-s", "1"]);
     cluster.psql("CREATE EXTENSION pg_stat_statements");
-    let (capture, bench, stdout, _) = record_pgbench_with(
-        &cluster,
-        "db-extended",
-        &["-S", "-M", "extended", "-n", "-r", "-c", "2", "-t", "500"],
-        &["--pg-extended"],
-    );
-    let stats = pg_stat_statements(&cluster);
-    let queries = capture["db"]["queries"].as_array().expect("db queries");
-    let ours = |key: &str| -> (u64, u64) {
-        queries
+    for mode in ["extended", "prepared"] {
+        let (capture, bench, stdout, _) = record_pgbench_with(
+            &cluster,
+            &format!("db-{mode}"),
+            &["-S", "-M", mode, "-n", "-r", "-c", "2", "-t", "500"],
+            &["--pg-extended"],
+        );
+        let stats = pg_stat_statements(&cluster);
+        let queries = capture["db"]["queries"].as_array().expect("db queries");
+        let ours = |key: &str| -> (u64, u64) {
+            queries
+                .iter()
+                .filter(|q| q["source"] == "postgres-usdt")
+                .filter(|q| normalized(q["fingerprint"].as_str().unwrap()) == normalized(key))
+                .map(|q| {
+                    (
+                        q["calls"].as_u64().unwrap(),
+                        q["total_ns"].as_u64().unwrap(),
+                    )
+                })
+                .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+        };
+        let select = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
+        let (calls, total_ns) = ours(select);
+        let (_, pgss) = stats
             .iter()
-            .filter(|q| q["source"] == "postgres-usdt")
-            .filter(|q| normalized(q["fingerprint"].as_str().unwrap()) == normalized(key))
-            .map(|q| {
-                (
-                    q["calls"].as_u64().unwrap(),
-                    q["total_ns"].as_u64().unwrap(),
-                )
-            })
-            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
-    };
-    let select = "SELECT abalance FROM pgbench_accounts WHERE aid = $1";
-    let (calls, total_ns) = ours(select);
-    let (_, pgss) = stats
-        .iter()
-        .find(|(text, _)| *text == normalized(select))
-        .unwrap_or_else(|| panic!("{select}: not in pg_stat_statements"));
-    let client_ms = pgbench_statement_latencies(&bench)
-        .into_iter()
-        .find(|(statement, _)| statement.starts_with("SELECT"))
-        .map(|(_, ms)| ms)
-        .expect("pgbench -r latency of the SELECT");
-    let mean_ms = total_ns as f64 / calls as f64 / 1e6;
-    println!(
-        "{select}: calls ours {calls} pg_stat_statements {}; mean ours {mean_ms:.4} ms, \
-         executor {:.4} ms, client {client_ms:.4} ms",
-        pgss.calls, pgss.mean_ms
-    );
-    assert_eq!(pgss.calls, 1000);
-    assert_eq!(calls, 1000);
-    assert!(
-        mean_ms >= pgss.mean_ms && mean_ms <= client_ms,
-        "mean {mean_ms} ms outside [executor {}, client {client_ms}]",
-        pgss.mean_ms
-    );
-    // psql's reset, a simple query: once (by query__start/query__done), not twice.
-    assert_eq!(ours("SELECT pg_stat_statements_reset()").0, 1);
-    assert!(!stdout.contains("simple-protocol queries only"), "{stdout}");
+            .find(|(text, _)| *text == normalized(select))
+            .unwrap_or_else(|| panic!("{select}: not in pg_stat_statements"));
+        let client_ms = pgbench_statement_latencies(&bench)
+            .into_iter()
+            .find(|(statement, _)| statement.starts_with("SELECT"))
+            .map(|(_, ms)| ms)
+            .expect("pgbench -r latency of the SELECT");
+        let mean_ms = total_ns as f64 / calls as f64 / 1e6;
+        println!(
+            "-M {mode}: calls ours {calls} pg_stat_statements {}; mean ours {mean_ms:.4} ms, \
+             executor {:.4} ms, client {client_ms:.4} ms",
+            pgss.calls, pgss.mean_ms
+        );
+        assert_eq!(pgss.calls, 1000, "-M {mode}");
+        assert_eq!(calls, 1000, "-M {mode}");
+        assert!(
+            mean_ms >= pgss.mean_ms && mean_ms <= client_ms,
+            "-M {mode}: mean {mean_ms} ms outside [executor {}, client {client_ms}]",
+            pgss.mean_ms
+        );
+        // psql's reset, a simple query: once (by query__start/query__done), not twice.
+        assert_eq!(ours("SELECT pg_stat_statements_reset()").0, 1, "-M {mode}");
+        assert!(!stdout.contains("simple-protocol queries only"), "{stdout}");
+    }
 }
 
 #[test]

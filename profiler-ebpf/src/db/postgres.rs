@@ -5,7 +5,9 @@
 //! statement's text when a request starts running (Parse, Bind, Execute, a simple Query), and
 //! with NULL when the backend goes idle before its ReadyForQuery. A request is timed from the
 //! first of the former to the latter; one that ran a simple query (`query__start` seen) is
-//! already timed by `query__start`/`query__done` and is dropped.
+//! already timed by `query__start`/`query__done` and is dropped, and (where `PortalRun`'s
+//! `query__execute__start` could be found) one that executed nothing — a Parse or a Bind
+//! alone, as `PQprepare` sends — is no query either.
 
 use super::*;
 
@@ -17,7 +19,16 @@ static PG_STATUS_ARG_REG: u32 = 0;
 #[unsafe(no_mangle)]
 static PG_STATUS_ARG_DISP: i64 = 0;
 
-/// Requests in progress per backend thread (`seq` 1: a simple query ran in it).
+/// `seq` bits of a request in progress.
+const REQUEST_SIMPLE: u32 = 1;
+const REQUEST_EXECUTED: u32 = 2;
+
+/// 1: `pg_execute_start` is attached to PortalRun's `query__execute__start`, and only
+/// requests that executed something are queries.
+#[unsafe(no_mangle)]
+static PG_EXECUTE_GATE: u32 = 0;
+
+/// Requests in progress per backend thread (`seq`: `REQUEST_*` bits).
 #[map(name = "DB_PG_EXTENDED")]
 static EXTENDED: LruHashMap<u32, DbPending> = LruHashMap::with_max_entries(16384, 0);
 
@@ -36,7 +47,9 @@ pub fn pg_statement_status(ctx: ProbeContext) -> u32 {
         // Idle: the request is over.
         if let Some(request) = running {
             let start = unsafe { (*request).start_ns };
-            if start != 0 && unsafe { (*request).seq } == 0 {
+            let seq = unsafe { (*request).seq };
+            let executed = config(&PG_EXECUTE_GATE) == 0 || seq & REQUEST_EXECUTED != 0;
+            if start != 0 && seq & REQUEST_SIMPLE == 0 && executed {
                 let now = unsafe { bpf_ktime_get_ns() };
                 count(counter::QUERIES);
                 emit(request, tgid, tid, 0, now.wrapping_sub(start));
@@ -89,7 +102,7 @@ pub fn pg_query_start(ctx: ProbeContext) -> u32 {
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     // A simple query: its request is timed here, not by statement__status.
     if let Some(request) = EXTENDED.get_ptr_mut(&tid) {
-        unsafe { (*request).seq = 1 };
+        unsafe { (*request).seq |= REQUEST_SIMPLE };
     }
     if let Some(previous) = PENDING.get_ptr_mut(&tid)
         && unsafe { (*previous).start_ns } != 0
@@ -146,5 +159,15 @@ pub fn pg_query_done(_ctx: ProbeContext) -> u32 {
     count(counter::QUERIES);
     emit(pending, tgid, tid, 0, now.wrapping_sub(start));
     unsafe { (*pending).start_ns = 0 };
+    0
+}
+
+/// `query__execute__start` in PortalRun: the request executes a portal.
+#[uprobe]
+pub fn pg_execute_start(_ctx: ProbeContext) -> u32 {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    if let Some(request) = EXTENDED.get_ptr_mut(&tid) {
+        unsafe { (*request).seq |= REQUEST_EXECUTED };
+    }
     0
 }

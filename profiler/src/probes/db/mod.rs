@@ -255,6 +255,10 @@ pub(super) fn globals(all: &DbTargets, btf: &Btf, globals: &mut Globals) -> Resu
         global(globals, "PG_STATUS_ARG_KIND", kind);
         global(globals, "PG_STATUS_ARG_REG", reg);
         global(globals, "PG_STATUS_ARG_DISP", disp);
+        // Requests that execute nothing (a Parse alone) are no queries, where every server
+        // shows where PortalRun executes.
+        let gate = targets.iter().all(|t| t.execute.is_some());
+        global(globals, "PG_EXECUTE_GATE", u32::from(gate));
     }
     Ok(())
 }
@@ -306,6 +310,20 @@ pub(super) fn attach(ebpf: &mut Ebpf, all: &DbTargets) -> Result<Vec<UprobeLink>
         attach_usdt(ebpf, name, targets, pick, &mut links)?;
     }
     if all.postgres_extended {
+        if targets.iter().all(|t| t.execute.is_some()) {
+            attach_usdt(
+                ebpf,
+                "pg_execute_start",
+                targets,
+                |t| t.execute.as_ref().expect("checked"),
+                &mut links,
+            )?;
+        } else {
+            eprintln!(
+                "profiler: note: PortalRun not found in every PostgreSQL binary: with \
+                 --pg-extended a Parse-only request (PQprepare) counts as a query"
+            );
+        }
         attach_usdt(
             ebpf,
             "pg_statement_status",

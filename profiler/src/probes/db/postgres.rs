@@ -18,6 +18,8 @@ pub struct PostgresTarget {
     pub(super) done: UsdtProbe,
     /// `statement__status(text)`, when the binary has it with a readable argument.
     pub(super) status: Option<UsdtProbe>,
+    /// `query__execute__start` inside PortalRun (not PortalRunMulti's), when found.
+    pub(super) execute: Option<UsdtProbe>,
 }
 
 /// PostgreSQL server binaries installed the Debian way (`/usr/lib/postgresql/*/bin`).
@@ -103,12 +105,26 @@ pub(super) fn discover_postgres(config: &DbConfig, pids: &[u32]) -> Result<Vec<P
                     .as_deref()
                     .unwrap_or("the probe has no argument")
             ),
-            (Some(start), Some(done)) => targets.push(PostgresTarget {
-                path,
-                start,
-                done,
-                status: find("statement__status").filter(|s| !s.args.is_empty()),
-            }),
+            (Some(start), Some(done)) => {
+                let execute = match usdt::function_range(&path, "PortalRun")? {
+                    Some((from, to)) => probes
+                        .iter()
+                        .find(|p| {
+                            p.provider == "postgresql"
+                                && p.name == "query__execute__start"
+                                && (from..to).contains(&p.offset)
+                        })
+                        .cloned(),
+                    None => None,
+                };
+                targets.push(PostgresTarget {
+                    path,
+                    start,
+                    done,
+                    status: find("statement__status").filter(|s| !s.args.is_empty()),
+                    execute,
+                })
+            }
             _ => bail!(
                 "{} has no postgresql:query__start/query__done USDT probes (a PostgreSQL built \
                  without --enable-dtrace); cannot time its queries",

@@ -164,6 +164,34 @@ pub fn probes_in(data: &[u8]) -> Result<Vec<UsdtProbe>> {
     Ok(out)
 }
 
+/// File offset range `[start, end)` of the function `name` (dynamic or static symbol table),
+/// when the symbol has a size.
+pub fn function_range(path: &Path, name: &str) -> Result<Option<(u64, u64)>> {
+    use object::ObjectSymbol as _;
+    let data = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let file = object::File::parse(&*data).with_context(|| {
+        format!(
+            "{} is not an ELF file this profiler can read",
+            path.display()
+        )
+    })?;
+    let Some(symbol) = file
+        .dynamic_symbols()
+        .chain(file.symbols())
+        .find(|s| s.name() == Ok(name) && s.address() != 0 && s.size() != 0)
+    else {
+        return Ok(None);
+    };
+    Ok(file.segments().find_map(|s| {
+        let (offset, size) = s.file_range();
+        let addr = s.address();
+        (symbol.address() >= addr && symbol.address() < addr + size).then(|| {
+            let start = symbol.address() - addr + offset;
+            (start, start + symbol.size())
+        })
+    }))
+}
+
 /// File offsets of the named functions (dynamic or static symbol table), for uprobes.
 pub fn function_offsets(path: &Path, names: &[&str]) -> Result<Vec<(String, u64)>> {
     use object::ObjectSymbol as _;
