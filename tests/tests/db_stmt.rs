@@ -3,11 +3,17 @@
 //! MariaDB.
 //!
 //! Oracles (none computed here): the server's `Com_stmt_execute` (executions, exact), its
-//! `performance_schema.prepared_statements_instances` (executions and execution time per
-//! statement: the server's work is inside our window, from `mysql_stmt_execute` to the end
-//! of `mysql_stmt_store_result`, so ours can only be longer), and sysbench's own latency
-//! sum (each event is its statements plus the script around them, so the sum of ours can
-//! only be shorter).
+//! `performance_schema.prepared_statements_instances` (executions per statement, exact), and
+//! sysbench's own latency sum (each event is its statements plus the script around them, so
+//! the sum of ours can only be shorter).
+//!
+//! The server's execution time per statement is printed beside ours but is no bound: its
+//! statement timer stops after the response was flushed and the command's bookkeeping done
+//! (MariaDB's dispatch_command ends the statement event after `end_statement()`). On a
+//! busy 2-CPU host the response wakes the client, which may preempt the server thread
+//! before that bookkeeping, so the server's time can include the client's own work after
+//! the reply: a fresh-clone CI run had ours 113.6 ms vs the server's 116.9 ms for 400 range
+//! selects, while another run had ours twice the server's.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader};
@@ -223,7 +229,7 @@ fn sysbench_oltp(script: &str) {
             *server_ns as f64 / 1e6
         );
         assert_eq!(calls + errors, *server_calls, "{fingerprint}");
-        assert!(total_ns > *server_ns, "{fingerprint}: ours {total_ns} ns");
+        assert!(total_ns > 0, "{fingerprint}: no time");
     }
 }
 
