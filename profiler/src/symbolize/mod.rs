@@ -4,9 +4,11 @@
 //! `module+0xoffset`, never dropped, and is counted.
 //!
 //! Beside the facade: `procmaps` (a process's memory maps, kept past its exit),
-//! `syscall_names` (syscall numbers → names) and `unwind` (`.eh_frame` → the rows the kernel
+//! `perfmap` (names of JIT-generated code), `syscall_names` (syscall numbers → names) and
+//! `unwind` (`.eh_frame` → the rows the kernel
 //! walks user stacks with, per file).
 
+pub mod perfmap;
 pub mod procmaps;
 pub mod syscall_names;
 pub mod unwind;
@@ -84,6 +86,8 @@ enum UserKey {
     /// Shown as the first path, read from the second (see `procmaps`), at an offset.
     File(String, String, u64),
     Special(String, u64),
+    /// Named by the process's perf map: the name, the map, the offset in the code.
+    PerfMap(String, String, u64),
     Unknown(u64),
 }
 
@@ -158,6 +162,11 @@ impl Symbolizer {
                     Some(Location::Special { name, offset }) => {
                         UserKey::Special(name.to_string(), offset)
                     }
+                    Some(Location::PerfMap {
+                        symbol,
+                        map,
+                        offset,
+                    }) => UserKey::PerfMap(symbol.to_string(), map.to_string(), offset),
                     _ => UserKey::Unknown(addr),
                 }
             })
@@ -195,6 +204,17 @@ impl Symbolizer {
                         *offset,
                         Some(name),
                     ));
+                }
+                UserKey::PerfMap(symbol, map, offset) => {
+                    self.stats.user_address(map, true);
+                    frames.push(Frame {
+                        name: symbol.clone(),
+                        kind: FrameKind::User,
+                        module: Some(map.clone()),
+                        offset: Some(*offset),
+                        inlined: false,
+                        unresolved: false,
+                    });
                 }
                 UserKey::Unknown(addr) => {
                     self.stats.user_address("[unknown]", false);

@@ -15,7 +15,10 @@ use std::fs::{self, File};
 use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use super::perfmap::{self, PerfMap};
 
 /// One file-backed (or special) executable mapping.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +71,9 @@ pub struct ProcessInfo {
     pub exited: bool,
     /// A kernel thread (PF_KTHREAD): it has no user stack to show.
     pub kernel_thread: bool,
+    /// The names its JIT or interpreter gave its generated code (read while it lives, only
+    /// for processes with anonymous executable memory).
+    pub perf_map: Option<Arc<PerfMap>>,
 }
 
 /// Where an address lands in a process.
@@ -82,6 +88,12 @@ pub enum Location<'a> {
     },
     /// In a special mapping (`[vdso]`, a deleted file…): the name and the offset in it.
     Special { name: &'a str, offset: u64 },
+    /// Generated code its perf map names: the name, the map, and the offset in the code.
+    PerfMap {
+        symbol: &'a str,
+        map: &'a str,
+        offset: u64,
+    },
     /// In no mapping we know of.
     Unknown,
 }
@@ -132,11 +144,21 @@ pub fn parse_maps(text: &str) -> Vec<Vma> {
 impl ProcessInfo {
     /// Where `addr` lands in this process's mappings.
     pub fn locate(&self, addr: u64) -> Location<'_> {
-        match self
+        let vma = self
             .vmas
             .iter()
-            .find(|vma| vma.start <= addr && addr < vma.end)
+            .find(|vma| vma.start <= addr && addr < vma.end);
+        if vma.is_none_or(|vma| vma.path == "[anon]")
+            && let Some(map) = &self.perf_map
+            && let Some((symbol, offset)) = map.lookup(addr)
         {
+            return Location::PerfMap {
+                symbol,
+                map: &map.path,
+                offset,
+            };
+        }
+        match vma {
             Some(vma) if vma.is_file() => Location::File {
                 path: &vma.path,
                 open: vma.open_path.as_deref().unwrap_or(&vma.path),
@@ -326,6 +348,11 @@ fn refresh(entry: &mut ProcessInfo) {
     }
     if let Ok(stat) = fs::read_to_string(base.join("stat")) {
         entry.kernel_thread = is_kernel_thread(&stat);
+    }
+    if entry.vmas.iter().any(|vma| vma.path == "[anon]") {
+        entry.perf_map =
+            perfmap::refresh(entry.pid, entry.perf_map.take().map(Arc::unwrap_or_clone))
+                .map(Arc::new);
     }
     entry.read_at = Some(Instant::now());
 }

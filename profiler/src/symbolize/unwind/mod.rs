@@ -11,6 +11,7 @@
 //! Hand-written on top of gimli (which evaluates the CFI) because no crate reduces CFI to
 //! rows an eBPF program can follow.
 
+mod jit;
 pub mod table;
 
 use std::collections::HashMap;
@@ -20,6 +21,9 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 pub use table::Table;
+
+/// The name of the tables of CPython's perf trampolines (rows relative to their arena).
+const TRAMPOLINES: &str = "[python perf trampolines]";
 
 /// A file's table as the cache keeps it.
 #[derive(Debug)]
@@ -61,6 +65,8 @@ pub struct TableCache {
     by_build_id: HashMap<Vec<u8>, Arc<FileTable>>,
     /// The vDSO is the same image in every process of a kernel (by its size).
     vdso: HashMap<u64, Option<Arc<FileTable>>>,
+    /// CPython perf trampolines, by (pid, arena start, trampolines named in it).
+    trampolines: HashMap<(u32, u64, usize), Option<Arc<FileTable>>>,
     next_id: u64,
     pub stats: CacheStats,
 }
@@ -76,6 +82,7 @@ impl TableCache {
     /// are read and parsed only the first time they are seen.
     pub fn process_tables(&mut self, pid: u32) -> std::io::Result<Vec<MappedTable>> {
         let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+        let mut perf_map = None;
         let mut out = Vec::new();
         for line in maps.lines() {
             let Some(mapping) = parse_line(line) else {
@@ -92,12 +99,21 @@ impl TableCache {
                 self.vdso_table(pid, mapping.start, mapping.end)
             } else if mapping.path.starts_with('/') && !anonymous {
                 self.file_table(pid, &mapping)
+            } else if anonymous {
+                let map =
+                    perf_map.get_or_insert_with(|| crate::symbolize::perfmap::refresh(pid, None));
+                map.as_ref()
+                    .and_then(|map| self.trampoline_table(pid, mapping.start, mapping.end, map))
             } else {
                 None
             };
-            let bias = file
-                .as_ref()
-                .and_then(|f| f.table.bias(mapping.start, mapping.offset));
+            let bias = file.as_ref().and_then(|f| {
+                if f.name == TRAMPOLINES {
+                    Some(mapping.start) // its rows are relative to the arena
+                } else {
+                    f.table.bias(mapping.start, mapping.offset)
+                }
+            });
             out.push(MappedTable {
                 start: mapping.start,
                 end: mapping.end,
@@ -166,6 +182,41 @@ impl TableCache {
             .map(|table| self.share("[vdso]".to_string(), table));
         self.note_build(started, file.as_ref());
         self.vdso.insert(size, file.clone());
+        file
+    }
+
+    /// The table of an arena of CPython perf trampolines (see `jit`), if it is one.
+    fn trampoline_table(
+        &mut self,
+        pid: u32,
+        start: u64,
+        end: u64,
+        map: &crate::symbolize::perfmap::PerfMap,
+    ) -> Option<Arc<FileTable>> {
+        let named = map.entries_in(start, end).count();
+        if named == 0 {
+            return None;
+        }
+        let key = (pid, start, named);
+        if let Some(cached) = self.trampolines.get(&key) {
+            return cached.clone();
+        }
+        if self.trampolines.len() >= 4096 {
+            self.trampolines.clear(); // dead processes' arenas (the daemon lives long)
+        }
+        let started = Instant::now();
+        let file = jit::python_trampolines(pid, start, end, map).map(|table| {
+            self.next_id += 1;
+            Arc::new(FileTable {
+                id: self.next_id,
+                name: TRAMPOLINES.to_string(),
+                table,
+            })
+        });
+        if file.is_some() {
+            self.note_build(started, file.as_ref());
+        }
+        self.trampolines.insert(key, file.clone());
         file
     }
 
