@@ -44,6 +44,10 @@ const CONFIGS: &[Config] = &[
         tracer: Tracer::Record(&["--events", "offcpu"]),
     },
     Config {
+        name: "offcpu-fp",
+        tracer: Tracer::Record(&["--events", "offcpu", "--unwind", "fp"]),
+    },
+    Config {
         name: "offcpu-no-runqueue-split",
         tracer: Tracer::Record(&["--events", "offcpu", "--no-runqueue-split"]),
     },
