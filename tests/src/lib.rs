@@ -377,6 +377,15 @@ impl ReadyProcess {
         stdin.write_all(b"go\n").expect("write go");
     }
 
+    /// Writes a line to its stdin, keeping stdin open (unlike `go`).
+    pub fn say(&mut self, line: &str) {
+        let stdin = self.child.stdin.as_mut().expect("stdin still open");
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .expect("write line");
+        stdin.flush().expect("flush line");
+    }
+
     /// Its next line of output, trimmed (`None` at the end).
     pub fn line(&mut self) -> Option<String> {
         let mut line = String::new();

@@ -92,6 +92,10 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
         "Python with its sqlite3 module (libsqlite3), the SQLite test workload",
     ),
     (
+        "python3-venv",
+        "a venv for the PyPI tools the tests use (py-spy)",
+    ),
+    (
         "postgresql",
         "PostgreSQL server (with USDT probes), pgbench and pg_stat_statements for the db tests",
     ),
@@ -126,7 +130,7 @@ impl Steps {
 
 pub fn run(purpose: Purpose) -> Result<()> {
     let mut steps = Steps {
-        total: if purpose == Purpose::Test { 6 } else { 5 },
+        total: if purpose == Purpose::Test { 7 } else { 5 },
         current: 0,
     };
     let packages: Vec<(&str, &str)> = match purpose {
@@ -141,6 +145,8 @@ pub fn run(purpose: Purpose) -> Result<()> {
     if purpose == Purpose::Test {
         steps.step("npm packages the tests' clients use");
         install_npm_packages()?;
+        steps.step("PyPI tools the tests use, in a venv of their own");
+        install_pypi_tools()?;
     }
     steps.step("bpf-linker (links the eBPF object)");
     install_bpf_linker()?;
@@ -187,6 +193,42 @@ fn install_npm_packages() -> Result<()> {
                 .args(["install", "--no-audit", "--no-fund", "--prefix", NPM_PREFIX])
                 .arg(package),
             "npm install",
+        )?;
+    }
+    Ok(())
+}
+
+/// The tests' venv (`tests/tests/jit.rs` runs its py-spy).
+const VENV: &str = "/usr/local/lib/profiler-tests/venv";
+/// PyPI tools the tests run: py-spy, a third-party Python profiler, the oracle of the Python
+/// call chains (issue 16).
+const PYPI_TOOLS: &[(&str, &str)] = &[("py-spy", "0.4.3")];
+
+fn install_pypi_tools() -> Result<()> {
+    let venv = Path::new(VENV);
+    if !venv.join("bin/pip").exists() {
+        println!("      creating the venv {VENV}");
+        run_checked(
+            Command::new("/usr/bin/python3").args(["-m", "venv", VENV]),
+            "python3 -m venv",
+        )?;
+    }
+    for (name, version) in PYPI_TOOLS {
+        let have = Command::new(venv.join("bin").join(name))
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        if have.split_whitespace().nth(1) == Some(version) {
+            println!("      ok: {name} {version}");
+            continue;
+        }
+        println!("      running pip install {name}=={version}");
+        run_checked(
+            Command::new(venv.join("bin/pip"))
+                .args(["install", "--quiet", "--disable-pip-version-check"])
+                .arg(format!("{name}=={version}")),
+            "pip install",
         )?;
     }
     Ok(())

@@ -1,0 +1,295 @@
+//! Generated code named from perf maps (issue 16): CPython 3.12+ run with `-X perf`, and Node
+//! with `--perf-basic-prof --interpreted-frames-native-stack`, write `/tmp/perf-PID.map`; the
+//! profiler names their frames from it. CPython's perf trampolines have no frame pointer and
+//! no unwind information: the walk gets through them only with the tables the profiler makes
+//! for them (`symbolize/unwind/jit.rs`), and must still reach `_start`.
+//!
+//! The workloads block the way real programs do: Python in `time.sleep`, Node in
+//! `Atomics.wait` (a futex under V8's condition variable), from
+//! `outer → Service.handle → middle → inner`. Oracles, none written here:
+//! - **the runtime's own view of the call chain**: `py-spy dump` (PyPI, a third-party Python
+//!   profiler) while the workload sleeps, and V8's own `new Error().stack` taken in `inner`;
+//!   the profiler's Python/JavaScript frames in the blocking stack, outermost first, must be
+//!   the same functions in the same order;
+//! - **the workload's own clock** around each blocking call: the off-CPU time of the stacks
+//!   through `inner` within ±5 % of it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use profiler_tests::*;
+use serde_json::Value;
+
+/// Where `cargo xtask setup` installs py-spy (a venv of its own).
+const PY_SPY: &str = "/usr/local/lib/profiler-tests/venv/bin/py-spy";
+
+const ROUNDS: u32 = 60;
+const BLOCK_MS: u32 = 20;
+
+fn workload(file: &str) -> String {
+    format!("{}/workloads/{file}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// pyenv's interpreter of version `major.minor` (the machine has 3.6–3.13 under pyenv).
+fn pyenv_python(version: &str) -> PathBuf {
+    let root = std::env::var("PYENV_ROOT").unwrap_or_else(|_| "/root/.pyenv".to_string());
+    let versions = Path::new(&root).join("versions");
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&versions)
+        .unwrap_or_else(|err| panic!("no pyenv versions in {}: {err}", versions.display()))
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix(version)
+                .is_some_and(|rest| rest.starts_with('.'))
+        })
+        .map(|e| e.path().join(format!("bin/python{version}")))
+        .filter(|p| p.is_file())
+        .collect();
+    found.sort();
+    found
+        .pop()
+        .unwrap_or_else(|| panic!("no python{version} under {}", versions.display()))
+}
+
+/// The runtime's function name of a frame its perf map named, if it is one of `file`'s:
+/// `py::QUALNAME:FILE` (CPython), `JS:~NAME FILE:LINE:COL` (V8; `~` interpreted, `*`
+/// optimized, others for the tiers between).
+fn runtime_function<'a>(frame: &'a str, file: &str) -> Option<&'a str> {
+    if let Some(rest) = frame.strip_prefix("py::") {
+        return rest.strip_suffix(&format!(":{file}"));
+    }
+    let rest = frame.strip_prefix("JS:")?;
+    let rest = rest.trim_start_matches(['~', '*', '^', '+']);
+    let (name, location) = rest.rsplit_once(' ')?;
+    location.starts_with(&format!("{file}:")).then_some(name)
+}
+
+/// A V8 or py-spy function name as a perf map names it: V8's stack says `Service.handle` and
+/// `Socket.<anonymous>` where its perf map says `handle` and an empty name.
+fn v8_perf_name(name: &str) -> &str {
+    let name = name.rsplit_once('.').map_or(name, |(_, method)| method);
+    if name == "<anonymous>" { "" } else { name }
+}
+
+struct Run {
+    capture: Value,
+    pid: u32,
+    inner_ns: u64,
+    /// What the workload printed after `inner_ns` (Node: its stack trace).
+    stack_line: Option<String>,
+    /// py-spy's chain (innermost first), when asked for.
+    py_spy: Option<Vec<String>>,
+}
+
+/// Runs `command` (a `jit_*` workload), recording it by pid, and asks py-spy for its stack
+/// while it sleeps when `py_spy` is set.
+fn record(name: &str, command: &mut Command, py_spy: bool) -> Run {
+    let dir = temp_dir(name);
+    // V8 writes an isolate log where it runs.
+    let mut process = ReadyProcess::spawn(command.current_dir(&dir));
+    let pid: u32 = process.pid.parse().expect("pid");
+    let recording = Recording::start(
+        &dir.join("out"),
+        &["--events", "offcpu", "-p", &process.pid],
+    );
+    process.say("go");
+    let py_spy = py_spy.then(|| py_spy_chain(pid));
+    let mut inner_ns = None;
+    let mut stack_line = None;
+    while let Some(line) = process.line() {
+        if let Some(ns) = line.strip_prefix("inner_ns ") {
+            inner_ns = Some(ns.parse().expect("inner_ns"));
+            if py_spy.is_some() {
+                break;
+            }
+        } else if let Some(stack) = line.strip_prefix("stack ") {
+            stack_line = Some(stack.to_string());
+            break;
+        }
+    }
+    // Recorded while the workload still lives: its perf map is read to the end.
+    let (capture, _) = recording.interrupt();
+    process.say("end");
+    process.finish();
+    // The runtimes leave their maps behind.
+    let _ = std::fs::remove_file(format!("/tmp/perf-{pid}.map"));
+    Run {
+        capture,
+        pid,
+        inner_ns: inner_ns.expect("the workload's inner_ns line"),
+        stack_line,
+        py_spy,
+    }
+}
+
+/// `py-spy dump --pid PID`: the main thread's functions, innermost first, taken while it is
+/// in `inner` (the workload sleeps there 99 % of the time; a dump that caught it between two
+/// sleeps is taken again).
+fn py_spy_chain(pid: u32) -> Vec<String> {
+    for _ in 0..10 {
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        let output = Command::new(PY_SPY)
+            .args(["dump", "--pid", &pid.to_string()])
+            .output()
+            .unwrap_or_else(|err| panic!("{PY_SPY} (cargo xtask setup installs it): {err}"));
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "py-spy dump failed: {text}");
+        // "    inner (jit_python.py:20)" per frame, after the "Thread …" line.
+        let chain: Vec<String> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("Thread "))
+            .skip(1)
+            .take_while(|l| l.starts_with("    "))
+            .filter_map(|l| l.trim().rsplit_once(" (").map(|(f, _)| f.to_string()))
+            .collect();
+        if chain.first().map(String::as_str) == Some("inner") {
+            return chain;
+        }
+    }
+    panic!("py-spy never caught the workload in inner");
+}
+
+/// The stacks of the run's process through the runtime function `inner` of `file`, heaviest
+/// first, with their runtime functions (outermost first).
+fn stacks_through_inner<'a>(run: &'a Run, file: &str) -> Vec<(&'a Value, Vec<&'a str>)> {
+    let mut stacks: Vec<(&Value, Vec<&str>)> = stacks_of(&run.capture, run.pid)
+        .into_iter()
+        .map(|s| {
+            let functions = frame_names(s)
+                .into_iter()
+                .filter_map(|f| runtime_function(f, file))
+                .collect();
+            (s, functions)
+        })
+        .filter(|(_, functions): &(&Value, Vec<&str>)| functions.last() == Some(&"inner"))
+        .collect();
+    stacks.sort_by_key(|(s, _)| std::cmp::Reverse(s["total_ns"].as_u64().unwrap_or(0)));
+    stacks
+}
+
+fn assert_time_matches(run: &Run, stacks: &[(&Value, Vec<&str>)], what: &str) {
+    let ours: u64 = stacks
+        .iter()
+        .map(|(s, _)| s["total_ns"].as_u64().expect("total_ns"))
+        .sum();
+    let theirs = run.inner_ns;
+    println!(
+        "{what}: blocked in inner {:.1} ms by its own clock, {:.1} ms recorded",
+        theirs as f64 / 1e6,
+        ours as f64 / 1e6
+    );
+    let error = (ours as f64 - theirs as f64).abs() / theirs as f64;
+    assert!(
+        error <= 0.05,
+        "{what}: {ours} ns recorded under inner vs {theirs} ns by the workload's clock"
+    );
+}
+
+/// CPython with `-X perf`: the Python functions of the blocking stack are py-spy's, in
+/// order; the walk goes through every trampoline to `_start`; time within ±5 %.
+fn python_perf_trampolines(version: &str) {
+    require_root();
+    let python = pyenv_python(version);
+    let file = workload("jit_python.py");
+    let run = record(
+        &format!("jit-python{version}"),
+        Command::new(&python).args([
+            "-X",
+            "perf",
+            &file,
+            &ROUNDS.to_string(),
+            &BLOCK_MS.to_string(),
+        ]),
+        true,
+    );
+    let stacks = stacks_through_inner(&run, &file);
+    assert!(
+        !stacks.is_empty(),
+        "python{version}: no stack names py::inner: {:#?}",
+        stacks_of(&run.capture, run.pid)
+            .iter()
+            .map(|s| frame_names(s))
+            .collect::<Vec<_>>()
+    );
+    let (heaviest, ours) = &stacks[0];
+    let mut py_spy: Vec<String> = run.py_spy.clone().expect("py-spy chain");
+    py_spy.reverse();
+    println!("python{version}: profiler {ours:?}, py-spy {py_spy:?}");
+    assert_eq!(
+        ours, &py_spy,
+        "python{version}: the stack's Python functions (outermost first) differ from py-spy's"
+    );
+    let names = frame_names(heaviest);
+    assert_eq!(
+        names.first().copied(),
+        Some("_start"),
+        "python{version}: the walk did not get through the trampolines to _start: {names:?}"
+    );
+    assert!(
+        names.contains(&"time_sleep"),
+        "python{version}: time.sleep's C function is not above inner: {names:?}"
+    );
+    assert_time_matches(&run, &stacks, &format!("python{version}"));
+}
+
+#[test]
+fn python_3_12_perf_trampolines_give_py_spys_call_chain() {
+    python_perf_trampolines("3.12");
+}
+
+#[test]
+fn python_3_13_perf_trampolines_give_py_spys_call_chain() {
+    python_perf_trampolines("3.13");
+}
+
+/// Node with its perf map: the JavaScript functions of the blocking stack are those of V8's
+/// own stack trace, in order; time within ±5 %.
+#[test]
+fn node_perf_map_gives_v8s_call_chain() {
+    require_root();
+    let file = workload("jit_node.js");
+    let run = record(
+        "jit-node",
+        Command::new("node").args([
+            "--perf-basic-prof",
+            "--interpreted-frames-native-stack",
+            &file,
+            &ROUNDS.to_string(),
+            &BLOCK_MS.to_string(),
+        ]),
+        false,
+    );
+    let trace: String =
+        serde_json::from_str(run.stack_line.as_deref().expect("V8's stack line")).expect("json");
+    // "    at Service.handle (/path/jit_node.js:28:5)": the workload file's frames only.
+    let mut v8: Vec<&str> = trace
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("at "))
+        .filter(|l| l.contains(&format!("({file}:")))
+        .filter_map(|l| l.split_once(" (").map(|(f, _)| v8_perf_name(f)))
+        .collect();
+    v8.reverse();
+    assert_eq!(
+        v8.last(),
+        Some(&"inner"),
+        "V8's trace does not end in inner: {trace}"
+    );
+    let stacks = stacks_through_inner(&run, &file);
+    assert!(
+        !stacks.is_empty(),
+        "node: no stack names JS inner: {:#?}",
+        stacks_of(&run.capture, run.pid)
+            .iter()
+            .map(|s| frame_names(s))
+            .collect::<Vec<_>>()
+    );
+    let (heaviest, ours) = &stacks[0];
+    println!("node: profiler {ours:?}, V8 {v8:?}");
+    assert_eq!(
+        ours, &v8,
+        "node: the stack's JavaScript functions (outermost first) differ from V8's trace"
+    );
+    let names = frame_names(heaviest);
+    assert_eq!(names.first().copied(), Some("_start"), "{names:?}");
+    assert_time_matches(&run, &stacks, "node");
+}
