@@ -167,6 +167,18 @@ fn stacks_through_inner<'a>(run: &'a Run, file: &str) -> Vec<(&'a Value, Vec<&'a
     stacks
 }
 
+/// The capture says it read one perf map (the workload's) and named frames from it.
+fn assert_perf_map_counted(run: &Run, what: &str) {
+    let counters = &run.capture["metadata"]["counters"];
+    let counter = |name: &str| counters[name].as_u64().unwrap_or_else(|| panic!("{name}"));
+    assert_eq!(counter("perf_maps"), 1, "{what}: perf maps read");
+    assert_eq!(counter("perf_maps_refused"), 0, "{what}: perf maps refused");
+    assert!(
+        counter("perf_map_frames") > 0,
+        "{what}: no frame named from it"
+    );
+}
+
 fn assert_time_matches(run: &Run, stacks: &[(&Value, Vec<&str>)], what: &str) {
     let ours: u64 = stacks
         .iter()
@@ -229,6 +241,7 @@ fn python_perf_trampolines(version: &str) {
         names.contains(&"time_sleep"),
         "python{version}: time.sleep's C function is not above inner: {names:?}"
     );
+    assert_perf_map_counted(&run, &format!("python{version}"));
     assert_time_matches(&run, &stacks, &format!("python{version}"));
 }
 
@@ -291,5 +304,6 @@ fn node_perf_map_gives_v8s_call_chain() {
     );
     let names = frame_names(heaviest);
     assert_eq!(names.first().copied(), Some("_start"), "{names:?}");
+    assert_perf_map_counted(&run, "node");
     assert_time_matches(&run, &stacks, "node");
 }

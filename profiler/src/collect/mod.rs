@@ -452,6 +452,28 @@ impl Prepared {
         // Mapped files neither their path nor /proc/PID/map_files reached: their frames stay
         // unresolved.
         counters.insert("unreachable_files".into(), processes.unreachable_files);
+        // Perf maps (names of JIT and interpreter code): read, refused, damaged.
+        counters.insert("perf_map_frames".into(), stats.perf_map_frames);
+        let maps: Vec<_> = processes
+            .iter()
+            .filter_map(|p| p.perf_map.as_ref())
+            .collect();
+        counters.insert(
+            "perf_maps".into(),
+            maps.iter().filter(|m| !m.refused).count() as u64,
+        );
+        counters.insert(
+            "perf_maps_refused".into(),
+            maps.iter().filter(|m| m.refused).count() as u64,
+        );
+        counters.insert(
+            "perf_maps_truncated".into(),
+            maps.iter().filter(|m| m.truncated).count() as u64,
+        );
+        counters.insert(
+            "perf_map_bad_lines".into(),
+            maps.iter().map(|m| m.bad_lines).sum(),
+        );
 
         let mut seen_pids: Vec<u32> = offcpu
             .iter()

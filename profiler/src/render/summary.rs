@@ -128,6 +128,29 @@ pub fn summary(capture: &Capture, top: usize) -> String {
             }
         );
     }
+    if counter("perf_maps") + counter("perf_maps_refused") > 0 {
+        let _ = writeln!(
+            out,
+            "JIT code: {} frames named from {} perf maps; refused {} (not a regular file owned \
+             by the process's user or root), truncated {}, bad lines {}",
+            counter("perf_map_frames"),
+            counter("perf_maps"),
+            counter("perf_maps_refused"),
+            counter("perf_maps_truncated"),
+            counter("perf_map_bad_lines"),
+        );
+    }
+    if meta
+        .unresolved_by_binary
+        .iter()
+        .any(|b| b.binary == "[anon]")
+    {
+        let _ = writeln!(
+            out,
+            "[anon] frames are generated code without a perf map: run python3 -X perf, node \
+             --perf-basic-prof --interpreted-frames-native-stack, or a JVM with perf-map-agent"
+        );
+    }
     if meta.counters.contains_key("profiler_cpu_ns") {
         let mut cost = format!("cost: profiler {} CPU", seconds(counter("profiler_cpu_ns")));
         if meta.counters.contains_key("bpf_run_ns") {

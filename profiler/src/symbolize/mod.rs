@@ -29,6 +29,8 @@ pub struct SymbolizeStats {
     pub kernel_addresses: u64,
     pub unresolved_user: u64,
     pub unresolved_kernel: u64,
+    /// User frames named from a perf map (JIT or interpreter code).
+    pub perf_map_frames: u64,
     /// Distinct user addresses per binary (path, or `[vdso]`, `[anon]`, `[unknown]`…):
     /// (unresolved, all).
     pub user_by_binary: BTreeMap<String, (u64, u64)>,
@@ -207,6 +209,7 @@ impl Symbolizer {
                 }
                 UserKey::PerfMap(symbol, map, offset) => {
                     self.stats.user_address(map, true);
+                    self.stats.perf_map_frames += 1;
                     frames.push(Frame {
                         name: symbol.clone(),
                         kind: FrameKind::User,

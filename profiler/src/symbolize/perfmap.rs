@@ -33,6 +33,8 @@ pub struct PerfMap {
     pub bad_lines: u64,
     /// The file was longer than `MAX_BYTES`: the rest was not read.
     pub truncated: bool,
+    /// Not read: not a regular file, or owned by another user than the process's or root.
+    pub refused: bool,
 }
 
 impl PerfMap {
@@ -108,7 +110,8 @@ fn namespace_pid_and_uids(pid: u32) -> Option<(u32, [u32; 2])> {
 }
 
 /// Reads (or reads on) the perf map of live process `pid` into `map` (`None`: start one).
-/// Returns `None` when the process has no perf map we may read.
+/// Returns `None` when the process has no perf map, and an empty one marked `refused` when
+/// it has one we may not read.
 pub fn refresh(pid: u32, map: Option<PerfMap>) -> Option<PerfMap> {
     let (ns_pid, uids) = namespace_pid_and_uids(pid)?;
     let path = format!("/proc/{pid}/root/tmp/perf-{ns_pid}.map");
@@ -122,7 +125,11 @@ pub fn refresh(pid: u32, map: Option<PerfMap>) -> Option<PerfMap> {
     };
     let meta = opened.metadata().ok()?;
     if !meta.file_type().is_file() || (meta.uid() != 0 && !uids.contains(&meta.uid())) {
-        return None;
+        return Some(PerfMap {
+            path: format!("/tmp/perf-{ns_pid}.map"),
+            refused: true,
+            ..Default::default()
+        });
     }
     let mut map = match map {
         Some(map) if map.inode == meta.ino() && map.read_len <= meta.len() => map,
@@ -185,6 +192,10 @@ mod tests {
         let map = refresh(pid, Some(map)).expect("our own map");
         assert_eq!(map.lookup(0x200f), Some(("second", 0xf)));
         assert_eq!(map.len(), 2);
+        // Another user's file under the process's name is not read.
+        std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+        let map = refresh(pid, None).expect("a refused map");
+        assert!(map.refused && map.is_empty());
         std::fs::remove_file(&path).unwrap();
     }
 }
