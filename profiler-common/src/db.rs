@@ -168,7 +168,10 @@ pub mod counter {
     /// libpq: a command sent while `PIPELINE_SLOTS` others of its connection were still
     /// waiting for their results (pipeline mode): counted, not timed.
     pub const PIPELINE_TOO_DEEP: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// SQLite: statements prepared before the capture whose text was read from the
+    /// statement itself at their first step.
+    pub const SQLITE_TEXT_AT_STEP: u32 = 8;
+    pub const COUNT: u32 = 9;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "queries",
@@ -179,6 +182,7 @@ pub mod counter {
         "stack_lost",
         "pipelined",
         "pipeline_too_deep",
+        "sqlite_text_at_step",
     ];
 }
 

@@ -6,6 +6,8 @@
 //! pgbench -r's per-statement latency seen by the client (the server's window is inside the
 //! client's round trip, so ours can only be shorter).
 
+use std::collections::BTreeMap;
+
 use profiler_tests::pg::{PgCluster, pgbench_statement_latencies};
 use profiler_tests::*;
 use serde_json::Value;
@@ -671,6 +673,48 @@ fn sqlite_statements_from_python_are_counted_and_timed() {
         "{queries:?}"
     );
     assert!(stdout.contains("SELECT v FROM t WHERE k = ?"), "{stdout}");
+}
+
+/// SQLite statements prepared before the capture (Python's statement cache), stepped during
+/// it: their text is read from the statement at its first step. Counts and texts are the
+/// workload's own; without the read they would all be `[statement prepared before the
+/// capture]`.
+#[test]
+fn sqlite_statements_prepared_before_the_capture_keep_their_text() {
+    require_root();
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("workloads/sqlite_cached.py");
+    let mut workload =
+        ReadyProcess::spawn(std::process::Command::new("/usr/bin/python3").arg(&script));
+    let dir = temp_dir("db-sqlite-cached");
+    let recording = Recording::start(
+        &dir.join("out"),
+        &["--events", "db", "-p", &workload.pid, "--duration", "120s"],
+    );
+    workload.go();
+    let ran: BTreeMap<String, u64> =
+        serde_json::from_str(&workload.line().expect("counts")).unwrap();
+    workload.finish();
+    let (capture, _) = recording.interrupt();
+    let queries = capture["db"]["queries"].as_array().expect("db queries");
+    let ours: BTreeMap<String, u64> = queries
+        .iter()
+        .filter(|q| q["source"] == "sqlite")
+        .map(|q| {
+            (
+                q["fingerprint"].as_str().unwrap().to_string(),
+                q["calls"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    println!("sqlite cached statements: ours {ours:?}, the workload's {ran:?}");
+    assert_eq!(ours, ran, "per-statement calls and texts");
+    let counters = &capture["metadata"]["counters"];
+    assert_eq!(
+        counters["db_sqlite_text_at_step"].as_u64(),
+        Some(2),
+        "{counters}"
+    );
 }
 
 /// A client that speaks the PostgreSQL protocol itself (Python, raw socket): its queries are

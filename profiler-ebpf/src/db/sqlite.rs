@@ -1,4 +1,8 @@
 //! SQLite: sqlite3_prepare_v2/v3 → statement text; sqlite3_step → time per execution.
+//!
+//! A statement prepared before the capture (an application's statement cache) has its text
+//! read from the statement itself (`Vdbe.zSql`, at the offset `sqlite3_sql` loads from) at its
+//! first step, once: `DB_SQLITE_KNOWN` holds the statements whose text userspace has.
 
 use super::*;
 
@@ -23,6 +27,14 @@ pub struct SqliteExec {
 
 #[map(name = "DB_SQLITE_PREPARE")]
 static SQLITE_PREPARE: LruHashMap<u32, SqlitePrepare> = LruHashMap::with_max_entries(4096, 0);
+
+/// Where a statement (`Vdbe`) keeps its SQL text (from sqlite3_sql's code); 0: unknown.
+#[unsafe(no_mangle)]
+static SQLITE_SQL_OFF: u32 = 0;
+
+/// Statements whose text userspace has (from their prepare, or read at their first step).
+#[map(name = "DB_SQLITE_KNOWN")]
+static SQLITE_KNOWN: LruHashMap<ConnKey, u8> = LruHashMap::with_max_entries(16384, 0);
 
 #[map(name = "DB_SQLITE_EXEC")]
 static SQLITE_EXEC: LruHashMap<ConnKey, SqliteExec> = LruHashMap::with_max_entries(16384, 0);
@@ -91,7 +103,47 @@ pub fn sqlite_prepare_return(ctx: RetProbeContext) -> u32 {
             };
     }
     emit_with_handle(scratch, tgid, tid, FLAG_PREPARE, 0, stmt);
+    let key = ConnKey {
+        tgid,
+        _pad: 0,
+        conn: stmt,
+    };
+    let _ = SQLITE_KNOWN.insert(&key, &1, 0);
     0
+}
+
+/// The first step of a statement whose text userspace lacks (prepared before the capture):
+/// its text, read from the statement, as if it had just been prepared.
+#[inline(always)]
+fn sqlite_text_from_statement(tgid: u32, tid: u32, key: &ConnKey) {
+    let off = config(&SQLITE_SQL_OFF);
+    if off == 0 || unsafe { SQLITE_KNOWN.get(key) }.is_some() {
+        return;
+    }
+    let _ = SQLITE_KNOWN.insert(key, &1, 0);
+    let Ok(sql) = (unsafe { bpf_probe_read_user((key.conn + u64::from(off)) as *const u64) })
+    else {
+        count(counter::TEXT_UNREADABLE);
+        return;
+    };
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    unsafe {
+        (*scratch).start_ns = 0;
+        (*scratch).source = SOURCE_SQLITE;
+        (*scratch).user_stack_id = -1;
+        (*scratch).len =
+            match bpf_probe_read_user_str_bytes(sql as *const u8, &mut (*scratch).query) {
+                Ok(bytes) => bytes.len().min(QUERY_MAX) as u32,
+                Err(_) => {
+                    count(counter::TEXT_UNREADABLE);
+                    return;
+                }
+            };
+    }
+    count(counter::SQLITE_TEXT_AT_STEP);
+    emit_with_handle(scratch, tgid, tid, FLAG_PREPARE, 0, key.conn);
 }
 
 #[inline(always)]
@@ -137,6 +189,7 @@ pub fn sqlite_step(ctx: ProbeContext) -> u32 {
         if SQLITE_EXEC.insert(&key, &exec, 0).is_err() {
             count(counter::PENDING_MAP_FULL);
         }
+        sqlite_text_from_statement(tgid, tid, &key);
     }
     enter_call(tid, stmt);
     0

@@ -142,25 +142,47 @@ pub(super) fn find_library(library: &ClientLibrary, pids: &[u32]) -> Vec<PathBuf
     out
 }
 
-/// Where `PQsocket()` reads the socket in a `PGconn`: its code is a NULL check and one
-/// load from the first argument (x86_64 `mov eax, [rdi+disp]`; aarch64 `ldr w0, [x0, #imm]`).
-pub(super) fn pgconn_socket_offset(path: &Path, function_offset: u64) -> Option<u32> {
+/// The offset a one-load accessor reads from its first argument: `PQsocket()` (the socket in
+/// a `PGconn`, 4 bytes) and `sqlite3_sql()` (the SQL text pointer in a `Vdbe`, 8 bytes) are
+/// a NULL check and one load (x86_64 `mov eax|rax, [rdi+disp]`; aarch64 `ldr w0|x0,
+/// [x0, #imm]`). `wide`: an 8-byte load.
+pub(super) fn first_argument_load_offset(
+    path: &Path,
+    function_offset: u64,
+    wide: bool,
+) -> Option<u32> {
     use std::io::{Read as _, Seek as _, SeekFrom};
     let mut code = [0u8; 32];
     let mut file = std::fs::File::open(path).ok()?;
     file.seek(SeekFrom::Start(function_offset)).ok()?;
     file.read_exact(&mut code).ok()?;
+    load_offset_in(&code, wide)
+}
+
+/// See `first_argument_load_offset`: the offset in the accessor's code.
+fn load_offset_in(code: &[u8], wide: bool) -> Option<u32> {
     if cfg!(target_arch = "aarch64") {
+        // LDR (immediate, unsigned offset) with Rn = x0, Rt = w0 / x0; imm12 scaled by size.
+        let (opcode, scale) = if wide {
+            (0xF940_0000, 8)
+        } else {
+            (0xB940_0000, 4)
+        };
         code.chunks_exact(4).find_map(|w| {
             let w = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
-            // LDR (immediate, 32-bit) with Rn = x0, Rt = w0.
-            (w & 0xFFC0_03FF == 0xB940_0000).then(|| ((w >> 10) & 0xFFF) * 4)
+            (w & 0xFFC0_03FF == opcode).then(|| ((w >> 10) & 0xFFF) * scale)
         })
     } else {
-        code.windows(6).find_map(|w| match w {
-            [0x8b, 0x87, a, b, c, d] => Some(u32::from_le_bytes([*a, *b, *c, *d])),
-            [0x8b, 0x47, d, ..] => Some(u32::from(*d)),
-            _ => None,
+        // The load's opcode and ModRM (rax/eax from [rdi + disp]); REX.W before it when wide.
+        code.windows(7).find_map(|w| {
+            let rex_ok = |i: usize| !wide || (i > 0 && w[i - 1] == 0x48);
+            match w {
+                [_, 0x8b, 0x87, a, b, c, d] if rex_ok(1) => {
+                    Some(u32::from_le_bytes([*a, *b, *c, *d]))
+                }
+                [_, 0x8b, 0x47, d, ..] if rex_ok(1) => Some(u32::from(*d)),
+                _ => None,
+            }
         })
     }
 }
@@ -171,6 +193,7 @@ pub(super) fn library_target(
 ) -> Result<LibraryTarget> {
     let mut names: Vec<&str> = library.probes.iter().map(|(n, _, _)| *n).collect();
     names.push("PQsocket");
+    names.push("sqlite3_sql");
     let functions = crate::probes::kernel::usdt::function_offsets(&path, &names)?;
     for name in library.required {
         if !functions.iter().any(|(n, _)| n == name) {
@@ -186,4 +209,28 @@ pub(super) fn library_target(
         path,
         functions,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn accessor_offsets_are_read_from_their_load() {
+        // Debian's libpq PQsocket: test rdi,rdi; je; mov eax,[rdi+0x1b8]; ret.
+        let pq_socket = [
+            0x48, 0x85, 0xff, 0x74, 0x07, 0x8b, 0x87, 0xb8, 0x01, 0x00, 0x00, 0xc3, 0xb8, 0xff,
+            0xff, 0xff, 0xff, 0xc3, 0x66, 0x66,
+        ];
+        assert_eq!(load_offset_in(&pq_socket, false), Some(0x1b8));
+        // Debian's libsqlite3 sqlite3_sql: test rdi,rdi; je; mov rax,[rdi+0xf8]; ret.
+        let sqlite3_sql = [
+            0x48, 0x85, 0xff, 0x74, 0x0b, 0x48, 0x8b, 0x87, 0xf8, 0x00, 0x00, 0x00, 0xc3, 0x0f,
+            0x1f, 0x00, 0x31, 0xc0, 0xc3,
+        ];
+        assert_eq!(load_offset_in(&sqlite3_sql, true), Some(0xf8));
+        // A 4-byte load is no pointer: not taken for the 8-byte one.
+        assert_eq!(load_offset_in(&pq_socket, true), None);
+    }
 }

@@ -31,7 +31,7 @@ use crate::probes::kernel::uprobe::{self, UprobeLink};
 use crate::probes::kernel::usdt::UsdtProbe;
 
 pub use libraries::{ClientLibrary, LIBPQ, LibraryTarget, MARIADB, MYSQLCLIENT, SQLITE};
-use libraries::{find_library, library_target, pgconn_socket_offset};
+use libraries::{find_library, first_argument_load_offset, library_target};
 use postgres::discover_postgres;
 pub use postgres::{PostgresTarget, postgres_binaries_installed};
 use wire::{WIRE_TRACEPOINTS, wire_globals};
@@ -160,7 +160,7 @@ pub(super) fn globals(all: &DbTargets, btf: &Btf, globals: &mut Globals) -> Resu
         .filter(|t| t.library.name == LIBPQ.name)
         .map(|t| {
             let at = t.functions.iter().find(|(n, _)| n == "PQsocket")?.1;
-            pgconn_socket_offset(&t.path, at)
+            first_argument_load_offset(&t.path, at, false)
         })
         .collect();
     let sock_off = match offsets.iter().collect::<Vec<_>>().as_slice() {
@@ -168,6 +168,22 @@ pub(super) fn globals(all: &DbTargets, btf: &Btf, globals: &mut Globals) -> Resu
         _ => 0,
     };
     global(globals, "PGCONN_SOCK_OFF", sock_off);
+    // Where a SQLite statement keeps its SQL (from sqlite3_sql's code), when all agree: the
+    // text of statements prepared before the capture is read at their first step.
+    let offsets: HashSet<Option<u32>> = targets
+        .libraries
+        .iter()
+        .filter(|t| t.library.name == SQLITE.name)
+        .map(|t| {
+            let at = t.functions.iter().find(|(n, _)| n == "sqlite3_sql")?.1;
+            first_argument_load_offset(&t.path, at, true)
+        })
+        .collect();
+    let sql_off = match offsets.iter().collect::<Vec<_>>().as_slice() {
+        [Some(off)] => *off,
+        _ => 0,
+    };
+    global(globals, "SQLITE_SQL_OFF", sql_off);
     if targets.wire {
         wire_globals(globals)?;
     }
