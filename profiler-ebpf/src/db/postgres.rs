@@ -23,6 +23,10 @@ static PG_STATUS_ARG_DISP: i64 = 0;
 const REQUEST_SIMPLE: u32 = 1;
 const REQUEST_EXECUTED: u32 = 2;
 
+/// 1: `--pg-extended` (`pg_statement_status` attached): simple queries mark their request.
+#[unsafe(no_mangle)]
+static PG_EXTENDED_ON: u32 = 0;
+
 /// 1: `pg_execute_start` is attached to PortalRun's `query__execute__start`, and only
 /// requests that executed something are queries.
 #[unsafe(no_mangle)]
@@ -101,7 +105,9 @@ pub fn pg_query_start(ctx: ProbeContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     // A simple query: its request is timed here, not by statement__status.
-    if let Some(request) = EXTENDED.get_ptr_mut(&tid) {
+    if config(&PG_EXTENDED_ON) != 0
+        && let Some(request) = EXTENDED.get_ptr_mut(&tid)
+    {
         unsafe { (*request).seq |= REQUEST_SIMPLE };
     }
     if let Some(previous) = PENDING.get_ptr_mut(&tid)

@@ -275,6 +275,7 @@ pub(super) fn globals(all: &DbTargets, btf: &Btf, globals: &mut Globals) -> Resu
         // shows where PortalRun executes.
         let gate = targets.iter().all(|t| t.execute.is_some());
         global(globals, "PG_EXECUTE_GATE", u32::from(gate));
+        global(globals, "PG_EXTENDED_ON", 1u32);
     }
     Ok(())
 }
