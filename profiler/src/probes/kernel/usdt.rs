@@ -182,14 +182,18 @@ pub fn function_range(path: &Path, name: &str) -> Result<Option<(u64, u64)>> {
     else {
         return Ok(None);
     };
-    Ok(file.segments().find_map(|s| {
+    Ok(file_offset(&file, symbol.address()).map(|start| (start, start + symbol.size())))
+}
+
+/// Where virtual address `address` of an ELF file lies in the file: through the loadable
+/// segment that holds it (`None`: in none, or only in a segment's memory-only tail).
+fn file_offset(file: &object::File<'_>, address: u64) -> Option<u64> {
+    use object::{Object as _, ObjectSegment as _};
+    file.segments().find_map(|s| {
         let (offset, size) = s.file_range();
-        let addr = s.address();
-        (symbol.address() >= addr && symbol.address() < addr + size).then(|| {
-            let start = symbol.address() - addr + offset;
-            (start, start + symbol.size())
-        })
-    }))
+        let start = s.address();
+        (address >= start && address < start + size).then(|| address - start + offset)
+    })
 }
 
 /// File offsets of the named functions (dynamic or static symbol table), for uprobes.
@@ -208,14 +212,7 @@ pub fn function_offsets(path: &Path, names: &[&str]) -> Result<Vec<(String, u64)
         if !names.contains(&name) || symbol.address() == 0 || out.iter().any(|(n, _)| n == name) {
             continue;
         }
-        let offset = file
-            .segments()
-            .find_map(|s| {
-                let (offset, size) = s.file_range();
-                let addr = s.address();
-                (symbol.address() >= addr && symbol.address() < addr + size)
-                    .then(|| symbol.address() - addr + offset)
-            })
+        let offset = file_offset(&file, symbol.address())
             .with_context(|| format!("{name} in {} is in no segment", path.display()))?;
         out.push((name.to_string(), offset));
     }
