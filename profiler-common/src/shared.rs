@@ -29,6 +29,8 @@ pub mod maps {
     pub const STACKS_OVERFLOW: &str = "STACKS_OVERFLOW";
     pub const NEW_TASKS: &str = "NEW_TASKS";
     pub const TGID_FILTER: &str = "TGID_FILTER";
+    /// `--cgroup`: the cgroup2 ids whose subtrees are recorded.
+    pub const CGROUP_FILTER: &str = "CGROUP_FILTER";
     pub const TID_FILTER: &str = "TID_FILTER";
 }
 
@@ -37,3 +39,7 @@ mod pod {
     // SAFETY: plain #[repr(C)] integers; every bit pattern is valid.
     unsafe impl aya::Pod for super::NewTaskEvent {}
 }
+
+/// Cgroups deeper than this below the cgroup2 root cannot be named with `--cgroup` (the
+/// kernel checks the current task's ancestor at each level named, up to this one).
+pub const CGROUP_MAX_LEVEL: u32 = 15;

@@ -41,7 +41,9 @@ pub struct TcpConn {
     pub owner_tid: u32,
     pub comm: [u8; 16],
     pub role: u8,
-    pub _pad: [u8; 7],
+    /// 1: the owner (known in process context) lies outside the `--cgroup` subtrees.
+    pub outside_cgroup: u8,
+    pub _pad: [u8; 6],
 }
 
 /// One connect or close, sent on the `TCP_EVENTS` ring buffer.

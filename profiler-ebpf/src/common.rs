@@ -2,13 +2,17 @@
 //! hash collisions) and the ring buffer that tells userspace about new tasks.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_task, bpf_probe_read_kernel},
+    helpers::{
+        bpf_get_current_task, bpf_probe_read_kernel, generated::bpf_get_current_ancestor_cgroup_id,
+    },
     macros::map,
     maps::{HashMap, LruHashMap, RingBuf, StackTrace},
     programs::tracing::StackIdContext,
 };
 use profiler_common::db::DbInflight;
-use profiler_common::shared::{NewTaskEvent, OVERFLOW_STACK_BIT, THREADS_ALL, THREADS_KERNEL};
+use profiler_common::shared::{
+    CGROUP_MAX_LEVEL, NewTaskEvent, OVERFLOW_STACK_BIT, THREADS_ALL, THREADS_KERNEL,
+};
 
 // ---- Configuration, set by the loader before load (read-only globals). ----
 
@@ -21,6 +25,10 @@ static FILTER_TID: u32 = 0;
 /// `THREADS_*`.
 #[unsafe(no_mangle)]
 static THREAD_KIND: u32 = THREADS_ALL;
+/// `--cgroup`: bit `1 << level` set for each level below the cgroup2 root at which a
+/// recorded cgroup lies (its id in `CGROUP_FILTER`); 0: no cgroup filter.
+#[unsafe(no_mangle)]
+static CGROUP_LEVELS: u32 = 0;
 /// A process left out (the profiler itself, `--exclude-self`); 0: none.
 #[unsafe(no_mangle)]
 static EXCLUDE_TGID: u32 = 0;
@@ -80,15 +88,41 @@ static TGID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
 #[map(name = "TID_FILTER")]
 static TID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
 
+#[map(name = "CGROUP_FILTER")]
+static CGROUP_FILTER: HashMap<u64, u8> = HashMap::with_max_entries(64, 0);
+
 #[inline(always)]
 pub fn config<T: Copy>(global: &T) -> T {
     // Volatile so the compiler does not fold the defaults: the loader rewrites them.
     unsafe { core::ptr::read_volatile(global) }
 }
 
-/// Whether a thread passes the pid/tid filters.
+/// Whether the current task lies in one of the `--cgroup` subtrees (true without the filter).
 #[inline(always)]
-pub fn wanted_ids(tgid: u32, tid: u32) -> bool {
+pub fn cgroup_wanted() -> bool {
+    config(&CGROUP_LEVELS) == 0 || in_filtered_cgroup()
+}
+
+/// The check itself, a BPF subprogram (one copy, whichever program calls it): the current
+/// task's ancestor at each level named is looked up among the recorded cgroups.
+#[inline(never)]
+fn in_filtered_cgroup() -> bool {
+    let levels = config(&CGROUP_LEVELS);
+    for level in 0..=CGROUP_MAX_LEVEL {
+        if levels & (1 << level) != 0 {
+            let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+            if id != 0 && unsafe { CGROUP_FILTER.get(&id) }.is_some() {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// Whether a thread passes the pid/tid filters — for a thread that is not the current one
+/// (the cgroup filter, which only sees the current task, is the caller's to apply earlier).
+#[inline(always)]
+pub fn wanted_owner_ids(tgid: u32, tid: u32) -> bool {
     let excluded = config(&EXCLUDE_TGID);
     if excluded != 0 && tgid == excluded {
         return false;
@@ -102,6 +136,13 @@ pub fn wanted_ids(tgid: u32, tid: u32) -> bool {
     true
 }
 
+/// Whether the current thread (`tgid`, `tid`) passes the pid/tid filters and the cgroup
+/// filter.
+#[inline(always)]
+pub fn wanted_ids(tgid: u32, tid: u32) -> bool {
+    wanted_owner_ids(tgid, tid) && cgroup_wanted()
+}
+
 /// Whether `task` (a task_struct) is a kernel thread.
 #[inline(always)]
 pub fn is_kernel_thread(task: *const u8) -> bool {
@@ -111,8 +152,8 @@ pub fn is_kernel_thread(task: *const u8) -> bool {
     flags & PF_KTHREAD != 0
 }
 
-/// Whether a thread passes the pid/tid filters and, when asked, the user/kernel thread
-/// filter (`task` is its task_struct).
+/// Whether the current thread passes the pid/tid and cgroup filters and, when asked, the
+/// user/kernel thread filter (`task` is its task_struct).
 #[inline(always)]
 pub fn wanted(tgid: u32, tid: u32, task: *const u8) -> bool {
     wanted_ids(tgid, tid) && (config(&THREAD_KIND) == THREADS_ALL || kind_wanted(task))

@@ -21,7 +21,7 @@ use profiler_common::tcp::{
     EVENT_CLOSE, EVENT_CONNECT, ROLE_ACCEPT, ROLE_CONNECT, TcpConn, TcpEvent, counter, state,
 };
 
-use crate::common::{config, wanted_ids};
+use crate::common::{cgroup_wanted, config, wanted_ids, wanted_owner_ids};
 
 // Offsets of the inet_sock_set_state record's fields (from its format file).
 #[unsafe(no_mangle)]
@@ -183,6 +183,7 @@ pub fn tcp_state(ctx: TracePointContext) -> u32 {
             (*conn).owner_tgid = (pid_tgid >> 32) as u32;
             (*conn).owner_tid = pid_tgid as u32;
             (*conn).comm = bpf_get_current_comm().unwrap_or_default();
+            (*conn).outside_cgroup = u8::from(!cgroup_wanted());
         }
     }
     if new == state::ESTABLISHED {
@@ -202,7 +203,7 @@ pub fn tcp_state(ctx: TracePointContext) -> u32 {
     if c.owner_tgid == 0 {
         count(counter::UNKNOWN_OWNER);
     }
-    if !wanted_ids(c.owner_tgid, c.owner_tid) {
+    if c.outside_cgroup != 0 || !wanted_owner_ids(c.owner_tgid, c.owner_tid) {
         return 0;
     }
     let lifetime = now.wrapping_sub(c.birth_ns);

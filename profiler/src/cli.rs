@@ -248,6 +248,11 @@ pub struct RecordArgs {
     /// Only this thread (repeatable).
     #[arg(long = "tid", value_name = "TID")]
     pub tids: Vec<u32>,
+    /// Only tasks in this cgroup2 subtree (repeatable): its directory under the cgroup2 mount,
+    /// or its path as /proc/PID/cgroup prints it (/system.slice/nginx.service). Filtered in
+    /// the kernel; children created while recording are in.
+    #[arg(long = "cgroup", value_name = "PATH")]
+    pub cgroups: Vec<PathBuf>,
     /// Off-CPU: ignore blocks shorter than this (e.g. 1us, 2ms; a plain number is
     /// microseconds).
     #[arg(long, default_value = "1us", value_parser = parse_micros)]
@@ -426,6 +431,11 @@ impl RecordArgs {
                 bail!("{flag} must be a power of two from 1 to 65536, not {every}");
             }
         }
+        let cgroups = self
+            .cgroups
+            .iter()
+            .map(|c| crate::probes::cgroup::resolve(c))
+            .collect::<Result<Vec<_>>>()?;
         let state_name = format!("{:?}", self.state).to_lowercase();
         let threads_name = format!("{:?}", self.threads).to_lowercase();
         Ok(RecordOptions {
@@ -435,6 +445,7 @@ impl RecordArgs {
             probes: ProbeConfig {
                 pids: self.pids,
                 tids: self.tids,
+                cgroups,
                 threads: self.threads,
                 btf_path: self.btf,
                 stack_storage_size: self.stack_storage_size,

@@ -38,6 +38,9 @@ static EXTENDED: LruHashMap<u32, DbPending> = LruHashMap::with_max_entries(16384
 
 #[uprobe]
 pub fn pg_statement_status(ctx: ProbeContext) -> u32 {
+    if !crate::common::cgroup_wanted() {
+        return 0;
+    }
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     let text = read_arg(
@@ -102,6 +105,9 @@ pub fn pg_statement_status(ctx: ProbeContext) -> u32 {
 
 #[uprobe]
 pub fn pg_query_start(ctx: ProbeContext) -> u32 {
+    if !crate::common::cgroup_wanted() {
+        return 0;
+    }
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     // A simple query: its request is timed here, not by statement__status.

@@ -496,6 +496,7 @@ impl Prepared {
                     comm: info.map(|p| p.comm.clone()).unwrap_or_default(),
                     exe: info.and_then(|p| p.exe.clone()),
                     exited: info.is_none_or(|p| p.exited),
+                    cgroup: info.and_then(|p| p.cgroup.clone()),
                 }
             })
             .collect();
@@ -510,6 +511,7 @@ impl Prepared {
             filters: Filters {
                 pids: config.pids.clone(),
                 tids: config.tids.clone(),
+                cgroups: config.cgroups.iter().map(|c| c.path.clone()).collect(),
                 min_block_ns: config.offcpu.as_ref().map(|o| o.min_block_ns).unwrap_or(0),
                 max_block_ns: config.offcpu.as_ref().and_then(|o| o.max_block_ns),
                 state: options.state_name.clone(),

@@ -80,6 +80,9 @@ fn all_recorded(every: &u32) -> bool {
 pub struct Filters {
     pub pids: Vec<u32>,
     pub tids: Vec<u32>,
+    /// `--cgroup`: the cgroup2 subtrees recorded (paths from the cgroup2 root).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cgroups: Vec<String>,
     pub min_block_ns: u64,
     pub max_block_ns: Option<u64>,
     pub state: String,
@@ -179,6 +182,9 @@ pub struct Process {
     pub exe: Option<String>,
     /// The process was gone before the capture ended.
     pub exited: bool,
+    /// Its cgroup2 path (`/proc/PID/cgroup`), read while it lived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
 }
 
 /// Blocked time of one thread under one (kernel + user) stack and task state.

@@ -12,6 +12,7 @@
 //! # anyhow::Ok(())
 //! ```
 
+pub mod cgroup;
 pub mod db;
 pub mod ebpf_log;
 pub mod kernel;
@@ -54,6 +55,8 @@ pub enum ThreadFilter {
 pub struct ProbeConfig {
     pub pids: Vec<u32>,
     pub tids: Vec<u32>,
+    /// `--cgroup`: only tasks in these cgroup2 subtrees (empty: no cgroup filter).
+    pub cgroups: Vec<cgroup::CgroupFilter>,
     pub threads: ThreadFilter,
     pub btf_path: PathBuf,
     /// Entries in the main stack map (the overflow map has 4096 more).
@@ -84,6 +87,7 @@ impl Default for ProbeConfig {
         Self {
             pids: Vec::new(),
             tids: Vec::new(),
+            cgroups: Vec::new(),
             threads: ThreadFilter::All,
             btf_path: PathBuf::from("/sys/kernel/btf/vmlinux"),
             stack_storage_size: 16384,
@@ -202,6 +206,11 @@ impl Probes {
             "FILTER_TID",
             u32::from(!config.tids.is_empty()),
         );
+        global(
+            &mut globals,
+            "CGROUP_LEVELS",
+            cgroup::levels(&config.cgroups),
+        );
         let thread_kind = match config.threads {
             ThreadFilter::All => THREADS_ALL,
             ThreadFilter::User => THREADS_USER,
@@ -316,6 +325,20 @@ impl Probes {
             .context("loading the eBPF programs into the kernel failed")?;
         fill_filter(&mut ebpf, maps::TGID_FILTER, &config.pids)?;
         fill_filter(&mut ebpf, maps::TID_FILTER, &config.tids)?;
+        if !config.cgroups.is_empty() {
+            let map = ebpf
+                .map_mut(maps::CGROUP_FILTER)
+                .with_context(|| format!("map {} missing", maps::CGROUP_FILTER))?;
+            let mut filter: BpfHashMap<&mut MapData, u64, u8> = BpfHashMap::try_from(map)?;
+            for cgroup in &config.cgroups {
+                filter.insert(cgroup.id, 1, 0).with_context(|| {
+                    format!(
+                        "cannot add cgroup {} to the filter (at most 64)",
+                        cgroup.path
+                    )
+                })?;
+            }
+        }
         let unwind = match unwind_tables {
             Some(prepared) => Some(unwind::Unwinder::start(&mut ebpf, prepared)?),
             None => None,

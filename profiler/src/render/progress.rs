@@ -43,11 +43,21 @@ pub(crate) fn families_description(probes: &Probes) -> String {
 
 pub(crate) fn target_description(config: &ProbeConfig) -> String {
     let ids = |ids: &[u32]| ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-    match (config.pids.is_empty(), config.tids.is_empty()) {
+    let tasks = match (config.pids.is_empty(), config.tids.is_empty()) {
         (true, true) => "the whole host".to_string(),
         (false, true) => format!("pid {}", ids(&config.pids)),
         (true, false) => format!("tid {}", ids(&config.tids)),
         (false, false) => format!("pid {} tid {}", ids(&config.pids), ids(&config.tids)),
+    };
+    if config.cgroups.is_empty() {
+        return tasks;
+    }
+    let cgroups: Vec<&str> = config.cgroups.iter().map(|c| c.path.as_str()).collect();
+    let cgroups = format!("cgroup {}", cgroups.join(","));
+    if config.pids.is_empty() && config.tids.is_empty() {
+        cgroups
+    } else {
+        format!("{tasks} in {cgroups}")
     }
 }
 

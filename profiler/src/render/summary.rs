@@ -100,6 +100,13 @@ pub fn summary(capture: &Capture, top: usize) -> String {
         counter("unresolved_kernel_frames"),
         counter("kernel_frames"),
     );
+    if !meta.filters.cgroups.is_empty() {
+        let _ = writeln!(
+            out,
+            "cgroups recorded (with their children): {}",
+            meta.filters.cgroups.join(", ")
+        );
+    }
     if !meta.unresolved_by_binary.is_empty() {
         // Where the unresolved user frames come from: a stripped binary, JIT code, or
         // addresses a broken walk made up (`[unknown]`: in no mapping).

@@ -74,6 +74,8 @@ pub struct ProcessInfo {
     /// The names its JIT or interpreter gave its generated code (read while it lives, only
     /// for processes with anonymous executable memory).
     pub perf_map: Option<Arc<PerfMap>>,
+    /// Its cgroup2 path, read while it lived.
+    pub cgroup: Option<String>,
 }
 
 /// Where an address lands in a process.
@@ -348,6 +350,9 @@ fn refresh(entry: &mut ProcessInfo) {
     }
     if let Ok(stat) = fs::read_to_string(base.join("stat")) {
         entry.kernel_thread = is_kernel_thread(&stat);
+    }
+    if let Some(cgroup) = crate::probes::cgroup::of_process(entry.pid) {
+        entry.cgroup = Some(cgroup);
     }
     if entry.vmas.iter().any(|vma| vma.path == "[anon]") {
         entry.perf_map =

@@ -1,0 +1,243 @@
+//! `record --cgroup PATH` (issue 18): only the tasks of a cgroup2 subtree are recorded, and
+//! the filter runs in the kernel — so processes that join the cgroup after the recording
+//! started, which userspace never listed, are in from their first event.
+//!
+//! Real cgroups made by the test under the cgroup2 mount (`/sys/fs/cgroup` on pure-v2 hosts,
+//! `/sys/fs/cgroup/unified` on this hybrid one): `inside` (recorded), `inside/nested` (in the
+//! subtree) and `outside` (its sibling). Three Python processes (pyenv's 3.12, which keeps its
+//! symbols) each sleep through libc in `time.sleep`, started after the recording and moved
+//! into their cgroups by writing their pid to `cgroup.procs`, the way container runtimes do.
+//! Oracles: the kernel's own `/proc/PID/cgroup`, and each workload's clock around its sleeps
+//! (time in libc's `clock_nanosleep` within ±5 %).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use profiler_tests::*;
+use serde_json::Value;
+
+const ROUNDS: &str = "30";
+const BLOCK_MS: &str = "20";
+
+fn cgroup2_root() -> PathBuf {
+    let mounts = std::fs::read_to_string("/proc/mounts").expect("/proc/mounts");
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_ascii_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .expect("cgroup2 is not mounted")
+}
+
+/// A cgroup the test made; removed (children first) when dropped.
+struct Cgroup {
+    dir: PathBuf,
+    children: Vec<PathBuf>,
+}
+
+impl Cgroup {
+    fn create(dir: PathBuf) -> Self {
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        Self {
+            dir,
+            children: Vec::new(),
+        }
+    }
+
+    fn child(&mut self, relative: &str) -> PathBuf {
+        let dir = self.dir.join(relative);
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        self.children.push(dir.clone());
+        dir
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        for dir in self.children.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// Moves process `pid` into cgroup `dir`.
+fn join(dir: &Path, pid: &str) {
+    std::fs::write(dir.join("cgroup.procs"), pid)
+        .unwrap_or_else(|e| panic!("moving {pid} into {}: {e}", dir.display()));
+}
+
+/// The cgroup path the kernel reports for `pid`.
+fn kernel_cgroup(pid: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .expect("/proc/PID/cgroup")
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+        .expect("a cgroup2 line")
+}
+
+fn python312() -> PathBuf {
+    let root = std::env::var("PYENV_ROOT").unwrap_or_else(|_| "/root/.pyenv".to_string());
+    let mut found: Vec<PathBuf> = std::fs::read_dir(Path::new(&root).join("versions"))
+        .expect("pyenv versions")
+        .flatten()
+        .map(|e| e.path().join("bin/python3.12"))
+        .filter(|p| p.is_file())
+        .collect();
+    found.sort();
+    found.pop().expect("pyenv's python3.12")
+}
+
+fn sleeper() -> ReadyProcess {
+    let script = format!("{}/workloads/jit_python.py", env!("CARGO_MANIFEST_DIR"));
+    ReadyProcess::spawn(Command::new(python312()).args([&script, ROUNDS, BLOCK_MS]))
+}
+
+/// Its `inner_ns` line: the workload's own clock around its sleeps.
+fn slept_ns(process: &mut ReadyProcess) -> u64 {
+    while let Some(line) = process.line() {
+        if let Some(ns) = line.strip_prefix("inner_ns ") {
+            return ns.parse().expect("inner_ns");
+        }
+    }
+    panic!("the workload ended without its inner_ns line");
+}
+
+fn process_entry<'a>(capture: &'a Value, pid: &str) -> Option<&'a Value> {
+    capture["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .find(|p| p["pid"].as_u64().map(|p| p.to_string()).as_deref() == Some(pid))
+}
+
+#[test]
+fn only_the_named_cgroup_subtree_is_recorded_including_processes_that_join_later() {
+    require_root();
+    let root = cgroup2_root();
+    let mut base = Cgroup::create(root.join(format!("profiler-test-{}", std::process::id())));
+    let inside = base.child("inside");
+    let nested = base.child("inside/nested");
+    let outside = base.child("outside");
+    let relative = |dir: &Path| format!("/{}", dir.strip_prefix(&root).unwrap().display());
+
+    let dir = temp_dir("cgroup-filter");
+    let recording = Recording::start(
+        &dir.join("out"),
+        &[
+            "--events",
+            "offcpu,syscalls",
+            "--cgroup",
+            inside.to_str().unwrap(),
+            "--duration",
+            "120s",
+        ],
+    );
+    assert!(
+        recording
+            .started
+            .contains(&format!("cgroup {}", relative(&inside))),
+        "{}",
+        recording.started
+    );
+    // Started after the recording: the profiler never heard of them before they joined.
+    let mut workloads: Vec<(ReadyProcess, &Path)> = [&inside, &nested, &outside]
+        .into_iter()
+        .map(|cgroup| {
+            let process = sleeper();
+            join(cgroup, &process.pid);
+            (process, cgroup.as_path())
+        })
+        .collect();
+    for (process, cgroup) in &workloads {
+        assert_eq!(kernel_cgroup(&process.pid), relative(cgroup));
+    }
+    for (process, _) in &mut workloads {
+        process.say("go");
+    }
+    let slept: Vec<u64> = workloads.iter_mut().map(|(p, _)| slept_ns(p)).collect();
+    let (capture, _) = recording.interrupt();
+    let pids: Vec<String> = workloads.iter().map(|(p, _)| p.pid.clone()).collect();
+    for (process, _) in &mut workloads {
+        process.say("end");
+    }
+    for (process, _) in workloads {
+        process.finish();
+    }
+
+    assert_eq!(
+        capture["metadata"]["filters"]["cgroups"],
+        serde_json::json!([relative(&inside)])
+    );
+    // Nothing from outside the subtree: every process the capture names lived in it.
+    for process in capture["processes"].as_array().expect("processes") {
+        let cgroup = process["cgroup"].as_str().unwrap_or("");
+        assert!(
+            cgroup.starts_with(&relative(&inside)),
+            "a process outside the recorded cgroup: {process}"
+        );
+    }
+    assert!(
+        process_entry(&capture, &pids[2]).is_none(),
+        "the workload in {} was recorded",
+        relative(&outside)
+    );
+    let syscalls_of_outside = capture["syscalls"]["stats"]
+        .as_array()
+        .map(|s| {
+            s.iter()
+                .filter(|e| e["pid"].as_u64().map(|p| p.to_string()).as_ref() == Some(&pids[2]))
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(syscalls_of_outside, 0, "syscalls of the outside workload");
+    // The two inside the subtree: listed with their cgroup, their sleep time whole.
+    for (i, cgroup) in [&inside, &nested].into_iter().enumerate() {
+        let entry = process_entry(&capture, &pids[i])
+            .unwrap_or_else(|| panic!("the workload in {} is missing", relative(cgroup)));
+        assert_eq!(entry["cgroup"], relative(cgroup).as_str());
+        let pid: u32 = pids[i].parse().unwrap();
+        // libc's clock_nanosleep, under time.sleep: in every stack of the sleeps, also the
+        // first few, walked before the process's tables were loaded (it was first seen
+        // when it joined), which stop at libc.
+        let ours = blocked_ns_in(&capture, pid, "__GI___clock_nanosleep");
+        println!(
+            "{}: slept {:.1} ms by its clock, {:.1} ms recorded in clock_nanosleep",
+            relative(cgroup),
+            slept[i] as f64 / 1e6,
+            ours as f64 / 1e6
+        );
+        let error = (ours as f64 - slept[i] as f64).abs() / slept[i] as f64;
+        assert!(
+            error <= 0.05,
+            "{}: {ours} ns recorded vs {} ns slept",
+            relative(cgroup),
+            slept[i]
+        );
+    }
+}
+
+#[test]
+fn an_unknown_cgroup_is_one_clear_error() {
+    require_root();
+    let dir = temp_dir("cgroup-unknown");
+    let output = run_profiler(&[
+        "record",
+        "-o",
+        dir.join("out").to_str().unwrap(),
+        "--cgroup",
+        "/no/such/cgroup",
+        "-d",
+        "1s",
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains("--cgroup /no/such/cgroup: no such cgroup"),
+        "{stderr}"
+    );
+    assert!(!dir.join("out").exists(), "nothing is written");
+}
