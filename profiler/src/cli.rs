@@ -253,6 +253,10 @@ pub struct RecordArgs {
     /// the kernel; children created while recording are in.
     #[arg(long = "cgroup", value_name = "PATH")]
     pub cgroups: Vec<PathBuf>,
+    /// Only this container's tasks (repeatable): its id or a prefix of 12 or more hex digits,
+    /// found in the cgroup2 tree by the naming of docker, containerd, CRI-O and podman.
+    #[arg(long = "container", value_name = "ID")]
+    pub containers: Vec<String>,
     /// Off-CPU: ignore blocks shorter than this (e.g. 1us, 2ms; a plain number is
     /// microseconds).
     #[arg(long, default_value = "1us", value_parser = parse_micros)]
@@ -435,6 +439,11 @@ impl RecordArgs {
             .cgroups
             .iter()
             .map(|c| crate::probes::cgroup::resolve(c))
+            .chain(
+                self.containers
+                    .iter()
+                    .map(|c| crate::probes::cgroup::resolve_container(c)),
+            )
             .collect::<Result<Vec<_>>>()?;
         let state_name = format!("{:?}", self.state).to_lowercase();
         let threads_name = format!("{:?}", self.threads).to_lowercase();

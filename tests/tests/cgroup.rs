@@ -241,3 +241,91 @@ fn an_unknown_cgroup_is_one_clear_error() {
     );
     assert!(!dir.join("out").exists(), "nothing is written");
 }
+
+/// `--container ID`: the cgroup is found by the runtime's naming. No container runtime runs
+/// on this machine (and on a hybrid cgroup host a cgroupfs-driven runtime would put its
+/// containers in cgroup v1 only), so the test makes the cgroup the way docker's systemd
+/// driver names it, `docker-<64 hex digits>.scope`, and moves a process in as the runtime
+/// does; the kernel filter and the lookup are the real ones.
+#[test]
+fn a_container_is_found_by_its_id_prefix_and_named_in_the_capture() {
+    require_root();
+    let root = cgroup2_root();
+    let mut base = Cgroup::create(root.join(format!("profiler-test-{}", std::process::id())));
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let id: String = (0..4)
+        .map(|i| {
+            format!(
+                "{:016x}",
+                nanos.rotate_left(i * 16) ^ 0x9e37_79b9_7f4a_7c15_u64.wrapping_mul(i as u64 + 1)
+            )
+        })
+        .collect();
+    let scope = format!("docker-{id}.scope");
+    let container = base.child(&scope);
+    let beside = base.child("beside");
+    let dir = temp_dir("cgroup-container");
+    let recording = Recording::start(
+        &dir.join("out"),
+        &[
+            "--events",
+            "offcpu",
+            "--container",
+            &id[..12],
+            "--duration",
+            "120s",
+        ],
+    );
+    let mut inside = sleeper();
+    join(&container, &inside.pid);
+    let mut outside = sleeper();
+    join(&beside, &outside.pid);
+    inside.say("go");
+    outside.say("go");
+    slept_ns(&mut inside);
+    slept_ns(&mut outside);
+    let (capture, _) = recording.interrupt();
+    for process in [&mut inside, &mut outside] {
+        process.say("end");
+    }
+    let (inside_pid, outside_pid) = (inside.pid.clone(), outside.pid.clone());
+    inside.finish();
+    outside.finish();
+    let relative = format!("/{}", container.strip_prefix(&root).unwrap().display());
+    assert_eq!(
+        capture["metadata"]["filters"]["cgroups"],
+        serde_json::json!([relative])
+    );
+    let entry = process_entry(&capture, &inside_pid).expect("the container's process");
+    assert_eq!(entry["container_id"], id.as_str());
+    assert_eq!(entry["systemd_unit"], scope.as_str());
+    assert!(process_entry(&capture, &outside_pid).is_none());
+    assert_eq!(capture["processes"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn an_unknown_container_is_one_clear_error() {
+    require_root();
+    let dir = temp_dir("cgroup-no-container");
+    for (id, says) in [
+        ("0123456789abcdef", "no cgroup of that container"),
+        ("12ab", "at least 12 hexadecimal digits"),
+    ] {
+        let output = run_profiler(&[
+            "record",
+            "-o",
+            dir.join("out").to_str().unwrap(),
+            "--container",
+            id,
+            "-d",
+            "1s",
+        ]);
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(says), "{stderr}");
+    }
+}

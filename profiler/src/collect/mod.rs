@@ -497,6 +497,12 @@ impl Prepared {
                     exe: info.and_then(|p| p.exe.clone()),
                     exited: info.is_none_or(|p| p.exited),
                     cgroup: info.and_then(|p| p.cgroup.clone()),
+                    container_id: info
+                        .and_then(|p| p.cgroup.as_deref())
+                        .and_then(crate::probes::cgroup::container_id),
+                    systemd_unit: info
+                        .and_then(|p| p.cgroup.as_deref())
+                        .and_then(crate::probes::cgroup::systemd_unit),
                 }
             })
             .collect();

@@ -185,6 +185,12 @@ pub struct Process {
     /// Its cgroup2 path (`/proc/PID/cgroup`), read while it lived.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<String>,
+    /// The container it runs in, where the cgroup path shows a runtime's naming.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    /// Its systemd unit (`.service` or `.scope`), where the cgroup path shows one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub systemd_unit: Option<String>,
 }
 
 /// Blocked time of one thread under one (kernel + user) stack and task state.
@@ -469,10 +475,11 @@ impl Capture {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn sample() -> Capture {
+    /// A small capture: one off-CPU stack of process 7 (`app`).
+    pub(crate) fn sample() -> Capture {
         let mut capture = Capture::new(Metadata {
             unresolved_by_binary: Vec::new(),
             host: "h".into(),

@@ -80,6 +80,23 @@ pub struct Cumulative {
 
 impl Cumulative {
     pub fn add(&mut self, capture: &Capture) {
+        // Where a process runs, as labels (only where known: a container, a systemd unit).
+        let placement: std::collections::HashMap<u32, String> = capture
+            .processes
+            .iter()
+            .map(|p| {
+                let mut labels = String::new();
+                if let Some(id) = &p.container_id {
+                    labels.push_str(&format!(",container_id=\"{}\"", label(id)));
+                }
+                if let Some(unit) = &p.systemd_unit {
+                    labels.push_str(&format!(",systemd_unit=\"{}\"", label(unit)));
+                }
+                (p.pid, labels)
+            })
+            .filter(|(_, labels)| !labels.is_empty())
+            .collect();
+        let placed = |pid: u32| placement.get(&pid).map_or("", String::as_str);
         for (name, value) in &capture.metadata.counters {
             *self
                 .counters
@@ -98,7 +115,12 @@ impl Cumulative {
                     &stack.comm
                 };
                 *self.offcpu.entry(
-                    format!("comm=\"{}\",state=\"{}\"", label(comm), label(&stack.state)),
+                    format!(
+                        "comm=\"{}\",state=\"{}\"{}",
+                        label(comm),
+                        label(&stack.state),
+                        placed(stack.pid)
+                    ),
                     "comm=\"other\",state=\"other\"",
                 ) += stack.total_ns as f64 / 1e9;
             }
@@ -108,10 +130,11 @@ impl Cumulative {
                 self.db
                     .entry(
                         format!(
-                            "source=\"{}\",comm=\"{}\",query=\"{}\"",
+                            "source=\"{}\",comm=\"{}\",query=\"{}\"{}",
                             label(&q.source),
                             label(&q.comm),
-                            label(&q.fingerprint)
+                            label(&q.fingerprint),
+                            placed(q.pid)
                         ),
                         "source=\"other\",comm=\"other\",query=\"other\"",
                     )
@@ -133,9 +156,10 @@ impl Cumulative {
                 self.tcp_connect
                     .entry(
                         format!(
-                            "comm=\"{}\",remote=\"{}\"",
+                            "comm=\"{}\",remote=\"{}\"{}",
                             label(&e.comm),
-                            label(&format_endpoint(&e.remote, e.port))
+                            label(&format_endpoint(&e.remote, e.port)),
+                            placed(e.pid)
                         ),
                         "comm=\"other\",remote=\"other\"",
                     )
@@ -257,6 +281,36 @@ mod tests {
         assert_eq!(h.count, 6);
         h.add_value(1000);
         assert_eq!((h.le[0], h.count), (4, 7));
+    }
+
+    #[test]
+    fn a_process_in_a_container_or_unit_carries_them_as_labels() {
+        let id = "3f1e7a0b9c2d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7";
+        let mut capture = crate::model::tests::sample();
+        capture.processes = vec![crate::model::Process {
+            pid: 7,
+            comm: "app".into(),
+            exe: None,
+            exited: false,
+            cgroup: Some(format!("/system.slice/docker-{id}.scope")),
+            container_id: Some(id.into()),
+            systemd_unit: Some(format!("docker-{id}.scope")),
+        }];
+        let mut cumulative = Cumulative::default();
+        cumulative.add(&capture);
+        let mut text = String::new();
+        cumulative.render(&mut text);
+        let series = format!(
+            "{{comm=\"app\",state=\"sleep\",container_id=\"{id}\",systemd_unit=\"docker-{id}.scope\"}}"
+        );
+        assert!(text.contains(&series), "{text}");
+        // A process placed nowhere keeps the plain labels.
+        capture.processes.clear();
+        let mut cumulative = Cumulative::default();
+        cumulative.add(&capture);
+        let mut text = String::new();
+        cumulative.render(&mut text);
+        assert!(text.contains("{comm=\"app\",state=\"sleep\"}"), "{text}");
     }
 
     #[test]
