@@ -234,6 +234,10 @@ pub struct ReportArgs {
     /// Stacks shown by the md format.
     #[arg(long, default_value_t = 10)]
     pub top: usize,
+    /// The folded and svg formats' root frames: the process, or its cgroup, container or
+    /// systemd unit with the process below.
+    #[arg(long, value_enum, default_value_t = crate::render::GroupBy::Process)]
+    pub group_by: crate::render::GroupBy,
 }
 
 #[derive(Debug, clap::Args)]
@@ -253,6 +257,10 @@ pub struct RecordArgs {
     /// the kernel; children created while recording are in.
     #[arg(long = "cgroup", value_name = "PATH")]
     pub cgroups: Vec<PathBuf>,
+    /// The flamegraphs' root frames: the process, or its cgroup, container or systemd unit
+    /// with the process below.
+    #[arg(long, value_enum, default_value_t = crate::render::GroupBy::Process)]
+    pub group_by: crate::render::GroupBy,
     /// Only this container's tasks (repeatable): its id or a prefix of 12 or more hex digits,
     /// found in the cgroup2 tree by the naming of docker, containerd, CRI-O and podman.
     #[arg(long = "container", value_name = "ID")]
@@ -492,6 +500,7 @@ impl RecordArgs {
             state_name,
             threads_name,
             top: self.top,
+            group_by: self.group_by,
             db_required: db_required && events.contains(&Event::Db),
             show_literals: self.show_literals,
             // Removing uprobes takes the kernel ~0.1 s each: the files are written meanwhile

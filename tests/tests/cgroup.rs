@@ -275,6 +275,8 @@ fn a_container_is_found_by_its_id_prefix_and_named_in_the_capture() {
             "offcpu",
             "--container",
             &id[..12],
+            "--group-by",
+            "container",
             "--duration",
             "120s",
         ],
@@ -304,6 +306,23 @@ fn a_container_is_found_by_its_id_prefix_and_named_in_the_capture() {
     assert_eq!(entry["systemd_unit"], scope.as_str());
     assert!(process_entry(&capture, &outside_pid).is_none());
     assert_eq!(capture["processes"].as_array().unwrap().len(), 1);
+    // --group-by: the flamegraphs' root is the container, the process below it.
+    let folded = std::fs::read_to_string(dir.join("out/offcpu.folded")).expect("offcpu.folded");
+    let root = format!("container:{};python3.12;", &id[..12]);
+    assert!(!folded.is_empty());
+    assert!(folded.lines().all(|l| l.starts_with(&root)), "{folded}");
+    let output = run_profiler(&[
+        "report",
+        dir.join("out").to_str().unwrap(),
+        "--format",
+        "folded",
+        "--group-by",
+        "cgroup",
+    ]);
+    assert!(output.status.success());
+    let folded = String::from_utf8_lossy(&output.stdout);
+    let root = format!("{relative};python3.12;");
+    assert!(folded.lines().all(|l| l.starts_with(&root)), "{folded}");
 }
 
 #[test]

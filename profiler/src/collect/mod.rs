@@ -54,6 +54,8 @@ pub struct RecordOptions {
     pub threads_name: String,
     /// Stacks shown in the text summary.
     pub top: usize,
+    /// The flamegraphs' root frames.
+    pub group_by: crate::render::GroupBy,
     /// The db family was asked for explicitly: finding no server is an error.
     pub db_required: bool,
     pub show_literals: bool,
@@ -535,7 +537,13 @@ impl Prepared {
         capture.syscalls = syscalls;
         capture.tcp = tcp;
         capture.db = db;
-        write_outputs(&capture, &options.output, options.top, !options.quiet)?;
+        write_outputs(
+            &capture,
+            &options.output,
+            options.top,
+            !options.quiet,
+            options.group_by,
+        )?;
         Ok((capture, next))
     }
 }

@@ -9,8 +9,9 @@ use crate::{cli, model, render};
 
 pub(crate) fn report_command(args: cli::ReportArgs) -> Result<()> {
     let capture = model::Capture::load(&args.capture)?;
+    let grouped = render::group_roots(&capture, args.group_by);
     // folded and svg render one family: off-CPU when the capture has it, else on-CPU.
-    let (lines, style) = match (&capture.offcpu, &capture.oncpu) {
+    let (lines, style) = match (&grouped.offcpu, &grouped.oncpu) {
         (Some(offcpu), _) => (
             render::folded(&offcpu.stacks, |s| s.total_ns, 1000),
             &render::OFFCPU_STYLE,

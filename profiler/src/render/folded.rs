@@ -5,6 +5,76 @@ use std::collections::BTreeMap;
 
 use crate::model::{Capture, Frame, FrameKind, Stack};
 
+/// What the flamegraphs' root frames are: the process (its name), or where it runs, with the
+/// process below (`--group-by`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum GroupBy {
+    #[default]
+    Process,
+    /// The process's cgroup2 path.
+    Cgroup,
+    /// `container:ID` (12 digits), or `[host]` for processes in no container.
+    Container,
+    /// The process's systemd unit, or `[no unit]`.
+    Unit,
+}
+
+/// `capture`'s stacks with the group as their root and the process name as the next frame
+/// (for the folded files and flamegraphs; `capture.json` keeps the stacks as they are).
+pub fn group_roots(capture: &Capture, by: GroupBy) -> Capture {
+    let mut grouped = capture.clone();
+    if by == GroupBy::Process {
+        return grouped;
+    }
+    let processes: std::collections::HashMap<u32, &crate::model::Process> =
+        capture.processes.iter().map(|p| (p.pid, p)).collect();
+    let group_of = |pid: u32| -> String {
+        let process = processes.get(&pid);
+        match by {
+            GroupBy::Process => String::new(),
+            GroupBy::Cgroup => process
+                .and_then(|p| p.cgroup.clone())
+                .unwrap_or_else(|| "[no cgroup]".to_string()),
+            GroupBy::Container => process
+                .and_then(|p| p.container_id.as_deref())
+                .map(|id| format!("container:{}", &id[..id.len().min(12)]))
+                .unwrap_or_else(|| "[host]".to_string()),
+            GroupBy::Unit => process
+                .and_then(|p| p.systemd_unit.clone())
+                .unwrap_or_else(|| "[no unit]".to_string()),
+        }
+    };
+    let regroup = |stacks: &mut Vec<Stack>| {
+        for stack in stacks {
+            let comm = std::mem::replace(&mut stack.comm, group_of(stack.pid));
+            stack.frames.insert(
+                0,
+                Frame {
+                    name: comm,
+                    kind: FrameKind::Synthetic,
+                    module: None,
+                    offset: None,
+                    inlined: false,
+                    unresolved: false,
+                },
+            );
+        }
+    };
+    if let Some(offcpu) = grouped.offcpu.as_mut() {
+        regroup(&mut offcpu.stacks);
+    }
+    if let Some(oncpu) = grouped.oncpu.as_mut() {
+        regroup(&mut oncpu.stacks);
+    }
+    if let Some(syscalls) = grouped.syscalls.as_mut() {
+        regroup(&mut syscalls.slow);
+    }
+    if let Some(db) = grouped.db.as_mut() {
+        regroup(&mut db.stacks);
+    }
+    grouped
+}
+
 /// Folded-stack lines (`comm;root;…;leaf value`), identical stacks merged, sorted. `value`
 /// picks what a stack weighs (ns, samples); merged sums are divided by `divisor` (1000: ns →
 /// microseconds) and rounded; lines that round to zero are left out.

@@ -14,7 +14,9 @@ pub use flamegraph::{
     DB_STYLE, FlameStyle, OFFCPU_STYLE, ONCPU_STYLE, WALLCLOCK_STYLE, flamegraph_svg,
     write_flamegraph,
 };
-pub use folded::{db_folded, folded, folded_path, frame_label, wallclock, wallclock_leaf};
+pub use folded::{
+    GroupBy, db_folded, folded, folded_path, frame_label, group_roots, wallclock, wallclock_leaf,
+};
 pub use summary::{markdown_summary, summary};
 
 #[cfg(test)]

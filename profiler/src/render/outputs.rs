@@ -18,9 +18,18 @@ use crate::render;
 /// Temporary files of ours start with this; a new recording into the directory removes them.
 const TEMP_PREFIX: &str = ".profiler-tmp-";
 
-/// Writes `capture.json`, the folded stacks and flamegraphs of each family recorded, and
-/// `summary.txt`, and prints the summary.
-pub fn write_outputs(capture: &Capture, dir: &Path, top: usize, print: bool) -> Result<()> {
+/// Writes `capture.json`, the folded stacks and flamegraphs of each family recorded (their
+/// roots grouped by `group_by`), and `summary.txt`, and prints the summary.
+pub fn write_outputs(
+    capture: &Capture,
+    dir: &Path,
+    top: usize,
+    print: bool,
+    group_by: render::GroupBy,
+) -> Result<()> {
+    let full = capture;
+    let grouped = render::group_roots(capture, group_by);
+    let capture = &grouped;
     if let Some(offcpu) = &capture.offcpu {
         let lines = render::folded(&offcpu.stacks, |s| s.total_ns, 1000);
         write_folded(&dir.join("offcpu.folded"), &lines)?;
@@ -49,6 +58,7 @@ pub fn write_outputs(capture: &Capture, dir: &Path, top: usize, print: bool) -> 
             &dir.join("wallclock.svg"),
         )?;
     }
+    let capture = full;
     let summary = render::summary(capture, top);
     write_private(&dir.join("summary.txt"), |w| {
         w.write_all(summary.as_bytes())?;

@@ -239,7 +239,13 @@ pub fn capture_from_daemon(
     }
     let capture = Capture::from_slice(body).context("the daemon's answer")?;
     crate::render::outputs::create_private_dir(output)?;
-    crate::render::outputs::write_outputs(&capture, output, top, true)
+    crate::render::outputs::write_outputs(
+        &capture,
+        output,
+        top,
+        true,
+        crate::render::GroupBy::Process,
+    )
 }
 
 /// The open connections, by age: whether each is answering a request, and how to close it.
