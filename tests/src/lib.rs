@@ -449,3 +449,16 @@ pub fn wait_for_stderr_line(
         }
     }
 }
+
+/// Where cgroup2 is mounted (`/sys/fs/cgroup` on pure-v2 hosts, `/sys/fs/cgroup/unified` on
+/// hybrid ones), from /proc/mounts.
+pub fn cgroup2_root() -> PathBuf {
+    let mounts = std::fs::read_to_string("/proc/mounts").expect("/proc/mounts");
+    mounts
+        .lines()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split_ascii_whitespace().collect();
+            (fields.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(fields[1]))
+        })
+        .expect("cgroup2 is not mounted")
+}

@@ -16,7 +16,7 @@
 //! below; all by default).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -94,19 +94,6 @@ fn host_jiffies() -> (u64, u64) {
     let total: u64 = cpu.iter().take(8).sum();
     // idle and iowait are not busy.
     (total - cpu[3] - cpu[4], total)
-}
-
-/// The cgroup v2 mount point (hybrid hosts have it at /sys/fs/cgroup/unified).
-fn cgroup2_root() -> PathBuf {
-    let mounts = std::fs::read_to_string("/proc/mounts").expect("/proc/mounts");
-    mounts
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
-        })
-        .next()
-        .expect("cgroup2 is not mounted")
 }
 
 fn cgroup_usage_us(cgroup: &Path) -> u64 {

@@ -19,17 +19,6 @@ use serde_json::Value;
 const ROUNDS: &str = "30";
 const BLOCK_MS: &str = "20";
 
-fn cgroup2_root() -> PathBuf {
-    let mounts = std::fs::read_to_string("/proc/mounts").expect("/proc/mounts");
-    mounts
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_ascii_whitespace().collect();
-            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
-        })
-        .expect("cgroup2 is not mounted")
-}
-
 /// A cgroup the test made; removed (children first) when dropped.
 struct Cgroup {
     dir: PathBuf,

@@ -301,6 +301,19 @@ fn emit(pending: *const DbPending, tgid: u32, tid: u32, flags: u32, duration_ns:
     emit_with_handle(pending, tgid, tid, flags, duration_ns, 0);
 }
 
+/// Reads the NUL-terminated text at user address `text` into `pending`'s query: its length,
+/// or `None` (counted as `TEXT_UNREADABLE`) when it cannot be read.
+#[inline(always)]
+fn read_query_text(pending: *mut DbPending, text: u64) -> Option<u32> {
+    match unsafe { bpf_probe_read_user_str_bytes(text as *const u8, &mut (*pending).query) } {
+        Ok(bytes) => Some(bytes.len().min(QUERY_MAX) as u32),
+        Err(_) => {
+            count(counter::TEXT_UNREADABLE);
+            None
+        }
+    }
+}
+
 #[inline(always)]
 fn emit_with_handle(
     pending: *const DbPending,

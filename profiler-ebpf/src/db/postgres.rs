@@ -80,14 +80,7 @@ pub fn pg_statement_status(ctx: ProbeContext) -> u32 {
         return 0;
     };
     unsafe {
-        (*scratch).len =
-            match bpf_probe_read_user_str_bytes(text as *const u8, &mut (*scratch).query) {
-                Ok(bytes) => bytes.len().min(QUERY_MAX) as u32,
-                Err(_) => {
-                    count(counter::TEXT_UNREADABLE);
-                    0
-                }
-            };
+        (*scratch).len = read_query_text(scratch, text).unwrap_or(0);
         // Background workers report what they do the same way; no client waits on them.
         if (*scratch).len >= 11 && (&(*scratch).query)[..11] == *b"autovacuum:" {
             return 0;
@@ -141,14 +134,7 @@ pub fn pg_query_start(ctx: ProbeContext) -> u32 {
         (*scratch).start_ns = bpf_ktime_get_ns();
         (*scratch).source = SOURCE_POSTGRES_USDT;
         (*scratch).user_stack_id = -1;
-        (*scratch).len =
-            match bpf_probe_read_user_str_bytes(text as *const u8, &mut (*scratch).query) {
-                Ok(bytes) => bytes.len().min(QUERY_MAX) as u32,
-                Err(_) => {
-                    count(counter::TEXT_UNREADABLE);
-                    0
-                }
-            };
+        (*scratch).len = read_query_text(scratch, text).unwrap_or(0);
         if PENDING.insert(&tid, &*scratch, 0).is_err() {
             count(counter::PENDING_MAP_FULL);
         }

@@ -93,14 +93,7 @@ pub fn sqlite_prepare_return(ctx: RetProbeContext) -> u32 {
         (*scratch).start_ns = 0;
         (*scratch).source = SOURCE_SQLITE;
         (*scratch).user_stack_id = -1;
-        (*scratch).len =
-            match bpf_probe_read_user_str_bytes(prepare.sql as *const u8, &mut (*scratch).query) {
-                Ok(bytes) => bytes.len().min(QUERY_MAX) as u32,
-                Err(_) => {
-                    count(counter::TEXT_UNREADABLE);
-                    0
-                }
-            };
+        (*scratch).len = read_query_text(scratch, prepare.sql).unwrap_or(0);
     }
     emit_with_handle(scratch, tgid, tid, FLAG_PREPARE, 0, stmt);
     let key = ConnKey {
@@ -133,14 +126,10 @@ fn sqlite_text_from_statement(tgid: u32, tid: u32, key: &ConnKey) {
         (*scratch).start_ns = 0;
         (*scratch).source = SOURCE_SQLITE;
         (*scratch).user_stack_id = -1;
-        (*scratch).len =
-            match bpf_probe_read_user_str_bytes(sql as *const u8, &mut (*scratch).query) {
-                Ok(bytes) => bytes.len().min(QUERY_MAX) as u32,
-                Err(_) => {
-                    count(counter::TEXT_UNREADABLE);
-                    return;
-                }
-            };
+        let Some(len) = read_query_text(scratch, sql) else {
+            return;
+        };
+        (*scratch).len = len;
     }
     count(counter::SQLITE_TEXT_AT_STEP);
     emit_with_handle(scratch, tgid, tid, FLAG_PREPARE, 0, key.conn);

@@ -151,38 +151,37 @@ pub fn discover(config: &DbConfig, pids: &[u32]) -> Result<DbTargets> {
     })
 }
 
+/// The offset `accessor` loads from its first argument (`first_argument_load_offset`) in every
+/// probed copy of `library`, when they all agree; 0 (unknown) otherwise.
+fn agreed_load_offset(
+    targets: &DbTargets,
+    library: &ClientLibrary,
+    accessor: &str,
+    wide: bool,
+) -> u32 {
+    let offsets: HashSet<Option<u32>> = targets
+        .libraries
+        .iter()
+        .filter(|t| t.library.name == library.name)
+        .map(|t| {
+            let at = t.functions.iter().find(|(n, _)| n == accessor)?.1;
+            first_argument_load_offset(&t.path, at, wide)
+        })
+        .collect();
+    match offsets.iter().collect::<Vec<_>>().as_slice() {
+        [Some(off)] => *off,
+        _ => 0,
+    }
+}
+
 pub(super) fn globals(all: &DbTargets, btf: &Btf, globals: &mut Globals) -> Result<()> {
     let targets = all;
     // libpq's socket offset (for the endpoint of client-side queries), when all agree.
-    let offsets: HashSet<Option<u32>> = targets
-        .libraries
-        .iter()
-        .filter(|t| t.library.name == LIBPQ.name)
-        .map(|t| {
-            let at = t.functions.iter().find(|(n, _)| n == "PQsocket")?.1;
-            first_argument_load_offset(&t.path, at, false)
-        })
-        .collect();
-    let sock_off = match offsets.iter().collect::<Vec<_>>().as_slice() {
-        [Some(off)] => *off,
-        _ => 0,
-    };
+    let sock_off = agreed_load_offset(targets, &LIBPQ, "PQsocket", false);
     global(globals, "PGCONN_SOCK_OFF", sock_off);
     // Where a SQLite statement keeps its SQL (from sqlite3_sql's code), when all agree: the
     // text of statements prepared before the capture is read at their first step.
-    let offsets: HashSet<Option<u32>> = targets
-        .libraries
-        .iter()
-        .filter(|t| t.library.name == SQLITE.name)
-        .map(|t| {
-            let at = t.functions.iter().find(|(n, _)| n == "sqlite3_sql")?.1;
-            first_argument_load_offset(&t.path, at, true)
-        })
-        .collect();
-    let sql_off = match offsets.iter().collect::<Vec<_>>().as_slice() {
-        [Some(off)] => *off,
-        _ => 0,
-    };
+    let sql_off = agreed_load_offset(targets, &SQLITE, "sqlite3_sql", true);
     global(globals, "SQLITE_SQL_OFF", sql_off);
     if targets.wire {
         wire_globals(globals)?;
