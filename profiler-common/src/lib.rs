@@ -7,6 +7,7 @@
 pub mod db;
 pub mod offcpu;
 pub mod oncpu;
+pub mod python;
 pub mod shared;
 pub mod syscalls;
 pub mod tcp;

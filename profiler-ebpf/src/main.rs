@@ -9,6 +9,7 @@ mod common;
 mod db;
 mod offcpu;
 mod oncpu;
+mod python;
 mod syscalls;
 mod tcp;
 mod unwind;

@@ -228,6 +228,8 @@ pub fn walk(tgid: u32, regs: UserRegs) -> Option<i32> {
     if state.len == 0 {
         return Some(-14); // EFAULT, as bpf_get_stackid says for an unreadable stack
     }
+    // A Python process: its interpreter's frames after the native ones.
+    let python = crate::python::append(tgid, stack, &mut state.len, &mut state.hash);
     let mut hash = state.hash ^ u64::from(state.len);
     hash ^= hash >> 33;
     hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
@@ -247,7 +249,12 @@ pub fn walk(tgid: u32, regs: UserRegs) -> Option<i32> {
         (*stack).how = state.how;
     }
     match STACKS.insert(key, unsafe { &*stack }, BPF_NOEXIST as u64) {
-        Ok(()) => Some(id),
+        Ok(()) => {
+            if python {
+                crate::python::notify(tgid, key);
+            }
+            Some(id)
+        }
         // Another CPU stored this stack (or a colliding one) meanwhile.
         Err(-17) => Some(id),
         Err(_) => {

@@ -51,11 +51,19 @@ fn pyenv_python(version: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("no python{version} under {}", versions.display()))
 }
 
-/// The runtime's function name of a frame its perf map named, if it is one of `file`'s:
-/// `py::QUALNAME:FILE` (CPython), `JS:~NAME FILE:LINE:COL` (V8; `~` interpreted, `*`
-/// optimized, others for the tiers between).
+/// The runtime's function of a frame, if it is one of `file`'s: from the kernel's CPython
+/// walker `py::QUALNAME (BASENAME:LINE)` (given as `QUALNAME (BASENAME:LINE)`, as py-spy
+/// prints it); from perf maps `py::QUALNAME:FILE` (CPython) and `JS:~NAME FILE:LINE:COL`
+/// (V8; `~` interpreted, `*` optimized, others for the tiers between), given as the name.
 fn runtime_function<'a>(frame: &'a str, file: &str) -> Option<&'a str> {
     if let Some(rest) = frame.strip_prefix("py::") {
+        let basename = file.rsplit('/').next().unwrap_or(file);
+        if let Some((_, location)) = rest.rsplit_once(" (")
+            && location.starts_with(&format!("{basename}:"))
+            && location.ends_with(')')
+        {
+            return Some(rest);
+        }
         return rest.strip_suffix(&format!(":{file}"));
     }
     let rest = frame.strip_prefix("JS:")?;
@@ -122,9 +130,9 @@ fn record(name: &str, command: &mut Command, py_spy: bool) -> Run {
     }
 }
 
-/// `py-spy dump --pid PID`: the main thread's functions, innermost first, taken while it is
-/// in `inner` (the workload sleeps there 99 % of the time; a dump that caught it between two
-/// sleeps is taken again).
+/// `py-spy dump --pid PID`: the main thread's frames, innermost first, as py-spy prints them
+/// (`inner (jit_python.py:20)`), taken while it is in `inner` (the workload sleeps there
+/// 99 % of the time; a dump that caught it between two sleeps is taken again).
 fn py_spy_chain(pid: u32) -> Vec<String> {
     for _ in 0..10 {
         std::thread::sleep(std::time::Duration::from_millis(150));
@@ -140,9 +148,9 @@ fn py_spy_chain(pid: u32) -> Vec<String> {
             .skip_while(|l| !l.starts_with("Thread "))
             .skip(1)
             .take_while(|l| l.starts_with("    "))
-            .filter_map(|l| l.trim().rsplit_once(" (").map(|(f, _)| f.to_string()))
+            .map(|l| l.trim().to_string())
             .collect();
-        if chain.first().map(String::as_str) == Some("inner") {
+        if chain.first().is_some_and(|f| f.starts_with("inner (")) {
             return chain;
         }
     }
@@ -150,8 +158,12 @@ fn py_spy_chain(pid: u32) -> Vec<String> {
 }
 
 /// The stacks of the run's process through the runtime function `inner` of `file`, heaviest
-/// first, with their runtime functions (outermost first).
-fn stacks_through_inner<'a>(run: &'a Run, file: &str) -> Vec<(&'a Value, Vec<&'a str>)> {
+/// first, with their runtime functions (outermost first); at least one (`what` says whose).
+fn stacks_through_inner<'a>(
+    run: &'a Run,
+    file: &str,
+    what: &str,
+) -> Vec<(&'a Value, Vec<&'a str>)> {
     let mut stacks: Vec<(&Value, Vec<&str>)> = stacks_of(&run.capture, run.pid)
         .into_iter()
         .map(|s| {
@@ -161,9 +173,21 @@ fn stacks_through_inner<'a>(run: &'a Run, file: &str) -> Vec<(&'a Value, Vec<&'a
                 .collect();
             (s, functions)
         })
-        .filter(|(_, functions): &(&Value, Vec<&str>)| functions.last() == Some(&"inner"))
+        .filter(|(_, functions): &(&Value, Vec<&str>)| {
+            functions
+                .last()
+                .is_some_and(|f| *f == "inner" || f.starts_with("inner ("))
+        })
         .collect();
     stacks.sort_by_key(|(s, _)| std::cmp::Reverse(s["total_ns"].as_u64().unwrap_or(0)));
+    assert!(
+        !stacks.is_empty(),
+        "{what}: no stack names its inner: {:#?}",
+        stacks_of(&run.capture, run.pid)
+            .iter()
+            .map(|s| frame_names(s))
+            .collect::<Vec<_>>()
+    );
     stacks
 }
 
@@ -197,8 +221,10 @@ fn assert_time_matches(run: &Run, stacks: &[(&Value, Vec<&str>)], what: &str) {
     );
 }
 
-/// CPython with `-X perf`: the Python functions of the blocking stack are py-spy's, in
-/// order; the walk goes through every trampoline to `_start`; time within ±5 %.
+/// CPython with `-X perf`: the walk goes through every trampoline to `_start` (without their
+/// tables it stops at the first); the Python frames of the blocking stack are py-spy's, each
+/// once (the walked frames replace the perf map's names of the same functions); time within
+/// ±5 %.
 fn python_perf_trampolines(version: &str) {
     require_root();
     let python = pyenv_python(version);
@@ -214,16 +240,10 @@ fn python_perf_trampolines(version: &str) {
         ]),
         true,
     );
-    let stacks = stacks_through_inner(&run, &file);
-    assert!(
-        !stacks.is_empty(),
-        "python{version}: no stack names py::inner: {:#?}",
-        stacks_of(&run.capture, run.pid)
-            .iter()
-            .map(|s| frame_names(s))
-            .collect::<Vec<_>>()
-    );
+    let stacks = stacks_through_inner(&run, &file, &format!("python{version}"));
     let (heaviest, ours) = &stacks[0];
+    // The kernel walks the interpreter's frames too: they replace the perf map's names of the
+    // same functions (which carry no line), so py-spy's frames come with their lines.
     let mut py_spy: Vec<String> = run.py_spy.clone().expect("py-spy chain");
     py_spy.reverse();
     println!("python{version}: profiler {ours:?}, py-spy {py_spy:?}");
@@ -253,6 +273,62 @@ fn python_3_12_perf_trampolines_give_py_spys_call_chain() {
 #[test]
 fn python_3_13_perf_trampolines_give_py_spys_call_chain() {
     python_perf_trampolines("3.13");
+}
+
+/// CPython without `-X perf`: the kernel walks the interpreter's own frames. The Python
+/// functions of the blocking stack, outermost first, with their lines, are py-spy's; they sit
+/// where the `_PyEval_EvalFrameDefault` calls that ran them were, the walk reaches `_start`;
+/// time within ±5 %.
+fn python_interpreter_frames(python: &Path, what: &str) {
+    require_root();
+    let file = workload("jit_python.py");
+    let run = record(
+        &format!("jit-walk-{what}"),
+        Command::new(python).args([&file, &ROUNDS.to_string(), &BLOCK_MS.to_string()]),
+        true,
+    );
+    let stacks = stacks_through_inner(&run, &file, what);
+    let (heaviest, ours) = &stacks[0];
+    let mut py_spy: Vec<String> = run.py_spy.clone().expect("py-spy chain");
+    py_spy.reverse();
+    println!("{what}: profiler {ours:?}, py-spy {py_spy:?}");
+    assert_eq!(
+        ours, &py_spy,
+        "{what}: the stack's Python frames (outermost first) differ from py-spy's"
+    );
+    let names = frame_names(heaviest);
+    assert_eq!(names.first().copied(), Some("_start"), "{what}: {names:?}");
+    assert!(
+        !names.contains(&"_PyEval_EvalFrameDefault"),
+        "{what}: an eval-loop frame was not replaced by its Python frames: {names:?}"
+    );
+    let counters = &run.capture["metadata"]["counters"];
+    let counter = |name: &str| counters[name].as_u64().unwrap_or_else(|| panic!("{name}"));
+    assert!(counter("python_frames") > 0, "{what}: {counters}");
+    assert_eq!(counter("python_code_unreadable"), 0, "{what}");
+    assert_eq!(counter("python_frames_unplaced"), 0, "{what}");
+    assert_time_matches(&run, &stacks, what);
+}
+
+#[test]
+fn python_3_11_frames_are_walked_in_the_kernel_like_py_spys() {
+    python_interpreter_frames(&pyenv_python("3.11"), "python3.11");
+}
+
+#[test]
+fn python_3_12_frames_are_walked_in_the_kernel_like_py_spys() {
+    python_interpreter_frames(&pyenv_python("3.12"), "python3.12");
+}
+
+#[test]
+fn python_3_13_frames_are_walked_in_the_kernel_like_py_spys() {
+    python_interpreter_frames(&pyenv_python("3.13"), "python3.13");
+}
+
+/// Debian's own python3 (3.11, no frame pointers, exported symbols only).
+#[test]
+fn debians_python3_frames_are_walked_in_the_kernel_like_py_spys() {
+    python_interpreter_frames(Path::new("/usr/bin/python3"), "debian-python3");
 }
 
 /// Node with its perf map: the JavaScript functions of the blocking stack are those of V8's
@@ -287,15 +363,7 @@ fn node_perf_map_gives_v8s_call_chain() {
         Some(&"inner"),
         "V8's trace does not end in inner: {trace}"
     );
-    let stacks = stacks_through_inner(&run, &file);
-    assert!(
-        !stacks.is_empty(),
-        "node: no stack names JS inner: {:#?}",
-        stacks_of(&run.capture, run.pid)
-            .iter()
-            .map(|s| frame_names(s))
-            .collect::<Vec<_>>()
-    );
+    let stacks = stacks_through_inner(&run, &file, "node");
     let (heaviest, ours) = &stacks[0];
     println!("node: profiler {ours:?}, V8 {v8:?}");
     assert_eq!(

@@ -95,11 +95,38 @@ pub async fn record(options: RecordOptions) -> Result<Capture> {
 
 type EventRing = AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>;
 
+/// Reads the code objects of the new walked stacks with Python frames the kernel announced,
+/// while their processes live (`symbolize::python`).
+fn read_python_stacks(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    codes: &mut crate::symbolize::python::CodeReader,
+    processes: &mut ProcessCache,
+    probes: &Probes,
+) {
+    while let Some(item) = ring.next() {
+        if item.len() < std::mem::size_of::<profiler_common::python::PyNewStack>() {
+            continue;
+        }
+        // SAFETY: the kernel writes whole `PyNewStack`s; read unaligned from the ring.
+        let event: profiler_common::python::PyNewStack =
+            unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+        if processes.get(event.tgid).is_none() {
+            processes.observe(event.tgid, "");
+        }
+        let id = event.key as i32 | profiler_common::unwind::UNWOUND_STACK_BIT;
+        if let (Some(process), Ok(Some(ips))) = (processes.get(event.tgid), probes.stack(id)) {
+            codes.prefetch(process, &ips);
+        }
+    }
+}
+
 /// A capture whose probes are loaded and attached; `run` records it.
 pub struct Prepared {
     options: RecordOptions,
     probes: Probes,
     new_tasks: EventRing,
+    /// New walked stacks with Python frames (their code objects are read at once).
+    python_stacks: Option<EventRing>,
     tcp_events: Option<EventRing>,
     db_events: Option<EventRing>,
     cpu_at_start: u64,
@@ -148,6 +175,15 @@ pub fn prepare(options: RecordOptions) -> Result<Prepared> {
     let new_tasks =
         unsafe { AsyncFd::register_with_interest(probes.take_new_tasks()?, Interest::READABLE) }
             .map_err(|err| anyhow::anyhow!("cannot poll the new-task ring buffer: {err}"))?;
+    let python_stacks = match probes.take_python_stacks()? {
+        // SAFETY: as above.
+        Some(ring) => Some(
+            unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(
+                |err| anyhow::anyhow!("cannot poll the Python stack ring buffer: {err}"),
+            )?,
+        ),
+        None => None,
+    };
     let tcp_events = match probes.tcp {
         // SAFETY: as above.
         true => Some(
@@ -186,6 +222,7 @@ pub fn prepare(options: RecordOptions) -> Result<Prepared> {
         options,
         probes,
         new_tasks,
+        python_stacks,
         tcp_events,
         db_events,
         cpu_at_start,
@@ -207,6 +244,7 @@ impl Prepared {
             options,
             probes,
             mut new_tasks,
+            mut python_stacks,
             mut tcp_events,
             mut db_events,
             cpu_at_start,
@@ -247,6 +285,8 @@ impl Prepared {
             );
         }
 
+        // Python code objects of the stacks walked so far, read while their processes live.
+        let mut python_codes = crate::symbolize::python::CodeReader::default();
         let snapshot = |probes: &Probes,
                         offcpu_series: &mut Series<OffcpuKey>,
                         oncpu_series: &mut Series<OncpuKey>,
@@ -286,6 +326,11 @@ impl Prepared {
                 _ = ticker.tick() => {
                     snapshot(&probes, &mut offcpu_series, &mut oncpu_series, &mut processes)?;
                     progress.update(started.elapsed(), &offcpu_series, &oncpu_series, processes.len(), &probes);
+                }
+                guard = async { python_stacks.as_mut().expect("checked").readable_mut().await }, if python_stacks.is_some() => {
+                    let mut guard = guard.context("polling the Python stack ring buffer failed")?;
+                    read_python_stacks(guard.get_inner_mut(), &mut python_codes, &mut processes, &probes);
+                    guard.clear_ready();
                 }
                 guard = new_tasks.readable_mut() => {
                     let mut guard = guard.context("polling the new-task ring buffer failed")?;
@@ -394,6 +439,7 @@ impl Prepared {
             &oncpu_series,
         );
         let mut symbolizer = Symbolizer::new();
+        symbolizer.python = python_codes;
         let mut builder = StackBuilder {
             probes: &probes,
             processes: &processes,
@@ -456,6 +502,15 @@ impl Prepared {
         counters.insert("unreachable_files".into(), processes.unreachable_files);
         // Perf maps (names of JIT and interpreter code): read, refused, damaged.
         counters.insert("perf_map_frames".into(), stats.perf_map_frames);
+        counters.insert(
+            "python_frames_named".into(),
+            symbolizer.python.frames - symbolizer.python.unreadable,
+        );
+        counters.insert(
+            "python_code_unreadable".into(),
+            symbolizer.python.unreadable,
+        );
+        counters.insert("python_frames_unplaced".into(), symbolizer.python.unplaced);
         let maps: Vec<_> = processes
             .iter()
             .filter_map(|p| p.perf_map.as_ref())

@@ -402,6 +402,19 @@ impl Probes {
         })
     }
 
+    /// The ring buffer of new walked stacks with Python frames (with the table walker);
+    /// can be taken once.
+    pub fn take_python_stacks(&mut self) -> Result<Option<RingBuf<MapData>>> {
+        if self.unwind.is_none() {
+            return Ok(None);
+        }
+        let map = self
+            .ebpf
+            .take_map(profiler_common::python::maps::NEW_STACKS)
+            .context("Python stack ring buffer already taken")?;
+        Ok(Some(RingBuf::try_from(map)?))
+    }
+
     /// The ring buffer of first-seen tasks; can be taken once.
     pub fn take_new_tasks(&mut self) -> Result<RingBuf<MapData>> {
         let map = self

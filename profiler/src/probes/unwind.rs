@@ -58,6 +58,8 @@ pub struct LoaderStats {
     /// After they attached: until the worker had loaded every process present at start
     /// (0: with -p, or not done).
     pub ready_ns: u64,
+    /// Processes registered for Python frames (a CPython 3.11–3.13 found in their maps).
+    pub python_processes: u64,
 }
 
 /// The tables of the processes in scope, built before the programs load so that the row
@@ -207,6 +209,8 @@ pub struct Loader {
     /// File table id → its first row (or `TABLE_FULL`).
     placed: HashMap<u64, u32>,
     processes: BpfHashMap<MapData, u32, ProcessMappings>,
+    /// Processes running a CPython the walker knows (`profiler_common::python`).
+    python: BpfHashMap<MapData, u32, profiler_common::python::PyProcess>,
     loaded: HashMap<u32, Instant>,
     pub stats: LoaderStats,
 }
@@ -240,6 +244,14 @@ impl Loader {
         let processes = ebpf
             .take_map(maps::PROCESSES)
             .with_context(|| format!("the eBPF object has no {} map", maps::PROCESSES))?;
+        let python = ebpf
+            .take_map(profiler_common::python::maps::PROCESSES)
+            .with_context(|| {
+                format!(
+                    "the eBPF object has no {} map",
+                    profiler_common::python::maps::PROCESSES
+                )
+            })?;
         let mut loader = Self {
             rows: Rows {
                 base: base.cast(),
@@ -249,6 +261,7 @@ impl Loader {
             next_row: 0,
             placed: HashMap::new(),
             processes: BpfHashMap::try_from(processes)?,
+            python: BpfHashMap::try_from(python)?,
             loaded: HashMap::new(),
             stats: LoaderStats {
                 row_capacity: u64::from(prepared.capacity),
@@ -297,6 +310,15 @@ impl Loader {
         let mut value = ProcessMappings::default();
         if tables.len() > MAX_MAPPINGS {
             self.stats.mappings_dropped += (tables.len() - MAX_MAPPINGS) as u64;
+        }
+        let python = tables.iter().find_map(|m| {
+            let (minor, runtime) = m.python?;
+            crate::symbolize::python::process_layout(minor, runtime.wrapping_add(m.bias))
+        });
+        if let Some(py) = python
+            && self.python.insert(pid, py, 0).is_ok()
+        {
+            self.stats.python_processes += 1;
         }
         for (slot, mapping) in value.mappings.iter_mut().zip(tables) {
             let (first_row, rows) = match &mapping.file {
@@ -363,6 +385,18 @@ impl Loader {
 }
 
 impl Probes {
+    /// Processes registered for Python frames so far (0 without the table walker).
+    pub fn python_processes(&self) -> u64 {
+        self.unwind.as_ref().map_or(0, |unwinder| {
+            unwinder
+                .loader
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .stats
+                .python_processes
+        })
+    }
+
     /// Loads the unwinding tables of a process first seen while recording (no-op with
     /// `--unwind fp`, or when it was loaded a moment ago).
     pub fn unwind_process(&self, pid: u32) {
@@ -401,6 +435,14 @@ impl Probes {
             ("ready_ns", stats.ready_ns),
         ] {
             out.push((format!("unwind_table_{name}"), value));
+        }
+        out.push(("python_processes".to_string(), stats.python_processes));
+        for (name, value) in read_counters(
+            self.ebpf(),
+            profiler_common::python::maps::COUNTERS,
+            &profiler_common::python::counter::NAMES,
+        )? {
+            out.push((format!("python_{name}"), value));
         }
         Ok(out)
     }

@@ -135,6 +135,23 @@ pub fn summary(capture: &Capture, top: usize) -> String {
             }
         );
     }
+    if counter("python_walks") > 0 {
+        let _ = writeln!(
+            out,
+            "Python: {} stacks walked for Python frames, {} frames ({} named); threads not found \
+             {}, unreadable {}, truncated {}, code gone before it was read {}, frames no eval \
+             frame took {}, notices lost {}",
+            counter("python_walks"),
+            counter("python_frames"),
+            counter("python_frames_named"),
+            counter("python_no_thread"),
+            counter("python_unreadable"),
+            counter("python_truncated"),
+            counter("python_code_unreadable"),
+            counter("python_frames_unplaced"),
+            counter("python_notify_lost"),
+        );
+    }
     if counter("perf_maps") + counter("perf_maps_refused") > 0 {
         let _ = writeln!(
             out,

@@ -10,6 +10,7 @@
 
 pub mod perfmap;
 pub mod procmaps;
+pub mod python;
 pub mod syscall_names;
 pub mod unwind;
 
@@ -75,6 +76,8 @@ pub struct Symbolizer {
     kernel: HashMap<u64, Vec<Frame>>,
     user: HashMap<(String, u64), Vec<Frame>>,
     pub stats: SymbolizeStats,
+    /// CPython code objects read for Python frames, and their counts.
+    pub python: python::CodeReader,
 }
 
 impl Default for Symbolizer {
@@ -104,6 +107,7 @@ impl Symbolizer {
             kernel: HashMap::new(),
             user: HashMap::new(),
             stats: SymbolizeStats::default(),
+            python: python::CodeReader::default(),
         }
     }
 
@@ -152,6 +156,32 @@ impl Symbolizer {
     /// User frames for `ips` (innermost first) in `process` (whose maps were cached while it
     /// lived), returned root first.
     pub fn user_frames(&mut self, process: Option<&ProcessInfo>, ips: &[u64]) -> Vec<Frame> {
+        let (native, python_entries) = python::split(ips);
+        let frames = self.native_user_frames(process, native);
+        match (python_entries, process) {
+            (Some(entries), Some(process)) if !entries.is_empty() => {
+                match python::process_minor(process.vmas.iter().map(|v| v.path.as_str())) {
+                    Some(minor) => {
+                        // Under `-X perf` the perf map names the same Python functions again
+                        // (without their lines), at its trampolines: the walked frames say it.
+                        let mut frames = frames;
+                        frames.retain(|f| {
+                            !(f.name.starts_with("py::")
+                                && f.module
+                                    .as_deref()
+                                    .is_some_and(|m| m.starts_with("/tmp/perf-")))
+                        });
+                        self.python.merge(process.pid, minor, frames, entries)
+                    }
+                    None => frames,
+                }
+            }
+            _ => frames,
+        }
+    }
+
+    /// User frames of the native part of a walked stack (see `user_frames`).
+    fn native_user_frames(&mut self, process: Option<&ProcessInfo>, ips: &[u64]) -> Vec<Frame> {
         let keys: Vec<UserKey> = ips
             .iter()
             .enumerate()

@@ -45,6 +45,9 @@ pub struct MappedTable {
     pub file: Option<Arc<FileTable>>,
     /// Anonymous executable memory (JIT code).
     pub anonymous: bool,
+    /// A CPython interpreter the kernel walker knows: its minor version and `_PyRuntime`'s
+    /// ELF address (the process's address is that plus `bias`).
+    pub python: Option<(u32, u64)>,
 }
 
 /// What the cache did, for the capture's counters.
@@ -65,6 +68,8 @@ pub struct TableCache {
     by_build_id: HashMap<Vec<u8>, Arc<FileTable>>,
     /// The vDSO is the same image in every process of a kernel (by its size).
     vdso: HashMap<u64, Option<Arc<FileTable>>>,
+    /// CPython interpreter files: minor version and `_PyRuntime`'s address, by identity.
+    interpreters: HashMap<StatKey, Option<(u32, u64)>>,
     /// CPython perf trampolines, by (pid, arena start, trampolines named in it).
     trampolines: HashMap<(u32, u64, usize), Option<Arc<FileTable>>>,
     next_id: u64,
@@ -114,12 +119,17 @@ impl TableCache {
                     f.table.bias(mapping.start, mapping.offset)
                 }
             });
+            let python = match crate::symbolize::python::interpreter_minor(mapping.path) {
+                Some(minor) if bias.is_some() => self.interpreter(pid, &mapping, minor),
+                _ => None,
+            };
             out.push(MappedTable {
                 start: mapping.start,
                 end: mapping.end,
                 bias: bias.unwrap_or(0),
                 file: if bias.is_some() { file } else { None },
                 anonymous,
+                python,
             });
         }
         out.sort_by_key(|m| m.start);
@@ -183,6 +193,15 @@ impl TableCache {
         self.note_build(started, file.as_ref());
         self.vdso.insert(size, file.clone());
         file
+    }
+
+    /// A CPython interpreter file's minor version and `_PyRuntime` address (`None`: the
+    /// symbol is not in this file, e.g. an executable that links libpython).
+    fn interpreter(&mut self, pid: u32, mapping: &MapsLine<'_>, minor: u32) -> Option<(u32, u64)> {
+        let (path, key) = open_mapped(pid, mapping)?;
+        *self.interpreters.entry(key).or_insert_with(|| {
+            crate::symbolize::python::runtime_symbol(&path).map(|runtime| (minor, runtime))
+        })
     }
 
     /// The table of an arena of CPython perf trampolines (see `jit`), if it is one.

@@ -1,0 +1,241 @@
+//! CPython frames appended to a walked user stack (`profiler_common::python` has the format).
+//!
+//! Per walk of a registered Python process: the current thread's `PyThreadState` is looked up
+//! in the interpreter's thread list (a `bpf_loop` step per thread), then its frame chain is
+//! followed (a `bpf_loop` step per frame, one 72-byte read each). Both loops are bounded;
+//! every way they end early is counted.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_loop},
+    macros::map,
+    maps::{HashMap, PerCpuArray, RingBuf},
+};
+use profiler_common::python::{
+    ENTRY_BIT, LAYOUT_311, MAX_PY_FRAMES, MAX_THREADS, NO_FIELD, OWNED_BY_CSTACK, PY_MARKER,
+    PyNewStack, PyProcess, counter,
+};
+use profiler_common::unwind::{MAX_FRAMES, UnwoundStack};
+
+/// tgid → where its interpreter keeps its threads and frames (userspace fills it).
+#[map(name = "PY_PROCESSES")]
+static PROCESSES: HashMap<u32, PyProcess> = HashMap::with_max_entries(4096, BPF_F_NO_PREALLOC);
+
+#[map(name = "PY_NEW_STACKS")]
+static NEW_STACKS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
+
+/// Tells userspace of a new walked stack with Python frames (stored under `key`).
+#[inline(always)]
+pub fn notify(tgid: u32, key: u32) {
+    if NEW_STACKS
+        .output::<PyNewStack>(&PyNewStack { tgid, key }, 0)
+        .is_err()
+    {
+        count(counter::NOTIFY_LOST);
+    }
+}
+
+#[map(name = "PY_COUNTERS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+#[inline(always)]
+fn count(index: u32) {
+    count_by(index, 1);
+}
+
+#[inline(always)]
+fn count_by(index: u32, by: u64) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // Per-CPU slot: no other CPU writes it.
+        unsafe { *slot += by };
+    }
+}
+
+#[inline(always)]
+fn read(addr: u64) -> Option<u64> {
+    unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
+}
+
+/// The thread search's state (on the program's stack).
+#[repr(C)]
+struct ThreadSearch {
+    tstate: u64,
+    tid: u64,
+    next: u64,
+    native_id: u64,
+    found: u64,
+}
+
+extern "C" fn thread_step(_index: u64, ctx: *mut c_void) -> i64 {
+    let search = unsafe { &mut *(ctx as *mut ThreadSearch) };
+    if search.tstate == 0 {
+        return 1;
+    }
+    match read(search.tstate.wrapping_add(search.native_id)) {
+        Some(id) if id == search.tid => {
+            search.found = 1;
+            return 1;
+        }
+        Some(_) => {}
+        None => {
+            search.tstate = 0;
+            return 1;
+        }
+    }
+    search.tstate = read(search.tstate.wrapping_add(search.next)).unwrap_or(0);
+    0
+}
+
+/// The frame walk's state (on the program's stack).
+#[repr(C)]
+struct FrameWalk {
+    frame: u64,
+    hash: u64,
+    stack: *mut UnwoundStack,
+    layout: u32,
+    /// Next free slot of `stack.frames`.
+    len: u32,
+    recorded: u32,
+    /// The counter that says why the walk ended early (0: it did not).
+    cut: u32,
+}
+
+extern "C" fn frame_step(_index: u64, ctx: *mut c_void) -> i64 {
+    let walk = unsafe { &mut *(ctx as *mut FrameWalk) };
+    match step(walk) {
+        Some(()) => 0,
+        None => 1,
+    }
+}
+
+#[inline(always)]
+fn step(walk: &mut FrameWalk) -> Option<()> {
+    if walk.frame == 0 {
+        return None;
+    }
+    let Ok(raw) = (unsafe { bpf_probe_read_user(walk.frame as *const [u64; 9]) }) else {
+        walk.cut = counter::UNREADABLE;
+        return None;
+    };
+    // Bytes 64..72 are raw[8], little-endian.
+    let (code, previous, instr, owner, entry) = if walk.layout == LAYOUT_311 {
+        let entry = (raw[8] >> 32) as u8; // is_entry at 68
+        let owner = (raw[8] >> 40) as u8; // owner at 69
+        (raw[4], raw[6], raw[7], owner, entry != 0)
+    } else {
+        let owner = (raw[8] >> 48) as u8; // owner at 70
+        (raw[0], raw[1], raw[7], owner, false)
+    };
+    walk.frame = previous;
+    let stack = unsafe { &mut *walk.stack };
+    if walk.layout != LAYOUT_311 && owner == OWNED_BY_CSTACK {
+        // The shim a C-level call of the eval loop pushes: the frame recorded just before it
+        // is the outermost one of that call.
+        if walk.recorded > 0 {
+            let at = walk.len.wrapping_sub(2) as usize;
+            if at < MAX_FRAMES {
+                stack.frames[at] |= ENTRY_BIT;
+            }
+        }
+        return Some(());
+    }
+    let at = walk.len as usize;
+    if at + 1 >= MAX_FRAMES {
+        walk.cut = counter::TRUNCATED;
+        return None;
+    }
+    let code = code | if entry { ENTRY_BIT } else { 0 };
+    stack.frames[at] = code;
+    stack.frames[at + 1] = instr;
+    walk.hash = (walk.hash ^ code).wrapping_mul(0x0000_0100_0000_01b3);
+    walk.hash = (walk.hash ^ instr).wrapping_mul(0x0000_0100_0000_01b3);
+    walk.len += 2;
+    walk.recorded += 1;
+    Some(())
+}
+
+/// Appends the current thread's Python frames to `stack` (its native frames take `len`
+/// slots), updating `len` and `hash`, when `tgid` is a registered Python process (returns
+/// whether it is). A BPF
+/// subprogram of its own: inlined, its state pushed the walking programs past the 512-byte
+/// stack.
+#[inline(never)]
+pub fn append(tgid: u32, stack: *mut UnwoundStack, len: &mut u32, hash: &mut u64) -> bool {
+    let Some(py) = (unsafe { PROCESSES.get(&tgid) }) else {
+        return false;
+    };
+    count(counter::WALKS);
+    let Some(tstate) = first_thread(py) else {
+        count(counter::UNREADABLE);
+        return true;
+    };
+    let mut search = ThreadSearch {
+        tstate,
+        tid: bpf_get_current_pid_tgid() & 0xffff_ffff,
+        next: u64::from(py.thread_next),
+        native_id: u64::from(py.thread_native_id),
+        found: 0,
+    };
+    unsafe {
+        bpf_loop(
+            MAX_THREADS,
+            thread_step as *const () as *mut c_void,
+            &mut search as *mut ThreadSearch as *mut c_void,
+            0,
+        );
+    }
+    if search.found == 0 {
+        count(counter::NO_THREAD);
+        return true;
+    }
+    let frame = match read(search.tstate.wrapping_add(u64::from(py.thread_frame))) {
+        Some(frame) if py.cframe_frame == NO_FIELD => frame,
+        Some(cframe) if cframe != 0 => {
+            read(cframe.wrapping_add(u64::from(py.cframe_frame))).unwrap_or(0)
+        }
+        _ => 0,
+    };
+    let at = *len as usize;
+    if at >= MAX_FRAMES {
+        count(counter::TRUNCATED);
+        return true;
+    }
+    unsafe { (*stack).frames[at] = PY_MARKER };
+    let mut walk = FrameWalk {
+        frame,
+        hash: (*hash ^ PY_MARKER).wrapping_mul(0x0000_0100_0000_01b3),
+        stack,
+        layout: py.frame_layout,
+        len: *len + 1,
+        recorded: 0,
+        cut: 0,
+    };
+    unsafe {
+        bpf_loop(
+            MAX_PY_FRAMES,
+            frame_step as *const () as *mut c_void,
+            &mut walk as *mut FrameWalk as *mut c_void,
+            0,
+        );
+    }
+    if walk.cut != 0 {
+        count(walk.cut);
+    } else if walk.frame != 0 {
+        count(counter::TRUNCATED); // more frames than MAX_PY_FRAMES
+    }
+    count_by(counter::FRAMES, u64::from(walk.recorded));
+    *len = walk.len;
+    *hash = walk.hash;
+    true
+}
+
+#[inline(always)]
+fn first_thread(py: &PyProcess) -> Option<u64> {
+    let interpreter = read(py.runtime.wrapping_add(u64::from(py.interpreters_head)))?;
+    if interpreter == 0 {
+        return None;
+    }
+    read(interpreter.wrapping_add(u64::from(py.threads_head)))
+}
