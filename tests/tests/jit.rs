@@ -80,10 +80,12 @@ fn v8_perf_name(name: &str) -> &str {
 }
 
 struct Run {
+    /// The capture directory.
+    out: PathBuf,
     capture: Value,
     pid: u32,
     inner_ns: u64,
-    /// What the workload printed after `inner_ns` (Node: its stack trace).
+    /// What the workload printed before `inner_ns` (Node: its stack trace).
     stack_line: Option<String>,
     /// py-spy's chain (innermost first), when asked for.
     py_spy: Option<Vec<String>>,
@@ -107,12 +109,9 @@ fn record(name: &str, command: &mut Command, py_spy: bool) -> Run {
     while let Some(line) = process.line() {
         if let Some(ns) = line.strip_prefix("inner_ns ") {
             inner_ns = Some(ns.parse().expect("inner_ns"));
-            if py_spy.is_some() {
-                break;
-            }
+            break;
         } else if let Some(stack) = line.strip_prefix("stack ") {
             stack_line = Some(stack.to_string());
-            break;
         }
     }
     // Recorded while the workload still lives: its perf map is read to the end.
@@ -122,6 +121,7 @@ fn record(name: &str, command: &mut Command, py_spy: bool) -> Run {
     // The runtimes leave their maps behind.
     let _ = std::fs::remove_file(format!("/tmp/perf-{pid}.map"));
     Run {
+        out: dir.join("out"),
         capture,
         pid,
         inner_ns: inner_ns.expect("the workload's inner_ns line"),
@@ -374,4 +374,171 @@ fn node_perf_map_gives_v8s_call_chain() {
     assert_eq!(names.first().copied(), Some("_start"), "{names:?}");
     assert_perf_map_counted(&run, "node");
     assert_time_matches(&run, &stacks, "node");
+}
+
+/// `py-spy dump` of every thread: tid → its frames, innermost first, files shortened to
+/// their base name (`run (thread.py:58)`), taken while every thread is in `timed_sleep`.
+fn py_spy_threads(pid: u32, threads: usize) -> std::collections::BTreeMap<u32, Vec<String>> {
+    let shorten = |frame: &str| -> String {
+        match frame.rsplit_once(" (") {
+            Some((function, location)) => {
+                let location = location.rsplit('/').next().unwrap_or(location);
+                format!("{function} ({location}")
+            }
+            None => frame.to_string(),
+        }
+    };
+    for _ in 0..20 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let output = Command::new(PY_SPY)
+            .args(["dump", "--pid", &pid.to_string()])
+            .output()
+            .unwrap_or_else(|err| panic!("{PY_SPY} (cargo xtask setup installs it): {err}"));
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "py-spy dump failed: {text}");
+        let mut chains = std::collections::BTreeMap::new();
+        let mut current: Option<(u32, Vec<String>)> = None;
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("Thread ") {
+                if let Some((tid, chain)) = current.take() {
+                    chains.insert(tid, chain);
+                }
+                let tid = rest.split_whitespace().next().unwrap_or("");
+                current = tid.parse().ok().map(|tid| (tid, Vec::new()));
+            } else if let Some(frame) = line.strip_prefix("    ")
+                && let Some((_, chain)) = current.as_mut()
+            {
+                chain.push(shorten(frame.trim()));
+            }
+        }
+        if let Some((tid, chain)) = current.take() {
+            chains.insert(tid, chain);
+        }
+        let sleeping = chains
+            .values()
+            .filter(|c| c.first().is_some_and(|f| f.starts_with("timed_sleep (")))
+            .count();
+        if sleeping == threads && chains.len() == threads {
+            return chains;
+        }
+    }
+    panic!("py-spy never caught the {threads} threads all in timed_sleep");
+}
+
+/// A generator and a thread pool (CPython 3.12, walked in the kernel): for each of the three
+/// threads py-spy names, our heaviest stack of that thread holds py-spy's frames with their
+/// lines, in order — the generator's body between its consumer and the sleep, the pool
+/// threads under `threading`'s and `concurrent.futures`' own frames; the time per function
+/// within ±5 % of the workload's own clock.
+#[test]
+fn python_generators_and_thread_pools_are_walked_like_py_spys() {
+    require_root();
+    let python = pyenv_python("3.12");
+    let file = workload("python_shapes.py");
+    let dir = temp_dir("jit-python-shapes");
+    let mut process = ReadyProcess::spawn(
+        Command::new(&python)
+            .args([&file, &ROUNDS.to_string(), &BLOCK_MS.to_string()])
+            .current_dir(&dir),
+    );
+    let pid: u32 = process.pid.parse().expect("pid");
+    let recording = Recording::start(
+        &dir.join("out"),
+        &["--events", "offcpu", "-p", &process.pid],
+    );
+    process.say("go");
+    let py_spy = py_spy_threads(pid, 3);
+    let slept: Value = loop {
+        let line = process.line().expect("the workload's slept line");
+        if let Some(json) = line.strip_prefix("slept ") {
+            break serde_json::from_str(json).expect("slept json");
+        }
+    };
+    let (capture, _) = recording.interrupt();
+    process.say("end");
+    process.finish();
+
+    let python_frames = |stack: &Value| -> Vec<String> {
+        frame_names(stack)
+            .into_iter()
+            .filter_map(|n| n.strip_prefix("py::").map(str::to_string))
+            .collect()
+    };
+    for (tid, chain) in &py_spy {
+        let mut expected = chain.clone();
+        expected.reverse();
+        let heaviest = stacks_of(&capture, pid)
+            .into_iter()
+            .filter(|s| s["tid"].as_u64() == Some(u64::from(*tid)))
+            .filter(|s| {
+                python_frames(s)
+                    .last()
+                    .is_some_and(|f| f.starts_with("timed_sleep ("))
+            })
+            .max_by_key(|s| s["total_ns"].as_u64().unwrap_or(0))
+            .unwrap_or_else(|| panic!("no stack of thread {tid} in timed_sleep"));
+        let ours = python_frames(heaviest);
+        println!("thread {tid}: profiler {ours:?}, py-spy {expected:?}");
+        assert_eq!(
+            ours, expected,
+            "thread {tid}: Python frames differ from py-spy's"
+        );
+    }
+    for (function, what) in [("ticks", "the generator"), ("nap", "the pool threads")] {
+        let ours: u64 = stacks_of(&capture, pid)
+            .into_iter()
+            .filter(|s| {
+                python_frames(s)
+                    .iter()
+                    .any(|f| f.starts_with(&format!("{function} (")))
+            })
+            .map(|s| s["total_ns"].as_u64().expect("total_ns"))
+            .sum();
+        let theirs = slept[function].as_u64().expect("slept ns");
+        println!(
+            "{what}: {:.1} ms by its clock, {:.1} ms recorded",
+            theirs as f64 / 1e6,
+            ours as f64 / 1e6
+        );
+        let error = (ours as f64 - theirs as f64).abs() / theirs as f64;
+        assert!(
+            error <= 0.05,
+            "{what}: {ours} ns recorded vs {theirs} ns slept"
+        );
+    }
+}
+
+/// A CPython the walker does not know (pyenv's 3.10): the summary says so on one line, the
+/// counter counts the process, and its stacks keep their native frames down to `_start`.
+#[test]
+fn an_unknown_python_version_is_said_and_keeps_native_frames() {
+    require_root();
+    let python = pyenv_python("3.10");
+    let file = workload("jit_python.py");
+    let run = record(
+        "jit-python3.10",
+        Command::new(&python).args([&file, "10", &BLOCK_MS.to_string()]),
+        false,
+    );
+    let counters = &run.capture["metadata"]["counters"];
+    assert_eq!(counters["python_unsupported"], 1, "{counters}");
+    assert_eq!(counters["python_walks"], 0, "{counters}");
+    let summary = std::fs::read_to_string(run.out.join("summary.txt")).expect("summary.txt");
+    let lines: Vec<&str> = summary
+        .lines()
+        .filter(|l| l.contains("does not know"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{summary}");
+    let stacks = stacks_of(&run.capture, run.pid);
+    assert!(!stacks.is_empty());
+    for stack in stacks {
+        let names = frame_names(stack);
+        assert!(!names.iter().any(|n| n.starts_with("py::")), "{names:?}");
+    }
+    assert!(
+        stacks_of(&run.capture, run.pid)
+            .iter()
+            .any(|s| frame_names(s).first() == Some(&"_start")),
+        "no stack of python3.10 reaches _start"
+    );
 }

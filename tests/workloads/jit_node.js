@@ -3,8 +3,8 @@
 //
 // Prints `ready PID`, waits for a line on stdin, then runs ROUNDS calls
 // outer -> Service.handle -> middle -> inner, each waiting WAIT_MS in inner, timed by the
-// workload's own clock (performance.now around each wait). Ends with `inner_ns N` and
-// `stack JSON` (V8's own stack trace, taken in inner), then waits for one more line.
+// workload's own clock (performance.now around each wait). Ends with `stack JSON` (V8's own
+// stack trace, taken in inner) and `inner_ns N`, then waits for one more line.
 "use strict";
 const rounds = Number(process.argv[2]);
 const waitMs = Number(process.argv[3]);
@@ -40,8 +40,8 @@ process.stdin.on("data", () => {
   lines += 1;
   if (lines === 1) {
     outer();
-    console.log("inner_ns", Math.round(waited * 1e6));
     console.log("stack", JSON.stringify(trace));
+    console.log("inner_ns", Math.round(waited * 1e6));
   } else {
     process.exit(0);
   }

@@ -60,6 +60,8 @@ pub struct LoaderStats {
     pub ready_ns: u64,
     /// Processes registered for Python frames (a CPython 3.11–3.13 found in their maps).
     pub python_processes: u64,
+    /// Processes running a CPython the walker does not know (native frames only).
+    pub python_unsupported: u64,
 }
 
 /// The tables of the processes in scope, built before the programs load so that the row
@@ -211,6 +213,8 @@ pub struct Loader {
     processes: BpfHashMap<MapData, u32, ProcessMappings>,
     /// Processes running a CPython the walker knows (`profiler_common::python`).
     python: BpfHashMap<MapData, u32, profiler_common::python::PyProcess>,
+    /// Processes noted as running a CPython the walker does not know.
+    unsupported_python: std::collections::HashSet<u32>,
     loaded: HashMap<u32, Instant>,
     pub stats: LoaderStats,
 }
@@ -262,6 +266,7 @@ impl Loader {
             placed: HashMap::new(),
             processes: BpfHashMap::try_from(processes)?,
             python: BpfHashMap::try_from(python)?,
+            unsupported_python: Default::default(),
             loaded: HashMap::new(),
             stats: LoaderStats {
                 row_capacity: u64::from(prepared.capacity),
@@ -319,6 +324,12 @@ impl Loader {
             && self.python.insert(pid, py, 0).is_ok()
         {
             self.stats.python_processes += 1;
+        } else if python.is_none()
+            && let Some(minor) = tables.iter().find_map(|m| m.python_unsupported)
+            && self.unsupported_python.insert(pid)
+        {
+            self.stats.python_unsupported += 1;
+            crate::symbolize::python::note_unsupported(pid, minor);
         }
         for (slot, mapping) in value.mappings.iter_mut().zip(tables) {
             let (first_row, rows) = match &mapping.file {
@@ -437,6 +448,7 @@ impl Probes {
             out.push((format!("unwind_table_{name}"), value));
         }
         out.push(("python_processes".to_string(), stats.python_processes));
+        out.push(("python_unsupported".to_string(), stats.python_unsupported));
         for (name, value) in read_counters(
             self.ebpf(),
             profiler_common::python::maps::COUNTERS,

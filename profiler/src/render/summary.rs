@@ -152,6 +152,14 @@ pub fn summary(capture: &Capture, top: usize) -> String {
             counter("python_notify_lost"),
         );
     }
+    if counter("python_unsupported") > 0 {
+        let _ = writeln!(
+            out,
+            "Python: {} processes run a CPython the walker does not know (it walks 3.11–3.13): \
+             native frames only",
+            counter("python_unsupported")
+        );
+    }
     if counter("perf_maps") + counter("perf_maps_refused") > 0 {
         let _ = writeln!(
             out,

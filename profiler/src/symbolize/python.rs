@@ -19,6 +19,11 @@ use crate::model::{Frame, FrameKind};
 /// The minor version of a CPython interpreter file by its name (`python3.12`,
 /// `libpython3.12.so.1.0`), for the versions the walker knows.
 pub fn interpreter_minor(path: &str) -> Option<u32> {
+    any_interpreter_minor(path).filter(|minor| (11..=13).contains(minor))
+}
+
+/// The minor version of any CPython 3 interpreter file, by its name.
+pub fn any_interpreter_minor(path: &str) -> Option<u32> {
     let name = path.rsplit('/').next()?;
     let rest = name
         .strip_prefix("libpython3.")
@@ -28,8 +33,20 @@ pub fn interpreter_minor(path: &str) -> Option<u32> {
     if !(tail.is_empty() || tail.starts_with(".so") || tail == "d" || tail.starts_with("d.so")) {
         return None;
     }
-    let minor: u32 = digits.parse().ok()?;
-    (11..=13).contains(&minor).then_some(minor)
+    digits.parse().ok()
+}
+
+/// One line, once per version and run, for a process whose CPython the walker does not know.
+pub fn note_unsupported(pid: u32, minor: u32) {
+    static NOTED: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+    let mut noted = NOTED.lock().unwrap_or_else(|e| e.into_inner());
+    if !noted.contains(&minor) {
+        noted.push(minor);
+        eprintln!(
+            "profiler: note: pid {pid} runs Python 3.{minor}; Python frames are walked for \
+             CPython 3.11–3.13 only, its stacks show the interpreter's native frames"
+        );
+    }
 }
 
 /// `_PyRuntime`'s address in the file (its ELF virtual address), from the dynamic symbols.
@@ -388,6 +405,7 @@ mod tests {
             Some(13)
         );
         assert_eq!(interpreter_minor("/usr/bin/python3.10"), None);
+        assert_eq!(any_interpreter_minor("/usr/bin/python3.10"), Some(10));
         assert_eq!(interpreter_minor("/usr/bin/python3.12-config"), None);
         assert_eq!(
             interpreter_minor("/usr/lib/x86_64-linux-gnu/libc.so.6"),

@@ -48,6 +48,8 @@ pub struct MappedTable {
     /// A CPython interpreter the kernel walker knows: its minor version and `_PyRuntime`'s
     /// ELF address (the process's address is that plus `bias`).
     pub python: Option<(u32, u64)>,
+    /// A CPython interpreter of a version the walker does not know (its minor version).
+    pub python_unsupported: Option<u32>,
 }
 
 /// What the cache did, for the capture's counters.
@@ -123,6 +125,10 @@ impl TableCache {
                 Some(minor) if bias.is_some() => self.interpreter(pid, &mapping, minor),
                 _ => None,
             };
+            let python_unsupported = crate::symbolize::python::any_interpreter_minor(mapping.path)
+                .filter(|minor| {
+                    crate::symbolize::python::interpreter_minor(mapping.path) != Some(*minor)
+                });
             out.push(MappedTable {
                 start: mapping.start,
                 end: mapping.end,
@@ -130,6 +136,7 @@ impl TableCache {
                 file: if bias.is_some() { file } else { None },
                 anonymous,
                 python,
+                python_unsupported,
             });
         }
         out.sort_by_key(|m| m.start);
