@@ -130,18 +130,24 @@ fn record(name: &str, command: &mut Command, py_spy: bool) -> Run {
     }
 }
 
+/// What `py-spy dump --pid PID` prints.
+fn py_spy_dump(pid: u32) -> String {
+    let output = Command::new(PY_SPY)
+        .args(["dump", "--pid", &pid.to_string()])
+        .output()
+        .unwrap_or_else(|err| panic!("{PY_SPY} (cargo xtask setup installs it): {err}"));
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "py-spy dump failed: {text}");
+    text
+}
+
 /// `py-spy dump --pid PID`: the main thread's frames, innermost first, as py-spy prints them
 /// (`inner (jit_python.py:20)`), taken while it is in `inner` (the workload sleeps there
 /// 99 % of the time; a dump that caught it between two sleeps is taken again).
 fn py_spy_chain(pid: u32) -> Vec<String> {
     for _ in 0..10 {
         std::thread::sleep(std::time::Duration::from_millis(150));
-        let output = Command::new(PY_SPY)
-            .args(["dump", "--pid", &pid.to_string()])
-            .output()
-            .unwrap_or_else(|err| panic!("{PY_SPY} (cargo xtask setup installs it): {err}"));
-        let text = String::from_utf8_lossy(&output.stdout);
-        assert!(output.status.success(), "py-spy dump failed: {text}");
+        let text = py_spy_dump(pid);
         // "    inner (jit_python.py:20)" per frame, after the "Thread …" line.
         let chain: Vec<String> = text
             .lines()
@@ -394,12 +400,7 @@ fn py_spy_threads(pid: u32, threads: usize) -> std::collections::BTreeMap<u32, V
     };
     for _ in 0..20 {
         std::thread::sleep(std::time::Duration::from_millis(100));
-        let output = Command::new(PY_SPY)
-            .args(["dump", "--pid", &pid.to_string()])
-            .output()
-            .unwrap_or_else(|err| panic!("{PY_SPY} (cargo xtask setup installs it): {err}"));
-        let text = String::from_utf8_lossy(&output.stdout);
-        assert!(output.status.success(), "py-spy dump failed: {text}");
+        let text = py_spy_dump(pid);
         let mut chains = std::collections::BTreeMap::new();
         let mut current: Option<(u32, Vec<String>)> = None;
         for line in text.lines() {
