@@ -115,7 +115,8 @@ pub const MAX_MAPPINGS: usize = 256;
 #[derive(Clone, Copy, Debug)]
 pub struct ProcessMappings {
     pub count: u32,
-    pub _pad: u32,
+    /// `PROCESS_PYTHON`: the process is in the Python walker's map, so walks look it up.
+    pub flags: u32,
     pub mappings: [UnwindMapping; MAX_MAPPINGS],
 }
 
@@ -123,11 +124,15 @@ impl Default for ProcessMappings {
     fn default() -> Self {
         Self {
             count: 0,
-            _pad: 0,
+            flags: 0,
             mappings: [UnwindMapping::default(); MAX_MAPPINGS],
         }
     }
 }
+
+/// `ProcessMappings::flags`: a CPython the walker knows runs in this process; only such
+/// processes pay the lookup in the Python walker's map.
+pub const PROCESS_PYTHON: u32 = 1;
 
 /// Frames kept per walked stack (the kernel's own stack maps keep 127 too).
 pub const MAX_FRAMES: usize = 127;

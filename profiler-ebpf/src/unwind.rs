@@ -29,9 +29,9 @@ use aya_ebpf::{
 };
 use profiler_common::unwind::{
     ANONYMOUS, CFA_END, CFA_FP, CFA_PLT, CFA_SIGNAL, CFA_SP, FP_SAME, FP_UNDEFINED, HOW_FP_STEP,
-    HOW_TRUNCATED, MAX_FRAMES, MAX_MAPPINGS, MODE_DWARF, MODE_FP, ProcessMappings, RA_OFFSET,
-    SEARCH_STEPS, TABLE_FULL, UNWOUND_STACK_BIT, UnwindMapping, UnwindRow, UnwoundStack, counter,
-    signal_frame,
+    HOW_TRUNCATED, MAX_FRAMES, MAX_MAPPINGS, MODE_DWARF, MODE_FP, PROCESS_PYTHON, ProcessMappings,
+    RA_OFFSET, SEARCH_STEPS, TABLE_FULL, UNWOUND_STACK_BIT, UnwindMapping, UnwindRow, UnwoundStack,
+    counter, signal_frame,
 };
 
 use aya_log_ebpf::{debug, warn};
@@ -228,8 +228,10 @@ pub fn walk(tgid: u32, regs: UserRegs) -> Option<i32> {
     if state.len == 0 {
         return Some(-14); // EFAULT, as bpf_get_stackid says for an unreadable stack
     }
-    // A Python process: its interpreter's frames after the native ones.
-    let python = crate::python::append(tgid, stack, &mut state.len, &mut state.hash);
+    // A Python process: its interpreter's frames after the native ones (the flag spares
+    // every other process the map lookup).
+    let python = mappings.flags & PROCESS_PYTHON != 0
+        && crate::python::append(tgid, stack, &mut state.len, &mut state.hash);
     let mut hash = state.hash ^ u64::from(state.len);
     hash ^= hash >> 33;
     hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);

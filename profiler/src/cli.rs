@@ -377,6 +377,11 @@ pub struct RecordArgs {
     /// frame pointers where no table covers the code) or fp (frame pointers only).
     #[arg(long, value_enum, default_value_t = UnwindMode::Dwarf)]
     pub unwind: UnwindMode,
+    /// Leave CPython's own frames out: a Python process's stacks show the interpreter's
+    /// native frames (`_PyEval_EvalFrameDefault`…) instead of its Python functions, and its
+    /// walks cost what any program's do.
+    #[arg(long)]
+    pub no_python_frames: bool,
     /// Print the eBPF programs' own diagnostics on stderr, up to this level (rare and
     /// rate-limited: e.g. an unwinding walk that stopped, with its pc and reason). Off: free.
     #[arg(long, value_enum, default_value_t = EbpfLogLevel::Off, value_name = "LEVEL")]
@@ -495,6 +500,7 @@ impl RecordArgs {
                 measure_overhead: self.measure_overhead,
                 exclude_self: !self.include_self,
                 unwind: self.unwind,
+                python_frames: !self.no_python_frames,
                 ebpf_log: self.ebpf_log,
             },
             state_name,

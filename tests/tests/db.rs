@@ -1171,3 +1171,159 @@ fn mysql_prepared_statements_on_the_wire_show_their_text() {
     );
     assert_eq!(ours["endpoint"], "unix");
 }
+
+/// What the ORM-shaped workload (`workloads/orm_nplus1.py`) issued and where.
+struct OrmRun {
+    capture: Value,
+    folded: String,
+    issued: Value,
+    lines: Value,
+}
+
+/// Runs the ORM-shaped workload under Debian's python3 with `args` (its backend), recorded
+/// with `--events db -p PID` from before its first query to after its last.
+fn record_orm(name: &str, args: &[&str]) -> OrmRun {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("workloads/orm_nplus1.py");
+    let mut workload = ReadyProcess::spawn(
+        std::process::Command::new("/usr/bin/python3")
+            .arg(&script)
+            .args(args),
+    );
+    let dir = temp_dir(name);
+    let recording = Recording::start(
+        &dir.join("out"),
+        &["--events", "db", "-p", &workload.pid, "--duration", "120s"],
+    );
+    workload.go();
+    let report: Value = serde_json::from_str(&workload.line().expect("report")).unwrap();
+    workload.finish();
+    let (capture, _) = recording.interrupt();
+    OrmRun {
+        capture,
+        folded: std::fs::read_to_string(dir.join("out/db.folded")).unwrap(),
+        issued: report["issued"].clone(),
+        lines: report["lines"].clone(),
+    }
+}
+
+/// The checks both ORM backends share: counts exact against the app's own, one N+1 suspect
+/// (25 runs of 30) whose code path names the Python method that issued the query at the
+/// line of its execute call, under the function that looped, with `innermost` (where the
+/// client library took the stack) below; the `[db]` frame of each query sits above the
+/// Python method that issued it in db.folded.
+fn check_orm(run: &OrmRun, source: &str, items: &str, list: &str, innermost: &str) {
+    let queries = run.capture["db"]["queries"].as_array().expect("db queries");
+    let calls = |fingerprint: &str| {
+        queries
+            .iter()
+            .filter(|q| q["source"] == source && q["fingerprint"] == fingerprint)
+            .map(|q| q["calls"].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    assert_eq!(
+        calls(items),
+        run.issued["items"].as_u64().unwrap(),
+        "{queries:?}"
+    );
+    assert_eq!(
+        calls(list),
+        run.issued["list"].as_u64().unwrap(),
+        "{queries:?}"
+    );
+    let items_at = format!(
+        "py::OrderRepository.items_for (orm_nplus1.py:{})",
+        run.lines["items"]
+    );
+    let list_at = format!(
+        "py::OrderRepository.order_ids (orm_nplus1.py:{})",
+        run.lines["list"]
+    );
+    let suspects: Vec<&Value> = run.capture["db"]["n_plus_one"]
+        .as_array()
+        .expect("n_plus_one")
+        .iter()
+        .filter(|s| s["source"] == source)
+        .collect();
+    println!("{suspects:#?}");
+    assert_eq!(suspects.len(), 1, "one code path: {suspects:?}");
+    let suspect = suspects[0];
+    assert_eq!(suspect["fingerprint"], items);
+    assert_eq!(
+        (
+            suspect["runs"].as_u64(),
+            suspect["longest_run"].as_u64(),
+            suspect["queries"].as_u64()
+        ),
+        (Some(25), Some(30), run.issued["items"].as_u64()),
+        "{suspect}"
+    );
+    let frames = frame_names(suspect);
+    let python: Vec<&str> = frames
+        .iter()
+        .copied()
+        .filter(|f| f.starts_with("py::"))
+        .collect();
+    assert_eq!(
+        python.last().copied(),
+        Some(items_at.as_str()),
+        "{frames:?}"
+    );
+    assert!(
+        python.len() >= 3
+            && python[python.len() - 2].starts_with("py::render_report (orm_nplus1.py:")
+            && python[python.len() - 3].starts_with("py::main (orm_nplus1.py:"),
+        "{frames:?}"
+    );
+    assert_eq!(frames.last().copied(), Some(innermost), "{frames:?}");
+    assert!(
+        frames.contains(&"__libc_start_main_impl") || frames.contains(&"__libc_start_call_main"),
+        "native frames down to libc's start: {frames:?}"
+    );
+    // db.folded: each query's `[db]` frame above the method that issued it.
+    for (method, fingerprint) in [(&items_at, items), (&list_at, list)] {
+        let leaf = format!(";[db] {fingerprint} ");
+        let stacks: Vec<&str> = run.folded.lines().filter(|l| l.contains(&leaf)).collect();
+        assert!(!stacks.is_empty(), "no {leaf:?} in\n{}", run.folded);
+        for stack in &stacks {
+            let last_python = stack.split(';').rfind(|f| f.starts_with("py::"));
+            assert_eq!(last_python, Some(method.as_str()), "{stack}");
+        }
+    }
+}
+
+/// The ORM N+1 through Python's sqlite3 module: the stack is taken at each execution's
+/// first sqlite3_step.
+#[test]
+fn orm_n_plus_one_through_sqlite3_names_the_python_method() {
+    require_root();
+    let run = record_orm("db-orm-sqlite", &["sqlite"]);
+    check_orm(
+        &run,
+        "sqlite",
+        "SELECT sku, qty FROM items WHERE order_id = ?",
+        "SELECT id FROM orders ORDER BY id LIMIT ?",
+        "sqlite3_step",
+    );
+}
+
+/// The ORM N+1 through psycopg2 (libpq's PQexec) against the test's PostgreSQL.
+#[test]
+fn orm_n_plus_one_through_psycopg2_names_the_python_method() {
+    require_root();
+    let cluster = PgCluster::start("orm");
+    let run = record_orm(
+        "db-orm-psycopg2",
+        &[
+            "postgres",
+            cluster.dir.to_str().unwrap(),
+            &cluster.port.to_string(),
+        ],
+    );
+    check_orm(
+        &run,
+        "libpq",
+        "SELECT sku, qty FROM items WHERE order_id = ?",
+        "SELECT id FROM orders ORDER BY id LIMIT ?",
+        "PQsendQuery",
+    );
+}

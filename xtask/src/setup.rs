@@ -92,6 +92,10 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
         "Python with its sqlite3 module (libsqlite3), the SQLite test workload",
     ),
     (
+        "python3-psycopg2",
+        "psycopg2 (on libpq), the ORM-shaped PostgreSQL workload",
+    ),
+    (
         "python3-venv",
         "a venv for the PyPI tools the tests use (py-spy)",
     ),

@@ -81,10 +81,9 @@ fn client_start(ctx: &ProbeContext, flags: u32) -> u32 {
         return 0;
     };
     unsafe {
-        (*scratch).start_ns = bpf_ktime_get_ns();
+        (*scratch).user_stack_id = issuing_stack(ctx);
         (*scratch).source = SOURCE_LIBPQ | (flags << 8);
         (*scratch).seq = seq;
-        (*scratch).user_stack_id = issuing_stack(ctx);
         let text = reg(ctx.regs as *const u8, &ARG2_REG) as *const u8;
         let len = if flags & FLAG_PREPARE != 0 {
             // Name, then the statement text after PREPARE_NAME_MAX bytes.
@@ -105,6 +104,8 @@ fn client_start(ctx: &ProbeContext, flags: u32) -> u32 {
             }
         };
         (*scratch).len = len.min(QUERY_MAX) as u32;
+        // The clock starts after the stack walk and the text read: neither is the query's.
+        (*scratch).start_ns = bpf_ktime_get_ns();
         let key = CommandKey {
             tgid,
             slot: seq % PIPELINE_SLOTS,

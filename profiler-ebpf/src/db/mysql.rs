@@ -60,11 +60,12 @@ fn mysql_start(ctx: &ProbeContext) -> u32 {
         return 0;
     };
     unsafe {
-        (*scratch).start_ns = bpf_ktime_get_ns();
         (*scratch).source = SOURCE_MYSQL;
         (*scratch).user_stack_id = issuing_stack(ctx);
         // The text is not NUL-terminated: its length is the third argument.
         (*scratch).len = read_counted_text(scratch, regs);
+        // The clock starts after the stack walk and the text read: neither is the query's.
+        (*scratch).start_ns = bpf_ktime_get_ns();
         if CLIENT_PENDING.insert(&key, &*scratch, 0).is_err() {
             count(counter::PENDING_MAP_FULL);
         }
@@ -229,10 +230,11 @@ pub fn mysql_stmt_execute(ctx: ProbeContext) -> u32 {
         let _ = MYSQL_EXEC.remove(&key);
         return 0;
     }
+    let user_stack_id = issuing_stack(&ctx);
     let exec = MysqlExec {
         start_ns: unsafe { bpf_ktime_get_ns() },
         executed_ns: 0,
-        user_stack_id: issuing_stack(&ctx),
+        user_stack_id,
         _pad: 0,
     };
     // In place for a statement executed before (the usual case): no LRU node allocation.

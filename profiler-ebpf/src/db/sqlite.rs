@@ -23,6 +23,9 @@ pub struct SqliteExec {
     in_step_ns: u64,
     /// Entry of the step in progress.
     step_ns: u64,
+    /// The user stack that stepped it first (the code path that ran the statement).
+    user_stack_id: i32,
+    _pad: u32,
 }
 
 #[map(name = "DB_SQLITE_PREPARE")]
@@ -143,7 +146,7 @@ fn sqlite_finish(tgid: u32, tid: u32, key: &ConnKey, exec: &SqliteExec, error: b
     unsafe {
         (*scratch).start_ns = exec.first_ns;
         (*scratch).source = SOURCE_SQLITE;
-        (*scratch).user_stack_id = -1;
+        (*scratch).user_stack_id = exec.user_stack_id;
         (*scratch).len = 0;
     }
     count(counter::QUERIES);
@@ -161,24 +164,29 @@ pub fn sqlite_step(ctx: ProbeContext) -> u32 {
         return 0;
     }
     let stmt = reg(ctx.regs as *const u8, &ARG1_REG);
-    let now = unsafe { bpf_ktime_get_ns() };
     let key = ConnKey {
         tgid,
         _pad: 0,
         conn: stmt,
     };
     if let Some(exec) = SQLITE_EXEC.get_ptr_mut(&key) {
-        unsafe { (*exec).step_ns = now };
+        unsafe { (*exec).step_ns = bpf_ktime_get_ns() };
     } else {
+        // The execution's first step: its text (when userspace lacks it) and its stack,
+        // before the clock starts (neither is the statement's time).
+        sqlite_text_from_statement(tgid, tid, &key);
+        let user_stack_id = issuing_stack(&ctx);
+        let now = unsafe { bpf_ktime_get_ns() };
         let exec = SqliteExec {
             first_ns: now,
             in_step_ns: 0,
             step_ns: now,
+            user_stack_id,
+            _pad: 0,
         };
         if SQLITE_EXEC.insert(&key, &exec, 0).is_err() {
             count(counter::PENDING_MAP_FULL);
         }
-        sqlite_text_from_statement(tgid, tid, &key);
     }
     enter_call(tid, stmt);
     0

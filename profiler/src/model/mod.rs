@@ -282,7 +282,8 @@ pub struct NPlusOne {
     /// Calls in those runs, and their time.
     pub queries: u64,
     pub total_ns: u64,
-    /// The code path of the first run, root first (client-side sources).
+    /// The code path, root first (client-side sources). Stacks that differ only in a Python
+    /// interpreter's own frames are one code path; this is the one most of its queries had.
     pub frames: Vec<Frame>,
 }
 

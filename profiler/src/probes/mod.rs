@@ -78,6 +78,8 @@ pub struct ProbeConfig {
     pub exclude_self: bool,
     /// How user stacks are walked (every family that takes one).
     pub unwind: unwind::UnwindMode,
+    /// Python frames walked in CPython processes (off: `--no-python-frames`).
+    pub python_frames: bool,
     /// Kernel-side diagnostics printed on stderr (`--ebpf-log`).
     pub ebpf_log: ebpf_log::EbpfLogLevel,
 }
@@ -101,6 +103,7 @@ impl Default for ProbeConfig {
             measure_overhead: false,
             exclude_self: false,
             unwind: unwind::UnwindMode::Dwarf,
+            python_frames: true,
             ebpf_log: ebpf_log::EbpfLogLevel::Off,
         }
     }
@@ -289,7 +292,7 @@ impl Probes {
                 || config.oncpu.is_some()
                 || config.syscalls.is_some()
                 || config.db.is_some()))
-        .then(|| unwind::prepare(&config.pids));
+        .then(|| unwind::prepare(&config.pids, config.python_frames));
         let unwind_mode = match unwind_tables {
             Some(_) => MODE_DWARF,
             None => MODE_FP,

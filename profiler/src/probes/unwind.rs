@@ -14,7 +14,8 @@ use anyhow::{Context as _, Result, bail};
 use aya::Ebpf;
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use profiler_common::unwind::{
-    ANONYMOUS, MAX_MAPPINGS, ProcessMappings, TABLE_FULL, UnwindMapping, UnwindRow, counter, maps,
+    ANONYMOUS, MAX_MAPPINGS, PROCESS_PYTHON, ProcessMappings, TABLE_FULL, UnwindMapping, UnwindRow,
+    counter, maps,
 };
 
 use super::{Probes, read_counters};
@@ -74,10 +75,13 @@ pub struct Prepared {
     later: Vec<u32>,
     pub capacity: u32,
     prepare_ns: u64,
+    /// Whether CPython processes are registered for the Python walker (`--no-python-frames`).
+    python_frames: bool,
 }
 
-/// Builds the tables of `pids`, or estimates those of every process when `pids` is empty.
-pub fn prepare(pids: &[u32]) -> Prepared {
+/// Builds the tables of `pids`, or estimates those of every process when `pids` is empty;
+/// `python_frames`: whether CPython processes get their Python frames walked.
+pub fn prepare(pids: &[u32], python_frames: bool) -> Prepared {
     let started = Instant::now();
     let own = std::process::id();
     let mut cache = cache().lock().unwrap_or_else(|e| e.into_inner());
@@ -111,6 +115,7 @@ pub fn prepare(pids: &[u32]) -> Prepared {
         later,
         capacity: (needed + SPARE_ROWS).min(MAX_ROWS) as u32,
         prepare_ns: started.elapsed().as_nanos() as u64,
+        python_frames,
     }
 }
 
@@ -215,6 +220,8 @@ pub struct Loader {
     python: BpfHashMap<MapData, u32, profiler_common::python::PyProcess>,
     /// Processes noted as running a CPython the walker does not know.
     unsupported_python: std::collections::HashSet<u32>,
+    /// Off with `--no-python-frames`: no process is registered for the Python walker.
+    python_frames: bool,
     loaded: HashMap<u32, Instant>,
     pub stats: LoaderStats,
 }
@@ -267,6 +274,7 @@ impl Loader {
             processes: BpfHashMap::try_from(processes)?,
             python: BpfHashMap::try_from(python)?,
             unsupported_python: Default::default(),
+            python_frames: prepared.python_frames,
             loaded: HashMap::new(),
             stats: LoaderStats {
                 row_capacity: u64::from(prepared.capacity),
@@ -317,19 +325,30 @@ impl Loader {
             self.stats.mappings_dropped += (tables.len() - MAX_MAPPINGS) as u64;
         }
         let python = tables.iter().find_map(|m| {
-            let (minor, runtime) = m.python?;
-            crate::symbolize::python::process_layout(minor, runtime.wrapping_add(m.bias))
+            let (minor, runtime) = m.python.filter(|_| self.python_frames)?;
+            let layout =
+                crate::symbolize::python::process_layout(pid, minor, runtime.wrapping_add(m.bias));
+            Some((minor, layout))
         });
-        if let Some(py) = python
-            && self.python.insert(pid, py, 0).is_ok()
-        {
-            self.stats.python_processes += 1;
-        } else if python.is_none()
-            && let Some(minor) = tables.iter().find_map(|m| m.python_unsupported)
+        let refused = match python {
+            Some((_, Ok(py))) => {
+                if self.python.insert(pid, py, 0).is_ok() {
+                    value.flags |= PROCESS_PYTHON;
+                    self.stats.python_processes += 1;
+                }
+                None
+            }
+            Some((minor, Err(why))) => Some((minor, Some(why))),
+            None => tables
+                .iter()
+                .find_map(|m| m.python_unsupported.filter(|_| self.python_frames))
+                .map(|minor| (minor, None)),
+        };
+        if let Some((minor, why)) = refused
             && self.unsupported_python.insert(pid)
         {
             self.stats.python_unsupported += 1;
-            crate::symbolize::python::note_unsupported(pid, minor);
+            crate::symbolize::python::note_unsupported(pid, minor, why.as_deref());
         }
         for (slot, mapping) in value.mappings.iter_mut().zip(tables) {
             let (first_row, rows) = match &mapping.file {

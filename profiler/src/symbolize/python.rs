@@ -4,7 +4,8 @@
 //! in place of the `_PyEval_EvalFrameDefault` call that ran it.
 //!
 //! The field offsets were taken with `offsetof` from each version's own internal headers
-//! (3.11.7, 3.12.1, 3.13.0) and are checked by `tests/jit.rs` against py-spy on every
+//! (3.11.7, 3.12.1, 3.13.0); 3.13's thread and interpreter offsets are read from the
+//! process's own `_Py_DebugOffsets`, which must agree with the rest. They are checked by `tests/jit.rs` against py-spy on every
 //! interpreter this machine has. Code objects are read from the process's memory while it
 //! lives; a process gone by the end of the capture keeps `[python code 0x…]` frames.
 
@@ -36,17 +37,44 @@ pub fn any_interpreter_minor(path: &str) -> Option<u32> {
     digits.parse().ok()
 }
 
-/// One line, once per version and run, for a process whose CPython the walker does not know.
-pub fn note_unsupported(pid: u32, minor: u32) {
+/// One line, once per version and run, for a process whose CPython the walker does not know
+/// (`why`: what refused a version it knows, e.g. its `_Py_DebugOffsets`).
+pub fn note_unsupported(pid: u32, minor: u32, why: Option<&str>) {
     static NOTED: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
     let mut noted = NOTED.lock().unwrap_or_else(|e| e.into_inner());
     if !noted.contains(&minor) {
         noted.push(minor);
-        eprintln!(
-            "profiler: note: pid {pid} runs Python 3.{minor}; Python frames are walked for \
-             CPython 3.11–3.13 only, its stacks show the interpreter's native frames"
-        );
+        match why {
+            None => eprintln!(
+                "profiler: note: pid {pid} runs Python 3.{minor}; Python frames are walked for \
+                 CPython 3.11–3.13 only, its stacks show the interpreter's native frames"
+            ),
+            Some(why) => eprintln!(
+                "profiler: note: pid {pid} runs Python 3.{minor} but {why}; its stacks show \
+                 the interpreter's native frames"
+            ),
+        }
     }
+}
+
+/// A stack's code path as the Python program sees it: its frames, less those in the
+/// interpreter's own file below the first Python frame. Those are the interpreter's calling
+/// machinery, which changes as its adaptive interpreter specializes a call site (the first
+/// executions of `cursor.execute(…)` go through `PyObject_Vectorcall`, later ones call
+/// the C method directly): one line of Python, one code path.
+pub fn code_path(frames: &[Frame]) -> Vec<&str> {
+    let mut python = false;
+    frames
+        .iter()
+        .filter(|f| {
+            python |= f.name.starts_with("py::");
+            !(python
+                && f.module
+                    .as_deref()
+                    .is_some_and(|m| any_interpreter_minor(m).is_some()))
+        })
+        .map(|f| f.name.as_str())
+        .collect()
 }
 
 /// `_PyRuntime`'s address in the file (its ELF virtual address), from the dynamic symbols.
@@ -60,26 +88,110 @@ pub fn runtime_symbol(path: &Path) -> Option<u64> {
         .map(|s| s.address())
 }
 
-/// Where the walker finds threads and frames in CPython 3.`minor`, `_PyRuntime` being at
-/// `runtime` in the process.
-pub fn process_layout(minor: u32, runtime: u64) -> Option<PyProcess> {
-    let (interpreters_head, threads_head, native_id, thread_frame, cframe_frame, layout) =
-        match minor {
-            11 => (40, 16, 160, 56, 8, LAYOUT_311),
-            12 => (40, 72, 144, 56, 0, LAYOUT_312),
-            13 => (632, 7344, 160, 72, NO_FIELD, LAYOUT_312),
-            _ => return None,
-        };
-    Some(PyProcess {
+/// Where the walker finds threads and frames in CPython 3.`minor` in process `pid`,
+/// `_PyRuntime` being at `runtime` there. 3.13 says where itself (`_Py_DebugOffsets`, read
+/// from the process); 3.11 and 3.12 come from the table. `Err`: why not (one line).
+pub fn process_layout(pid: u32, minor: u32, runtime: u64) -> Result<PyProcess, String> {
+    let (
+        interpreters_head,
+        threads_head,
+        thread_next,
+        native_id,
+        thread_frame,
+        cframe_frame,
+        layout,
+    ) = match minor {
+        11 => (40, 16, 8, 160, 56, 8, LAYOUT_311),
+        12 => (40, 72, 8, 144, 56, 0, LAYOUT_312),
+        13 => {
+            let mem = std::fs::File::open(format!("/proc/{pid}/mem"))
+                .map_err(|e| format!("cannot open its memory: {e}"))?;
+            let raw = read_at(&mem, runtime, DEBUG_OFFSETS_WORDS * 8)
+                .ok_or("cannot read its _PyRuntime")?;
+            let o = debug_offsets_313(&raw)?;
+            (
+                o.interpreters_head,
+                o.threads_head,
+                o.thread_next,
+                o.native_thread_id,
+                o.current_frame,
+                NO_FIELD,
+                LAYOUT_312,
+            )
+        }
+        _ => return Err(format!("CPython 3.{minor} is not walked")),
+    };
+    Ok(PyProcess {
         runtime,
         interpreters_head,
         threads_head,
-        thread_next: 8,
+        thread_next,
         thread_native_id: native_id,
         thread_frame,
         cframe_frame,
         frame_layout: layout,
         _pad: 0,
+    })
+}
+
+/// The 64-bit words of 3.13's `_Py_DebugOffsets` read (through `code_object`).
+const DEBUG_OFFSETS_WORDS: usize = 44;
+
+/// The offsets the walker takes from 3.13's `_Py_DebugOffsets`.
+#[derive(Debug, PartialEq, Eq)]
+struct DebugOffsets {
+    interpreters_head: u32,
+    threads_head: u32,
+    thread_next: u32,
+    native_thread_id: u32,
+    current_frame: u32,
+}
+
+/// 3.13's `_Py_DebugOffsets` (the first field of `_PyRuntime`; its layout is fixed within a
+/// minor version). Where the walker and the code-object reader use fixed offsets (the frame
+/// and code fields), they must agree with it; the thread and interpreter offsets, which
+/// vary with build options, are taken from it.
+fn debug_offsets_313(raw: &[u8]) -> Result<DebugOffsets, String> {
+    let word = |i: usize| u64_at(raw, i as u64 * 8);
+    if &raw[..8] != b"xdebugpy" {
+        return Err("its _PyRuntime has no _Py_DebugOffsets cookie".into());
+    }
+    let version = word(1);
+    if version >> 16 != 0x030d {
+        return Err(format!("its _Py_DebugOffsets say version {version:#x}"));
+    }
+    if word(2) != 0 {
+        return Err("it is a free-threaded build".into());
+    }
+    // interpreter_frame: size, previous, executable, instr_ptr, localsplus, owner;
+    // code_object: size, filename, name, qualname, linetable, firstlineno, …, co_code_adaptive.
+    let code = code_layout(13).expect("3.13 layout");
+    let expected = [
+        (29, 8, "_PyInterpreterFrame.previous"),
+        (30, 0, "_PyInterpreterFrame.f_executable"),
+        (31, 56, "_PyInterpreterFrame.instr_ptr"),
+        (33, 70, "_PyInterpreterFrame.owner"),
+        (35, code.filename, "co_filename"),
+        (37, code.qualname, "co_qualname"),
+        (38, code.linetable, "co_linetable"),
+        (39, code.firstlineno, "co_firstlineno"),
+        (43, code.code_adaptive, "co_code_adaptive"),
+    ];
+    for (index, want, field) in expected {
+        if word(index) != want {
+            return Err(format!(
+                "its _Py_DebugOffsets put {field} at {}, not {want}",
+                word(index)
+            ));
+        }
+    }
+    let small = |i: usize| u32::try_from(word(i)).map_err(|_| format!("offset {i} too large"));
+    Ok(DebugOffsets {
+        interpreters_head: small(5)?,
+        threads_head: small(9)?,
+        thread_next: small(21)?,
+        native_thread_id: small(25)?,
+        current_frame: small(23)?,
     })
 }
 
@@ -392,6 +504,53 @@ pub fn process_minor(paths: impl Iterator<Item = impl AsRef<str>>) -> Option<u32
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A 3.13.0 `_Py_DebugOffsets` as pyenv's build has it (through `code_object`).
+    fn debug_offsets_3130() -> Vec<u8> {
+        let mut words = [0u64; DEBUG_OFFSETS_WORDS];
+        words[1] = 0x030d_00f0;
+        words[5] = 632; // runtime_state.interpreters_head
+        words[9] = 7344; // interpreter_state.threads_head
+        words[21] = 8; // thread_state.next
+        words[23] = 72; // thread_state.current_frame
+        words[25] = 160; // thread_state.native_thread_id
+        for (i, v) in [(29, 8), (30, 0), (31, 56), (33, 70)] {
+            words[i] = v; // interpreter_frame
+        }
+        for (i, v) in [(35, 112), (37, 128), (38, 136), (39, 68), (43, 200)] {
+            words[i] = v; // code_object
+        }
+        let mut raw: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        raw[..8].copy_from_slice(b"xdebugpy");
+        raw
+    }
+
+    #[test]
+    fn python_313_offsets_come_from_its_debug_offsets() {
+        let raw = debug_offsets_3130();
+        assert_eq!(
+            debug_offsets_313(&raw),
+            Ok(DebugOffsets {
+                interpreters_head: 632,
+                threads_head: 7344,
+                thread_next: 8,
+                native_thread_id: 160,
+                current_frame: 72,
+            })
+        );
+        let mut moved = raw.clone();
+        moved[33 * 8] = 71;
+        assert_eq!(
+            debug_offsets_313(&moved),
+            Err("its _Py_DebugOffsets put _PyInterpreterFrame.owner at 71, not 70".into())
+        );
+        let mut free_threaded = raw.clone();
+        free_threaded[2 * 8] = 1;
+        assert!(debug_offsets_313(&free_threaded).is_err());
+        let mut no_cookie = raw;
+        no_cookie[0] = b'y';
+        assert!(debug_offsets_313(&no_cookie).is_err());
+    }
 
     #[test]
     fn interpreters_are_known_by_name() {

@@ -351,10 +351,100 @@ pub(crate) fn profile(
             frames,
         });
     }
+    profile.n_plus_one = merge_code_paths(std::mem::take(&mut profile.n_plus_one));
     Ok(profile)
+}
+
+/// One suspect per code path: suspects of one process, source and fingerprint whose stacks
+/// differ only in a Python interpreter's calling machinery (`python::code_path`) are one.
+/// The merged suspect shows the stack of the one with the most queries.
+fn merge_code_paths(suspects: Vec<NPlusOne>) -> Vec<NPlusOne> {
+    let mut merged: Vec<NPlusOne> = Vec::with_capacity(suspects.len());
+    for suspect in suspects {
+        let path = crate::symbolize::python::code_path(&suspect.frames);
+        let same = merged.iter_mut().find(|m| {
+            (m.pid, &m.source, &m.fingerprint)
+                == (suspect.pid, &suspect.source, &suspect.fingerprint)
+                && crate::symbolize::python::code_path(&m.frames) == path
+        });
+        let Some(into) = same else {
+            merged.push(suspect);
+            continue;
+        };
+        if suspect.queries > into.queries {
+            into.frames = suspect.frames;
+            into.tid = suspect.tid;
+        }
+        into.runs += suspect.runs;
+        into.queries += suspect.queries;
+        into.total_ns += suspect.total_ns;
+        into.longest_run = into.longest_run.max(suspect.longest_run);
+    }
+    merged.sort_by(|a, b| {
+        b.queries
+            .cmp(&a.queries)
+            .then(a.fingerprint.cmp(&b.fingerprint))
+    });
+    merged
 }
 #[cfg(test)]
 mod tests {
+    use crate::model::{Frame, FrameKind, NPlusOne};
+
+    fn frame(name: &str, module: &str) -> Frame {
+        Frame {
+            name: name.to_string(),
+            kind: FrameKind::User,
+            module: Some(module.to_string()),
+            offset: None,
+            inlined: false,
+            unresolved: false,
+        }
+    }
+
+    /// The first executions of a Python call site go through the interpreter's generic call
+    /// path, later ones through its specialized one: one code path, one suspect.
+    #[test]
+    fn suspects_differing_only_in_the_interpreters_frames_are_one() {
+        let python = "/usr/bin/python3.11";
+        let script = "/srv/app.py";
+        let generic = vec![
+            frame("Py_RunMain", python),
+            frame("py::main (app.py:9)", script),
+            frame("py::Repo.items (app.py:4)", script),
+            frame("PyObject_Vectorcall", python),
+            frame("_sqlite3.so+0xbec3", "/usr/lib/_sqlite3.so"),
+            frame("sqlite3_step", "/usr/lib/libsqlite3.so.0"),
+        ];
+        let mut specialized = generic.clone();
+        specialized.remove(3);
+        let mut elsewhere = specialized.clone();
+        elsewhere[2] = frame("py::Repo.other (app.py:7)", script);
+        let suspect = |frames: Vec<Frame>, runs: u64| NPlusOne {
+            pid: 7,
+            source: "sqlite".into(),
+            fingerprint: "SELECT ?".into(),
+            runs,
+            longest_run: 30,
+            queries: 30 * runs,
+            total_ns: 1000 * runs,
+            frames,
+            ..NPlusOne::default()
+        };
+        let merged = super::merge_code_paths(vec![
+            suspect(generic, 1),
+            suspect(specialized.clone(), 24),
+            suspect(elsewhere.clone(), 2),
+        ]);
+        assert_eq!(merged.len(), 2, "{merged:#?}");
+        assert_eq!(
+            (merged[0].runs, merged[0].queries, merged[0].total_ns),
+            (25, 750, 25_000)
+        );
+        assert_eq!(merged[0].frames, specialized, "the stack most queries had");
+        assert_eq!(merged[1].frames, elsewhere);
+    }
+
     #[test]
     fn proc_net_addresses_decode() {
         assert_eq!(

@@ -421,14 +421,15 @@ impl Probes {
             Ok(n)
         }
         let ebpf = self.ebpf();
-        let range = (from, until);
         // Keys: (thread), (process, connection), (process, slot, connection), (process, fd).
+        // MysqlExec: start, executed, stack id; SqliteExec: first step, in step, step, stack id.
+        let range = (from, until);
         Ok(started::<u32, DbPending>(ebpf, maps::PENDING, range)?
             + started::<[u8; 16], DbPending>(ebpf, maps::CLIENT_PENDING, range)?
             + started::<[u8; 16], DbPending>(ebpf, maps::LIBPQ_COMMANDS, range)?
             + started::<[u8; 8], DbPending>(ebpf, maps::WIRE_PENDING, range)?
             + started::<[u8; 16], [u64; 3]>(ebpf, maps::MYSQL_EXEC, range)?
-            + started::<[u8; 16], [u64; 3]>(ebpf, maps::SQLITE_EXEC, range)?
+            + started::<[u8; 16], [u64; 4]>(ebpf, maps::SQLITE_EXEC, range)?
             + started::<u32, DbPending>(ebpf, maps::PG_EXTENDED, range)?)
     }
 }
