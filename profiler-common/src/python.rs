@@ -82,7 +82,9 @@ pub mod counter {
     /// New-stack notices the ring buffer had no room for (their code objects are read at
     /// the next interval or the end instead).
     pub const NOTIFY_LOST: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// ns spent in Python walks (only with `--measure-overhead`: timing them costs too).
+    pub const WALK_NS: u32 = 6;
+    pub const COUNT: u32 = 7;
 
     pub const NAMES: [&str; COUNT as usize] = [
         "walks",
@@ -91,6 +93,7 @@ pub mod counter {
         "unreadable",
         "truncated",
         "notify_lost",
+        "walk_ns",
     ];
 }
 

@@ -1,7 +1,8 @@
 //! CPython frames appended to a walked user stack (`profiler_common::python` has the format).
 //!
-//! Per walk of a registered Python process: the current thread's `PyThreadState` is looked up
-//! in the interpreter's thread list (a `bpf_loop` step per thread), then its frame chain is
+//! Per walk of a registered Python process: the current thread's `PyThreadState` is the one
+//! remembered from its last walk (when it still names the thread) or is looked up in the
+//! interpreter's thread list (a `bpf_loop` step per thread), then its frame chain is
 //! followed (a `bpf_loop` step per frame, one 72-byte read each). Both loops are bounded;
 //! every way they end early is counted.
 
@@ -9,9 +10,11 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_loop},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, generated::bpf_loop,
+    },
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use profiler_common::python::{
     ENTRY_BIT, LAYOUT_311, MAX_PY_FRAMES, MAX_THREADS, NO_FIELD, OWNED_BY_CSTACK, PY_MARKER,
@@ -22,6 +25,11 @@ use profiler_common::unwind::{MAX_FRAMES, UnwoundStack};
 /// tgid → where its interpreter keeps its threads and frames (userspace fills it).
 #[map(name = "PY_PROCESSES")]
 static PROCESSES: HashMap<u32, PyProcess> = HashMap::with_max_entries(4096, BPF_F_NO_PREALLOC);
+
+/// tid → its `PyThreadState` at its last walk (checked before use: the thread list is
+/// searched again when it no longer names the thread).
+#[map(name = "PY_THREADS")]
+static THREADS: LruHashMap<u32, u64> = LruHashMap::with_max_entries(16384, 0);
 
 #[map(name = "PY_NEW_STACKS")]
 static NEW_STACKS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
@@ -156,41 +164,40 @@ fn step(walk: &mut FrameWalk) -> Option<()> {
     Some(())
 }
 
+/// 1 with `--measure-overhead`: walks are timed (`counter::WALK_NS`).
+#[unsafe(no_mangle)]
+static PY_TIMED: u32 = 0;
+
 /// Appends the current thread's Python frames to `stack` (its native frames take `len`
 /// slots), updating `len` and `hash`, when `tgid` is a registered Python process (returns
-/// whether it is). A BPF
-/// subprogram of its own: inlined, its state pushed the walking programs past the 512-byte
-/// stack.
-#[inline(never)]
+/// whether it is); timed when `PY_TIMED` says so.
+#[inline(always)]
 pub fn append(tgid: u32, stack: *mut UnwoundStack, len: &mut u32, hash: &mut u64) -> bool {
+    if crate::common::config(&PY_TIMED) == 0 {
+        return append_frames(tgid, stack, len, hash);
+    }
+    let start = unsafe { bpf_ktime_get_ns() };
+    let python = append_frames(tgid, stack, len, hash);
+    count_by(
+        counter::WALK_NS,
+        unsafe { bpf_ktime_get_ns() }.wrapping_sub(start),
+    );
+    python
+}
+
+/// `append`'s walk. A BPF subprogram of its own: inlined, its state pushed the walking
+/// programs past the 512-byte stack.
+#[inline(never)]
+fn append_frames(tgid: u32, stack: *mut UnwoundStack, len: &mut u32, hash: &mut u64) -> bool {
     let Some(py) = (unsafe { PROCESSES.get(&tgid) }) else {
         return false;
     };
     count(counter::WALKS);
-    let Some(tstate) = first_thread(py) else {
-        count(counter::UNREADABLE);
+    let tid = bpf_get_current_pid_tgid() & 0xffff_ffff;
+    let Some(tstate) = thread_state(py, tid) else {
         return true;
     };
-    let mut search = ThreadSearch {
-        tstate,
-        tid: bpf_get_current_pid_tgid() & 0xffff_ffff,
-        next: u64::from(py.thread_next),
-        native_id: u64::from(py.thread_native_id),
-        found: 0,
-    };
-    unsafe {
-        bpf_loop(
-            MAX_THREADS,
-            thread_step as *const () as *mut c_void,
-            &mut search as *mut ThreadSearch as *mut c_void,
-            0,
-        );
-    }
-    if search.found == 0 {
-        count(counter::NO_THREAD);
-        return true;
-    }
-    let frame = match read(search.tstate.wrapping_add(u64::from(py.thread_frame))) {
+    let frame = match read(tstate.wrapping_add(u64::from(py.thread_frame))) {
         Some(frame) if py.cframe_frame == NO_FIELD => frame,
         Some(cframe) if cframe != 0 => {
             read(cframe.wrapping_add(u64::from(py.cframe_frame))).unwrap_or(0)
@@ -229,6 +236,45 @@ pub fn append(tgid: u32, stack: *mut UnwoundStack, len: &mut u32, hash: &mut u64
     *len = walk.len;
     *hash = walk.hash;
     true
+}
+
+/// The `PyThreadState` of thread `tid`: the one it had at its last walk when that one still
+/// says it is `tid` (one read), else searched for in the interpreter's thread list (two
+/// reads, then two per thread) and remembered. `None`: counted why.
+#[inline(always)]
+fn thread_state(py: &PyProcess, tid: u64) -> Option<u64> {
+    let native_id = u64::from(py.thread_native_id);
+    let key = tid as u32;
+    if let Some(&tstate) = unsafe { THREADS.get(&key) }
+        && read(tstate.wrapping_add(native_id)) == Some(tid)
+    {
+        return Some(tstate);
+    }
+    let Some(tstate) = first_thread(py) else {
+        count(counter::UNREADABLE);
+        return None;
+    };
+    let mut search = ThreadSearch {
+        tstate,
+        tid,
+        next: u64::from(py.thread_next),
+        native_id,
+        found: 0,
+    };
+    unsafe {
+        bpf_loop(
+            MAX_THREADS,
+            thread_step as *const () as *mut c_void,
+            &mut search as *mut ThreadSearch as *mut c_void,
+            0,
+        );
+    }
+    if search.found == 0 {
+        count(counter::NO_THREAD);
+        return None;
+    }
+    let _ = THREADS.insert(&key, &search.tstate, 0);
+    Some(search.tstate)
 }
 
 #[inline(always)]

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [offcpu|all|db|daemon|diff|busy-host|syscalls]`: overhead measured as ratios against a baseline run in the
+//! `cargo xtask bench [offcpu|all|db|daemon|diff|busy-host|syscalls|python]`: overhead measured as ratios against a baseline run in the
 //! same invocation, alternating the variants so drift hits them all alike.
 //!
 //! offcpu: cost per operation of `perf bench sched pipe` (two tasks ping-ponging through a
@@ -21,6 +21,7 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::workspace_root;
 
+mod python;
 mod syscalls;
 
 pub fn run(args: &[String]) -> Result<()> {
@@ -32,6 +33,7 @@ pub fn run(args: &[String]) -> Result<()> {
         Some("daemon") => daemon(),
         Some("busy-host") => busy_host(),
         Some("syscalls") => syscalls::run(),
+        Some("python") => python::run(),
         None => {
             offcpu()?;
             all_families()?;
@@ -41,7 +43,7 @@ pub fn run(args: &[String]) -> Result<()> {
         Some(other) => {
             bail!(
                 "unknown benchmark {other:?} (available: offcpu, all, db, daemon, diff, \
-                 busy-host, syscalls)"
+                 busy-host, syscalls, python)"
             )
         }
     }

@@ -298,6 +298,7 @@ impl Probes {
             None => MODE_FP,
         };
         global(&mut globals, "UNWIND_MODE", unwind_mode);
+        global(&mut globals, "PY_TIMED", u32::from(config.measure_overhead));
         global(
             &mut globals,
             "UNWIND_LOG",
