@@ -3,14 +3,16 @@
 //!
 //! For a process registered in `PY_PROCESSES` (by userspace, which found `_PyRuntime` in its
 //! interpreter's symbols), the walker finds the current thread's `PyThreadState` (the
-//! interpreter's thread list, by `native_thread_id`), then follows its `_PyInterpreterFrame`
-//! chain from the innermost frame. After the native frames of the walked stack it writes
+//! interpreter's thread list, by `native_thread_id`; 3.8–3.10 by `thread_id`, its pthread),
+//! then follows its `_PyInterpreterFrame` chain (3.8–3.10: `PyFrameObject`) from the innermost
+//! frame. After the native frames of the walked stack it writes
 //! `PY_MARKER`, then two words per Python frame, innermost first: the code object's address
 //! (`ENTRY_BIT` set on the outermost frame of each C-level call of the eval loop), and the
-//! address of the instruction it was at. Userspace reads the code objects' names from the
+//! address of the instruction it was at (3.8–3.10: its byte offset in `co_code`,
+//! `u32::MAX` before the first instruction). Userspace reads the code objects' names from the
 //! process and puts each group of Python frames in place of its `_PyEval_EvalFrameDefault`.
 
-/// Where the fields are in one CPython version (x86_64 and aarch64 alike: LP64).
+/// Where the fields are in one CPython version (LP64; 3.8–3.10's thread match is x86-64's).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PyProcess {
@@ -27,13 +29,24 @@ pub struct PyProcess {
     pub thread_frame: u32,
     /// `_PyCFrame.current_frame`; `NO_FIELD` when `thread_frame` is the frame itself.
     pub cframe_frame: u32,
-    /// `LAYOUT_311` or `LAYOUT_312`: where `_PyInterpreterFrame`'s fields are.
+    /// `LAYOUT_38`, `LAYOUT_310`, `LAYOUT_311` or `LAYOUT_312`: where the frame's fields are.
     pub frame_layout: u32,
-    pub _pad: u32,
+    /// How a thread state names its thread: `MATCH_NATIVE_ID` (`native_thread_id` is the
+    /// tid, 3.11+) or `MATCH_PTHREAD` (`thread_id` is its `pthread_t`, the thread pointer:
+    /// the task's fs base on x86-64; 3.8–3.10). `thread_native_id` is that field's offset.
+    pub thread_match: u32,
 }
+
+pub const MATCH_NATIVE_ID: u32 = 0;
+pub const MATCH_PTHREAD: u32 = 1;
 
 pub const NO_FIELD: u32 = u32::MAX;
 
+/// 3.8 and 3.9: a `PyFrameObject` chain, f_back at 24, f_code at 32, f_lasti (int, a byte
+/// offset in co_code) at 104. Each frame is one C-level call of the eval loop.
+pub const LAYOUT_38: u32 = 38;
+/// 3.10: as 3.8, with f_lasti at 96 counting code units (2 bytes each).
+pub const LAYOUT_310: u32 = 310;
 /// 3.11: f_code at 32, previous at 48, prev_instr at 56, is_entry at 68, owner at 69.
 pub const LAYOUT_311: u32 = 311;
 /// 3.12 and 3.13: f_code/f_executable at 0, previous at 8, prev_instr/instr_ptr at 56,

@@ -11,14 +11,15 @@ use core::ffi::c_void;
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, generated::bpf_loop,
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_user, generated::bpf_loop,
     },
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use profiler_common::python::{
-    ENTRY_BIT, LAYOUT_311, MAX_PY_FRAMES, MAX_THREADS, NO_FIELD, OWNED_BY_CSTACK, PY_MARKER,
-    PyNewStack, PyProcess, counter,
+    ENTRY_BIT, LAYOUT_38, LAYOUT_310, LAYOUT_311, MATCH_PTHREAD, MAX_PY_FRAMES, MAX_THREADS,
+    NO_FIELD, OWNED_BY_CSTACK, PY_MARKER, PyNewStack, PyProcess, counter,
 };
 use profiler_common::unwind::{MAX_FRAMES, UnwoundStack};
 
@@ -122,6 +123,9 @@ extern "C" fn frame_step(_index: u64, ctx: *mut c_void) -> i64 {
 fn step(walk: &mut FrameWalk) -> Option<()> {
     if walk.frame == 0 {
         return None;
+    }
+    if walk.layout == LAYOUT_38 || walk.layout == LAYOUT_310 {
+        return frame_object_step(walk);
     }
     let Ok(raw) = (unsafe { bpf_probe_read_user(walk.frame as *const [u64; 9]) }) else {
         walk.cut = counter::UNREADABLE;
@@ -245,8 +249,14 @@ fn append_frames(tgid: u32, stack: *mut UnwoundStack, len: &mut u32, hash: &mut 
 fn thread_state(py: &PyProcess, tid: u64) -> Option<u64> {
     let native_id = u64::from(py.thread_native_id);
     let key = tid as u32;
+    // What the thread state holds for this thread: its tid, or (3.8–3.10) its pthread_t.
+    let want = if py.thread_match == MATCH_PTHREAD {
+        thread_pointer()
+    } else {
+        tid
+    };
     if let Some(&tstate) = unsafe { THREADS.get(&key) }
-        && read(tstate.wrapping_add(native_id)) == Some(tid)
+        && read(tstate.wrapping_add(native_id)) == Some(want)
     {
         return Some(tstate);
     }
@@ -256,7 +266,7 @@ fn thread_state(py: &PyProcess, tid: u64) -> Option<u64> {
     };
     let mut search = ThreadSearch {
         tstate,
-        tid,
+        tid: want,
         next: u64::from(py.thread_next),
         native_id,
         found: 0,
@@ -277,6 +287,22 @@ fn thread_state(py: &PyProcess, tid: u64) -> Option<u64> {
     Some(search.tstate)
 }
 
+/// Where `task_struct.thread.fsbase` is (from BTF; 0: unknown).
+#[unsafe(no_mangle)]
+static TASK_FSBASE_OFF: u32 = 0;
+
+/// The current thread's thread pointer (x86-64: its fs base), which glibc's `pthread_self()`
+/// returns and CPython 3.8–3.10 keep as `PyThreadState.thread_id`; 0 when unknown.
+#[inline(always)]
+fn thread_pointer() -> u64 {
+    let off = crate::common::config(&TASK_FSBASE_OFF);
+    if off == 0 {
+        return 0;
+    }
+    let task = unsafe { bpf_get_current_task() };
+    unsafe { bpf_probe_read_kernel((task + u64::from(off)) as *const u64) }.unwrap_or(0)
+}
+
 #[inline(always)]
 fn first_thread(py: &PyProcess) -> Option<u64> {
     let interpreter = read(py.runtime.wrapping_add(u64::from(py.interpreters_head)))?;
@@ -284,4 +310,37 @@ fn first_thread(py: &PyProcess) -> Option<u64> {
         return None;
     }
     read(interpreter.wrapping_add(u64::from(py.threads_head)))
+}
+
+/// One `PyFrameObject` (3.8–3.10): f_back at 24, f_code at 32, f_lasti at 104 (3.8, 3.9:
+/// bytes) or 96 (3.10: code units). Each is one call of the eval loop: all are entries.
+#[inline(always)]
+fn frame_object_step(walk: &mut FrameWalk) -> Option<()> {
+    let Ok(raw) = (unsafe { bpf_probe_read_user(walk.frame as *const [u64; 14]) }) else {
+        walk.cut = counter::UNREADABLE;
+        return None;
+    };
+    let (previous, code) = (raw[3], raw[4]);
+    let lasti = if walk.layout == LAYOUT_310 {
+        (raw[12] as u32 as i32).wrapping_mul(2)
+    } else {
+        raw[13] as u32 as i32
+    };
+    walk.frame = previous;
+    let at = walk.len as usize;
+    if at + 1 >= MAX_FRAMES {
+        walk.cut = counter::TRUNCATED;
+        return None;
+    }
+    let code = code | ENTRY_BIT;
+    // Before its first instruction (-1): u32::MAX.
+    let instr = u64::from(lasti.max(-1) as u32);
+    let stack = unsafe { &mut *walk.stack };
+    stack.frames[at] = code;
+    stack.frames[at + 1] = instr;
+    walk.hash = (walk.hash ^ code).wrapping_mul(0x0000_0100_0000_01b3);
+    walk.hash = (walk.hash ^ instr).wrapping_mul(0x0000_0100_0000_01b3);
+    walk.len += 2;
+    walk.recorded += 1;
+    Some(())
 }

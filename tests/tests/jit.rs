@@ -320,6 +320,23 @@ fn python_interpreter_frames(python: &Path, what: &str) {
     assert_time_matches(&run, &stacks, what);
 }
 
+/// 3.8–3.10: a `PyFrameObject` chain, the thread found by its pthread_t (the fs base), lines
+/// from `co_lnotab` (3.8, 3.9) and 3.10's `co_linetable`; functions by `co_name`, as py-spy.
+#[test]
+fn python_3_8_frames_are_walked_in_the_kernel_like_py_spys() {
+    python_interpreter_frames(&pyenv_python("3.8"), "python3.8");
+}
+
+#[test]
+fn python_3_9_frames_are_walked_in_the_kernel_like_py_spys() {
+    python_interpreter_frames(&pyenv_python("3.9"), "python3.9");
+}
+
+#[test]
+fn python_3_10_frames_are_walked_in_the_kernel_like_py_spys() {
+    python_interpreter_frames(&pyenv_python("3.10"), "python3.10");
+}
+
 #[test]
 fn python_3_11_frames_are_walked_in_the_kernel_like_py_spys() {
     python_interpreter_frames(&pyenv_python("3.11"), "python3.11");
@@ -503,15 +520,15 @@ fn python_generators_and_thread_pools_are_walked_like_py_spys() {
     }
 }
 
-/// A CPython the walker does not know (pyenv's 3.10): the summary says so on one line, the
+/// A CPython the walker does not know (pyenv's 3.7): the summary says so on one line, the
 /// counter counts the process, and its stacks keep their native frames down to `_start`.
 #[test]
 fn an_unknown_python_version_is_said_and_keeps_native_frames() {
     require_root();
-    let python = pyenv_python("3.10");
+    let python = pyenv_python("3.7");
     let file = workload("jit_python.py");
     let run = record(
-        "jit-python3.10",
+        "jit-python3.7",
         Command::new(&python).args([&file, "10", &BLOCK_MS.to_string()]),
         false,
     );
@@ -534,6 +551,6 @@ fn an_unknown_python_version_is_said_and_keeps_native_frames() {
         stacks_of(&run.capture, run.pid)
             .iter()
             .any(|s| frame_names(s).first() == Some(&"_start")),
-        "no stack of python3.10 reaches _start"
+        "no stack of python3.7 reaches _start"
     );
 }

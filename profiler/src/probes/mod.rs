@@ -263,6 +263,13 @@ impl Probes {
             .member_offset("task_struct", "__state")
             .or_else(|_| btf.member_offset("task_struct", "state"))?;
         global(&mut globals, "TASK_STATE_OFF", state_off);
+        // CPython 3.8–3.10 name a thread by its pthread_t: x86-64's fs base. Elsewhere 0:
+        // their threads are not found (counted as python_no_thread).
+        let fsbase_off = btf
+            .member_offset("task_struct", "thread")
+            .and_then(|thread| Ok(thread + btf.member_offset("thread_struct", "fsbase")?))
+            .unwrap_or(0);
+        global(&mut globals, "TASK_FSBASE_OFF", fsbase_off);
         if let Some(offcpu) = &config.offcpu {
             offcpu::globals(offcpu, &btf, &mut globals)?;
         }

@@ -59,7 +59,7 @@ pub struct LoaderStats {
     /// After they attached: until the worker had loaded every process present at start
     /// (0: with -p, or not done).
     pub ready_ns: u64,
-    /// Processes registered for Python frames (a CPython 3.11–3.13 found in their maps).
+    /// Processes registered for Python frames (a CPython 3.8–3.13 found in their maps).
     pub python_processes: u64,
     /// Processes running a CPython the walker does not know (native frames only).
     pub python_unsupported: u64,

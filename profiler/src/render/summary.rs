@@ -155,7 +155,7 @@ pub fn summary(capture: &Capture, top: usize) -> String {
     if counter("python_unsupported") > 0 {
         let _ = writeln!(
             out,
-            "Python: {} processes run a CPython the walker does not know (it walks 3.11–3.13): \
+            "Python: {} processes run a CPython the walker does not know (it walks 3.8–3.13): \
              native frames only",
             counter("python_unsupported")
         );

@@ -1,26 +1,31 @@
-//! CPython frames: which processes run an interpreter the kernel walker knows (3.11–3.13),
+//! CPython frames: which processes run an interpreter the kernel walker knows (3.8–3.13),
 //! where its fields are, and turning the (code object, instruction) pairs the walker appended
 //! to a stack (`profiler_common::python`) into `py::QUALNAME (FILE:LINE)` frames, each group
 //! in place of the `_PyEval_EvalFrameDefault` call that ran it.
 //!
 //! The field offsets were taken with `offsetof` from each version's own internal headers
-//! (3.11.7, 3.12.1, 3.13.0); 3.13's thread and interpreter offsets are read from the
-//! process's own `_Py_DebugOffsets`, which must agree with the rest. They are checked by `tests/jit.rs` against py-spy on every
-//! interpreter this machine has. Code objects are read from the process's memory while it
-//! lives; a process gone by the end of the capture keeps `[python code 0x…]` frames.
+//! (3.8.18, 3.9.18, 3.10.13, 3.11.7, 3.12.1, 3.13.0); 3.13's thread and interpreter offsets
+//! are read from the process's own `_Py_DebugOffsets`, which must agree with the rest. They
+//! are checked by `tests/jit.rs` against py-spy on every interpreter this machine has. Code
+//! objects are read from the process's memory while it lives; a process gone by the end of
+//! the capture keeps `[python code 0x…]` frames. 3.8–3.10 have no `co_qualname`: their
+//! frames are named by `co_name`, as py-spy names them.
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt as _;
 use std::path::Path;
 
-use profiler_common::python::{ENTRY_BIT, LAYOUT_311, LAYOUT_312, NO_FIELD, PY_MARKER, PyProcess};
+use profiler_common::python::{
+    ENTRY_BIT, LAYOUT_38, LAYOUT_310, LAYOUT_311, LAYOUT_312, MATCH_NATIVE_ID, MATCH_PTHREAD,
+    NO_FIELD, PY_MARKER, PyProcess,
+};
 
 use crate::model::{Frame, FrameKind};
 
 /// The minor version of a CPython interpreter file by its name (`python3.12`,
 /// `libpython3.12.so.1.0`), for the versions the walker knows.
 pub fn interpreter_minor(path: &str) -> Option<u32> {
-    any_interpreter_minor(path).filter(|minor| (11..=13).contains(minor))
+    any_interpreter_minor(path).filter(|minor| (8..=13).contains(minor))
 }
 
 /// The minor version of any CPython 3 interpreter file, by its name.
@@ -31,7 +36,12 @@ pub fn any_interpreter_minor(path: &str) -> Option<u32> {
         .or_else(|| name.strip_prefix("python3."))?;
     let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
     let tail = &rest[digits.len()..];
-    if !(tail.is_empty() || tail.starts_with(".so") || tail == "d" || tail.starts_with("d.so")) {
+    // ABI flags: d (debug), m (pymalloc, up to 3.7).
+    let tail = tail
+        .strip_prefix('d')
+        .or_else(|| tail.strip_prefix('m'))
+        .unwrap_or(tail);
+    if !(tail.is_empty() || tail.starts_with(".so")) {
         return None;
     }
     digits.parse().ok()
@@ -47,7 +57,7 @@ pub fn note_unsupported(pid: u32, minor: u32, why: Option<&str>) {
         match why {
             None => eprintln!(
                 "profiler: note: pid {pid} runs Python 3.{minor}; Python frames are walked for \
-                 CPython 3.11–3.13 only, its stacks show the interpreter's native frames"
+                 CPython 3.8–3.13 only, its stacks show the interpreter's native frames"
             ),
             Some(why) => eprintln!(
                 "profiler: note: pid {pid} runs Python 3.{minor} but {why}; its stacks show \
@@ -101,6 +111,9 @@ pub fn process_layout(pid: u32, minor: u32, runtime: u64) -> Result<PyProcess, S
         cframe_frame,
         layout,
     ) = match minor {
+        // 3.8–3.10: thread_id (176) is the thread's pthread_t.
+        8 | 9 => (32, 8, 8, 176, 24, NO_FIELD, LAYOUT_38),
+        10 => (32, 8, 8, 176, 24, NO_FIELD, LAYOUT_310),
         11 => (40, 16, 8, 160, 56, 8, LAYOUT_311),
         12 => (40, 72, 8, 144, 56, 0, LAYOUT_312),
         13 => {
@@ -130,7 +143,11 @@ pub fn process_layout(pid: u32, minor: u32, runtime: u64) -> Result<PyProcess, S
         thread_frame,
         cframe_frame,
         frame_layout: layout,
-        _pad: 0,
+        thread_match: if minor <= 10 {
+            MATCH_PTHREAD
+        } else {
+            MATCH_NATIVE_ID
+        },
     })
 }
 
@@ -206,10 +223,38 @@ struct CodeLayout {
     ascii_data: u64,
     /// `sizeof(PyCompactUnicodeObject)`: where a compact non-ASCII string's start.
     compact_data: u64,
+    /// The format of `linetable`.
+    lines: Lines,
+}
+
+/// How a code object maps its instructions to lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lines {
+    /// 3.8, 3.9: `co_lnotab`, (byte increment, signed line increment) pairs.
+    Lnotab,
+    /// 3.10: `co_linetable`, (byte length, signed line delta or -128: no line) pairs.
+    Linetable310,
+    /// 3.11+: the location table (Objects/locations.md), by code unit.
+    Locations,
 }
 
 fn code_layout(minor: u32) -> Option<CodeLayout> {
     Some(match minor {
+        // qualname: co_name (3.8–3.10 have no co_qualname; py-spy shows co_name too).
+        8..=10 => CodeLayout {
+            filename: 104,
+            qualname: 112,
+            firstlineno: 40,
+            linetable: 120,
+            code_adaptive: 0,
+            ascii_data: 48,
+            compact_data: 72,
+            lines: if minor == 10 {
+                Lines::Linetable310
+            } else {
+                Lines::Lnotab
+            },
+        },
         11 => CodeLayout {
             filename: 112,
             qualname: 128,
@@ -218,6 +263,7 @@ fn code_layout(minor: u32) -> Option<CodeLayout> {
             code_adaptive: 184,
             ascii_data: 48,
             compact_data: 72,
+            lines: Lines::Locations,
         },
         12 | 13 => CodeLayout {
             filename: 112,
@@ -227,6 +273,7 @@ fn code_layout(minor: u32) -> Option<CodeLayout> {
             code_adaptive: if minor == 12 { 192 } else { 200 },
             ascii_data: 40,
             compact_data: 56,
+            lines: Lines::Locations,
         },
         _ => return None,
     })
@@ -313,6 +360,47 @@ fn read_code(pid: u32, addr: u64, layout: &CodeLayout) -> Option<Code> {
         firstlineno: i64::from(firstlineno),
         linetable,
     })
+}
+
+/// The line of the instruction at byte `offset` from a 3.8/3.9 `co_lnotab`, as
+/// `PyCode_Addr2Line` finds it. `None` before the first instruction (`u32::MAX`).
+fn lnotab_line(code: &Code, offset: u64) -> Option<i64> {
+    if offset >= u64::from(u32::MAX) {
+        return None;
+    }
+    let mut line = code.firstlineno;
+    let mut addr = 0u64;
+    for pair in code.linetable.chunks_exact(2) {
+        addr += u64::from(pair[0]);
+        if addr > offset {
+            break;
+        }
+        line += i64::from(pair[1] as i8);
+    }
+    Some(line)
+}
+
+/// The line of the instruction at byte `offset` from a 3.10 `co_linetable`, as
+/// `PyCode_Addr2Line` finds it: ranges of `pair[0]` bytes, each moving the line by
+/// `pair[1]` (-128: the range has no line). `None` before the first instruction or for a
+/// range without a line.
+fn linetable_310_line(code: &Code, offset: u64) -> Option<i64> {
+    if offset >= u64::from(u32::MAX) {
+        return None;
+    }
+    let mut line = code.firstlineno;
+    let mut end = 0u64;
+    for pair in code.linetable.chunks_exact(2) {
+        let delta = pair[1] as i8;
+        if delta != -128 {
+            line += i64::from(delta);
+        }
+        end += u64::from(pair[0]);
+        if offset < end {
+            return (delta != -128).then_some(line);
+        }
+    }
+    None
 }
 
 /// The line of code unit `index` from a 3.11+ location table (Objects/locations.md).
@@ -409,10 +497,15 @@ impl CodeReader {
         self.frames += 1;
         let name = match read {
             Some(c) => {
-                let index = layout
-                    .map(|l| instr.wrapping_sub(code + l.code_adaptive) / 2)
-                    .unwrap_or(u64::MAX);
-                let line = line_at(&c, index).unwrap_or(c.firstlineno);
+                let line = match layout.map(|l| (l.lines, l.code_adaptive)) {
+                    Some((Lines::Locations, adaptive)) => {
+                        line_at(&c, instr.wrapping_sub(code + adaptive) / 2)
+                    }
+                    Some((Lines::Lnotab, _)) => lnotab_line(&c, instr),
+                    Some((Lines::Linetable310, _)) => linetable_310_line(&c, instr),
+                    None => None,
+                }
+                .unwrap_or(c.firstlineno);
                 let file = c.filename.rsplit('/').next().unwrap_or("").to_string();
                 return Frame {
                     name: format!("py::{} ({file}:{line})", c.qualname),
@@ -563,13 +656,60 @@ mod tests {
             interpreter_minor("/usr/lib/libpython3.13d.so.1.0"),
             Some(13)
         );
-        assert_eq!(interpreter_minor("/usr/bin/python3.10"), None);
-        assert_eq!(any_interpreter_minor("/usr/bin/python3.10"), Some(10));
+        assert_eq!(interpreter_minor("/usr/bin/python3.10"), Some(10));
+        assert_eq!(
+            interpreter_minor("/root/.pyenv/versions/3.8.18/lib/libpython3.8.so.1.0"),
+            Some(8)
+        );
+        assert_eq!(interpreter_minor("/usr/bin/python3.7m"), None);
+        assert_eq!(
+            any_interpreter_minor("/root/.pyenv/versions/3.7.16/lib/libpython3.7m.so.1.0"),
+            Some(7)
+        );
         assert_eq!(interpreter_minor("/usr/bin/python3.12-config"), None);
         assert_eq!(
             interpreter_minor("/usr/lib/x86_64-linux-gnu/libc.so.6"),
             None
         );
+    }
+
+    /// The tables CPython 3.8 and 3.10 compiled for one function (first line 2), and the
+    /// line of each instruction as `dis` says (3.8: findlinestarts; 3.10: co_lines()).
+    #[test]
+    fn lnotab_and_310_linetable_give_the_lines_dis_gives() {
+        let expected: Vec<(u64, i64)> = (0..=40u64)
+            .step_by(2)
+            .map(|o| {
+                let line = match o {
+                    0..=6 => 3,
+                    8..=24 => 5,
+                    26..=32 => 6,
+                    34 | 36 => 7,
+                    _ => 8,
+                };
+                (o, line)
+            })
+            .collect();
+        let code = |table: &[u8]| Code {
+            qualname: "f".into(),
+            filename: "lt.py".into(),
+            firstlineno: 2,
+            linetable: table.to_vec(),
+        };
+        let lnotab = code(&[0, 1, 8, 2, 18, 1, 8, 1, 4, 1]);
+        let linetable = code(&[8, 1, 18, 2, 8, 1, 4, 1, 4, 1]);
+        for (offset, line) in expected {
+            assert_eq!(lnotab_line(&lnotab, offset), Some(line), "3.8 at {offset}");
+            assert_eq!(
+                linetable_310_line(&linetable, offset),
+                Some(line),
+                "3.10 at {offset}"
+            );
+        }
+        // Before the first instruction: no line (the frame's first line is shown).
+        assert_eq!(lnotab_line(&lnotab, u64::from(u32::MAX)), None);
+        // A 3.10 range without a line (-128).
+        assert_eq!(linetable_310_line(&code(&[4, 1, 4, 0x80]), 6), None);
     }
 
     #[test]
