@@ -91,6 +91,23 @@ static TID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(1024, 0);
 #[map(name = "CGROUP_FILTER")]
 static CGROUP_FILTER: HashMap<u64, u8> = HashMap::with_max_entries(64, 0);
 
+/// A `bpf_loop` callback: (index, the loop's state) → 0 to go on, 1 to stop.
+pub type LoopStep = extern "C" fn(u64, *mut core::ffi::c_void) -> i64;
+
+/// Runs `step` up to `times` times over `state` (on the caller's stack: the verifier wants
+/// the loop's context there) with `bpf_loop`.
+#[inline(always)]
+pub fn bounded_loop<T>(times: u32, step: LoopStep, state: &mut T) {
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_loop(
+            times,
+            step as *const () as *mut core::ffi::c_void,
+            state as *mut T as *mut core::ffi::c_void,
+            0,
+        );
+    }
+}
+
 #[inline(always)]
 pub fn config<T: Copy>(global: &T) -> T {
     // Volatile so the compiler does not fold the defaults: the loader rewrites them.

@@ -12,7 +12,7 @@ use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        bpf_probe_read_user, generated::bpf_loop,
+        bpf_probe_read_user,
     },
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -22,6 +22,8 @@ use profiler_common::python::{
     NO_FIELD, OWNED_BY_CSTACK, PY_MARKER, PyNewStack, PyProcess, counter,
 };
 use profiler_common::unwind::{MAX_FRAMES, UnwoundStack};
+
+use crate::common::bounded_loop;
 
 /// tgid → where its interpreter keeps its threads and frames (userspace fills it).
 #[map(name = "PY_PROCESSES")]
@@ -223,14 +225,7 @@ fn append_frames(tgid: u32, stack: *mut UnwoundStack, len: &mut u32, hash: &mut 
         recorded: 0,
         cut: 0,
     };
-    unsafe {
-        bpf_loop(
-            MAX_PY_FRAMES,
-            frame_step as *const () as *mut c_void,
-            &mut walk as *mut FrameWalk as *mut c_void,
-            0,
-        );
-    }
+    bounded_loop(MAX_PY_FRAMES, frame_step, &mut walk);
     if walk.cut != 0 {
         count(walk.cut);
     } else if walk.frame != 0 {
@@ -271,14 +266,7 @@ fn thread_state(py: &PyProcess, tid: u64) -> Option<u64> {
         native_id,
         found: 0,
     };
-    unsafe {
-        bpf_loop(
-            MAX_THREADS,
-            thread_step as *const () as *mut c_void,
-            &mut search as *mut ThreadSearch as *mut c_void,
-            0,
-        );
-    }
+    bounded_loop(MAX_THREADS, thread_step, &mut search);
     if search.found == 0 {
         count(counter::NO_THREAD);
         return None;

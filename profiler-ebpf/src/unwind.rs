@@ -22,7 +22,7 @@ use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{
         bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
-        generated::{bpf_loop, bpf_task_pt_regs},
+        generated::bpf_task_pt_regs,
     },
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -36,7 +36,7 @@ use profiler_common::unwind::{
 
 use aya_log_ebpf::{debug, warn};
 
-use crate::common::config;
+use crate::common::{bounded_loop, config};
 
 /// `MODE_DWARF`: walk user stacks from the tables; `MODE_FP`: `bpf_get_stackid` only.
 #[unsafe(no_mangle)]
@@ -204,14 +204,7 @@ pub fn walk(tgid: u32, regs: UserRegs) -> Option<i32> {
         mappings,
         stack,
     };
-    unsafe {
-        bpf_loop(
-            MAX_FRAMES as u32 + 1,
-            step as *const () as *mut c_void,
-            &mut state as *mut Walk as *mut c_void,
-            0,
-        );
-    }
+    bounded_loop(MAX_FRAMES as u32 + 1, step, &mut state);
     let outcome = if state.outcome == 0 {
         counter::DEPTH_LIMIT
     } else {

@@ -7,6 +7,7 @@
 //! client's round trip, so ours can only be shorter).
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use profiler_tests::pg::{PgCluster, pgbench_statement_latencies};
 use profiler_tests::*;
@@ -622,24 +623,37 @@ fn repeated_lookups_are_reported_as_n_plus_one_with_their_code_path() {
     );
 }
 
-/// SQLite through Python's sqlite3 module: statement counts exact, the joins' time inside
-/// sqlite3_step within 10 % of the script's own clock around execute() + fetchall().
-#[test]
-fn sqlite_statements_from_python_are_counted_and_timed() {
-    require_root();
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("workloads/sqlite_workload.py");
-    let mut workload =
-        ReadyProcess::spawn(std::process::Command::new("/usr/bin/python3").arg(&script));
-    let dir = temp_dir("db-sqlite");
+/// A Python database workload of `workloads/` (`script ARGS…` under Debian's python3, the
+/// `ready PID` protocol, one JSON line when done), recorded with `--events db -p PID` from
+/// before its first query to after its last: (its JSON line, the capture, the profiler's
+/// stdout, the output directory).
+fn record_python_db(name: &str, script: &str, args: &[&str]) -> (Value, Value, String, PathBuf) {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("workloads")
+        .join(script);
+    let mut workload = ReadyProcess::spawn(
+        std::process::Command::new("/usr/bin/python3")
+            .arg(&script)
+            .args(args),
+    );
+    let out = temp_dir(name).join("out");
     let recording = Recording::start(
-        &dir.join("out"),
+        &out,
         &["--events", "db", "-p", &workload.pid, "--duration", "120s"],
     );
     workload.go();
     let report: Value = serde_json::from_str(&workload.line().expect("report")).unwrap();
     workload.finish();
     let (capture, stdout) = recording.interrupt();
+    (report, capture, stdout, out)
+}
+
+/// SQLite through Python's sqlite3 module: statement counts exact, the joins' time inside
+/// sqlite3_step within 10 % of the script's own clock around execute() + fetchall().
+#[test]
+fn sqlite_statements_from_python_are_counted_and_timed() {
+    require_root();
+    let (report, capture, stdout, _) = record_python_db("db-sqlite", "sqlite_workload.py", &[]);
     let queries = capture["db"]["queries"].as_array().expect("db queries");
     let query = |fingerprint: &str| {
         queries
@@ -682,20 +696,8 @@ fn sqlite_statements_from_python_are_counted_and_timed() {
 #[test]
 fn sqlite_statements_prepared_before_the_capture_keep_their_text() {
     require_root();
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("workloads/sqlite_cached.py");
-    let mut workload =
-        ReadyProcess::spawn(std::process::Command::new("/usr/bin/python3").arg(&script));
-    let dir = temp_dir("db-sqlite-cached");
-    let recording = Recording::start(
-        &dir.join("out"),
-        &["--events", "db", "-p", &workload.pid, "--duration", "120s"],
-    );
-    workload.go();
-    let ran: BTreeMap<String, u64> =
-        serde_json::from_str(&workload.line().expect("counts")).unwrap();
-    workload.finish();
-    let (capture, _) = recording.interrupt();
+    let (report, capture, _, _) = record_python_db("db-sqlite-cached", "sqlite_cached.py", &[]);
+    let ran: BTreeMap<String, u64> = serde_json::from_value(report).unwrap();
     let queries = capture["db"]["queries"].as_array().expect("db queries");
     let ours: BTreeMap<String, u64> = queries
         .iter()
@@ -1180,27 +1182,12 @@ struct OrmRun {
     lines: Value,
 }
 
-/// Runs the ORM-shaped workload under Debian's python3 with `args` (its backend), recorded
-/// with `--events db -p PID` from before its first query to after its last.
+/// Runs the ORM-shaped workload with `args` (its backend).
 fn record_orm(name: &str, args: &[&str]) -> OrmRun {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("workloads/orm_nplus1.py");
-    let mut workload = ReadyProcess::spawn(
-        std::process::Command::new("/usr/bin/python3")
-            .arg(&script)
-            .args(args),
-    );
-    let dir = temp_dir(name);
-    let recording = Recording::start(
-        &dir.join("out"),
-        &["--events", "db", "-p", &workload.pid, "--duration", "120s"],
-    );
-    workload.go();
-    let report: Value = serde_json::from_str(&workload.line().expect("report")).unwrap();
-    workload.finish();
-    let (capture, _) = recording.interrupt();
+    let (report, capture, _, out) = record_python_db(name, "orm_nplus1.py", args);
     OrmRun {
         capture,
-        folded: std::fs::read_to_string(dir.join("out/db.folded")).unwrap(),
+        folded: std::fs::read_to_string(out.join("db.folded")).unwrap(),
         issued: report["issued"].clone(),
         lines: report["lines"].clone(),
     }

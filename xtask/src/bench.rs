@@ -353,6 +353,14 @@ fn range(values: &[f64]) -> (f64, f64) {
         })
 }
 
+/// Round-by-round ratios of `values` to `base` (the run of the same round): their median
+/// and range.
+fn paired_ratio(values: &[f64], base: &[f64]) -> (f64, f64, f64) {
+    let mut ratios: Vec<f64> = values.iter().zip(base).map(|(v, b)| v / b).collect();
+    let (low, high) = range(&ratios);
+    (median(&mut ratios), low, high)
+}
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     values[values.len() / 2]

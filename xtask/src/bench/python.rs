@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, Result, bail};
 
-use super::{Variant, bench_output_dir, env_number, median, range};
+use super::{Variant, bench_output_dir, env_number, median, paired_ratio, range};
 use crate::workspace_root;
 
 const VARIANTS: [(&str, Option<&[&str]>); 3] = [
@@ -55,13 +55,7 @@ pub(super) fn run() -> Result<()> {
     }
     println!("[bench python] the process's CPU time per request, medians over {rounds} rounds:");
     for (i, (label, _)) in VARIANTS.iter().enumerate() {
-        let mut ratios: Vec<f64> = results[i]
-            .iter()
-            .zip(&results[0])
-            .map(|(v, b)| v / b)
-            .collect();
-        let (r_low, r_high) = range(&ratios);
-        let ratio = median(&mut ratios);
+        let (ratio, r_low, r_high) = paired_ratio(&results[i], &results[0]);
         let (low, high) = range(&results[i]);
         let m = median(&mut results[i].clone());
         println!(
@@ -70,15 +64,9 @@ pub(super) fn run() -> Result<()> {
         );
     }
     // The pairs that matter: Python frames against native only, round by round.
-    let mut ratios: Vec<f64> = results[2]
-        .iter()
-        .zip(&results[1])
-        .map(|(p, n)| p / n)
-        .collect();
-    let (low, high) = range(&ratios);
+    let (ratio, low, high) = paired_ratio(&results[2], &results[1]);
     println!(
-        "  Python frames / native frames: {:.3}x (range {low:.3}–{high:.3}; target ≤ 1.05x)",
-        median(&mut ratios)
+        "  Python frames / native frames: {ratio:.3}x (range {low:.3}–{high:.3}; target ≤ 1.05x)"
     );
     // The Python walk's own run time (timed in the kernel with --measure-overhead).
     let mut per_walk = Vec::new();

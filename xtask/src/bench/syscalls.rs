@@ -14,7 +14,7 @@ use anyhow::{Result, bail};
 
 use anyhow::Context as _;
 
-use super::{Variant, ebpf_ns_per_run, env_number, median, range};
+use super::{Variant, ebpf_ns_per_run, env_number, median, paired_ratio, range};
 
 /// What runs beside dd.
 #[derive(Clone, Copy)]
@@ -64,13 +64,7 @@ pub(super) fn run() -> Result<()> {
     let floor = median(&mut results[1].clone());
     println!("[bench syscalls] dd's CPU time per syscall, medians over {rounds} rounds:");
     for (i, (label, _)) in VARIANTS.iter().enumerate() {
-        let mut ratios: Vec<f64> = results[i]
-            .iter()
-            .zip(&results[0])
-            .map(|(v, b)| v / b)
-            .collect();
-        let (r_low, r_high) = range(&ratios);
-        let ratio = median(&mut ratios);
+        let (ratio, r_low, r_high) = paired_ratio(&results[i], &results[0]);
         let (low, high) = range(&results[i]);
         let m = median(&mut results[i]);
         let w = median(&mut wall[i]);
