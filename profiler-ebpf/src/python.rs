@@ -155,12 +155,18 @@ fn step(walk: &mut FrameWalk) -> Option<()> {
         }
         return Some(());
     }
+    record(walk, code | if entry { ENTRY_BIT } else { 0 }, instr)
+}
+
+/// Appends one Python frame (code word, instruction word) to the walk's stack.
+#[inline(always)]
+fn record(walk: &mut FrameWalk, code: u64, instr: u64) -> Option<()> {
     let at = walk.len as usize;
     if at + 1 >= MAX_FRAMES {
         walk.cut = counter::TRUNCATED;
         return None;
     }
-    let code = code | if entry { ENTRY_BIT } else { 0 };
+    let stack = unsafe { &mut *walk.stack };
     stack.frames[at] = code;
     stack.frames[at + 1] = instr;
     walk.hash = (walk.hash ^ code).wrapping_mul(0x0000_0100_0000_01b3);
@@ -315,20 +321,6 @@ fn frame_object_step(walk: &mut FrameWalk) -> Option<()> {
         raw[13] as u32 as i32
     };
     walk.frame = previous;
-    let at = walk.len as usize;
-    if at + 1 >= MAX_FRAMES {
-        walk.cut = counter::TRUNCATED;
-        return None;
-    }
-    let code = code | ENTRY_BIT;
     // Before its first instruction (-1): u32::MAX.
-    let instr = u64::from(lasti.max(-1) as u32);
-    let stack = unsafe { &mut *walk.stack };
-    stack.frames[at] = code;
-    stack.frames[at + 1] = instr;
-    walk.hash = (walk.hash ^ code).wrapping_mul(0x0000_0100_0000_01b3);
-    walk.hash = (walk.hash ^ instr).wrapping_mul(0x0000_0100_0000_01b3);
-    walk.len += 2;
-    walk.recorded += 1;
-    Some(())
+    record(walk, code | ENTRY_BIT, u64::from(lasti.max(-1) as u32))
 }
