@@ -395,6 +395,13 @@ impl ReadyProcess {
         }
     }
 
+    /// SIGKILLs it mid-work and reaps it.
+    pub fn kill(mut self) {
+        self.child.kill().expect("SIGKILL the workload");
+        let status = self.child.wait().expect("wait");
+        assert!(!status.success(), "the workload ended on its own: {status}");
+    }
+
     /// Waits for it to exit successfully.
     pub fn finish(mut self) {
         let status = self.child.wait().expect("wait");

@@ -589,6 +589,64 @@ fn c_without_frame_pointers_blocked_in_libc_keeps_every_caller() {
     assert_same_chains_as_perf(&run, &bin, "offcpu", "feed_pipe");
 }
 
+/// The target SIGKILLed mid-capture: the stacks it blocked in while it lived are still
+/// walked and named — perf's chains, under main → request — though it is gone when the
+/// capture is symbolized. Its main thread always waits in a libc call, so its blocked time
+/// under main → request is what the test's clock saw it live, less the microseconds of work
+/// per request and its reading of `go`: at most that, and not 10 % less (here 1486.8 of
+/// 1502.2 ms); a lost symbolization or lost intervals fall far below.
+#[test]
+fn a_target_killed_mid_capture_is_still_symbolized() {
+    require_root();
+    let dir = temp_dir("unwind-killed");
+    let bin = build_c_without_frame_pointers(&dir, "unwind_killed");
+    // Far more requests than it lives for.
+    let mut workload = ReadyProcess::spawn(Command::new(&bin).args(["100000", "0"]));
+    let pid = workload.pid.clone();
+    let out = dir.join("out");
+    let recording = Recording::start(&out, &["-d", "120s", "-p", &pid, "--events", "offcpu"]);
+    let perf = PerfRecording::start(&dir, &pid);
+    workload.go();
+    let began = std::time::Instant::now();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    workload.kill();
+    let lived = began.elapsed().as_nanos() as u64;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (capture, _) = recording.interrupt();
+    let run = Run {
+        pid: pid.parse().expect("numeric pid"),
+        capture,
+        out,
+        own: BTreeMap::new(),
+        perf: perf.finish(),
+    };
+    for function in C_BLOCKING {
+        assert_same_chains_as_perf(&run, &bin, "offcpu", function);
+        assert_caller_chain(&run, Some(&bin), &["main", "request", function]);
+    }
+    let main_blocked: u64 = family_stacks(&run.capture, "offcpu", run.pid)
+        .into_iter()
+        .filter(|s| s["tid"].as_u64() == Some(u64::from(run.pid)))
+        .filter(|s| {
+            let names = user_names(s);
+            C_BLOCKING
+                .iter()
+                .any(|f| holds_in_a_row(&names, &["main", "request", f]))
+        })
+        .map(|s| s["total_ns"].as_u64().expect("total_ns"))
+        .sum();
+    println!(
+        "killed after {:.1} ms by the test's clock; its main thread blocked {:.1} ms in \
+         main → request → sleep_step/read_step",
+        lived as f64 / 1e6,
+        main_blocked as f64 / 1e6
+    );
+    assert!(
+        main_blocked <= lived && main_blocked as f64 >= 0.9 * lived as f64,
+        "blocked {main_blocked} ns of {lived} ns alive"
+    );
+}
+
 /// The same C program spinning on `clock_gettime` (libc → vDSO) inside `spin_clock`: on-CPU
 /// samples keep `main;spin_clock` under the vDSO and libc frames, as perf's cpu-clock samples
 /// do, and the wall-clock view's running time under them matches the thread's own CPU clock
