@@ -16,6 +16,10 @@ pub struct NewTaskEvent {
     pub tgid: u32,
     pub tid: u32,
     pub comm: [u8; 16],
+    /// 1: the process just exec'd (`sched_process_exec`): its maps, name and unwinding
+    /// tables are new, whatever was read before.
+    pub exec: u32,
+    pub _pad: u32,
 }
 
 /// `THREAD_KIND` values.

@@ -221,8 +221,11 @@ pub mod counter {
     pub const OUTSIDE_CODE: u32 = 16;
     /// A pc in anonymous executable memory (JIT code): stepped by frame pointer.
     pub const ANONYMOUS_CODE: u32 = 17;
+    /// Requests for a process's tables (a walk found none) the first-seen ring had no room
+    /// for: its tables load at its next first-seen event instead.
+    pub const ASK_LOST: u32 = 18;
     /// Number of counters.
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 19;
 
     /// Names, indexed like the counters (prefixed `unwind_` in the capture).
     pub const NAMES: [&str; COUNT as usize] = [
@@ -244,6 +247,7 @@ pub mod counter {
         "fp_end",
         "outside_code",
         "anonymous_code",
+        "ask_lost",
     ];
 }
 

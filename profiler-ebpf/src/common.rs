@@ -5,7 +5,7 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_task, bpf_probe_read_kernel, generated::bpf_get_current_ancestor_cgroup_id,
     },
-    macros::map,
+    macros::{map, tracepoint},
     maps::{HashMap, LruHashMap, RingBuf, StackTrace},
     programs::tracing::StackIdContext,
 };
@@ -220,6 +220,12 @@ pub fn stack_id<C: StackIdContext>(ctx: &C, flags: u64) -> Result<i32, StackErro
 /// (kernel memory). Returns false when the ring buffer is full.
 #[inline(always)]
 pub fn notify_new_task(tgid: u32, tid: u32, comm: *const u8) -> bool {
+    notify_task(tgid, tid, comm, 0)
+}
+
+/// [`notify_new_task`], with `exec` (1: the process just exec'd).
+#[inline(always)]
+fn notify_task(tgid: u32, tid: u32, comm: *const u8, exec: u32) -> bool {
     match NEW_TASKS.reserve::<NewTaskEvent>(0) {
         Some(mut entry) => {
             let event = entry.as_mut_ptr();
@@ -227,6 +233,8 @@ pub fn notify_new_task(tgid: u32, tid: u32, comm: *const u8) -> bool {
                 (*event).tgid = tgid;
                 (*event).tid = tid;
                 (*event).comm = bpf_probe_read_kernel(comm as *const [u8; 16]).unwrap_or([0; 16]);
+                (*event).exec = exec;
+                (*event)._pad = 0;
             }
             entry.submit(0);
             true
@@ -253,4 +261,22 @@ pub fn log2_bucket(ns: u64, buckets: u32) -> u32 {
     } else {
         bucket
     }
+}
+
+/// A process exec'd: userspace re-reads its maps and name and reloads its unwinding tables
+/// (those it read before belong to the program it was; a shell's child that execs a command
+/// and exits before the next refresh would keep the shell's). Only processes the filters
+/// want. When the ring is full the notice is lost and the maps are read again at the
+/// process's next first-seen event or at the end, as before this program existed.
+#[tracepoint(category = "sched", name = "sched_process_exec")]
+pub fn sched_process_exec(_ctx: aya_ebpf::programs::TracePointContext) -> u32 {
+    let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    if !wanted_ids(tgid, tid) {
+        return 0;
+    }
+    let comm =
+        unsafe { (bpf_get_current_task() as *const u8).add(config(&TASK_COMM_OFF) as usize) };
+    let _ = notify_task(tgid, tid, comm, 1);
+    0
 }

@@ -180,6 +180,34 @@ struct Walk {
     stack: *mut UnwoundStack,
 }
 
+/// Processes whose walks found no tables → when they last asked userspace for them.
+#[map(name = "UNWIND_ASKED")]
+static ASKED: LruHashMap<u32, u64> = LruHashMap::with_max_entries(4096, 0);
+
+/// A process asks again for its tables at most this often.
+const ASK_EVERY_NS: u64 = 100_000_000;
+
+/// A walk found no tables for `tgid` (a process that exec'd, or one whose first-seen event
+/// has not come yet: families announce a task when they aggregate its first event, which for
+/// a blocked task is when it wakes): a first-seen notice, so userspace loads its tables
+/// while it blocks rather than after. At most every `ASK_EVERY_NS` per process.
+#[inline(always)]
+fn ask_for_tables(tgid: u32) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    if unsafe { ASKED.get(&tgid) }.is_some_and(|last| now.wrapping_sub(*last) < ASK_EVERY_NS) {
+        return;
+    }
+    let _ = ASKED.insert(&tgid, &now, 0);
+    let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+    let comm = unsafe {
+        (bpf_get_current_task_btf() as *const u8)
+            .add(config(&crate::common::TASK_COMM_OFF) as usize)
+    };
+    if !crate::common::notify_new_task(tgid, pid_tgid as u32, comm) {
+        count(counter::ASK_LOST);
+    }
+}
+
 /// Walks the user stack of process `tgid` from `regs`. `None`: no tables for this process,
 /// or the walked stack could not be stored (full map, or another stack under its key): the
 /// caller takes the frame-pointer stack instead. `Some(id)`: a stack id with
@@ -188,6 +216,7 @@ struct Walk {
 pub fn walk(tgid: u32, regs: UserRegs) -> Option<i32> {
     let Some(mappings) = (unsafe { PROCESSES.get(tgid) }) else {
         count(counter::NO_TABLE_PROCESS);
+        ask_for_tables(tgid);
         return None;
     };
     let stack = SCRATCH.get_ptr_mut(0)?;

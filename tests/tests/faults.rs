@@ -603,3 +603,85 @@ fn a_daemon_stopped_for_30_s_keeps_its_windows_consistent() {
         assert!(gap <= 20, "{gap} ms between windows: {spans:?}");
     }
 }
+
+/// tracefs not mounted at start (a private mount namespace without it): `record` mounts it,
+/// says so on one line, and the families that read its formats work — dd's read and write
+/// calls counted exactly as strace counts them.
+#[test]
+fn record_mounts_tracefs_when_it_is_not_mounted() {
+    require_root();
+    let dir = temp_dir("no-tracefs");
+    let out = dir.join("out");
+    let err = dir.join("profiler.err");
+    let strace = dir.join("strace.txt");
+    // In the namespace: unmount every tracefs, check it is gone, record the syscalls family
+    // while dd runs under strace, then check the profiler's mount is there.
+    let script = format!(
+        "set -u
+         for m in $(awk '$3 == \"tracefs\" || $3 == \"debugfs\" {{print $2}}' /proc/mounts); do
+             umount -l \"$m\" || exit 96
+         done
+         test ! -d /sys/kernel/tracing/events || exit 97
+         {profiler} record -d 60s --events syscalls -o {out} 2> {err} &
+         rec=$!
+         for _ in $(seq 600); do
+             grep -q '^recording ' {err} && break
+             kill -0 $rec 2>/dev/null || break
+             sleep 0.1
+         done
+         strace -f -c -U calls,name -e trace=read,write -o {strace} \
+             dd if=/dev/zero of=/dev/null bs=1 count=3000 2>/dev/null
+         kill -INT $rec
+         wait $rec
+         rc=$?
+         test -d /sys/kernel/tracing/events || exit 98
+         exit $rc",
+        profiler = profiler_bin().display(),
+        out = out.display(),
+        err = err.display(),
+        strace = strace.display(),
+    );
+    let status = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .status()
+        .expect("unshare (package util-linux)");
+    let stderr = std::fs::read_to_string(&err).unwrap_or_default();
+    assert!(status.success(), "{status}: {stderr}");
+    let notes: Vec<&str> = stderr.lines().filter(|l| l.contains("tracefs")).collect();
+    assert_eq!(
+        notes,
+        ["profiler: note: tracefs was not mounted; mounted it at /sys/kernel/tracing"],
+        "{stderr}"
+    );
+    // strace -c: "calls name" rows; dd's own calls, startup included.
+    let counted = std::fs::read_to_string(&strace).expect("strace -c output");
+    let theirs = |name: &str| -> u64 {
+        counted
+            .lines()
+            .find_map(|l| {
+                let mut fields = l.split_whitespace();
+                let calls = fields.next()?.parse().ok()?;
+                (fields.next()? == name).then_some(calls)
+            })
+            .unwrap_or_else(|| panic!("no {name} in strace's table:\n{counted}"))
+    };
+    let capture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("capture.json")).unwrap()).unwrap();
+    let stats = capture["syscalls"]["stats"].as_array().expect("syscalls");
+    let ours = |name: &str| -> u64 {
+        stats
+            .iter()
+            .filter(|s| s["comm"] == "dd" && s["name"] == name)
+            .map(|s| s["count"].as_u64().expect("count"))
+            .sum()
+    };
+    println!(
+        "dd: read {} / {} (ours / strace's), write {} / {}",
+        ours("read"),
+        theirs("read"),
+        ours("write"),
+        theirs("write")
+    );
+    assert_eq!(ours("read"), theirs("read"));
+    assert_eq!(ours("write"), theirs("write"));
+}

@@ -647,6 +647,67 @@ fn a_target_killed_mid_capture_is_still_symbolized() {
     );
 }
 
+/// A process that execs while recorded: it blocks as a shell first (dash: its maps, name and
+/// tables are read), then 100 ms after `go` becomes the C program in the same process, which
+/// waits for its own `go` (its first-seen block: as for any new program, that walk precedes
+/// its tables). The program's stacks are then walked with its own tables and named from its
+/// own maps — the chains under main → request, blocked time within 5 % of its own clock —
+/// and the process bears its name. Without the exec notice the shell's tables, maps and name
+/// stayed: reloads are at most every 250 ms and map reads every 500 ms, and both had just
+/// happened.
+#[test]
+fn a_process_that_execs_is_walked_and_named_as_its_new_program() {
+    require_root();
+    let dir = temp_dir("unwind-exec");
+    let bin = build_c_without_frame_pointers(&dir, "unwind_exec");
+    let mut workload = ReadyProcess::spawn(
+        Command::new("/bin/sh")
+            .arg("-c")
+            .arg("echo ready $$; read line; sleep 0.1; exec \"$0\" 20 0")
+            .arg(&bin),
+    );
+    let pid = workload.pid.clone();
+    let out = dir.join("out");
+    let recording = Recording::start(&out, &["-d", "120s", "-p", &pid, "--events", "offcpu"]);
+    workload.say("go");
+    // The program's own `ready PID`: the same process.
+    assert_eq!(workload.line(), Some(format!("ready {pid}")));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    workload.go();
+    let mut own = BTreeMap::new();
+    while let Some(line) = workload.line() {
+        if line == "done" {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(' ')
+            && let Ok(value) = value.parse::<f64>()
+        {
+            own.insert(name.to_string(), value);
+        }
+    }
+    workload.finish();
+    let (capture, _) = recording.interrupt();
+    let run = Run {
+        pid: pid.parse().expect("numeric pid"),
+        capture,
+        out,
+        own,
+        perf: Vec::new(),
+    };
+    for function in C_BLOCKING {
+        assert_caller_chain(&run, Some(&bin), &["main", "request", function]);
+        assert_blocked_time(&run, function, &format!("{function}_ns"));
+    }
+    let comm = run.capture["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .find(|p| p["pid"].as_u64() == Some(u64::from(run.pid)))
+        .map(|p| p["comm"].clone());
+    assert_eq!(comm, Some(Value::from("unwind_exec")));
+    assert_eq!(run.counter("unwind_processes_execd"), Some(1));
+}
+
 /// The same C program spinning on `clock_gettime` (libc → vDSO) inside `spin_clock`: on-CPU
 /// samples keep `main;spin_clock` under the vDSO and libc frames, as perf's cpu-clock samples
 /// do, and the wall-clock view's running time under them matches the thread's own CPU clock

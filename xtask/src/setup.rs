@@ -60,7 +60,14 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
         "man-db",
         "man, which reads the packaged man pages in the dist test",
     ),
-    ("util-linux", "setpriv, for the unprivileged-user tests"),
+    (
+        "util-linux",
+        "setpriv and unshare, for the unprivileged-user and no-tracefs tests",
+    ),
+    (
+        "strace",
+        "strace -c, the oracle of the no-tracefs test's syscall counts",
+    ),
     ("iproute2", "ip netns, for the TCP retransmit tests"),
     (
         "nftables",

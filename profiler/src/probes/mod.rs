@@ -393,6 +393,14 @@ impl Probes {
             counting_since.get_or_insert_with(Instant::now);
         }
         let db_links = db::attach(&mut ebpf, &db_targets)?;
+        // Execs: a process that becomes another program gets its maps, name and tables
+        // read again (else a shell's child running a command keeps the shell's).
+        let exec: &mut aya::programs::TracePoint =
+            program(&mut ebpf, "sched_process_exec")?.try_into()?;
+        exec.load()
+            .context("loading the sched_process_exec program failed")?;
+        exec.attach("sched", "sched_process_exec")
+            .context("attaching to sched:sched_process_exec failed")?;
         let stats = match config.measure_overhead {
             true => Some(enable_run_time_stats()?),
             false => None,

@@ -63,6 +63,8 @@ pub struct LoaderStats {
     pub python_processes: u64,
     /// Processes running a CPython the walker does not know (native frames only).
     pub python_unsupported: u64,
+    /// Processes whose tables were dropped because they exec'd.
+    pub processes_execd: u64,
 }
 
 /// The tables of the processes in scope, built before the programs load so that the row
@@ -123,7 +125,8 @@ pub fn prepare(pids: &[u32], python_frames: bool) -> Prepared {
 /// first seen while recording.
 pub struct Unwinder {
     loader: Arc<Mutex<Loader>>,
-    requests: mpsc::Sender<u32>,
+    /// (pid, exec'd: forget what was loaded for it, its old program's tables).
+    requests: mpsc::Sender<(u32, bool)>,
     stop: Arc<AtomicBool>,
 }
 
@@ -131,7 +134,7 @@ impl Unwinder {
     pub fn start(ebpf: &mut Ebpf, mut prepared: Prepared) -> Result<Self> {
         let later = std::mem::take(&mut prepared.later);
         let loader = Arc::new(Mutex::new(Loader::new(ebpf, prepared)?));
-        let (requests, queue) = mpsc::channel::<u32>();
+        let (requests, queue) = mpsc::channel::<(u32, bool)>();
         let stop = Arc::new(AtomicBool::new(false));
         let worker_loader = Arc::clone(&loader);
         let worker_stop = Arc::clone(&stop);
@@ -158,17 +161,17 @@ impl Unwinder {
                     // Processes first seen while recording go first: they are running now,
                     // and until their tables load their stacks are frame-pointer walks
                     // (another stack id for the same code path).
-                    while let Ok(new) = queue.try_recv() {
-                        lock().load_process(new);
+                    while let Ok((new, execd)) = queue.try_recv() {
+                        lock().request(new, execd);
                     }
                     lock().load_process(pid);
                 }
                 lock().stats.ready_ns = started.elapsed().as_nanos() as u64;
-                while let Ok(pid) = queue.recv() {
+                while let Ok((pid, execd)) = queue.recv() {
                     if worker_stop.load(Ordering::Relaxed) {
                         return;
                     }
-                    lock().load_process(pid);
+                    lock().request(pid, execd);
                 }
             })
             .context("cannot start the unwinding-table thread")?;
@@ -220,6 +223,10 @@ pub struct Loader {
     python: BpfHashMap<MapData, u32, profiler_common::python::PyProcess>,
     /// Processes noted as running a CPython the walker does not know.
     unsupported_python: std::collections::HashSet<u32>,
+    /// Processes in the Python walker's map.
+    registered_python: std::collections::HashSet<u32>,
+    /// When processes exec'd (their tables are reloaded at each request for a while).
+    execd: HashMap<u32, Instant>,
     /// Off with `--no-python-frames`: no process is registered for the Python walker.
     python_frames: bool,
     loaded: HashMap<u32, Instant>,
@@ -274,6 +281,8 @@ impl Loader {
             processes: BpfHashMap::try_from(processes)?,
             python: BpfHashMap::try_from(python)?,
             unsupported_python: Default::default(),
+            registered_python: Default::default(),
+            execd: HashMap::new(),
             python_frames: prepared.python_frames,
             loaded: HashMap::new(),
             stats: LoaderStats {
@@ -292,11 +301,40 @@ impl Loader {
 
     /// Loads (or reloads, after an exec or dlopen) a process's tables; cheap when its
     /// files' tables are cached and placed already.
+    /// A request from the recording thread: load `pid`'s tables, or forget them (`execd`).
+    fn request(&mut self, pid: u32, execd: bool) {
+        if execd {
+            self.forget(pid);
+        } else {
+            self.load_process(pid);
+        }
+    }
+
+    /// `pid` exec'd: its tables (and Python entry) were its old program's. Its walks fall
+    /// back to frame pointers until its next first-seen event loads the new program's — not
+    /// at the exec itself, when the dynamic loader has not mapped its libraries yet.
+    fn forget(&mut self, pid: u32) {
+        self.loaded.remove(&pid);
+        self.execd.insert(pid, Instant::now());
+        let _ = self.processes.remove(&pid);
+        if self.registered_python.remove(&pid) {
+            let _ = self.python.remove(&pid);
+        }
+        self.unsupported_python.remove(&pid);
+        self.stats.processes_execd += 1;
+    }
+
     pub fn load_process(&mut self, pid: u32) {
-        if self
-            .loaded
+        // Just after an exec each request loads: the loader is still mapping libraries.
+        let settling = self
+            .execd
             .get(&pid)
-            .is_some_and(|at| at.elapsed() < RELOAD_EVERY)
+            .is_some_and(|at| at.elapsed() < crate::symbolize::procmaps::AFTER_EXEC);
+        if !settling
+            && self
+                .loaded
+                .get(&pid)
+                .is_some_and(|at| at.elapsed() < RELOAD_EVERY)
         {
             return;
         }
@@ -330,9 +368,14 @@ impl Loader {
                 crate::symbolize::python::process_layout(pid, minor, runtime.wrapping_add(m.bias));
             Some((minor, layout))
         });
+        if python.is_none() && self.registered_python.remove(&pid) {
+            // It ran Python before it exec'd: its walker entry describes memory now gone.
+            let _ = self.python.remove(&pid);
+        }
         let refused = match python {
             Some((_, Ok(py))) => {
                 if self.python.insert(pid, py, 0).is_ok() {
+                    self.registered_python.insert(pid);
                     value.flags |= PROCESS_PYTHON;
                     self.stats.python_processes += 1;
                 }
@@ -430,9 +473,18 @@ impl Probes {
     /// Loads the unwinding tables of a process first seen while recording (no-op with
     /// `--unwind fp`, or when it was loaded a moment ago).
     pub fn unwind_process(&self, pid: u32) {
+        self.request_tables(pid, false);
+    }
+
+    /// `pid` exec'd: the tables loaded for it are its old program's; forgotten.
+    pub fn unwind_process_after_exec(&self, pid: u32) {
+        self.request_tables(pid, true);
+    }
+
+    fn request_tables(&self, pid: u32, execd: bool) {
         if let Some(unwinder) = &self.unwind {
             // The worker is gone only if it panicked: then there is nobody to load it.
-            let _ = unwinder.requests.send(pid);
+            let _ = unwinder.requests.send((pid, execd));
         }
     }
 
@@ -468,6 +520,7 @@ impl Probes {
         }
         out.push(("python_processes".to_string(), stats.python_processes));
         out.push(("python_unsupported".to_string(), stats.python_unsupported));
+        out.push(("unwind_processes_execd".to_string(), stats.processes_execd));
         for (name, value) in read_counters(
             self.ebpf(),
             profiler_common::python::maps::COUNTERS,

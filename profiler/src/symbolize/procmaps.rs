@@ -67,6 +67,8 @@ pub struct ProcessInfo {
     pub vmas: Vec<Vma>,
     /// When the maps were last read; `None` if they never could be.
     read_at: Option<Instant>,
+    /// When it last exec'd (while recorded).
+    execd_at: Option<Instant>,
     /// Set once /proc no longer has the process.
     pub exited: bool,
     /// A kernel thread (PF_KTHREAD): it has no user stack to show.
@@ -191,6 +193,10 @@ const KEPT_FILES_MAX: usize = 256;
 /// Re-read a live process's maps at most this often (it may have loaded libraries).
 const REFRESH_EVERY: Duration = Duration::from_millis(500);
 
+/// For this long after an exec, a process's maps (and unwinding tables) are read again at
+/// each of its first-seen events: its libraries are being mapped.
+pub const AFTER_EXEC: Duration = Duration::from_secs(1);
+
 impl ProcessCache {
     /// Notes a process, reading its name and maps now (and again later, at most every
     /// `REFRESH_EVERY`). `kernel_comm` is the thread name the kernel reported, used when the
@@ -201,11 +207,26 @@ impl ProcessCache {
             comm: kernel_comm.to_string(),
             ..Default::default()
         });
-        if entry.exited || entry.read_at.is_some_and(|t| t.elapsed() < REFRESH_EVERY) {
+        // Just after an exec the dynamic loader is still mapping libraries: each first-seen
+        // event reads the maps again.
+        let settling = entry.execd_at.is_some_and(|t| t.elapsed() < AFTER_EXEC);
+        if entry.exited || (!settling && entry.read_at.is_some_and(|t| t.elapsed() < REFRESH_EVERY))
+        {
             return;
         }
         refresh(entry);
         self.unreachable_files += keep_open(entry, &mut self.kept_files);
+    }
+
+    /// A process exec'd: its new name now; its maps at its next first-seen event, whenever
+    /// they were last read (not now: the dynamic loader has not mapped its libraries yet).
+    /// A process not seen yet stays unknown: its first-seen event will read it.
+    pub fn exec(&mut self, pid: u32, kernel_comm: &str) {
+        if let Some(entry) = self.processes.get_mut(&pid) {
+            entry.read_at = None;
+            entry.execd_at = Some(Instant::now());
+            entry.comm = kernel_comm.to_string();
+        }
     }
 
     /// Re-reads every live process (the end of a capture); in those gone, marks the files

@@ -30,10 +30,12 @@ pub fn root() -> Result<PathBuf> {
     };
     if rc != 0 {
         bail!(
-            "tracefs is not mounted and mounting it at {TRACEFS} failed: {}",
+            "tracefs is not mounted and mounting it at {TRACEFS} failed: {} (mount it with \
+             `mount -t tracefs nodev {TRACEFS}`)",
             std::io::Error::last_os_error()
         );
     }
+    eprintln!("profiler: note: tracefs was not mounted; mounted it at {TRACEFS}");
     Ok(PathBuf::from(TRACEFS))
 }
 
