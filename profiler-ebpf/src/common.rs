@@ -275,6 +275,7 @@ pub fn sched_process_exec(_ctx: aya_ebpf::programs::TracePointContext) -> u32 {
     if !wanted_ids(tgid, tid) {
         return 0;
     }
+    crate::unwind::forget_process(tgid);
     let comm =
         unsafe { (bpf_get_current_task() as *const u8).add(config(&TASK_COMM_OFF) as usize) };
     let _ = notify_task(tgid, tid, comm, 1);

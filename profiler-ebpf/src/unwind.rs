@@ -208,6 +208,15 @@ fn ask_for_tables(tgid: u32) {
     }
 }
 
+/// `tgid` exec'd: its tables are its old program's. Dropped here, at once, so that its
+/// first walks as the new program ask for new ones (userspace, told of the exec through the
+/// ring, drops its own record of them too).
+#[inline(always)]
+pub fn forget_process(tgid: u32) {
+    let _ = PROCESSES.remove(&tgid);
+    let _ = ASKED.remove(&tgid);
+}
+
 /// Walks the user stack of process `tgid` from `regs`. `None`: no tables for this process,
 /// or the walked stack could not be stored (full map, or another stack under its key): the
 /// caller takes the frame-pointer stack instead. `Some(id)`: a stack id with

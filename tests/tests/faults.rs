@@ -66,6 +66,11 @@ impl Drop for Daemon {
 impl Daemon {
     /// `--events offcpu -p 1`, 1 s windows: small windows, many of them.
     fn start(data: &Path, port: u16) -> Self {
+        Self::start_with(data, port, &["--events", "offcpu", "-p", "1"])
+    }
+
+    /// 1 s windows, each recorded with `record_args`.
+    fn start_with(data: &Path, port: u16, record_args: &[&str]) -> Self {
         let child = Command::new(profiler_bin())
             .arg("daemon")
             .arg("--data-dir")
@@ -73,7 +78,8 @@ impl Daemon {
             .args(["--listen", &format!("127.0.0.1:{port}"), "--window", "1s"])
             // Full mode: the default 1 % budget would skip windows under load.
             .args(["--max-cpu", "off"])
-            .args(["--", "--events", "offcpu", "-p", "1"])
+            .arg("--")
+            .args(record_args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -684,4 +690,74 @@ fn record_mounts_tracefs_when_it_is_not_mounted() {
     );
     assert_eq!(ours("read"), theirs("read"));
     assert_eq!(ours("write"), theirs("write"));
+}
+
+/// Two `record`s and a daemon at once, on the same host and the same workloads: each gives
+/// its own oracle's answer. An off-CPU record of workload A and the daemon's on-demand
+/// capture of the whole host (`POST /capture`, its windows going on meanwhile) each match
+/// A's own clock
+/// per function (±5 %, shortfalls explained by counters only); a syscalls record of
+/// workload B counts its main thread's nanosleep calls exactly (B's own count).
+#[test]
+fn two_records_and_a_daemon_at_once_each_match_their_own_oracle() {
+    require_root();
+    let _serial = serial();
+    const ITERATIONS: u32 = 15;
+    let dir = temp_dir("fault-concurrent");
+    let mut a = Workload::start(ITERATIONS, 20, &dir.join("a.json"));
+    let mut b = Workload::start(ITERATIONS, 20, &dir.join("b.json"));
+    let (pid_a, pid_b) = (a.pid.to_string(), b.pid.to_string());
+    let port = free_port();
+    let data = dir.join("data");
+    // The daemon records the whole host (a -p of its own would fail its windows once the
+    // workload has exited).
+    let mut daemon = Daemon::start_with(&data, port, &["--events", "offcpu"]);
+    let recording_a = Recording::start(
+        &dir.join("a"),
+        &["-d", "60s", "-p", &pid_a, "--events", "offcpu"],
+    );
+    let recording_b = Recording::start(
+        &dir.join("b"),
+        &["-d", "60s", "-p", &pid_b, "--events", "syscalls"],
+    );
+    let windows = metric(port, "profiler_windows_total");
+    let on_demand = std::thread::spawn(move || call(port, "POST", "/capture?seconds=6"));
+    // The on-demand capture attaches before the workloads start.
+    std::thread::sleep(Duration::from_secs(2));
+    a.go();
+    b.go();
+    let report_a = a.finish();
+    let report_b = b.finish();
+    let (capture_a, _) = recording_a.interrupt();
+    let (capture_b, _) = recording_b.interrupt();
+    let (status, body) = on_demand
+        .join()
+        .unwrap()
+        .expect("the daemon answered /capture");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let from_daemon: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let pid_a = report_a["pid"].as_u64().unwrap() as u32;
+    println!("record of A:");
+    assert_matches_oracle(&capture_a, &report_a, pid_a);
+    println!("the daemon's capture of A:");
+    assert_matches_oracle(&from_daemon, &report_a, pid_a);
+    let pid_b = report_b["pid"].as_u64().unwrap();
+    let nanosleeps = capture_b["syscalls"]["stats"]
+        .as_array()
+        .expect("syscalls")
+        .iter()
+        .find(|s| s["pid"].as_u64() == Some(pid_b) && s["name"] == "nanosleep")
+        .map(|s| s["count"].as_u64().unwrap());
+    assert_eq!(
+        nanosleeps,
+        Some(u64::from(ITERATIONS)),
+        "B's nanosleep calls"
+    );
+    // The daemon's windows went on throughout, none failed.
+    assert!(metric(port, "profiler_windows_total") >= windows + 3.0);
+    assert_eq!(metric(port, "profiler_window_errors_total"), 0.0);
+    daemon.stop();
+    for window in windows_in(&data) {
+        assert_complete(&window);
+    }
 }
