@@ -159,17 +159,8 @@ impl Run {
     }
 }
 
-/// Records `workload` (started, waiting for `go`) with `profiler record -p PID ARGS…` and,
-/// if `perf`, with perf at the same time; lets it work, collects its own report up to
-/// `done`, then stops both.
-fn record(dir: &Path, mut workload: ReadyProcess, args: &[&str], perf: bool) -> Run {
-    let pid = workload.pid.clone();
-    let out = dir.join("out");
-    let mut all = vec!["-d", "120s", "-p", &pid];
-    all.extend_from_slice(args);
-    let recording = Recording::start(&out, &all);
-    let perf = perf.then(|| PerfRecording::start(dir, &pid));
-    workload.go();
+/// The workload's own measurements: its `name value` lines up to `done`.
+fn own_report(workload: &mut ReadyProcess) -> BTreeMap<String, f64> {
     let mut own = BTreeMap::new();
     while let Some(line) = workload.line() {
         if line == "done" {
@@ -181,6 +172,26 @@ fn record(dir: &Path, mut workload: ReadyProcess, args: &[&str], perf: bool) -> 
             own.insert(name.to_string(), value);
         }
     }
+    own
+}
+
+/// `record -d 120s -p PID --events offcpu -o OUT`, recording.
+fn record_offcpu_of(out: &Path, pid: &str) -> Recording {
+    Recording::start(out, &["-d", "120s", "-p", pid, "--events", "offcpu"])
+}
+
+/// Records `workload` (started, waiting for `go`) with `profiler record -p PID ARGS…` and,
+/// if `perf`, with perf at the same time; lets it work, collects its own report up to
+/// `done`, then stops both.
+fn record(dir: &Path, mut workload: ReadyProcess, args: &[&str], perf: bool) -> Run {
+    let pid = workload.pid.clone();
+    let out = dir.join("out");
+    let mut all = vec!["-d", "120s", "-p", &pid];
+    all.extend_from_slice(args);
+    let recording = Recording::start(&out, &all);
+    let perf = perf.then(|| PerfRecording::start(dir, &pid));
+    workload.go();
+    let own = own_report(&mut workload);
     workload.finish();
     let (capture, _) = recording.interrupt();
     let perf = perf.map(PerfRecording::finish).unwrap_or_default();
@@ -604,7 +615,7 @@ fn a_target_killed_mid_capture_is_still_symbolized() {
     let mut workload = ReadyProcess::spawn(Command::new(&bin).args(["100000", "0"]));
     let pid = workload.pid.clone();
     let out = dir.join("out");
-    let recording = Recording::start(&out, &["-d", "120s", "-p", &pid, "--events", "offcpu"]);
+    let recording = record_offcpu_of(&out, &pid);
     let perf = PerfRecording::start(&dir, &pid);
     workload.go();
     let began = std::time::Instant::now();
@@ -668,23 +679,13 @@ fn a_process_that_execs_is_walked_and_named_as_its_new_program() {
     );
     let pid = workload.pid.clone();
     let out = dir.join("out");
-    let recording = Recording::start(&out, &["-d", "120s", "-p", &pid, "--events", "offcpu"]);
+    let recording = record_offcpu_of(&out, &pid);
     workload.say("go");
     // The program's own `ready PID`: the same process.
     assert_eq!(workload.line(), Some(format!("ready {pid}")));
     std::thread::sleep(std::time::Duration::from_millis(300));
     workload.go();
-    let mut own = BTreeMap::new();
-    while let Some(line) = workload.line() {
-        if line == "done" {
-            break;
-        }
-        if let Some((name, value)) = line.split_once(' ')
-            && let Ok(value) = value.parse::<f64>()
-        {
-            own.insert(name.to_string(), value);
-        }
-    }
+    let own = own_report(&mut workload);
     workload.finish();
     let (capture, _) = recording.interrupt();
     let run = Run {
