@@ -315,8 +315,12 @@ impl Loader {
     /// at the exec itself, when the dynamic loader has not mapped its libraries yet.
     fn forget(&mut self, pid: u32) {
         self.loaded.remove(&pid);
-        self.execd.insert(pid, Instant::now());
-        let _ = self.processes.remove(&pid);
+        // Only recent execs matter (a daemon sees every exec of the host: keep it small).
+        let now = Instant::now();
+        self.execd
+            .retain(|_, at| now.duration_since(*at) < crate::symbolize::procmaps::AFTER_EXEC);
+        self.execd.insert(pid, now);
+        // Its UNWIND_PROCESSES entry: removed by the exec program already.
         if self.registered_python.remove(&pid) {
             let _ = self.python.remove(&pid);
         }
