@@ -14,7 +14,7 @@ mod syscalls;
 mod tasks;
 pub mod tcp;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -137,9 +137,52 @@ pub struct Prepared {
     /// still ran when they started).
     attach_ktime: u64,
     start_unix_ms: u64,
+    /// The off-CPU and on-CPU maps' values when the capture started counting, if it was
+    /// attached before that (`count_from_now`).
+    offcpu_base: HashMap<OffcpuKey, (u64, u64)>,
+    oncpu_base: HashMap<OncpuKey, (u64, u64)>,
+    /// The processes the previous window knew (`count_from_now`).
+    processes_seed: Vec<crate::symbolize::procmaps::ProcessInfo>,
 }
 
 impl Prepared {
+    /// A daemon window loaded while the previous one still counts: from now on, what the
+    /// maps gain is this capture's, what they held is the previous window's (which has just
+    /// taken its final snapshot). Its clock, start time and query/TCP split start at that
+    /// snapshot (`boundary`), so consecutive windows neither overlap nor leave a gap. It also
+    /// starts from the processes the previous window knew (`known`).
+    pub fn count_from_now(
+        &mut self,
+        known: &ProcessCache,
+        boundary: Instant,
+        boundary_unix_ms: u64,
+    ) -> Result<()> {
+        self.processes_seed = known.seed();
+        // Its clock starts where the previous window's ends (the start of its final snapshot),
+        // so the two meet exactly.
+        self.started = boundary;
+        self.start_unix_ms = boundary_unix_ms;
+        self.attach_ktime = ktime_ns().saturating_sub(boundary.elapsed().as_nanos() as u64);
+        // What changes while the maps are read (milliseconds) is in neither window.
+        if self.probes.offcpu_attached_with.is_some() {
+            self.offcpu_base = self
+                .probes
+                .offcpu_totals()?
+                .into_iter()
+                .map(|(k, v)| (k, (v.total_ns, v.count)))
+                .collect();
+        }
+        if self.probes.oncpu_frequency.is_some() {
+            self.oncpu_base = self
+                .probes
+                .oncpu_counts()?
+                .into_iter()
+                .map(|(k, v)| (k, (v, v)))
+                .collect();
+        }
+        Ok(())
+    }
+
     pub fn output(&self) -> &Path {
         &self.options.output
     }
@@ -229,6 +272,9 @@ pub fn prepare(options: RecordOptions) -> Result<Prepared> {
         attach_ktime,
         started,
         start_unix_ms,
+        offcpu_base: HashMap::new(),
+        oncpu_base: HashMap::new(),
+        processes_seed: Vec::new(),
     })
 }
 
@@ -251,6 +297,9 @@ impl Prepared {
             started,
             start_unix_ms,
             attach_ktime,
+            offcpu_base,
+            oncpu_base,
+            processes_seed,
         } = self;
         // Following a window that is still attached: what happened before we were is its.
         let from_ktime = if options.continues { attach_ktime } else { 0 };
@@ -258,13 +307,13 @@ impl Prepared {
         let mut tcp = TcpAggregator::default();
         let mut db = DbAggregator::new(options.show_literals);
         let mut db_owners = DbOwners::new(&config.pids);
-        let mut processes = ProcessCache::default();
+        let mut processes = ProcessCache::seeded(processes_seed);
         for pid in &config.pids {
             processes.observe(*pid, "");
         }
 
-        let mut offcpu_series: Series<OffcpuKey> = Series::default();
-        let mut oncpu_series: Series<OncpuKey> = Series::default();
+        let mut offcpu_series: Series<OffcpuKey> = Series::from_base(offcpu_base);
+        let mut oncpu_series: Series<OncpuKey> = Series::from_base(oncpu_base);
         let mut ticker = tokio::time::interval_at(
             tokio::time::Instant::now() + options.interval,
             options.interval,
@@ -357,17 +406,11 @@ impl Prepared {
                 }
             }
         }
-        // The next capture attaches while this one still counts: the two overlap by the
-        // moment between its start and this final snapshot, with no gap.
-        let next = match (handoff, interrupted) {
+        // The next capture attaches while this one still counts; it counts from this one's
+        // final snapshot (no overlap, no gap).
+        let mut next = match (handoff, interrupted) {
             (Some(handoff), false) => Some(handoff()),
             _ => None,
-        };
-        // Queries that started, and TCP events that happened, once the next capture was
-        // attached are its own.
-        let until_ktime = match &next {
-            Some(Ok(next)) => next.attach_ktime,
-            _ => u64::MAX,
         };
         snapshot(
             &probes,
@@ -375,6 +418,8 @@ impl Prepared {
             &mut oncpu_series,
             &mut processes,
         )?;
+        // The next capture counts from this final snapshot on (its maps' values until now are
+        // this capture's).
         let ends = if probes.offcpu_attached_with.is_some() {
             offcpu_series.ends.clone()
         } else if probes.oncpu_frequency.is_some() {
@@ -382,6 +427,21 @@ impl Prepared {
         } else {
             // Families without snapshots: one interval, the whole capture.
             vec![started.elapsed().as_nanos() as u64]
+        };
+        if let Some(Ok(following)) = next.as_mut() {
+            // Where this window ends: the start of its final snapshot.
+            let end_ns = ends.last().copied().unwrap_or_default();
+            let boundary = started + Duration::from_nanos(end_ns);
+            let boundary_unix_ms = start_unix_ms + (end_ns as f64 / 1e6).round() as u64;
+            if let Err(err) = following.count_from_now(&processes, boundary, boundary_unix_ms) {
+                next = Some(Err(err));
+            }
+        }
+        // Queries that started, and TCP events that happened, once the next capture counts
+        // are its own.
+        let until_ktime = match &next {
+            Some(Ok(next)) => next.attach_ktime,
+            _ => u64::MAX,
         };
         drain_new_tasks(new_tasks.get_mut(), &mut processes, &probes);
         // Queries that started before the next capture attached are this one's: give those

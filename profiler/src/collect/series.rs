@@ -7,6 +7,10 @@ use std::time::Duration;
 /// Per-key deltas for every interval, kept sparse (most keys are idle most of the time),
 /// and the latest cumulative (value, count) of every key.
 pub(crate) struct Series<K> {
+    /// What the maps held when this capture started counting (a daemon window that follows
+    /// another: the maps were attached earlier, and their counts until then are the previous
+    /// window's); every value is taken relative to it.
+    base: HashMap<K, (u64, u64)>,
     pub(crate) latest: HashMap<K, (u64, u64)>,
     deltas: HashMap<K, Vec<(u32, u64)>>,
     pub(crate) ends: Vec<u64>,
@@ -16,6 +20,7 @@ pub(crate) struct Series<K> {
 impl<K> Default for Series<K> {
     fn default() -> Self {
         Self {
+            base: HashMap::new(),
             latest: HashMap::new(),
             deltas: HashMap::new(),
             ends: Vec::new(),
@@ -25,12 +30,30 @@ impl<K> Default for Series<K> {
 }
 
 impl<K: Copy + Eq + Hash> Series<K> {
+    /// A series counting from `base` (the maps' values when the capture started counting).
+    pub(crate) fn from_base(base: HashMap<K, (u64, u64)>) -> Self {
+        Self {
+            base,
+            ..Self::default()
+        }
+    }
+
     /// Records cumulative (key, value, count) triples at `elapsed`.
     pub(crate) fn push(&mut self, totals: impl Iterator<Item = (K, u64, u64)>, elapsed: Duration) {
         let index = self.ends.len() as u32;
         self.ends.push(elapsed.as_nanos() as u64);
         let mut events = 0;
         for (key, value, count) in totals {
+            let (value, count) = match self.base.get(&key) {
+                Some((base_value, base_count)) => (
+                    value.saturating_sub(*base_value),
+                    count.saturating_sub(*base_count),
+                ),
+                None => (value, count),
+            };
+            if value == 0 && count == 0 && !self.latest.contains_key(&key) {
+                continue; // nothing since the start
+            }
             events += count;
             let before = self.latest.insert(key, (value, count)).map_or(0, |v| v.0);
             let delta = value.saturating_sub(before);
@@ -47,5 +70,24 @@ impl<K: Copy + Eq + Hash> Series<K> {
             dense[*index as usize] = *value;
         }
         dense
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_series_from_a_base_counts_only_what_came_after_it() {
+        let base: HashMap<u32, (u64, u64)> = [(1, (100, 2)), (2, (50, 1))].into_iter().collect();
+        let mut series = Series::from_base(base);
+        series.push(
+            [(1, 130, 3), (2, 50, 1), (3, 7, 1)].into_iter(),
+            Duration::from_secs(1),
+        );
+        assert_eq!(series.latest.get(&1), Some(&(30, 1)));
+        assert_eq!(series.latest.get(&2), None, "nothing new");
+        assert_eq!(series.latest.get(&3), Some(&(7, 1)));
+        assert_eq!(series.values(&1), vec![30]);
     }
 }

@@ -247,6 +247,34 @@ impl ProcessCache {
         self.processes.get(&pid)
     }
 
+    /// What the next daemon window starts from: the live processes this capture knows. Each
+    /// is read again at its first event there; one that exits before keeps what was read
+    /// here (maps, name, executable, cgroup) — a window that first meets a process after its
+    /// exit would otherwise have nothing to name its frames with. Kept descriptors are this
+    /// cache's: the next one opens its own.
+    pub fn seed(&self) -> Vec<ProcessInfo> {
+        self.processes
+            .values()
+            .filter(|p| !p.exited)
+            .map(|p| {
+                let mut p = p.clone();
+                p.read_at = None;
+                for vma in &mut p.vmas {
+                    vma.open_path = None;
+                }
+                p
+            })
+            .collect()
+    }
+
+    /// A cache starting from `seed` (another capture's `seed`).
+    pub fn seeded(seed: Vec<ProcessInfo>) -> Self {
+        Self {
+            processes: seed.into_iter().map(|p| (p.pid, p)).collect(),
+            ..Self::default()
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.processes.len()
     }
