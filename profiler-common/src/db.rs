@@ -49,6 +49,9 @@ pub const ARG_KIND_CONSTANT: u32 = 3;
 pub struct DbPending {
     /// 0 when no query is in flight.
     pub start_ns: u64,
+    /// The thread's run-queue wait so far (`sched_info.run_delay`) when the clock started;
+    /// 0 when unknown.
+    pub queued_ns: u64,
     pub source: u32,
     /// Bytes of `query` used (without the NUL).
     pub len: u32,
@@ -57,6 +60,35 @@ pub struct DbPending {
     /// libpq: the command's place in its connection's pipeline (commands sent so far).
     pub seq: u32,
     pub query: [u8; QUERY_MAX],
+}
+
+/// SQLite: an execution of a statement: from its first step to DONE, an error or a reset.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SqliteExec {
+    pub first_ns: u64,
+    /// The thread's run-queue wait so far at the first step.
+    pub first_queued_ns: u64,
+    /// Time spent inside sqlite3_step so far.
+    pub in_step_ns: u64,
+    /// Entry of the step in progress.
+    pub step_ns: u64,
+    /// The user stack that stepped it first (the code path that ran the statement).
+    pub user_stack_id: i32,
+    pub _pad: u32,
+}
+
+/// MySQL: an execution of a prepared statement.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MysqlExec {
+    pub start_ns: u64,
+    /// The thread's run-queue wait so far at the start.
+    pub queued_ns: u64,
+    /// When mysql_stmt_execute returned (0: not yet).
+    pub executed_ns: u64,
+    pub user_stack_id: i32,
+    pub _pad: u32,
 }
 
 /// A thread waiting for a client-side query: the off-CPU family files the thread's blocked
@@ -105,6 +137,12 @@ pub struct DbEvent {
     pub start_ns: u64,
     /// 0 for abandoned queries (`FLAG_ERROR`).
     pub duration_ns: u64,
+    /// The thread's run-queue wait so far (`sched_info.run_delay`) when the clock started
+    /// and when the event was sent (at or after the query's end); 0 when unknown. Userspace
+    /// takes the time a thread waited for a CPU between two queries out of the gap between
+    /// them (N+1 runs).
+    pub queued_start_ns: u64,
+    pub queued_end_ns: u64,
     pub len: u32,
     pub user_stack_id: i32,
     /// The process's parent (for a server backend: the postmaster).
@@ -206,6 +244,8 @@ mod pod {
     unsafe impl aya::Pod for super::DbPending {}
     unsafe impl aya::Pod for super::DbEvent {}
     unsafe impl aya::Pod for super::DbWireBatch {}
+    unsafe impl aya::Pod for super::MysqlExec {}
+    unsafe impl aya::Pod for super::SqliteExec {}
 }
 
 #[cfg(test)]
@@ -224,12 +264,14 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(
             core::mem::size_of::<super::DbPending>(),
-            24 + super::QUERY_MAX
+            32 + super::QUERY_MAX
         );
         assert_eq!(
             core::mem::size_of::<super::DbEvent>(),
-            112 + super::QUERY_MAX
+            128 + super::QUERY_MAX
         );
+        assert_eq!(core::mem::size_of::<super::SqliteExec>(), 40);
+        assert_eq!(core::mem::size_of::<super::MysqlExec>(), 32);
         assert_eq!(
             core::mem::size_of::<super::DbWireBatch>(),
             super::WIRE_BATCH_HEADER + super::WIRE_BATCH_MAX

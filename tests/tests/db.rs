@@ -628,14 +628,29 @@ fn repeated_lookups_are_reported_as_n_plus_one_with_their_code_path() {
 /// before its first query to after its last: (its JSON line, the capture, the profiler's
 /// stdout, the output directory).
 fn record_python_db(name: &str, script: &str, args: &[&str]) -> (Value, Value, String, PathBuf) {
+    record_python_db_under(name, &[], script, args)
+}
+
+/// As `record_python_db`, the interpreter started through `wrapper` (a command that execs
+/// its arguments: `taskset`, `nice`).
+fn record_python_db_under(
+    name: &str,
+    wrapper: &[&str],
+    script: &str,
+    args: &[&str],
+) -> (Value, Value, String, PathBuf) {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("workloads")
         .join(script);
-    let mut workload = ReadyProcess::spawn(
-        std::process::Command::new("/usr/bin/python3")
-            .arg(&script)
-            .args(args),
-    );
+    let mut command = match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut command = std::process::Command::new(first);
+            command.args(rest).arg("/usr/bin/python3");
+            command
+        }
+        None => std::process::Command::new("/usr/bin/python3"),
+    };
+    let mut workload = ReadyProcess::spawn(command.arg(&script).args(args));
     let out = temp_dir(name).join("out");
     let recording = Recording::start(
         &out,
@@ -1180,16 +1195,23 @@ struct OrmRun {
     folded: String,
     issued: Value,
     lines: Value,
+    report: Value,
 }
 
 /// Runs the ORM-shaped workload with `args` (its backend).
 fn record_orm(name: &str, args: &[&str]) -> OrmRun {
-    let (report, capture, _, out) = record_python_db(name, "orm_nplus1.py", args);
+    record_orm_under(name, &[], args)
+}
+
+/// Runs the ORM-shaped workload with `args` (its backend) through `wrapper`.
+fn record_orm_under(name: &str, wrapper: &[&str], args: &[&str]) -> OrmRun {
+    let (report, capture, _, out) = record_python_db_under(name, wrapper, "orm_nplus1.py", args);
     OrmRun {
         capture,
         folded: std::fs::read_to_string(out.join("db.folded")).unwrap(),
         issued: report["issued"].clone(),
         lines: report["lines"].clone(),
+        report,
     }
 }
 
@@ -1284,6 +1306,63 @@ fn check_orm(run: &OrmRun, source: &str, items: &str, list: &str, innermost: &st
 fn orm_n_plus_one_through_sqlite3_names_the_python_method() {
     require_root();
     let run = record_orm("db-orm-sqlite", &["sqlite"]);
+    check_orm(
+        &run,
+        "sqlite",
+        "SELECT sku, qty FROM items WHERE order_id = ?",
+        "SELECT id FROM orders ORDER BY id LIMIT ?",
+        "sqlite3_step",
+    );
+}
+
+/// The N+1 detector's gap between calls of a run (README, "N+1 suspects").
+const N_PLUS_ONE_MAX_GAP_NS: u64 = 1_000_000;
+
+/// Kills a helper process however the test ends.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The ORM N+1 through sqlite3 while a CPU-bound process shares its CPU at a higher
+/// priority (nice 0 against the script's 10), the script giving up the CPU once mid-round
+/// (sched_yield, between two item queries): there it waits for its turn, so its own clock
+/// sees more than the 1 ms N+1 gap between those two queries in every round and the
+/// kernel's schedstat counts the wait. Time spent waiting for a CPU is the scheduler's, not
+/// the program's: each round is still one run of 30.
+#[test]
+fn orm_n_plus_one_preempted_mid_round_is_still_one_run_per_round() {
+    require_root();
+    let cpu = "1";
+    let _burner = Killed(
+        std::process::Command::new("taskset")
+            .args(["-c", cpu, "/usr/bin/python3", "-c", "while True: pass"])
+            .spawn()
+            .expect("start the CPU burner"),
+    );
+    let run = record_orm_under(
+        "db-orm-preempted",
+        &["taskset", "-c", cpu, "nice", "-n", "10"],
+        &["sqlite", "--yield"],
+    );
+    let gap = run.report["longest_gap_ns"].as_u64().unwrap();
+    let over = run.report["gaps_over_1ms"].as_u64().unwrap();
+    let queued = run.report["queued_ns"].as_u64().unwrap();
+    println!(
+        "{over} gaps between item queries over 1 ms (longest {:.3} ms), waited for a CPU \
+         {:.3} ms",
+        gap as f64 / 1e6,
+        queued as f64 / 1e6
+    );
+    assert!(
+        over == 25 && queued > 25 * N_PLUS_ONE_MAX_GAP_NS,
+        "the loop did not wait mid-round in each of its 25 rounds: {over} gaps over 1 ms, \
+         run-queue wait {queued} ns"
+    );
     check_orm(
         &run,
         "sqlite",

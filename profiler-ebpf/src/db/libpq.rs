@@ -105,7 +105,7 @@ fn client_start(ctx: &ProbeContext, flags: u32) -> u32 {
         };
         (*scratch).len = len.min(QUERY_MAX) as u32;
         // The clock starts after the stack walk and the text read: neither is the query's.
-        (*scratch).start_ns = bpf_ktime_get_ns();
+        start_clock(scratch);
         let key = CommandKey {
             tgid,
             slot: seq % PIPELINE_SLOTS,

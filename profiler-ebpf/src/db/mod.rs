@@ -26,10 +26,10 @@ use aya_ebpf::{
 };
 use profiler_common::db::{
     ARG_KIND_CONSTANT, ARG_KIND_MEMORY, DbEvent, DbInflight, DbPending, DbWireBatch, FLAG_ERROR,
-    FLAG_PREPARE, FLAG_PREPARED, FLAG_STATEMENT, PIPELINE_SLOTS, PREPARE_NAME_MAX, QUERY_MAX,
-    SOURCE_LIBPQ, SOURCE_MYSQL, SOURCE_POSTGRES_USDT, SOURCE_SQLITE, SOURCE_WIRE_MYSQL,
-    SOURCE_WIRE_POSTGRES, SOURCE_WIRE_REDIS, WIRE_BATCH_HEADER, WIRE_BATCH_MARKER, WIRE_BATCH_MAX,
-    counter, frame_hash,
+    FLAG_PREPARE, FLAG_PREPARED, FLAG_STATEMENT, MysqlExec, PIPELINE_SLOTS, PREPARE_NAME_MAX,
+    QUERY_MAX, SOURCE_LIBPQ, SOURCE_MYSQL, SOURCE_POSTGRES_USDT, SOURCE_SQLITE, SOURCE_WIRE_MYSQL,
+    SOURCE_WIRE_POSTGRES, SOURCE_WIRE_REDIS, SqliteExec, WIRE_BATCH_HEADER, WIRE_BATCH_MARKER,
+    WIRE_BATCH_MAX, counter, frame_hash,
 };
 
 use crate::common::{
@@ -68,6 +68,31 @@ static RET_REG: u32 = 80;
 static TASK_REAL_PARENT_OFF: u32 = 0;
 #[unsafe(no_mangle)]
 static TASK_TGID_OFF: u32 = 0;
+/// Offset in task_struct of `sched_info.run_delay` (BTF); 0 when unknown.
+#[unsafe(no_mangle)]
+static TASK_RUN_DELAY_OFF: u32 = 0;
+
+/// The current thread's time spent runnable but waiting for a CPU so far (0 when unknown).
+#[inline(always)]
+fn queued_so_far() -> u64 {
+    let off = config(&TASK_RUN_DELAY_OFF);
+    if off == 0 {
+        return 0;
+    }
+    unsafe {
+        bpf_probe_read_kernel((bpf_get_current_task() as *const u8).add(off as usize) as *const u64)
+    }
+    .unwrap_or(0)
+}
+
+/// Starts `pending`'s clock: now, and the thread's run-queue wait so far.
+#[inline(always)]
+fn start_clock(pending: *mut DbPending) {
+    unsafe {
+        (*pending).queued_ns = queued_so_far();
+        (*pending).start_ns = bpf_ktime_get_ns();
+    }
+}
 
 /// The way from the current task to a socket's peer (BTF): task_struct.files,
 /// files_struct.fdt, fdtable.{max_fds, fd}, file.{f_inode, private_data}, inode.i_mode,
@@ -348,6 +373,8 @@ fn emit_full(
         (*event).flags = flags;
         (*event).start_ns = (*pending).start_ns;
         (*event).duration_ns = duration_ns;
+        (*event).queued_start_ns = (*pending).queued_ns;
+        (*event).queued_end_ns = queued_so_far();
         (*event).len = (*pending).len;
         (*event).user_stack_id = (*pending).user_stack_id;
         (*event).comm = bpf_get_current_comm().unwrap_or_default();

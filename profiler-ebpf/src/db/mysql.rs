@@ -65,7 +65,7 @@ fn mysql_start(ctx: &ProbeContext) -> u32 {
         // The text is not NUL-terminated: its length is the third argument.
         (*scratch).len = read_counted_text(scratch, regs);
         // The clock starts after the stack walk and the text read: neither is the query's.
-        (*scratch).start_ns = bpf_ktime_get_ns();
+        start_clock(scratch);
         if CLIENT_PENDING.insert(&key, &*scratch, 0).is_err() {
             count(counter::PENDING_MAP_FULL);
         }
@@ -128,17 +128,6 @@ pub fn mysql_query_return(ctx: RetProbeContext) -> u32 {
 // the execute's own return (emitted when the client next touches the statement: another
 // execute, a reset, free_result or close). Per statement handle, one execution in flight.
 
-/// An execution of a prepared statement.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct MysqlExec {
-    start_ns: u64,
-    /// When mysql_stmt_execute returned (0: not yet).
-    executed_ns: u64,
-    user_stack_id: i32,
-    _pad: u32,
-}
-
 #[map(name = "DB_MYSQL_EXEC")]
 static MYSQL_EXEC: LruHashMap<ConnKey, MysqlExec> = LruHashMap::with_max_entries(16384, 0);
 
@@ -181,6 +170,7 @@ fn mysql_exec_finish(
     };
     unsafe {
         (*scratch).start_ns = exec.start_ns;
+        (*scratch).queued_ns = exec.queued_ns;
         (*scratch).source = SOURCE_MYSQL;
         (*scratch).user_stack_id = exec.user_stack_id;
         (*scratch).len = 0;
@@ -231,8 +221,10 @@ pub fn mysql_stmt_execute(ctx: ProbeContext) -> u32 {
         return 0;
     }
     let user_stack_id = issuing_stack(&ctx);
+    let queued_ns = queued_so_far();
     let exec = MysqlExec {
         start_ns: unsafe { bpf_ktime_get_ns() },
+        queued_ns,
         executed_ns: 0,
         user_stack_id,
         _pad: 0,

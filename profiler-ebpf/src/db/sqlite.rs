@@ -14,20 +14,6 @@ pub struct SqlitePrepare {
     out_stmt: u64,
 }
 
-/// An execution of a statement: from its first step to DONE, an error or a reset.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct SqliteExec {
-    first_ns: u64,
-    /// Time spent inside sqlite3_step so far.
-    in_step_ns: u64,
-    /// Entry of the step in progress.
-    step_ns: u64,
-    /// The user stack that stepped it first (the code path that ran the statement).
-    user_stack_id: i32,
-    _pad: u32,
-}
-
 #[map(name = "DB_SQLITE_PREPARE")]
 static SQLITE_PREPARE: LruHashMap<u32, SqlitePrepare> = LruHashMap::with_max_entries(4096, 0);
 
@@ -145,6 +131,7 @@ fn sqlite_finish(tgid: u32, tid: u32, key: &ConnKey, exec: &SqliteExec, error: b
     };
     unsafe {
         (*scratch).start_ns = exec.first_ns;
+        (*scratch).queued_ns = exec.first_queued_ns;
         (*scratch).source = SOURCE_SQLITE;
         (*scratch).user_stack_id = exec.user_stack_id;
         (*scratch).len = 0;
@@ -176,9 +163,11 @@ pub fn sqlite_step(ctx: ProbeContext) -> u32 {
         // before the clock starts (neither is the statement's time).
         sqlite_text_from_statement(tgid, tid, &key);
         let user_stack_id = issuing_stack(&ctx);
+        let first_queued_ns = queued_so_far();
         let now = unsafe { bpf_ktime_get_ns() };
         let exec = SqliteExec {
             first_ns: now,
+            first_queued_ns,
             in_step_ns: 0,
             step_ns: now,
             user_stack_id,

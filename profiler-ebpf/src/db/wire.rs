@@ -210,7 +210,7 @@ fn wire_send(ctx: &TracePointContext, kind: u32) -> u32 {
         return 0;
     }
     unsafe {
-        (*scratch).start_ns = bpf_ktime_get_ns();
+        start_clock(scratch);
         (*scratch).source = source;
         (*scratch).user_stack_id = -1;
         if kind == BYTES_PLAIN {

@@ -274,6 +274,8 @@ pub(crate) fn drain_db_events(
                     error: query.error,
                     start_ns: query.start_ns,
                     duration_ns: query.duration_ns,
+                    queued_start_ns: query.queued_start_ns,
+                    queued_end_ns: query.queued_end_ns,
                     user_stack_id: query.user_stack_id,
                     endpoint: &endpoint,
                 });

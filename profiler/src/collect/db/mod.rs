@@ -20,7 +20,9 @@ const SAMPLES_MAX: usize = 100_000;
 const BUCKETS: usize = 40;
 /// N+1 suspects: at least this many calls of one fingerprint in a row from one thread…
 pub const N_PLUS_ONE_MIN_RUN: u64 = 10;
-/// …each starting within this long of the previous one's end.
+/// …each starting within this long of the previous one's end, not counting time the thread
+/// spent waiting for a CPU in between (a loop preempted mid-round on a busy host is still one
+/// loop; the scheduler's delay is not the program's).
 pub const N_PLUS_ONE_MAX_GAP_NS: u64 = 1_000_000;
 
 /// One query as observed.
@@ -36,6 +38,10 @@ pub struct Observed<'a> {
     pub error: bool,
     pub start_ns: u64,
     pub duration_ns: u64,
+    /// The thread's run-queue wait so far (the kernel's `run_delay`) when the query started
+    /// and when it was reported (at or after its end); 0 when unknown.
+    pub queued_start_ns: u64,
+    pub queued_end_ns: u64,
     /// The issuing code path (client-side sources), negative when none.
     pub user_stack_id: i32,
     /// The database's address, when known (else empty).
@@ -54,6 +60,8 @@ struct Run {
     count: u64,
     total_ns: u64,
     last_end_ns: u64,
+    /// The thread's run-queue wait so far when its last query was reported.
+    last_queued_ns: u64,
 }
 
 /// An N+1 suspect before its stack is symbolized.
@@ -178,11 +186,12 @@ impl DbAggregator {
         let end = q.start_ns + q.duration_ns;
         if let Some(run) = self.runs.get_mut(&thread)
             && run.key == *key
-            && q.start_ns.saturating_sub(run.last_end_ns) <= N_PLUS_ONE_MAX_GAP_NS
+            && Self::own_gap(run, q) <= N_PLUS_ONE_MAX_GAP_NS
         {
             run.count += 1;
             run.total_ns += q.duration_ns;
             run.last_end_ns = end;
+            run.last_queued_ns = q.queued_end_ns;
             return;
         }
         let new = Run {
@@ -192,11 +201,26 @@ impl DbAggregator {
             count: 1,
             total_ns: q.duration_ns,
             last_end_ns: end,
+            last_queued_ns: q.queued_end_ns,
         };
         let tid = thread.2;
         if let Some(old) = self.runs.insert(thread, new) {
             Self::close_run(&mut self.suspects, tid, old);
         }
+    }
+
+    /// The time between the run's last query and `q` that the thread spent running or
+    /// sleeping (its run-queue wait in between left out; both readings are taken while the
+    /// thread runs, the first at or after the last query's end, so no wait outside the gap
+    /// is taken out).
+    fn own_gap(run: &Run, q: &Observed) -> u64 {
+        let gap = q.start_ns.saturating_sub(run.last_end_ns);
+        let queued = if run.last_queued_ns == 0 || q.queued_start_ns == 0 {
+            0 // unknown
+        } else {
+            q.queued_start_ns.saturating_sub(run.last_queued_ns)
+        };
+        gap.saturating_sub(queued)
     }
 
     fn close_run(suspects: &mut HashMap<(QueryKey, i32), Suspect>, tid: u32, run: Run) {
@@ -322,6 +346,8 @@ mod tests {
             error: false,
             start_ns,
             duration_ns,
+            queued_start_ns: 0,
+            queued_end_ns: 0,
             user_stack_id: 3,
             endpoint: "10.0.0.5:5432",
         }
@@ -360,6 +386,33 @@ mod tests {
         assert_eq!((s.runs, s.longest_run, s.queries), (3, 30, 90));
         assert_eq!(s.total_ns, 90 * 100_000);
         assert_eq!(s.user_stack_id, 3);
+    }
+
+    #[test]
+    fn run_queue_wait_between_calls_does_not_break_a_run() {
+        // 12 lookups 5 ms apart (end to start); `queued` of each gap spent waiting for a CPU.
+        let suspects = |queued: u64, known: bool| {
+            let mut agg = DbAggregator::new(false);
+            let mut waited = 1_000_000_000;
+            for i in 0..12u64 {
+                let start = i * 5_100_000;
+                let before = waited;
+                waited += queued;
+                agg.add(&Observed {
+                    queued_start_ns: if known { before + queued } else { 0 },
+                    queued_end_ns: if known { before + queued } else { 0 },
+                    ..obs("SELECT * FROM t WHERE id = 1", 100_000, start)
+                });
+            }
+            agg.suspects()
+        };
+        // 4.5 ms of the 5 ms waiting: 0.5 ms of the program's own, one run.
+        let one = suspects(4_500_000, true);
+        assert_eq!((one.len(), one[0].runs, one[0].longest_run), (1, 1, 12));
+        // 3.5 ms waiting: 1.5 ms of its own, no run of 10.
+        assert!(suspects(3_500_000, true).is_empty());
+        // The wait unknown (0): the whole gap counts.
+        assert!(suspects(4_500_000, false).is_empty());
     }
 
     #[test]

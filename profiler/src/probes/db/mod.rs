@@ -20,9 +20,10 @@ use aya::Ebpf;
 use aya::maps::{MapData, RingBuf};
 use aya::programs::UProbe;
 use profiler_common::db::{
-    DbEvent, DbPending, FLAG_ERROR, FLAG_PREPARE, FLAG_PREPARED, FLAG_STATEMENT, PREPARE_NAME_MAX,
-    QUERY_MAX, SOURCE_LIBPQ, SOURCE_MYSQL, SOURCE_SQLITE, SOURCE_WIRE_MYSQL, SOURCE_WIRE_POSTGRES,
-    SOURCE_WIRE_REDIS, WIRE_BATCH_HEADER, WIRE_BATCH_MARKER, WIRE_BATCH_MAX, counter, maps,
+    DbEvent, DbPending, FLAG_ERROR, FLAG_PREPARE, FLAG_PREPARED, FLAG_STATEMENT, MysqlExec,
+    PREPARE_NAME_MAX, QUERY_MAX, SOURCE_LIBPQ, SOURCE_MYSQL, SOURCE_SQLITE, SOURCE_WIRE_MYSQL,
+    SOURCE_WIRE_POSTGRES, SOURCE_WIRE_REDIS, SqliteExec, WIRE_BATCH_HEADER, WIRE_BATCH_MARKER,
+    WIRE_BATCH_MAX, counter, maps,
 };
 
 use super::{Globals, Probes, global, program, read_counters};
@@ -196,6 +197,14 @@ pub(super) fn globals(all: &DbTargets, btf: &Btf, globals: &mut Globals) -> Resu
         "TASK_TGID_OFF",
         btf.member_offset("task_struct", "tgid")?,
     );
+    // The thread's run-queue wait (N+1 runs do not count it as time between queries): left
+    // unset on kernels without CONFIG_SCHED_INFO.
+    if let (Ok(info), Ok(delay)) = (
+        btf.member_offset("task_struct", "sched_info"),
+        btf.member_offset("sched_info", "run_delay"),
+    ) {
+        global(globals, "TASK_RUN_DELAY_OFF", info + delay);
+    }
     // The way to a socket's peer (libpq and wire endpoints): left unset (the peer is then
     // looked up in /proc while the connection lives) when the kernel lays it out otherwise.
     let peer_offsets = [
@@ -422,14 +431,13 @@ impl Probes {
         }
         let ebpf = self.ebpf();
         // Keys: (thread), (process, connection), (process, slot, connection), (process, fd).
-        // MysqlExec: start, executed, stack id; SqliteExec: first step, in step, step, stack id.
         let range = (from, until);
         Ok(started::<u32, DbPending>(ebpf, maps::PENDING, range)?
             + started::<[u8; 16], DbPending>(ebpf, maps::CLIENT_PENDING, range)?
             + started::<[u8; 16], DbPending>(ebpf, maps::LIBPQ_COMMANDS, range)?
             + started::<[u8; 8], DbPending>(ebpf, maps::WIRE_PENDING, range)?
-            + started::<[u8; 16], [u64; 3]>(ebpf, maps::MYSQL_EXEC, range)?
-            + started::<[u8; 16], [u64; 4]>(ebpf, maps::SQLITE_EXEC, range)?
+            + started::<[u8; 16], MysqlExec>(ebpf, maps::MYSQL_EXEC, range)?
+            + started::<[u8; 16], SqliteExec>(ebpf, maps::SQLITE_EXEC, range)?
             + started::<u32, DbPending>(ebpf, maps::PG_EXTENDED, range)?)
     }
 }
@@ -470,6 +478,10 @@ pub struct QueryRecord {
     pub prepared: bool,
     pub error: bool,
     pub start_ns: u64,
+    /// The thread's run-queue wait so far when the query started and when it was reported
+    /// (see `DbEvent::queued_start_ns`).
+    pub queued_start_ns: u64,
+    pub queued_end_ns: u64,
     pub user_stack_id: i32,
     /// The process's parent when the query ran (a backend's postmaster).
     pub ppid: u32,
@@ -566,6 +578,8 @@ pub fn decode(bytes: &[u8]) -> Option<QueryRecord> {
         prepared: e.flags & FLAG_PREPARED != 0,
         error: e.flags & FLAG_ERROR != 0,
         start_ns: e.start_ns,
+        queued_start_ns: e.queued_start_ns,
+        queued_end_ns: e.queued_end_ns,
         user_stack_id: e.user_stack_id,
         ppid: e.ppid,
         comm: until_nul(&e.comm),
