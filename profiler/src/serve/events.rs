@@ -12,11 +12,23 @@
 //! which a steady workload's windows rarely are. An event makes that window the new normal:
 //! later windows compare with it onward, so one change gives one event.
 //!
+//! A third test remembers further back: each stack's, function's and query's highest value in
+//! the last `PEAK_WINDOWS` windows (kept through "new normal" resets). A regression must also
+//! exceed that peak, so what a host does every few minutes — a PostgreSQL checkpoint's
+//! throttled writes, a cron job, a periodic flush — is an event the first time it is seen,
+//! not every time it comes back.
+//!
+//! And a regression must hold for two windows in a row: a window that regressed waits (it
+//! is kept out of the recent windows meanwhile) and becomes an event only if the next one,
+//! judged the same way, confirms the same stack, function or query — as an alert rule's
+//! `for:` does. A blip of one window (a neighbour's burst, a latency spike of one query for
+//! a few seconds) is not an event.
+//!
 //! A function that carries (nearly) all of its processes' time in both windows — `main`,
 //! `__libc_start_call_main`, `PostmasterMain` — grows with anything beneath it and is never
 //! named as the culprit; the event names what is beneath.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -28,6 +40,9 @@ pub(crate) const EVENTS_KEPT: usize = 100;
 pub(crate) const RECENT_WINDOWS: usize = 8;
 /// Fewer windows than this before the one judged: no event (no spread to judge against).
 const MIN_RECENT_WINDOWS: usize = 3;
+/// How far back a value's peak is remembered, in windows (10 minutes of 10 s windows, an
+/// hour of the default 60 s ones): periodic work within it is not news.
+pub(crate) const PEAK_WINDOWS: u32 = 60;
 /// A function on at least this share of each of its processes' time, in both windows,
 /// carries their stacks: never named.
 const CARRIER_SHARE: f64 = 0.9;
@@ -39,6 +54,23 @@ pub(crate) struct Baseline {
     /// Folded paths shared by the recent windows (a whole host's window holds thousands of
     /// stacks of a kilobyte or two, and most recur from window to window).
     paths: std::collections::HashSet<Arc<str>>,
+    /// Each entity's peak in the last `PEAK_WINDOWS` windows, and how many windows ago; by a
+    /// hash of the entity (a whole host's stacks are kilobytes each).
+    peaks: std::collections::HashMap<u64, (f32, u32)>,
+    /// A window that regressed, waiting for the next.
+    pending: Option<Pending>,
+}
+
+/// What a peak is kept under: a hash of the entity's kind and name.
+fn peak_key(entity: &Entity) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::hash::DefaultHasher::new();
+    match entity {
+        Entity::Stack(path) => (0u8, *path).hash(&mut hasher),
+        Entity::Function(name) => (1u8, *name).hash(&mut hasher),
+        Entity::Query(key) => (2u8, key.as_str()).hash(&mut hasher),
+    }
+    hasher.finish()
 }
 
 /// A recent window, kept small: its paths interned, its interval values in f32.
@@ -64,6 +96,53 @@ impl Baseline {
             pinned: pinned.map(|c| Profile::from_capture(c, "baseline".into())),
             recent: VecDeque::new(),
             paths: Default::default(),
+            peaks: Default::default(),
+            pending: None,
+        }
+    }
+
+    /// Folds a judged window into the peaks: each entity's value raises its peak (and makes
+    /// it fresh); a peak older than `PEAK_WINDOWS` is forgotten.
+    fn remember_peaks(&mut self, window: &Profile) {
+        for (_, age) in self.peaks.values_mut() {
+            *age += 1;
+        }
+        self.peaks.retain(|_, (_, age)| *age <= PEAK_WINDOWS);
+        let mut values: std::collections::HashMap<u64, f64> = Default::default();
+        for (path, (total, _)) in &window.stacks {
+            let rate = window.rate(*total);
+            *values.entry(peak_key(&Entity::Stack(path))).or_default() += rate;
+            // A function counts once per stack (recursion).
+            let mut seen = std::collections::HashSet::new();
+            for function in path.split(';').skip(1) {
+                if seen.insert(function) {
+                    *values
+                        .entry(peak_key(&Entity::Function(function)))
+                        .or_default() += rate;
+                }
+            }
+        }
+        for (key, q) in &window.queries {
+            values.insert(peak_key(&Entity::Query(key.clone())), q.1);
+        }
+        for (key, value) in values {
+            let value = value as f32;
+            match self.peaks.get_mut(&key) {
+                Some(peak) if peak.0 > value => {}
+                Some(peak) => *peak = (value, 0),
+                None => {
+                    self.peaks.insert(key, (value, 0));
+                }
+            }
+        }
+    }
+
+    /// Whether `entity`'s value in `new` exceeds its peak of the last `PEAK_WINDOWS` windows
+    /// (an entity never seen has none).
+    fn above_peak(&self, new: &Profile, entity: &Entity) -> bool {
+        match self.peaks.get(&peak_key(entity)) {
+            Some((peak, _)) => value_in_new(new, entity) > f64::from(*peak),
+            None => true,
         }
     }
 
@@ -101,28 +180,73 @@ impl Baseline {
     pub(crate) fn judge(&mut self, window: &Capture, dir: &Path) -> Option<serde_json::Value> {
         let new = Profile::from_capture(window, dir.display().to_string());
         if let Some(pinned) = &self.pinned {
-            let report = compare(pinned, &new, &Thresholds::default()).ok()?;
-            return event(report, window, dir, |_| true);
+            let mut report = compare(pinned, &new, &Thresholds::default()).ok()?;
+            confirm(&mut report, |_| true);
+            return event(report, window, dir);
         }
-        let event = if self.recent.len() >= MIN_RECENT_WINDOWS {
+        // Judged against the recent windows, without a pending one (a window that regressed
+        // and waits for the next to say whether it was a blip).
+        let candidates = if self.recent.len() >= MIN_RECENT_WINDOWS {
             let pooled = pool(&self.recent);
             compare(&pooled, &new, &Thresholds::default())
                 .ok()
-                .and_then(|report| {
-                    event(report, window, dir, |entity| {
+                .map(|mut report| {
+                    let keys = confirm(&mut report, |entity| {
                         stands_out_of_recent(&self.recent, &new, entity)
-                    })
+                            && self.above_peak(&new, entity)
+                    });
+                    (report, keys)
                 })
+                .filter(|(_, keys)| !keys.is_empty())
         } else {
             None
         };
-        if event.is_some() {
-            // The new normal.
-            self.recent.clear();
+        let pending = self.pending.take();
+        match (pending, candidates) {
+            (Some(pending), Some((mut report, keys))) => {
+                let repeated: HashSet<u64> = keys.intersection(&pending.keys).copied().collect();
+                if repeated.is_empty() {
+                    // The pending window was a blip; this one waits in its place.
+                    self.settle(pending.profile);
+                    self.pending = Some(Pending { profile: new, keys });
+                    return None;
+                }
+                // Two windows in a row: an event, for what both confirmed.
+                confirm(&mut report, |entity| repeated.contains(&peak_key(entity)));
+                let event = event(report, window, dir);
+                // The new normal.
+                self.recent.clear();
+                self.settle(pending.profile);
+                self.settle(new);
+                event
+            }
+            (Some(pending), None) => {
+                self.settle(pending.profile);
+                self.settle(new);
+                None
+            }
+            (None, Some((_, keys))) => {
+                self.pending = Some(Pending { profile: new, keys });
+                None
+            }
+            (None, None) => {
+                self.settle(new);
+                None
+            }
         }
-        self.keep(new);
-        event
     }
+
+    /// A judged window becomes history: its peaks remembered, itself among the recent ones.
+    fn settle(&mut self, window: Profile) {
+        self.remember_peaks(&window);
+        self.keep(window);
+    }
+}
+
+/// A window whose regressions wait for the next window: an event only if it confirms them.
+struct Pending {
+    profile: Profile,
+    keys: HashSet<u64>,
 }
 
 /// A regression the diff engine found, to be confirmed against the recent windows.
@@ -132,28 +256,35 @@ enum Entity<'a> {
     Query(String),
 }
 
-/// The event for a report, keeping the regressions `confirmed` accepts; `None` when none is
-/// left.
-fn event(
-    mut report: Report,
-    window: &Capture,
-    dir: &Path,
-    confirmed: impl Fn(&Entity) -> bool,
-) -> Option<serde_json::Value> {
+/// Keeps the regressions of `report` that `confirmed` accepts; the peak keys of those kept.
+fn confirm(report: &mut Report, confirmed: impl Fn(&Entity) -> bool) -> HashSet<u64> {
+    let mut kept = HashSet::new();
     report.regressions.retain(|c| {
-        confirmed(&match c.kind {
+        let entity = match c.kind {
             EntityKind::Stack => Entity::Stack(&c.name),
             EntityKind::Function => Entity::Function(&c.name),
-        })
+        };
+        let keep = confirmed(&entity);
+        if keep {
+            kept.insert(peak_key(&entity));
+        }
+        keep
     });
     report.query_regressions.retain(|q| {
-        confirmed(&Entity::Query(query_key(
-            &q.source,
-            &q.comm,
-            &q.fingerprint,
-        )))
+        let entity = Entity::Query(query_key(&q.source, &q.comm, &q.fingerprint));
+        let keep = confirmed(&entity);
+        if keep {
+            kept.insert(peak_key(&entity));
+        }
+        keep
     });
     report.regression = !report.regressions.is_empty() || !report.query_regressions.is_empty();
+    kept
+}
+
+/// The event for a report whose regressions are confirmed (its differential flamegraph and
+/// reports written into the window's `diff/`); `None` when none is left.
+fn event(report: Report, window: &Capture, dir: &Path) -> Option<serde_json::Value> {
     if !report.regression {
         return None;
     }
@@ -397,6 +528,42 @@ mod tests {
                 .collect(),
             queries: Default::default(),
         }
+    }
+
+    #[test]
+    fn a_value_seen_within_the_peak_windows_is_not_news() {
+        let mut baseline = Baseline::new(None);
+        let steady = || profile(&[("pg;main;Checkpointer;Delay", &[1.0, 1.0])]);
+        let busy = || profile(&[("pg;main;Checkpointer;Delay", &[50.0, 50.0])]);
+        baseline.remember_peaks(&busy());
+        for _ in 0..10 {
+            baseline.remember_peaks(&steady());
+        }
+        let function = Entity::Function("Delay");
+        let stack = Entity::Stack("pg;main;Checkpointer;Delay");
+        assert!(
+            !baseline.above_peak(&busy(), &function),
+            "its peak 11 windows ago"
+        );
+        assert!(!baseline.above_peak(&busy(), &stack));
+        assert!(
+            baseline.above_peak(
+                &profile(&[("pg;main;Checkpointer;Delay", &[60.0, 60.0])]),
+                &function
+            ),
+            "above the peak"
+        );
+        assert!(
+            baseline.above_peak(&busy(), &Entity::Function("Other")),
+            "never seen"
+        );
+        for _ in 0..PEAK_WINDOWS {
+            baseline.remember_peaks(&steady());
+        }
+        assert!(
+            baseline.above_peak(&busy(), &function),
+            "a peak older than PEAK_WINDOWS is forgotten"
+        );
     }
 
     #[test]
