@@ -149,10 +149,12 @@ fn test() -> Result<()> {
     let status = child.wait()?;
     // cargo's last "test result" line is often an empty doc-test crate; this is the total.
     println!("tests: {passed} passed, {failed} failed");
+    println!("[test] a 3-minute soak of the release daemon (cargo xtask soak --minutes 3)");
+    let soak = soak::short();
     if !status.success() {
         bail!("cargo test failed ({status})");
     }
-    Ok(())
+    soak.context("the 3-minute soak failed")
 }
 
 /// The number just before `word` in a cargo `test result:` line.
