@@ -709,6 +709,79 @@ fn a_process_that_execs_is_walked_and_named_as_its_new_program() {
     assert_eq!(run.counter("unwind_processes_execd"), Some(1));
 }
 
+/// A program in a mount namespace of its own, as a container's are, run from a path where
+/// the host has a *different* build: two builds of the C workload with the same code and
+/// layout, only their function names differ (`hostx_…` on the host, `ownxx_…` bind-mounted
+/// over it inside the namespace). Its frames must come from its own file (the profiler reads
+/// it through /proc/PID/map_files, not the host's path): `ownxx_` names under main → request,
+/// blocked time within 5 % of its own clock, and no `hostx_` name anywhere.
+#[test]
+fn a_process_in_its_own_mount_namespace_is_symbolized_from_its_own_file() {
+    require_root();
+    let dir = temp_dir("unwind-mountns");
+    let build = |name: &str, prefix: &str| {
+        build_c(
+            &dir,
+            name,
+            &[
+                "-O2",
+                "-fomit-frame-pointer",
+                &format!("-Dsleep_step={prefix}_sleep_step"),
+                &format!("-Dread_step={prefix}_read_step"),
+            ],
+        )
+    };
+    let host = build("host-build", "hostx");
+    let own = build("own-build", "ownxx");
+    let path = dir.join("app");
+    std::fs::copy(&host, &path).expect("the host's build at the path");
+    let script = format!(
+        "mount --bind {} {} && exec {} 40 0",
+        own.display(),
+        path.display(),
+        path.display()
+    );
+    let mut workload = ReadyProcess::spawn(
+        Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(&script),
+    );
+    let pid = workload.pid.clone();
+    // Its executable is `path` as it sees it; the host's `path` is the other build.
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/exe")).expect("exe"),
+        path
+    );
+    let out = dir.join("out");
+    let recording = record_offcpu_of(&out, &pid);
+    workload.go();
+    let own_clock = own_report(&mut workload);
+    workload.finish();
+    let (capture, _) = recording.interrupt();
+    let run = Run {
+        pid: pid.parse().expect("numeric pid"),
+        capture,
+        out,
+        own: own_clock,
+        perf: Vec::new(),
+    };
+    let every_name: Vec<String> = family_stacks(&run.capture, "offcpu", run.pid)
+        .iter()
+        .flat_map(|s| user_names(s))
+        .collect();
+    assert!(
+        !every_name.iter().any(|n| n.contains("hostx_")),
+        "a frame named from the host's file: {every_name:?}"
+    );
+    for (function, clock) in [
+        ("ownxx_sleep_step", "sleep_step_ns"),
+        ("ownxx_read_step", "read_step_ns"),
+    ] {
+        assert_caller_chain(&run, None, &["main", "request", function]);
+        assert_blocked_time(&run, function, clock);
+    }
+}
+
 /// The same C program spinning on `clock_gettime` (libc → vDSO) inside `spin_clock`: on-CPU
 /// samples keep `main;spin_clock` under the vDSO and libc frames, as perf's cpu-clock samples
 /// do, and the wall-clock view's running time under them matches the thread's own CPU clock
