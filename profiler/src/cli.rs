@@ -49,7 +49,7 @@ pub enum Command {
     /// serve them on http://127.0.0.1:9464: / (a page: windows, events, flamegraphs),
     /// /healthz, /metrics (Prometheus), /captures, /events, /summary,
     /// /flamegraph?kind=offcpu|oncpu|wallclock|db|diff, /profile (pprof), /capture?seconds=N,
-    /// /compare?a=WINDOW&b=WINDOW.
+    /// /debug/pprof/profile?seconds=N (a fresh CPU profile), /compare?a=WINDOW&b=WINDOW.
     /// Record options go after `--` (the daemon leaves itself out unless `--include-self`).
     Daemon(DaemonArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) on stdout, e.g.
@@ -73,6 +73,7 @@ pub struct CompletionsArgs {
 pub struct DaemonArgs {
     /// TOML file with any of these settings (`data_dir`, `window`, `keep`, `max_age`,
     /// `max_bytes`, `listen`, `allow_remote`, `allow_capture_get`, `capture_token_file`,
+    /// `pyroscope_url`, `otlp_endpoint`, `otlp_protocol`,
     /// `baseline`, `max_cpu`,
     /// `record` = [record options]); flags win over it. SIGHUP re-reads it (applied from the
     /// next window; `listen` stays).
@@ -112,6 +113,24 @@ pub struct DaemonArgs {
     /// window before it; a significant regression becomes an event.
     #[arg(long, value_name = "CAPTURE")]
     pub baseline: Option<PathBuf>,
+    /// Push every window to Grafana Pyroscope at this URL (e.g. `http://pyroscope:4040`;
+    /// `https://` verifies the server against the system's CAs, or SSL_CERT_FILE's):
+    /// a series per service (its systemd service, else container, else process name) and
+    /// family (`process_cpu`, `off_cpu`, `db_query`), each a pprof. A bounded queue and
+    /// retries with backoff; drops are counted (`profiler_export_dropped_total`), never
+    /// waited for. Set at start.
+    #[arg(long, value_name = "URL")]
+    pub pyroscope_url: Option<String>,
+    /// Push every window as OTLP profiles (protobuf over HTTP) to this collector base URL
+    /// (e.g. `http://otel-collector:4318`; requests go to `/v1development/profiles`).
+    /// Queued, retried and counted like --pyroscope-url. Set at start.
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// How --otlp-endpoint is spoken to: `http/protobuf` (POST to URL/v1development/profiles)
+    /// or `grpc` (HTTP/2, e.g. `http://otel-collector:4317`, or over TLS with `https://`)
+    /// [default: http/protobuf].
+    #[arg(long, value_enum, value_name = "PROTOCOL")]
+    pub otlp_protocol: Option<OtlpProtocol>,
     /// CPU budget, in percent of one CPU (e.g. `1%`), or `off`: the daemon measures its own
     /// cost each window (its CPU time plus the kernel's run time of its eBPF programs) and,
     /// over the budget, records one off-CPU block and one query in 2, 4, … 64 (sampled mode)
@@ -122,6 +141,25 @@ pub struct DaemonArgs {
     /// Options for each window's `record` (e.g. `-- --events offcpu,db -p 1234`).
     #[arg(last = true)]
     pub record_args: Vec<String>,
+}
+
+/// How OTLP is sent: protobuf over HTTP/1.1, or gRPC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OtlpProtocol {
+    #[value(name = "http/protobuf")]
+    HttpProtobuf,
+    #[value(name = "grpc")]
+    Grpc,
+}
+
+impl OtlpProtocol {
+    /// The exporter that speaks it.
+    pub fn sink(self) -> crate::export::Sink {
+        match self {
+            OtlpProtocol::HttpProtobuf => crate::export::OTLP,
+            OtlpProtocol::Grpc => crate::export::OTLP_GRPC,
+        }
+    }
 }
 
 /// The daemon's CPU budget: a fraction of one CPU, or none (full mode whatever it costs).
@@ -373,6 +411,23 @@ pub struct RecordArgs {
     /// --capture-token-file), sent as `Authorization: Bearer`.
     #[arg(long, value_name = "FILE", requires = "from_daemon")]
     pub token_file: Option<PathBuf>,
+    /// Push the capture, once written, as OTLP profiles (protobuf over HTTP) to this
+    /// collector base URL (e.g. `http://127.0.0.1:4318`; to `/v1development/profiles`).
+    /// Retried 3 times; a push that fails is an error (the files stay written).
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// How --otlp-endpoint is spoken to: http/protobuf or grpc.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "http/protobuf",
+        value_name = "PROTOCOL"
+    )]
+    pub otlp_protocol: OtlpProtocol,
+    /// Push the capture, once written, to Grafana Pyroscope at this URL (its push API; see
+    /// `profiler daemon --pyroscope-url`).
+    #[arg(long, value_name = "URL")]
+    pub pyroscope_url: Option<String>,
     /// How user stacks are walked (every family): dwarf (from .eh_frame tables, in the kernel;
     /// frame pointers where no table covers the code) or fp (frame pointers only).
     #[arg(long, value_enum, default_value_t = UnwindMode::Dwarf)]

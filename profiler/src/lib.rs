@@ -13,6 +13,7 @@
 //! render/      ⑤ folded, flamegraph, summary, pprof, prometheus, outputs
 //! compare/     ⑥ regression verdicts between captures          (statistics, diff report)
 //! serve/       ⑦ the daemon: windows, budget, HTTP, events, metrics
+//! export/      ⑧ pushes to profile stores                      (Pyroscope, OTLP)
 //! commands/    thin wiring per subcommand; cli.rs: the flags
 //! ```
 //!
@@ -34,6 +35,8 @@ pub mod render;
 pub mod compare;
 // ⑦ the daemon
 pub mod serve;
+// ⑧ profiles leaving the host
+pub mod export;
 // thin wiring per subcommand
 pub mod commands;
 // the flags

@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 pub mod bpf;
+pub mod daemon;
 pub mod mariadb;
 pub mod pg;
 pub mod rawsys;
@@ -103,11 +104,17 @@ pub struct Recording {
 impl Recording {
     /// Starts `profiler record -o OUTPUT ARGS…` and waits until it says it is recording.
     pub fn start(output: &Path, args: &[&str]) -> Self {
+        Self::start_with_env(output, args, &[])
+    }
+
+    /// `start` with `env` set for the profiler.
+    pub fn start_with_env(output: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(profiler_bin())
             .arg("record")
             .arg("-o")
             .arg(output)
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -323,13 +330,24 @@ pub fn record_offcpu_workload(
     target_flag: &str,
     extra: &[&str],
 ) -> Recorded {
+    record_offcpu_workload_with_env(name, iterations, target_flag, extra, &[])
+}
+
+/// `record_offcpu_workload` with `env` set for the profiler.
+pub fn record_offcpu_workload_with_env(
+    name: &str,
+    iterations: u32,
+    target_flag: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Recorded {
     require_root();
     let dir = temp_dir(name);
     let mut workload = Workload::start(iterations, 20, &dir.join("workload.json"));
     let pid = workload.pid.to_string();
     let mut args = vec!["--duration", "60s", target_flag, &pid];
     args.extend_from_slice(extra);
-    let recording = Recording::start(&dir.join("out"), &args);
+    let recording = Recording::start_with_env(&dir.join("out"), &args, env);
     let started = recording.started.clone();
     workload.go();
     let report = workload.finish();

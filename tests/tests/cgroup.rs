@@ -12,7 +12,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
+use profiler_tests::daemon::{Daemon, Prometheus, free_port, metric, window_captures};
 use profiler_tests::*;
 use serde_json::Value;
 
@@ -91,6 +93,22 @@ fn slept_ns(process: &mut ReadyProcess) -> u64 {
         }
     }
     panic!("the workload ended without its inner_ns line");
+}
+
+/// A container id (64 hex digits) no other test uses.
+fn fresh_container_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    (0..4)
+        .map(|i| {
+            format!(
+                "{:016x}",
+                nanos.rotate_left(i * 16) ^ 0x9e37_79b9_7f4a_7c15_u64.wrapping_mul(i as u64 + 1)
+            )
+        })
+        .collect()
 }
 
 fn process_entry<'a>(capture: &'a Value, pid: &str) -> Option<&'a Value> {
@@ -241,18 +259,7 @@ fn a_container_is_found_by_its_id_prefix_and_named_in_the_capture() {
     require_root();
     let root = cgroup2_root();
     let mut base = Cgroup::create(root.join(format!("profiler-test-{}", std::process::id())));
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    let id: String = (0..4)
-        .map(|i| {
-            format!(
-                "{:016x}",
-                nanos.rotate_left(i * 16) ^ 0x9e37_79b9_7f4a_7c15_u64.wrapping_mul(i as u64 + 1)
-            )
-        })
-        .collect();
+    let id = fresh_container_id();
     let scope = format!("docker-{id}.scope");
     let container = base.child(&scope);
     let beside = base.child("beside");
@@ -335,5 +342,201 @@ fn an_unknown_container_is_one_clear_error() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
         assert!(stderr.contains(says), "{stderr}");
+    }
+}
+
+/// The daemon scoped to a cgroup by its config file (`record = ["--cgroup", …]`, as the
+/// Debian package's /etc/profiler.toml would say it): every window holds the subtree's
+/// processes only, and the inside workload's sleeps, summed over the windows (which follow
+/// each other with no gap), are its own clock's.
+#[test]
+fn a_daemon_configured_with_a_cgroup_records_only_that_subtree() {
+    require_root();
+    let root = cgroup2_root();
+    let mut base = Cgroup::create(root.join(format!("profiler-daemon-{}", std::process::id())));
+    let inside = base.child("inside");
+    let outside = base.child("outside");
+    let dir = temp_dir("cgroup-daemon");
+    let config = dir.join("profiler.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "window = \"1s\"\nrecord = [\"--events\", \"offcpu\", \"--cgroup\", \"{}\"]\n",
+            inside.display()
+        ),
+    )
+    .unwrap();
+    let data = dir.join("data");
+    let port = profiler_tests::daemon::free_port();
+    let mut daemon = profiler_tests::daemon::Daemon::spawn(
+        &data,
+        port,
+        &["--config", config.to_str().unwrap()],
+        &[],
+    );
+    let windows = || profiler_tests::daemon::metric(port, "profiler_windows_total");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while windows() < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "no window");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let mut workloads: Vec<ReadyProcess> = [&inside, &outside]
+        .into_iter()
+        .map(|cgroup| {
+            let process = sleeper();
+            join(cgroup, &process.pid);
+            process
+        })
+        .collect();
+    for process in &mut workloads {
+        process.say("go");
+    }
+    let slept: Vec<u64> = workloads.iter_mut().map(slept_ns).collect();
+    // One whole window after the sleeps ended.
+    let after = windows();
+    while windows() < after + 2.0 {
+        assert!(std::time::Instant::now() < deadline, "the windows stopped");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    daemon.stop();
+    let pids: Vec<String> = workloads.iter().map(|p| p.pid.clone()).collect();
+    for process in &mut workloads {
+        process.say("end");
+    }
+    for process in workloads {
+        process.finish();
+    }
+    let mut captures = Vec::new();
+    for entry in std::fs::read_dir(&data).unwrap().flatten() {
+        if entry.file_name().to_string_lossy().starts_with("window-") {
+            captures.push(read_capture(&entry.path()));
+        }
+    }
+    assert!(captures.len() >= 3, "{} windows", captures.len());
+    for capture in &captures {
+        assert_eq!(
+            capture["metadata"]["filters"]["cgroups"],
+            serde_json::json!([format!(
+                "/{}",
+                inside.strip_prefix(&root).unwrap().display()
+            )])
+        );
+        assert!(
+            process_entry(capture, &pids[1]).is_none(),
+            "the outside workload is in a window"
+        );
+    }
+    let pid: u32 = pids[0].parse().unwrap();
+    let ours: u64 = captures
+        .iter()
+        .map(|c| blocked_ns_in(c, pid, "__GI___clock_nanosleep"))
+        .sum();
+    println!(
+        "inside: slept {:.1} ms by its clock, {:.1} ms in clock_nanosleep over {} windows",
+        slept[0] as f64 / 1e6,
+        ours as f64 / 1e6,
+        captures.len()
+    );
+    let error = (ours as f64 - slept[0] as f64).abs() / slept[0] as f64;
+    assert!(error <= 0.05, "{ours} ns recorded vs {} ns slept", slept[0]);
+}
+
+/// A real Prometheus server scrapes the daemon (1 s windows, every second, recording the
+/// test's cgroup) while two identical Python sleepers run, one in a container's cgroup named
+/// the way docker's systemd driver names it, one beside it. Through Prometheus's own API:
+/// the container's off-CPU series carries its id and unit, the other's neither; each holds
+/// what the daemon's windows recorded of that process, and at least what the process's own
+/// clock slept (−5 %, the accuracy the filter test above holds clock_nanosleep to).
+#[test]
+fn prometheus_scrapes_off_cpu_seconds_labelled_by_container() {
+    require_root();
+    let root = cgroup2_root();
+    let mut base = Cgroup::create(root.join(format!("profiler-test-prom-{}", std::process::id())));
+    let id = fresh_container_id();
+    let scope = format!("docker-{id}.scope");
+    let container = base.child(&scope);
+    let beside = base.child("beside");
+    let dir = temp_dir("cgroup-prometheus");
+    let data = dir.join("data");
+    let port = free_port();
+    let mut daemon = Daemon::start_with(
+        &data,
+        port,
+        &["--events", "offcpu", "--cgroup", base.dir.to_str().unwrap()],
+    );
+    let prometheus = Prometheus::start(&dir, port);
+    let windows_after = |n: f64| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while metric(port, "profiler_windows_total") < n {
+            assert!(Instant::now() < deadline, "no window {n}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    windows_after(1.0);
+    let mut inside = sleeper();
+    join(&container, &inside.pid);
+    let mut outside = sleeper();
+    join(&beside, &outside.pid);
+    inside.say("go");
+    outside.say("go");
+    let slept = [slept_ns(&mut inside), slept_ns(&mut outside)];
+    let pids = [inside.pid.clone(), outside.pid.clone()];
+    for process in [&mut inside, &mut outside] {
+        process.say("end");
+    }
+    inside.finish();
+    outside.finish();
+    // Two more windows (the one they ended in is then written), then two more scrapes.
+    windows_after(metric(port, "profiler_windows_total") + 2.0);
+    std::thread::sleep(Duration::from_secs(2));
+    let series = prometheus.query(
+        "max_over_time(profiler_offcpu_seconds_total{comm=\"python3.12\",state=\"sleep\"}[1m])",
+    );
+    daemon.stop();
+    let windows = window_captures(&data);
+    let recorded_s = |pid: &str| -> f64 {
+        windows
+            .iter()
+            .filter_map(|w| w["offcpu"]["stacks"].as_array())
+            .flatten()
+            .filter(|s| {
+                s["pid"].as_u64().map(|p| p.to_string()).as_deref() == Some(pid)
+                    && s["state"] == "sleep"
+            })
+            .map(|s| s["total_ns"].as_u64().unwrap() as f64)
+            .sum::<f64>()
+            / 1e9
+    };
+    println!("{series:#?}");
+    assert_eq!(series.len(), 2, "one series per process: {series:?}");
+    let labelled: Vec<&(Value, f64)> = series
+        .iter()
+        .filter(|(labels, _)| labels["container_id"] == id.as_str())
+        .collect();
+    let unlabelled: Vec<&(Value, f64)> = series
+        .iter()
+        .filter(|(labels, _)| labels.get("container_id").is_none())
+        .collect();
+    assert_eq!((labelled.len(), unlabelled.len()), (1, 1), "{series:?}");
+    assert_eq!(labelled[0].0["systemd_unit"], scope.as_str());
+    assert!(unlabelled[0].0.get("systemd_unit").is_none(), "{series:?}");
+    for ((_, value), (pid, slept)) in [labelled[0], unlabelled[0]]
+        .into_iter()
+        .zip(pids.iter().zip(slept))
+    {
+        let recorded = recorded_s(pid);
+        let slept_s = slept as f64 / 1e9;
+        println!(
+            "pid {pid}: Prometheus {value:.6} s, windows {recorded:.6} s, its clock slept \
+             {slept_s:.6} s"
+        );
+        assert!(
+            (value - recorded).abs() <= 1e-9 * recorded.max(1.0),
+            "pid {pid}: Prometheus {value} s, the windows {recorded} s"
+        );
+        assert!(
+            *value >= 0.95 * slept_s,
+            "pid {pid}: {value} s < slept {slept_s} s"
+        );
     }
 }

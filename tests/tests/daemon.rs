@@ -7,6 +7,7 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use profiler_tests::daemon::Prometheus;
 use profiler_tests::*;
 
 fn get(port: u16, path: &str) -> Option<(String, String)> {
@@ -746,37 +747,6 @@ fn stop(mut daemon: std::process::Child) -> String {
     stderr
 }
 
-/// Percent-encodes a PromQL expression for a URL query.
-fn url_encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-/// One instant query against Prometheus's HTTP API: the values of the result vector.
-fn prometheus_query(port: u16, expr: &str) -> Vec<(serde_json::Value, f64)> {
-    let (status, body) =
-        get(port, &format!("/api/v1/query?query={}", url_encode(expr))).expect("Prometheus API");
-    assert!(status.contains("200"), "{expr}: {status} {body}");
-    let json: serde_json::Value = serde_json::from_str(&body).expect("Prometheus JSON");
-    json["data"]["result"]
-        .as_array()
-        .unwrap_or(&Vec::new())
-        .iter()
-        .map(|r| {
-            (
-                r["metric"].clone(),
-                r["value"][1].as_str().unwrap().parse::<f64>().unwrap(),
-            )
-        })
-        .collect()
-}
-
 /// A real Prometheus server scrapes the daemon (every second, 2 s windows) while pgbench runs
 /// 4000 queries that sleep 1 ms in the server; queried through Prometheus's own HTTP API:
 /// - the DB latency histogram of pgbench's SELECT: its mean (rate of _sum / rate of _count)
@@ -805,33 +775,7 @@ fn prometheus_scrapes_the_daemon_during_pgbench() {
         &["--window", "2s", "--", "--events", "offcpu,syscalls,db"],
     );
     let _kill_on_panic_daemon = KillOnDrop(daemon.id());
-    let prom_port = free_port();
-    let config = dir.join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
-             scrape_configs:\n  - job_name: profiler\n    static_configs:\n      \
-             - targets: ['127.0.0.1:{port}']\n"
-        ),
-    )
-    .unwrap();
-    let mut prometheus = Command::new("prometheus")
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.join("tsdb").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("prometheus (cargo xtask setup installs the Debian package)");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !get(prom_port, "/-/ready").is_some_and(|r| r.0.contains("200")) {
-        assert!(Instant::now() < deadline, "Prometheus never became ready");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let prometheus = Prometheus::start(&dir, port);
     // The first window is attached (the ones after it attach before it stops).
     let deadline = Instant::now() + Duration::from_secs(60);
     while get(port, "/metrics")
@@ -863,36 +807,25 @@ fn prometheus_scrapes_the_daemon_during_pgbench() {
     // Let the last window be written and scraped.
     std::thread::sleep(Duration::from_secs(5));
     let select = "query=~\"SELECT abalance, pg_sleep.*\",source=\"libpq\"";
-    let calls = prometheus_query(
-        prom_port,
-        &format!("sum(max_over_time(profiler_db_query_duration_seconds_count{{{select}}}[1m]))"),
-    );
-    let mean = prometheus_query(
-        prom_port,
-        &format!(
-            "sum(increase(profiler_db_query_duration_seconds_sum{{{select}}}[1m])) / \
+    let calls = prometheus.query(&format!(
+        "sum(max_over_time(profiler_db_query_duration_seconds_count{{{select}}}[1m]))"
+    ));
+    let mean = prometheus.query(&format!(
+        "sum(increase(profiler_db_query_duration_seconds_sum{{{select}}}[1m])) / \
              sum(increase(profiler_db_query_duration_seconds_count{{{select}}}[1m]))"
-        ),
-    );
-    let median = prometheus_query(
-        prom_port,
-        &format!(
-            "histogram_quantile(0.5, sum by (le) \
+    ));
+    let median = prometheus.query(&format!(
+        "histogram_quantile(0.5, sum by (le) \
              (increase(profiler_db_query_duration_seconds_bucket{{{select}}}[1m])))"
-        ),
-    );
-    let offcpu = prometheus_query(
-        prom_port,
-        "sum(max_over_time(profiler_offcpu_seconds_total{comm=\"pgbench\"}[1m]))",
-    );
-    let syscalls = prometheus_query(
-        prom_port,
-        "sum(max_over_time(profiler_syscall_duration_seconds_count[1m]))",
-    );
+    ));
+    let offcpu =
+        prometheus.query("sum(max_over_time(profiler_offcpu_seconds_total{comm=\"pgbench\"}[1m]))");
+    let syscalls =
+        prometheus.query("sum(max_over_time(profiler_syscall_duration_seconds_count[1m]))");
     // Over the last minute, like the series above: an instant query finds nothing when the
     // last scrape missed its 1 s timeout (the series are then stale).
-    let mode = prometheus_query(prom_port, "max_over_time(profiler_mode[1m])");
-    let cpu = prometheus_query(prom_port, "max_over_time(profiler_cpu_seconds_total[1m])");
+    let mode = prometheus.query("max_over_time(profiler_mode[1m])");
+    let cpu = prometheus.query("max_over_time(profiler_cpu_seconds_total[1m])");
     // The page charts the query's latency across the windows that ran it.
     let (_, page) = get(port, "/").expect("the page");
     let chart = page
@@ -904,8 +837,7 @@ fn prometheus_scrapes_the_daemon_during_pgbench() {
         chart.contains("data-name=\"SELECT abalance, pg_sleep(?) FROM pgbench_accounts WHERE aid = ? — pgbench (libpq)\""),
         "{chart}"
     );
-    let _ = prometheus.kill();
-    let _ = prometheus.wait();
+    drop(prometheus);
     stop(daemon);
     println!(
         "pgbench: {transactions} transactions, latency average {pgbench_ms} ms; Prometheus: \

@@ -4,110 +4,14 @@
 //! what they write being private (modes read back with stat, the systemd unit checked by
 //! `systemd-analyze verify`).
 
-use std::io::{Read as _, Write as _};
-use std::net::TcpStream;
+use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use profiler_tests::daemon::{Daemon, call, free_port, metric};
 use profiler_tests::*;
-
-fn call(port: u16, method: &str, target: &str) -> Option<(u16, Vec<u8>)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(120)))
-        .ok()?;
-    stream
-        .write_all(
-            format!(
-                "{method} {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\
-                 Connection: close\r\n\r\n"
-            )
-            .as_bytes(),
-        )
-        .ok()?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).ok()?;
-    let at = response.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = String::from_utf8_lossy(&response[..at]).into_owned();
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, response[at + 4..].to_vec()))
-}
-
-fn metric(port: u16, name: &str) -> f64 {
-    let (_, body) = call(port, "GET", "/metrics").expect("/metrics answers");
-    String::from_utf8_lossy(&body)
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics"))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port()
-}
-
-/// A daemon that is SIGKILLed if the test fails.
-struct Daemon(std::process::Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            // SAFETY: kill(2) on our own, unreaped child.
-            unsafe { libc::kill(self.0.id() as i32, libc::SIGKILL) };
-            let _ = self.0.wait();
-        }
-    }
-}
-
-impl Daemon {
-    /// `--events offcpu -p 1`, 1 s windows: small windows, many of them.
-    fn start(data: &Path, port: u16) -> Self {
-        Self::start_with(data, port, &["--events", "offcpu", "-p", "1"])
-    }
-
-    /// 1 s windows, each recorded with `record_args`.
-    fn start_with(data: &Path, port: u16, record_args: &[&str]) -> Self {
-        let child = Command::new(profiler_bin())
-            .arg("daemon")
-            .arg("--data-dir")
-            .arg(data)
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--window", "1s"])
-            // Full mode: the default 1 % budget would skip windows under load.
-            .args(["--max-cpu", "off"])
-            .arg("--")
-            .args(record_args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start daemon");
-        let daemon = Daemon(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while call(port, "GET", "/healthz").is_none() {
-            assert!(Instant::now() < deadline, "the daemon never answered");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        daemon
-    }
-
-    fn stop(&mut self) -> String {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let status = self.0.wait().unwrap();
-        let mut stderr = String::new();
-        self.0
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut stderr)
-            .unwrap();
-        assert!(status.success(), "{status}: {stderr}");
-        stderr
-    }
-}
 
 fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
@@ -576,7 +480,7 @@ fn a_daemon_stopped_for_30_s_keeps_its_windows_consistent() {
     wait_until("2 windows", Duration::from_secs(60), || {
         metric(port, "profiler_windows_total") >= 2.0
     });
-    let pid = daemon.0.id() as i32;
+    let pid = daemon.pid() as i32;
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     std::thread::sleep(Duration::from_secs(30));

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [offcpu|all|db|daemon|diff|busy-host|syscalls|python]`: overhead measured as ratios against a baseline run in the
+//! `cargo xtask bench [offcpu|all|db|daemon|diff|busy-host|syscalls|python|export]`: overhead measured as ratios against a baseline run in the
 //! same invocation, alternating the variants so drift hits them all alike.
 //!
 //! offcpu: cost per operation of `perf bench sched pipe` (two tasks ping-ponging through a
@@ -34,6 +34,7 @@ pub fn run(args: &[String]) -> Result<()> {
         Some("busy-host") => busy_host(),
         Some("syscalls") => syscalls::run(),
         Some("python") => python::run(),
+        Some("export") => export(),
         None => {
             offcpu()?;
             all_families()?;
@@ -43,7 +44,7 @@ pub fn run(args: &[String]) -> Result<()> {
         Some(other) => {
             bail!(
                 "unknown benchmark {other:?} (available: offcpu, all, db, daemon, diff, \
-                 busy-host, syscalls, python)"
+                 busy-host, syscalls, python, export)"
             )
         }
     }
@@ -200,6 +201,12 @@ fn daemon() -> Result<()> {
 /// family and for the daemon (release build); see `tests/tests/busy_host.rs`.
 fn busy_host() -> Result<()> {
     release_ignored_test("busy_host", "bench_busy_host_cpu_per_transaction")
+}
+
+/// What pushing each 60 s window to Pyroscope and OTLP costs: encode CPU against the
+/// daemon's, bytes against the window's pprof (release build); see `tests/tests/export.rs`.
+fn export() -> Result<()> {
+    release_ignored_test("export", "bench_export_cost_per_window")
 }
 
 /// pgbench select-only TPS with the db family's probes on vs off (release build).

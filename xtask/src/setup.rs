@@ -38,6 +38,14 @@ const BUILD_PACKAGES: &[(&str, &str)] = &[
     ),
     ("libzstd-dev", "bpf-linker's LLVM link dependency"),
     ("zlib1g-dev", "bpf-linker's LLVM link dependency"),
+    (
+        "gcc",
+        "the C compiler ring (rustls's cryptography, for https pushes) builds with",
+    ),
+    (
+        "ca-certificates",
+        "the CA store https pushes trust by default",
+    ),
 ];
 
 /// Debian packages the tests and benchmarks use: peers, servers and oracles.
@@ -68,7 +76,14 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
         "strace",
         "strace -c, the oracle of the no-tracefs test's syscall counts",
     ),
-    ("iproute2", "ip netns, for the TCP retransmit tests"),
+    (
+        "iproute2",
+        "ip netns, for the TCP retransmit tests; ss, for the export tests",
+    ),
+    (
+        "openssl",
+        "openssl, which makes the test CA and certificate of the https push test",
+    ),
     (
         "nftables",
         "nft, which drops packets in the TCP retransmit tests",
@@ -214,6 +229,15 @@ const VENV: &str = "/usr/local/lib/profiler-tests/venv";
 /// PyPI tools the tests run: py-spy, a third-party Python profiler, the oracle of the Python
 /// call chains (issue 16).
 const PYPI_TOOLS: &[(&str, &str)] = &[("py-spy", "0.4.3")];
+/// PyPI libraries the tests' receivers import: the official OTLP message classes and gRPC
+/// stubs (generated from opentelemetry-proto v1.10.0, the version the profiler encodes;
+/// issue 18), the protobuf runtime they need (Debian's python3-protobuf is too old for
+/// them) and grpcio for the OTLP/gRPC receiver.
+const PYPI_LIBRARIES: &[(&str, &str)] = &[
+    ("protobuf", "6.33.6"),
+    ("opentelemetry-proto", "1.44.0"),
+    ("grpcio", "1.85.3"),
+];
 
 fn install_pypi_tools() -> Result<()> {
     let venv = Path::new(VENV);
@@ -234,15 +258,34 @@ fn install_pypi_tools() -> Result<()> {
             println!("      ok: {name} {version}");
             continue;
         }
-        println!("      running pip install {name}=={version}");
-        run_checked(
-            Command::new(venv.join("bin/pip"))
-                .args(["install", "--quiet", "--disable-pip-version-check"])
-                .arg(format!("{name}=={version}")),
-            "pip install",
-        )?;
+        pip_install(venv, name, version)?;
+    }
+    for (name, version) in PYPI_LIBRARIES {
+        let shown = Command::new(venv.join("bin/pip"))
+            .args(["show", "--disable-pip-version-check", name])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        if shown
+            .lines()
+            .any(|l| l.strip_prefix("Version: ") == Some(version))
+        {
+            println!("      ok: {name} {version}");
+            continue;
+        }
+        pip_install(venv, name, version)?;
     }
     Ok(())
+}
+
+fn pip_install(venv: &Path, name: &str, version: &str) -> Result<()> {
+    println!("      running pip install {name}=={version}");
+    run_checked(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(format!("{name}=={version}")),
+        "pip install",
+    )
 }
 
 fn is_root() -> bool {

@@ -276,7 +276,8 @@ pub struct NPlusOne {
     pub comm: String,
     pub source: String,
     pub fingerprint: String,
-    /// Runs of at least 10 calls, each within 1 ms of the previous one's end.
+    /// Runs of at least 10 calls, each within 1 ms of the previous one's end (the thread's
+    /// wait for a CPU in between not counted).
     pub runs: u64,
     pub longest_run: u64,
     /// Calls in those runs, and their time.
@@ -414,6 +415,21 @@ pub struct TcpConnection {
     pub retransmit_events: u64,
     /// Smoothed RTT at close, microseconds.
     pub srtt_us: u64,
+}
+
+impl DbProfile {
+    /// The queries no stack carries: timed without an issuing stack (a server's probes, the
+    /// wire), by (pid, fingerprint) absent from `stacks`' `[db] FINGERPRINT` leaves.
+    pub fn queries_without_stacks(&self) -> impl Iterator<Item = &DbQuery> {
+        let with_stacks: std::collections::HashSet<(u32, &str)> = self
+            .stacks
+            .iter()
+            .filter_map(|s| Some((s.pid, s.frames.last()?.name.strip_prefix("[db] ")?)))
+            .collect();
+        self.queries
+            .iter()
+            .filter(move |q| !with_stacks.contains(&(q.pid, q.fingerprint.as_str())))
+    }
 }
 
 impl Capture {

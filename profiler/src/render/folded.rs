@@ -175,17 +175,9 @@ fn clean(name: &str) -> String {
 /// (`server;[db postgres-usdt] FINGERPRINT`).
 pub fn db_folded(db: &crate::model::DbProfile) -> Vec<String> {
     let mut lines = folded(&db.stacks, |s| s.total_ns, 1000);
-    let with_stacks: std::collections::HashSet<(u32, &str)> = db
-        .stacks
-        .iter()
-        .filter_map(|s| Some((s.pid, s.frames.last()?.name.strip_prefix("[db] ")?)))
-        .collect();
     lines.extend(
-        db.queries
-            .iter()
-            .filter(|q| {
-                q.total_ns >= 1000 && !with_stacks.contains(&(q.pid, q.fingerprint.as_str()))
-            })
+        db.queries_without_stacks()
+            .filter(|q| q.total_ns >= 1000)
             .map(|q| {
                 format!(
                     "{};[db {}] {} {}",

@@ -8,6 +8,7 @@ pub mod outputs;
 pub mod pprof;
 pub mod progress;
 pub mod prometheus;
+pub mod proto;
 mod summary;
 
 pub use flamegraph::{

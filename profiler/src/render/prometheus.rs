@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use crate::model::{Capture, FrameKind};
+use crate::model::{Capture, FrameKind, Process};
 
 pub const SERIES_MAX: usize = 50;
 
@@ -19,6 +19,19 @@ pub fn label(value: &str) -> String {
         .replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+/// Where a process runs, as extra labels (`,container_id="…",systemd_unit="…"`), each only
+/// where known (an empty label is no label to Prometheus).
+pub fn placement_labels(process: &Process) -> String {
+    let mut labels = String::new();
+    if let Some(id) = &process.container_id {
+        labels.push_str(&format!(",container_id=\"{}\"", label(id)));
+    }
+    if let Some(unit) = &process.systemd_unit {
+        labels.push_str(&format!(",systemd_unit=\"{}\"", label(unit)));
+    }
+    labels
 }
 
 #[derive(Debug, Default, Clone)]
@@ -84,16 +97,7 @@ impl Cumulative {
         let placement: std::collections::HashMap<u32, String> = capture
             .processes
             .iter()
-            .map(|p| {
-                let mut labels = String::new();
-                if let Some(id) = &p.container_id {
-                    labels.push_str(&format!(",container_id=\"{}\"", label(id)));
-                }
-                if let Some(unit) = &p.systemd_unit {
-                    labels.push_str(&format!(",systemd_unit=\"{}\"", label(unit)));
-                }
-                (p.pid, labels)
-            })
+            .map(|p| (p.pid, placement_labels(p)))
             .filter(|(_, labels)| !labels.is_empty())
             .collect();
         let placed = |pid: u32| placement.get(&pid).map_or("", String::as_str);

@@ -25,6 +25,11 @@ pub struct Settings {
     /// /capture wants `Authorization: Bearer` this.
     pub capture_token: Option<String>,
     pub baseline: Option<PathBuf>,
+    /// Where each window is pushed (Pyroscope, OTLP), checked at start.
+    pub pyroscope: Option<crate::export::Endpoint>,
+    pub otlp: Option<crate::export::Endpoint>,
+    /// `--otlp-protocol`.
+    pub otlp_protocol: crate::cli::OtlpProtocol,
     /// Fraction of one CPU; `None`: full mode whatever it costs.
     pub max_cpu: Option<f64>,
     pub record_args: Vec<String>,
@@ -44,6 +49,9 @@ struct FileConfig {
     allow_capture_get: Option<bool>,
     capture_token_file: Option<PathBuf>,
     baseline: Option<PathBuf>,
+    pyroscope_url: Option<String>,
+    otlp_endpoint: Option<String>,
+    otlp_protocol: Option<String>,
     max_cpu: Option<String>,
     record: Option<Vec<String>>,
 }
@@ -96,6 +104,23 @@ pub fn settings(args: &DaemonArgs) -> Result<Settings> {
             None => None,
         },
         baseline: args.baseline.clone().or(file.baseline),
+        pyroscope: match args.pyroscope_url.clone().or(file.pyroscope_url) {
+            Some(url) => Some(crate::export::Endpoint::parse(&url).context("--pyroscope-url")?),
+            None => None,
+        },
+        otlp: match args.otlp_endpoint.clone().or(file.otlp_endpoint) {
+            Some(url) => Some(crate::export::Endpoint::parse(&url).context("--otlp-endpoint")?),
+            None => None,
+        },
+        otlp_protocol: match (args.otlp_protocol, &file.otlp_protocol) {
+            (Some(flag), _) => flag,
+            (None, Some(text)) => {
+                <crate::cli::OtlpProtocol as clap::ValueEnum>::from_str(text, false).map_err(
+                    |_| anyhow::anyhow!("config otlp_protocol: {text:?}: http/protobuf or grpc"),
+                )?
+            }
+            (None, None) => crate::cli::OtlpProtocol::HttpProtobuf,
+        },
         max_cpu: match (args.max_cpu, &file.max_cpu) {
             (Some(flag), _) => flag.fraction(),
             (None, Some(text)) => crate::cli::parse_budget(text)
@@ -212,11 +237,16 @@ pub(crate) fn reload_settings(daemon_args: &DaemonArgs, args: &mut Settings, cos
             let listen = std::mem::take(&mut args.listen);
             let (allow_remote, allow_capture_get) = (args.allow_remote, args.allow_capture_get);
             let capture_token = args.capture_token.take();
+            let (pyroscope, otlp) = (args.pyroscope.take(), args.otlp.take());
+            let otlp_protocol = args.otlp_protocol;
             *args = Settings {
                 listen,
                 allow_remote,
                 allow_capture_get,
                 capture_token,
+                pyroscope,
+                otlp,
+                otlp_protocol,
                 ..new
             };
             if cost.budget != args.max_cpu {
@@ -285,6 +315,28 @@ mod tests {
         assert!(daemon_settings(&[], Some("max_cpu = \"lots\"\n")).is_err());
     }
 
+    #[test]
+    fn push_endpoints_come_from_flags_or_the_config_file() {
+        let settings = daemon_settings(
+            &[],
+            Some(
+                "pyroscope_url = \"http://pyro:4040\"\notlp_endpoint = \"http://otel:4317\"\n\
+                 otlp_protocol = \"grpc\"\n",
+            ),
+        )
+        .unwrap();
+        assert_eq!(settings.pyroscope.unwrap().url, "http://pyro:4040");
+        assert_eq!(settings.otlp.unwrap().url, "http://otel:4317");
+        assert_eq!(settings.otlp_protocol, crate::cli::OtlpProtocol::Grpc);
+        let flags = daemon_settings(&["--otlp-endpoint", "http://a:4318"], None).unwrap();
+        assert_eq!(flags.otlp_protocol, crate::cli::OtlpProtocol::HttpProtobuf);
+        assert!(daemon_settings(&[], Some("otlp_protocol = \"carrier pigeon\"\n")).is_err());
+        let https = daemon_settings(&["--pyroscope-url", "https://pyro:4040"], None).unwrap();
+        assert_eq!(https.pyroscope.unwrap().url, "https://pyro:4040");
+        assert!(daemon_settings(&["--pyroscope-url", "ftp://pyro:4040"], None).is_err());
+        assert!(daemon_settings(&[], Some("otlp_endpoint = \"otel:4317\"\n")).is_err());
+    }
+
     fn settings_with(record_args: &[&str]) -> Settings {
         Settings {
             data_dir: std::env::temp_dir(),
@@ -297,6 +349,9 @@ mod tests {
             allow_capture_get: false,
             capture_token: None,
             baseline: None,
+            pyroscope: None,
+            otlp: None,
+            otlp_protocol: crate::cli::OtlpProtocol::HttpProtobuf,
             max_cpu: None,
             record_args: record_args.iter().map(|a| a.to_string()).collect(),
         }

@@ -1,6 +1,7 @@
 //! The daemon's HTTP endpoints: `/`, `/healthz`, `/captures`, `/metrics`, `/flamegraph`,
-//! `/profile`, `/summary`, `/events` (GET and HEAD), `/capture` (POST); and the client side
-//! of `record --from-daemon`.
+//! `/profile`, `/summary`, `/events` (GET and HEAD), `/capture` (POST),
+//! `/debug/pprof/profile` (GET: a fresh on-CPU capture as pprof, for Parca's and Grafana
+//! Alloy's scrapers and `go tool pprof`); and the client side of `record --from-daemon`.
 //!
 //! HTTP/1.1 is hyper's (keep-alive, parsing, 431 for oversized headers). Around it, what a
 //! service on a host in trouble needs: its own thread and runtime, so a window being
@@ -60,11 +61,48 @@ type Reply = (StatusCode, &'static str, Vec<u8>);
 
 const TEXT: &str = "text/plain; charset=utf-8";
 const JSON: &str = "application/json";
+const PPROF: &str = "application/octet-stream";
+/// On-CPU samples per second of `/debug/pprof/profile` when the daemon records no on-CPU
+/// family (record's default).
+const DEFAULT_ONCPU_HZ: u64 = 99;
 
 /// `/capture?seconds=N[&pid=P]…`: records N seconds with the daemon's record options (the
 /// pids, when given, replace its -p filter) into `DATA_DIR/capture-<unix ms>/` and answers
 /// with the capture (JSON). One at a time; it runs alongside the windows.
-async fn on_demand_capture(query: &str, state: &Mutex<State>) -> Reply {
+async fn on_demand_capture(query: &str, state: &Mutex<State>, what: OnDemand) -> Reply {
+    match capture_on_demand(query, state, what).await {
+        Ok(capture) if what == OnDemand::Pprof => match crate::render::pprof::gzipped(&capture) {
+            Ok(body) => (StatusCode::OK, PPROF, body),
+            Err(err) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                TEXT,
+                format!("{err:#}\n").into_bytes(),
+            ),
+        },
+        Ok(capture) => (
+            StatusCode::OK,
+            JSON,
+            serde_json::to_vec(&capture).unwrap_or_default(),
+        ),
+        Err(reply) => reply,
+    }
+}
+
+/// What an on-demand capture records and answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnDemand {
+    /// `/capture`: the daemon's record options; the capture as JSON.
+    Capture,
+    /// `/debug/pprof/profile`: on-CPU samples only (Go's CPU profile, where Parca's and
+    /// Grafana Alloy's scrapers look); gzipped pprof.
+    Pprof,
+}
+
+async fn capture_on_demand(
+    query: &str,
+    state: &Mutex<State>,
+    what: OnDemand,
+) -> Result<Capture, Reply> {
     let mut seconds = 30u64;
     let mut pids = Vec::new();
     for kv in query.split('&').filter(|kv| !kv.is_empty()) {
@@ -73,23 +111,23 @@ async fn on_demand_capture(query: &str, state: &Mutex<State>) -> Reply {
             ("seconds", Ok(n)) if (1..=CAPTURE_MAX_S).contains(&n) => seconds = n,
             ("pid", Ok(n)) if n > 0 && n <= u64::from(u32::MAX) => pids.push(n.to_string()),
             _ => {
-                return bad_request(format!(
+                return Err(bad_request(format!(
                     "bad parameter {kv:?}: seconds=1..{CAPTURE_MAX_S}, pid=PID (repeatable)\n"
-                ));
+                )));
             }
         }
     }
     let settings = {
         let mut state = state.lock().expect("state lock");
         if state.capturing {
-            return (
+            return Err((
                 StatusCode::TOO_MANY_REQUESTS,
                 TEXT,
                 b"an on-demand capture is already running\n".to_vec(),
-            );
+            ));
         }
         let Some(settings) = state.settings.clone() else {
-            return unavailable();
+            return Err(unavailable());
         };
         state.capturing = true;
         settings
@@ -121,6 +159,19 @@ async fn on_demand_capture(query: &str, state: &Mutex<State>) -> Reply {
     let result = match record_options(&window, &staging) {
         Ok(mut options) => {
             options.quiet = true;
+            if what == OnDemand::Pprof {
+                let probes = &mut options.probes;
+                let frequency = probes
+                    .oncpu
+                    .as_ref()
+                    .map_or(DEFAULT_ONCPU_HZ, |o| o.frequency);
+                probes.oncpu = Some(crate::probes::oncpu::OncpuConfig { frequency });
+                probes.offcpu = None;
+                probes.syscalls = None;
+                probes.tcp = false;
+                probes.db = None;
+                options.db_required = false;
+            }
             options.probes.measure_overhead = true;
             // Its own runtime on its own thread: the windows go on meanwhile.
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -146,18 +197,13 @@ async fn on_demand_capture(query: &str, state: &Mutex<State>) -> Reply {
     };
     state.lock().expect("state lock").capturing = false;
     prune_captures(&settings.data_dir);
-    match result {
-        Ok(capture) => (
-            StatusCode::OK,
-            JSON,
-            serde_json::to_vec(&capture).unwrap_or_default(),
-        ),
-        Err(err) => (
+    result.map_err(|err| {
+        (
             StatusCode::INTERNAL_SERVER_ERROR,
             TEXT,
             format!("capture failed: {err:#}\n").into_bytes(),
-        ),
-    }
+        )
+    })
 }
 
 fn no_such_window(name: &str) -> Reply {
@@ -425,28 +471,10 @@ async fn handle(
             "POST"
         };
         if method == Method::POST || (method == Method::GET && options.allow_capture_get) {
-            if let Some(token) = &options.capture_token {
-                let given = request
-                    .headers()
-                    .get(hyper::header::AUTHORIZATION)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "))
-                    .unwrap_or_default();
-                if !same_secret(given.as_bytes(), token.as_bytes()) {
-                    let mut response = reply((
-                        StatusCode::UNAUTHORIZED,
-                        TEXT,
-                        b"/capture needs the daemon's token: Authorization: Bearer TOKEN\n"
-                            .to_vec(),
-                    ));
-                    response.headers_mut().insert(
-                        hyper::header::WWW_AUTHENTICATE,
-                        HeaderValue::from_static("Bearer"),
-                    );
-                    return response;
-                }
+            if let Some(refused) = unauthorized(&request, &options) {
+                return refused;
             }
-            return reply(on_demand_capture(&query, &state).await);
+            return reply(on_demand_capture(&query, &state, OnDemand::Capture).await);
         }
         return not_allowed(
             allowed,
@@ -459,6 +487,23 @@ async fn handle(
     }
     if method != Method::GET && method != Method::HEAD {
         return not_allowed("GET, HEAD", "read-only: GET or HEAD\n");
+    }
+    if path == "/debug/pprof/profile" {
+        if method != Method::GET {
+            return not_allowed("GET", "/debug/pprof/profile starts a capture: GET only\n");
+        }
+        if let Some(refused) = unauthorized(&request, &options) {
+            return refused;
+        }
+        // Go's convention: 30 s unless `seconds=` says otherwise.
+        let query = if query.split('&').any(|kv| kv.starts_with("seconds=")) {
+            query
+        } else if query.is_empty() {
+            "seconds=30".to_string()
+        } else {
+            format!("{query}&seconds=30")
+        };
+        return reply(on_demand_capture(&query, &state, OnDemand::Pprof).await);
     }
     if path == "/healthz" {
         // Nothing locked, nothing read: liveness even while a window is written.
@@ -473,6 +518,33 @@ async fn handle(
             b"the request failed\n".to_vec(),
         )
     }))
+}
+
+/// The 401 for a request that starts a capture without the daemon's token, if it has one.
+fn unauthorized(
+    request: &Request<Incoming>,
+    options: &HttpOptions,
+) -> Option<Response<Full<Bytes>>> {
+    let token = options.capture_token.as_ref()?;
+    let given = request
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if same_secret(given.as_bytes(), token.as_bytes()) {
+        return None;
+    }
+    let mut response = reply((
+        StatusCode::UNAUTHORIZED,
+        TEXT,
+        b"starting a capture needs the daemon's token: Authorization: Bearer TOKEN\n".to_vec(),
+    ));
+    response.headers_mut().insert(
+        hyper::header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer"),
+    );
+    Some(response)
 }
 
 fn not_allowed(allow: &'static str, text: &'static str) -> Response<Full<Bytes>> {
@@ -584,7 +656,7 @@ fn respond(path: &str, query: &str, state: &Mutex<State>) -> Reply {
                 },
             };
             match crate::render::pprof::gzipped(&capture) {
-                Ok(body) => (StatusCode::OK, "application/octet-stream", body),
+                Ok(body) => (StatusCode::OK, PPROF, body),
                 Err(err) => (
                     StatusCode::INTERNAL_SERVER_ERROR,
                     TEXT,
@@ -696,7 +768,7 @@ fn respond(path: &str, query: &str, state: &Mutex<State>) -> Reply {
             StatusCode::NOT_FOUND,
             TEXT,
             b"try / (the page), /healthz /metrics /captures /events /flamegraph /profile /summary \
-              /compare\n"
+              /compare /debug/pprof/profile\n"
                 .to_vec(),
         ),
     }

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use super::State;
 use super::budget::Cost;
-use crate::render::prometheus::label;
+use crate::render::prometheus::{label, placement_labels};
 
 /// Prometheus text format from the latest window (bounded: the 50 largest series per family).
 pub(crate) fn metrics(state: &State) -> String {
@@ -48,6 +48,7 @@ pub(crate) fn metrics(state: &State) -> String {
         let _ = writeln!(out, "# TYPE profiler_resident_bytes gauge");
         let _ = writeln!(out, "profiler_resident_bytes {}", rss * 1024);
     }
+    export_metrics(&mut out, &state.export);
     cost_metrics(&mut out, &state.cost);
     state.cumulative.render(&mut out);
     let Some((_, capture)) = &state.latest else {
@@ -91,11 +92,26 @@ pub(crate) fn metrics(state: &State) -> String {
             );
         }
     }
+    // Where each process runs: its container and systemd unit, as labels where known.
+    let placement = |pid: u32| -> String {
+        capture
+            .processes
+            .iter()
+            .find(|p| p.pid == pid)
+            .map(placement_labels)
+            .unwrap_or_default()
+    };
     if let Some(offcpu) = &capture.offcpu {
-        let mut by_process: std::collections::BTreeMap<(String, String), f64> = Default::default();
+        let mut placements: std::collections::HashMap<u32, String> = Default::default();
+        let mut by_process: std::collections::BTreeMap<(String, String, String), f64> =
+            Default::default();
         for stack in &offcpu.stacks {
+            let place = placements
+                .entry(stack.pid)
+                .or_insert_with(|| placement(stack.pid))
+                .clone();
             *by_process
-                .entry((stack.comm.clone(), stack.state.clone()))
+                .entry((stack.comm.clone(), stack.state.clone(), place))
                 .or_default() += stack.total_ns as f64 / 1e9;
         }
         let mut rows: Vec<_> = by_process.into_iter().collect();
@@ -103,13 +119,13 @@ pub(crate) fn metrics(state: &State) -> String {
         let _ = writeln!(
             out,
             "# HELP profiler_offcpu_seconds Off-CPU seconds in the latest window, by process \
-             name and state."
+             name and state (and container and systemd unit, where known)."
         );
         let _ = writeln!(out, "# TYPE profiler_offcpu_seconds gauge");
-        for ((comm, state), seconds) in rows.into_iter().take(50) {
+        for ((comm, state, place), seconds) in rows.into_iter().take(50) {
             let _ = writeln!(
                 out,
-                "profiler_offcpu_seconds{{comm=\"{}\",state=\"{}\"}} {seconds}",
+                "profiler_offcpu_seconds{{comm=\"{}\",state=\"{}\"{place}}} {seconds}",
                 label(&comm),
                 label(&state)
             );
@@ -124,10 +140,11 @@ pub(crate) fn metrics(state: &State) -> String {
         let _ = writeln!(out, "# TYPE profiler_db_query_seconds summary");
         for q in db.queries.iter().take(50) {
             let labels = format!(
-                "source=\"{}\",comm=\"{}\",query=\"{}\"",
+                "source=\"{}\",comm=\"{}\",query=\"{}\"{}",
                 label(&q.source),
                 label(&q.comm),
-                label(&q.fingerprint)
+                label(&q.fingerprint),
+                placement(q.pid)
             );
             for (quantile, ns) in [("0.5", q.p50_ns), ("0.95", q.p95_ns), ("0.99", q.p99_ns)] {
                 let _ = writeln!(
@@ -159,6 +176,71 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, rows: &[(&str, f
     for (labels, value) in rows {
         let _ = writeln!(out, "{name}{labels} {value}");
     }
+}
+
+/// What each exporter did: pushes taken, attempts failed, pushes dropped.
+fn export_metrics(
+    out: &mut String,
+    exporters: &[(&str, std::sync::Arc<crate::export::ExportStats>)],
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    if exporters.is_empty() {
+        return;
+    }
+    type Counter = fn(&crate::export::ExportStats) -> &std::sync::atomic::AtomicU64;
+    let counters: [(&str, &str, Counter); 4] = [
+        (
+            "profiler_export_pushes_total",
+            "Windows the profile store took.",
+            |s| &s.pushed,
+        ),
+        (
+            "profiler_export_failed_attempts_total",
+            "Push attempts that failed (each retry counts).",
+            |s| &s.failed_attempts,
+        ),
+        (
+            "profiler_export_dropped_total",
+            "Windows not pushed: the queue was full, every attempt failed, the store refused, \
+             or the daemon stopped first.",
+            |s| &s.dropped,
+        ),
+        (
+            "profiler_export_bytes_total",
+            "Bytes of the requests the profile store took.",
+            |s| &s.bytes,
+        ),
+    ];
+    for (name, help, counter) in counters {
+        let rows: Vec<(String, f64)> = exporters
+            .iter()
+            .map(|(exporter, stats)| {
+                (
+                    format!("{{exporter=\"{exporter}\"}}"),
+                    counter(stats).load(Relaxed) as f64,
+                )
+            })
+            .collect();
+        let rows: Vec<(&str, f64)> = rows.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        family(out, name, "counter", help, &rows);
+    }
+    let rows: Vec<(String, f64)> = exporters
+        .iter()
+        .map(|(exporter, stats)| {
+            (
+                format!("{{exporter=\"{exporter}\"}}"),
+                stats.encode_ns.load(Relaxed) as f64 / 1e9,
+            )
+        })
+        .collect();
+    let rows: Vec<(&str, f64)> = rows.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+    family(
+        out,
+        "profiler_export_encode_seconds_total",
+        "counter",
+        "CPU time spent turning windows into request bodies.",
+        &rows,
+    );
 }
 
 /// The daemon's own cost and the mode its CPU budget chose.

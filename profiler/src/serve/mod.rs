@@ -55,6 +55,8 @@ struct State {
     capturing: bool,
     /// Windows that failed to run.
     window_errors_total: u64,
+    /// What each exporter did, by its name.
+    export: Vec<(&'static str, Arc<crate::export::ExportStats>)>,
     /// What the page shows of each kept window (windows left by an earlier run are read
     /// when the page is first asked for).
     digests: std::collections::HashMap<PathBuf, page::Digest>,
@@ -126,6 +128,26 @@ async fn serve_and_record(
         },
     )?;
 
+    let mut exporters = Vec::new();
+    for (sink, endpoint) in [
+        (crate::export::PYROSCOPE, &args.pyroscope),
+        (args.otlp_protocol.sink(), &args.otlp),
+    ] {
+        if let Some(endpoint) = endpoint {
+            let exporter = crate::export::Exporter::start(sink, endpoint.clone())?;
+            eprintln!(
+                "profiler daemon: pushing every window to {} ({})",
+                exporter.url(),
+                exporter.name()
+            );
+            state
+                .lock()
+                .expect("state lock")
+                .export
+                .push((exporter.name(), Arc::clone(&exporter.stats)));
+            exporters.push(exporter);
+        }
+    }
     let mut signals = Signals::new()?;
     let mut reload = false;
     let mut baseline = match &args.baseline {
@@ -245,6 +267,9 @@ async fn serve_and_record(
                 continue;
             }
         };
+        for exporter in &exporters {
+            exporter.push(&capture);
+        }
         let event = baseline.judge(&capture, &dir);
         let mut state = state.lock().expect("state lock");
         if let Some(event) = event {
@@ -303,6 +328,9 @@ async fn serve_and_record(
         unused.discard();
     }
     crate::collect::wait_for_detach();
+    for exporter in exporters {
+        exporter.finish(Duration::from_secs(5));
+    }
     eprintln!("profiler daemon: stopped; probes detached");
     Ok(())
 }
