@@ -113,8 +113,8 @@ proptest! {
 
     #[test]
     fn config_loader_never_panics_on_odd_values(
-        key in "(window|keep|max_age|max_bytes|listen|allow_remote|max_cpu|record|baseline|data_dir|nope)",
-        value in "(\"[^\"\\\\]{0,20}\"|-?[0-9]{1,25}|[0-9.e+-]{1,12}|true|\\[\"[a-z -]{0,12}\"\\]|\\{\\}|\"[0-9]{1,22}(ms|s|m|h|%|)\")",
+        key in "(window|keep|max_age|max_bytes|listen|allow_remote|allow_capture_get|capture_token_file|max_cpu|record|baseline|data_dir|pyroscope_url|otlp_endpoint|otlp_protocol|nope)",
+        value in "(\"[^\"\\\\]{0,20}\"|\"(https?|ftp|)(://)?[a-z0-9.:%@\\[\\]/?#-]{0,24}\"|\"(grpc|http/protobuf|http)\"|-?[0-9]{1,25}|[0-9.e+-]{1,12}|true|\\[\"[a-z -]{0,12}\"\\]|\\{\\}|\"[0-9]{1,22}(ms|s|m|h|%|)\")",
     ) {
         let _ = settings_from_config(&format!("{key} = {value}\n"));
     }
