@@ -37,6 +37,9 @@ pub const PREPARE_NAME_MAX: usize = 64;
 /// SQLite, MySQL prepared statements: `handle` is a statement whose text came with an
 /// earlier FLAG_PREPARE event of the same handle (`query` is empty).
 pub const FLAG_STATEMENT: u32 = 8;
+/// MySQL: a further result of the multi-statement query last sent on connection `handle`
+/// (mysql_next_result; `query` is empty): userspace names it from that query's text.
+pub const FLAG_MORE_RESULTS: u32 = 16;
 
 /// How a probe argument is read (see `profiler/src/probes/kernel/usdt.rs`).
 pub const ARG_KIND_REGISTER: u32 = 1;

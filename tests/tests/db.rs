@@ -986,6 +986,15 @@ fn off_cpu_time_waiting_for_a_query_shows_the_query_as_a_frame() {
 /// Runs the MySQLdb workload against a fresh MariaDB with `args` added to the recording;
 /// returns the capture, the workload's report and the server's Com_select delta.
 fn record_mysql_workload(name: &str, extra: &[&str]) -> (Value, Value, u64) {
+    record_mysql_workload_with(name, &[], extra)
+}
+
+/// `record_mysql_workload` with `workload_args` after the workload's socket argument.
+fn record_mysql_workload_with(
+    name: &str,
+    workload_args: &[&str],
+    extra: &[&str],
+) -> (Value, Value, u64) {
     require_root();
     let server = profiler_tests::mariadb::MariaDb::start(name);
     let script =
@@ -993,7 +1002,8 @@ fn record_mysql_workload(name: &str, extra: &[&str]) -> (Value, Value, u64) {
     let mut client = ReadyProcess::spawn(
         std::process::Command::new("/usr/bin/python3")
             .arg(&script)
-            .arg(&server.socket),
+            .arg(&server.socket)
+            .args(workload_args),
     );
     let dir = temp_dir(name);
     let mut args = vec!["--events", "db", "-p", &client.pid, "--duration", "120s"];
@@ -1043,6 +1053,66 @@ fn check_mysql(capture: &Value, report: &Value, server_selects: u64, source: &st
 fn mysql_client_library_queries_match_the_clients_count_and_clock() {
     let (capture, report, selects) = record_mysql_workload("db-mysql", &[]);
     check_mysql(&capture, &report, selects, "mysql");
+}
+
+/// Queries of two statements each (CLIENT_MULTI_STATEMENTS, through libmariadb): every
+/// statement is named and timed on its own — the first from mysql_real_query, the second
+/// from the mysql_next_result that reads its result — with counts exact against the
+/// client's and the server's (Com_select), and each statement's time within 10 % of the
+/// client's own clock for it. No query holds both statements' text.
+#[test]
+fn mysql_multi_statement_queries_are_timed_statement_by_statement() {
+    let (capture, report, server_selects) =
+        record_mysql_workload_with("db-mysql-multi", &["multi"], &[]);
+    let queries = capture["db"]["queries"].as_array().expect("db queries");
+    let sent = report["queries"].as_u64().expect("queries sent");
+    let mut calls_total = 0;
+    for (fingerprint, clock) in [
+        ("SELECT ? AS multi_first, SLEEP(?)", "first_ns"),
+        ("SELECT ? AS multi_second, SLEEP(?)", "second_ns"),
+    ] {
+        let ours = queries
+            .iter()
+            .find(|q| q["source"] == "mysql" && q["fingerprint"] == fingerprint)
+            .unwrap_or_else(|| panic!("no {fingerprint:?} in {queries:?}"));
+        let calls = ours["calls"].as_u64().unwrap();
+        let ours_ns = ours["total_ns"].as_u64().unwrap() as f64;
+        let theirs_ns = report[clock].as_u64().unwrap() as f64;
+        println!(
+            "{fingerprint}: calls {calls} of {sent} sent; time ours {:.3} ms, client {:.3} ms",
+            ours_ns / 1e6,
+            theirs_ns / 1e6
+        );
+        assert_eq!(calls, sent, "{fingerprint}");
+        assert!(
+            ours_ns <= theirs_ns && ours_ns >= 0.9 * theirs_ns,
+            "{fingerprint}: ours {ours_ns} ns vs the client's {theirs_ns} ns"
+        );
+        assert_eq!(ours["errors"].as_u64(), Some(0));
+        calls_total += calls;
+    }
+    println!("server Com_select {server_selects}, ours {calls_total}");
+    assert!(
+        server_selects >= calls_total && server_selects - calls_total <= 2,
+        "Com_select {server_selects}"
+    );
+    // Nothing else named from the workload's queries: no text of both statements, no
+    // unnamed further result.
+    let others: Vec<&Value> = queries
+        .iter()
+        .filter(|q| {
+            q["fingerprint"]
+                .as_str()
+                .is_some_and(|f| f.contains("multi_") || f.contains("[further result"))
+        })
+        .filter(|q| {
+            !matches!(
+                q["fingerprint"].as_str(),
+                Some("SELECT ? AS multi_first, SLEEP(?)" | "SELECT ? AS multi_second, SLEEP(?)")
+            )
+        })
+        .collect();
+    assert!(others.is_empty(), "other queries: {others:?}");
 }
 
 /// The same client seen only on the wire (COM_QUERY), with library probing limited to

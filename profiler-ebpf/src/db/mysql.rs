@@ -109,12 +109,14 @@ pub fn mysql_query_return(ctx: RetProbeContext) -> u32 {
     }
     let failed = reg(ctx.regs as *const u8, &RET_REG) as u32 != 0;
     count(counter::QUERIES);
-    emit(
+    // With its connection: a multi-statement query's further results name themselves by it.
+    emit_with_handle(
         pending,
         tgid,
         tid,
         if failed { FLAG_ERROR } else { 0 },
         now.wrapping_sub(start),
+        key.conn,
     );
     unsafe { (*pending).start_ns = 0 };
     let _ = DB_INFLIGHT.remove(&tid);
@@ -155,7 +157,8 @@ pub fn mysql_stmt_prepare(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// Sends one finished execution of statement `key` (text from its prepare event).
+/// Sends one finished execution of statement `key` (text from its prepare event), or with
+/// `FLAG_MORE_RESULTS` one further result of connection `key`.
 #[inline(always)]
 fn mysql_exec_finish(
     tgid: u32,
@@ -163,7 +166,7 @@ fn mysql_exec_finish(
     key: &ConnKey,
     exec: &MysqlExec,
     end_ns: u64,
-    error: bool,
+    flags: u32,
 ) {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return;
@@ -176,7 +179,6 @@ fn mysql_exec_finish(
         (*scratch).len = 0;
     }
     count(counter::QUERIES);
-    let flags = FLAG_STATEMENT | if error { FLAG_ERROR } else { 0 };
     emit_with_handle(
         scratch,
         tgid,
@@ -194,7 +196,7 @@ fn mysql_exec_flush(tgid: u32, tid: u32, key: &ConnKey) {
     if let Some(exec) = MYSQL_EXEC.get_ptr_mut(key) {
         let done = unsafe { *exec };
         if done.start_ns != 0 && done.executed_ns != 0 {
-            mysql_exec_finish(tgid, tid, key, &done, done.executed_ns, false);
+            mysql_exec_finish(tgid, tid, key, &done, done.executed_ns, FLAG_STATEMENT);
             unsafe { (*exec).start_ns = 0 };
         }
     }
@@ -255,7 +257,7 @@ pub fn mysql_stmt_execute_return(ctx: RetProbeContext) -> u32 {
     }
     if reg(ctx.regs as *const u8, &RET_REG) as u32 != 0 {
         let done = unsafe { *exec };
-        mysql_exec_finish(tgid, tid, &key, &done, now, true);
+        mysql_exec_finish(tgid, tid, &key, &done, now, FLAG_STATEMENT | FLAG_ERROR);
         unsafe { (*exec).start_ns = 0 };
     } else {
         unsafe { (*exec).executed_ns = now };
@@ -290,7 +292,8 @@ pub fn mysql_stmt_store_result_return(ctx: RetProbeContext) -> u32 {
         return 0;
     }
     let failed = reg(ctx.regs as *const u8, &RET_REG) as u32 != 0;
-    mysql_exec_finish(tgid, tid, &key, &done, now, failed);
+    let flags = FLAG_STATEMENT | if failed { FLAG_ERROR } else { 0 };
+    mysql_exec_finish(tgid, tid, &key, &done, now, flags);
     unsafe { (*exec).start_ns = 0 };
     0
 }
@@ -307,5 +310,70 @@ pub fn mysql_stmt_done(ctx: ProbeContext) -> u32 {
         conn: reg(ctx.regs as *const u8, &ARG1_REG),
     };
     mysql_exec_flush(tgid, tid, &key);
+    0
+}
+
+// Multi-statement queries (CLIENT_MULTI_STATEMENTS, and stored procedures' result sets):
+// mysql_real_query returns once the first statement's result is in; each further result is
+// read by a mysql_next_result, timed from its entry to its return — the wait for the next
+// statement (the server runs it while the client reads the previous result). A call that
+// returns -1 found no further result (drivers call it before every query) and is no query.
+// The per-connection clock is kept in DB_MYSQL_EXEC by the connection (never a statement
+// handle: the two are different objects).
+
+/// mysql_next_result(mysql) entry.
+#[uprobe]
+pub fn mysql_next_result(ctx: ProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    if !wanted_ids(tgid, tid) {
+        return 0;
+    }
+    let key = ConnKey {
+        tgid,
+        _pad: 0,
+        conn: reg(ctx.regs as *const u8, &ARG1_REG),
+    };
+    enter_call(tid, key.conn);
+    let exec = MysqlExec {
+        start_ns: unsafe { bpf_ktime_get_ns() },
+        queued_ns: queued_so_far(),
+        executed_ns: 0,
+        // Userspace gives it the stack of the query that sent the statements.
+        user_stack_id: -1,
+        _pad: 0,
+    };
+    if let Some(slot) = MYSQL_EXEC.get_ptr_mut(&key) {
+        unsafe { *slot = exec };
+    } else if MYSQL_EXEC.insert(&key, &exec, 0).is_err() {
+        count(counter::PENDING_MAP_FULL);
+    }
+    0
+}
+
+/// mysql_next_result returned: 0, a further result is in; above 0, it failed; -1, there
+/// was none.
+#[uretprobe]
+pub fn mysql_next_result_return(ctx: RetProbeContext) -> u32 {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    let Some(key) = returning_call(tgid, tid) else {
+        return 0;
+    };
+    let Some(exec) = MYSQL_EXEC.get_ptr_mut(&key) else {
+        return 0;
+    };
+    let done = unsafe { *exec };
+    if done.start_ns == 0 {
+        return 0;
+    }
+    unsafe { (*exec).start_ns = 0 };
+    let ret = reg(ctx.regs as *const u8, &RET_REG) as i32;
+    if ret < 0 {
+        return 0;
+    }
+    let flags = FLAG_MORE_RESULTS | if ret > 0 { FLAG_ERROR } else { 0 };
+    mysql_exec_finish(tgid, tid, &key, &done, now, flags);
     0
 }

@@ -32,7 +32,26 @@ pub(crate) struct DbOwners {
     /// Wire: pipelined writes whose requests went on past the bytes kept (the rest is not
     /// counted).
     pub(crate) pipeline_cut: u64,
+    /// MySQL multi-statement queries (and CALLs) by (process, connection), until the
+    /// connection's next query.
+    multi: HashMap<(u32, u64), MultiStatement>,
 }
+
+/// A MySQL query of several statements (or a CALL, whose procedure may return several
+/// results): its first is timed by mysql_real_query, each further result by a
+/// mysql_next_result.
+struct MultiStatement {
+    /// The statements whose results are still to come.
+    rest: std::collections::VecDeque<String>,
+    /// The statement whose result came last.
+    last: String,
+    /// The stack that sent them.
+    user_stack_id: i32,
+}
+
+/// Connections with a multi-statement query kept at most (their further results are
+/// named from it).
+const MULTI_MAX: usize = 4096;
 
 /// Pipelined writes kept at most while waiting for their replies (a reply never seen:
 /// the process died or the capture ended).
@@ -94,7 +113,57 @@ impl DbOwners {
             endpoints: HashMap::new(),
             batches: HashMap::new(),
             pipeline_cut: 0,
+            multi: HashMap::new(),
         }
+    }
+
+    /// MySQL through its client library: a query of several statements is timed
+    /// statement by statement — its first by the query's own event (given the first
+    /// statement's text here), each further one by a `more_results` event (given the next
+    /// statement's text and the query's stack). A CALL's results after the first are its
+    /// own, named `[further result] CALL …`.
+    fn split_multi_statement(&mut self, query: &mut crate::probes::db::QueryRecord) {
+        let key = (query.pid, query.handle);
+        if query.more_results {
+            match self.multi.get_mut(&key) {
+                Some(multi) => {
+                    query.user_stack_id = multi.user_stack_id;
+                    query.text = match multi.rest.pop_front() {
+                        Some(next) => {
+                            multi.last.clone_from(&next);
+                            next
+                        }
+                        None => format!("[further result] {}", multi.last),
+                    };
+                }
+                None => query.text = "[further result of a query sent before the capture]".into(),
+            }
+            return;
+        }
+        let statements = crate::collect::db::fingerprint::split_statements(&query.text);
+        let call = statements.first().is_some_and(|s| {
+            s.get(..5)
+                .is_some_and(|word| word.eq_ignore_ascii_case("call "))
+        });
+        if statements.len() < 2 && !call {
+            self.multi.remove(&key);
+            return;
+        }
+        let mut rest: std::collections::VecDeque<String> =
+            statements.iter().map(|s| s.to_string()).collect();
+        let first = rest.pop_front().unwrap_or_default();
+        if self.multi.len() >= MULTI_MAX && !self.multi.contains_key(&key) {
+            self.multi.clear();
+        }
+        self.multi.insert(
+            key,
+            MultiStatement {
+                rest,
+                last: first.clone(),
+                user_stack_id: query.user_stack_id,
+            },
+        );
+        query.text = first;
     }
 
     /// The address behind a client's socket, looked up once per (process, fd).
@@ -150,7 +219,9 @@ pub(crate) fn drain_db_events(
             // What the kernel hashed for the off-CPU frame: libpq's text argument (a
             // prepared statement's name), a simple query's text on the wire.
             let frame = match query.source {
-                "libpq" | "mysql" if query.prepare_name.is_none() && !query.statement => {
+                "libpq" | "mysql"
+                    if query.prepare_name.is_none() && !query.statement && !query.more_results =>
+                {
                     Some(profiler_common::db::frame_hash(query.text.as_bytes()))
                 }
                 "wire-postgres" if query.raw.first() == Some(&b'Q') => Some(
@@ -223,6 +294,9 @@ pub(crate) fn drain_db_events(
             if let Some(name) = query.prepare_name {
                 owners.prepared.insert((query.pid, name), query.text);
                 continue;
+            }
+            if query.source == "mysql" && !query.statement {
+                owners.split_multi_statement(&mut query);
             }
             let text = if query.statement {
                 owners

@@ -157,9 +157,87 @@ fn is_operator_or_open(token: &str) -> bool {
     !token.chars().any(is_word_char) && token != ")" && token != "?"
 }
 
+/// The statements of a MySQL multi-statement query, in order: `text` cut at each `;`
+/// outside quotes (`'…'`, `"…"`, `` `…` ``, with `\` escapes and doubled quotes) and
+/// comments (`-- …`, `# …`, `/* … */`), each trimmed; empty ones left out. A text that ends
+/// mid-statement (cut at the probe's length) keeps its last part.
+pub fn split_statements(text: &str) -> Vec<&str> {
+    let bytes = text.as_bytes();
+    let mut statements = Vec::new();
+    let mut start = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            quote @ (b'\'' | b'"' | b'`') => {
+                i += 1;
+                while i < bytes.len() {
+                    let escaped = bytes[i] == b'\\' && quote != b'`';
+                    let doubled = bytes[i] == quote && bytes.get(i + 1) == Some(&quote);
+                    if escaped || doubled {
+                        i += 2;
+                    } else if bytes[i] == quote {
+                        break;
+                    } else {
+                        i += 1;
+                    }
+                }
+                i += 1;
+            }
+            b'#' => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'-' if bytes.get(i + 1) == Some(&b'-') => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if bytes.get(i + 1) == Some(&b'*') => {
+                i += 2;
+                while i < bytes.len() && !(bytes[i] == b'*' && bytes.get(i + 1) == Some(&b'/')) {
+                    i += 1;
+                }
+                i += 2;
+            }
+            b';' => {
+                statements.push(text[start..i].trim());
+                i += 1;
+                start = i;
+            }
+            _ => i += 1,
+        }
+    }
+    statements.push(text[start.min(text.len())..].trim());
+    statements.retain(|s| !s.is_empty());
+    statements
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn multi_statement_text_is_cut_at_semicolons_outside_quotes_and_comments() {
+        assert_eq!(
+            split_statements("SELECT 1, SLEEP(0.002); SELECT 'a;b', \"c;\", `d;` ;\n"),
+            ["SELECT 1, SLEEP(0.002)", "SELECT 'a;b', \"c;\", `d;`"]
+        );
+        assert_eq!(
+            split_statements("SELECT 'it''s;', 'x\\';y' -- a;b\n; /* ; */ UPDATE t SET a = 1 # ;"),
+            [
+                "SELECT 'it''s;', 'x\\';y' -- a;b",
+                "/* ; */ UPDATE t SET a = 1 # ;"
+            ]
+        );
+        assert_eq!(split_statements("SELECT 1"), ["SELECT 1"]);
+        assert_eq!(split_statements(" ; ;"), Vec::<&str>::new());
+        // Cut mid-quote by the probe's length: the rest is one statement.
+        assert_eq!(
+            split_statements("SELECT 1; SELECT 'ab;c"),
+            ["SELECT 1", "SELECT 'ab;c"]
+        );
+    }
 
     #[test]
     fn literals_become_placeholders() {

@@ -73,6 +73,9 @@ pub(super) const MYSQL_PROBES: &[(&str, &str, bool)] = &[
     ("mysql_stmt_close", "mysql_stmt_done", false),
     ("mysql_stmt_execute", "mysql_stmt_execute", false),
     ("mysql_stmt_prepare", "mysql_stmt_prepare", false),
+    // Multi-statement queries' further results.
+    ("mysql_next_result", "mysql_next_result_return", true),
+    ("mysql_next_result", "mysql_next_result", false),
 ];
 
 pub const MARIADB: ClientLibrary = ClientLibrary {

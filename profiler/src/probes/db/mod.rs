@@ -20,10 +20,10 @@ use aya::Ebpf;
 use aya::maps::{MapData, RingBuf};
 use aya::programs::UProbe;
 use profiler_common::db::{
-    DbEvent, DbPending, FLAG_ERROR, FLAG_PREPARE, FLAG_PREPARED, FLAG_STATEMENT, MysqlExec,
-    PREPARE_NAME_MAX, QUERY_MAX, SOURCE_LIBPQ, SOURCE_MYSQL, SOURCE_SQLITE, SOURCE_WIRE_MYSQL,
-    SOURCE_WIRE_POSTGRES, SOURCE_WIRE_REDIS, SqliteExec, WIRE_BATCH_HEADER, WIRE_BATCH_MARKER,
-    WIRE_BATCH_MAX, counter, maps,
+    DbEvent, DbPending, FLAG_ERROR, FLAG_MORE_RESULTS, FLAG_PREPARE, FLAG_PREPARED, FLAG_STATEMENT,
+    MysqlExec, PREPARE_NAME_MAX, QUERY_MAX, SOURCE_LIBPQ, SOURCE_MYSQL, SOURCE_SQLITE,
+    SOURCE_WIRE_MYSQL, SOURCE_WIRE_POSTGRES, SOURCE_WIRE_REDIS, SqliteExec, WIRE_BATCH_HEADER,
+    WIRE_BATCH_MARKER, WIRE_BATCH_MAX, counter, maps,
 };
 
 use super::{Globals, Probes, global, program, read_counters};
@@ -465,6 +465,9 @@ pub struct QueryRecord {
     pub handle: u64,
     /// SQLite, MySQL: `text` is empty; the statement's text came with its prepare event.
     pub statement: bool,
+    /// MySQL: a further result of the multi-statement query last sent on connection
+    /// `handle` (`text` is empty).
+    pub more_results: bool,
     /// Wire sources: the request's first bytes as written (`text` is empty).
     pub raw: Vec<u8>,
     /// Wire sources: the reply's first bytes.
@@ -574,6 +577,7 @@ pub fn decode(bytes: &[u8]) -> Option<QueryRecord> {
         peer: peer_address(e.peer_family, e.peer_port, e.peer),
         handle: e.handle,
         statement: e.flags & FLAG_STATEMENT != 0,
+        more_results: e.flags & FLAG_MORE_RESULTS != 0,
         prepare_name,
         prepared: e.flags & FLAG_PREPARED != 0,
         error: e.flags & FLAG_ERROR != 0,
