@@ -222,22 +222,35 @@ pub fn mysql_stmt_execute(ctx: ProbeContext) -> u32 {
         let _ = MYSQL_EXEC.remove(&key);
         return 0;
     }
-    let user_stack_id = issuing_stack(&ctx);
-    let queued_ns = queued_so_far();
+    mysql_exec_start(&key, issuing_stack(&ctx));
+    0
+}
+
+/// Starts the clock of an execution (key: its statement handle) or of a further result
+/// (key: its connection), after `user_stack_id` was walked.
+#[inline(always)]
+fn mysql_exec_start(key: &ConnKey, user_stack_id: i32) {
     let exec = MysqlExec {
+        queued_ns: queued_so_far(),
         start_ns: unsafe { bpf_ktime_get_ns() },
-        queued_ns,
         executed_ns: 0,
         user_stack_id,
         _pad: 0,
     };
-    // In place for a statement executed before (the usual case): no LRU node allocation.
-    if let Some(slot) = MYSQL_EXEC.get_ptr_mut(&key) {
+    // In place for a key used before (the usual case): no LRU node allocation.
+    if let Some(slot) = MYSQL_EXEC.get_ptr_mut(key) {
         unsafe { *slot = exec };
-    } else if MYSQL_EXEC.insert(&key, &exec, 0).is_err() {
+    } else if MYSQL_EXEC.insert(key, &exec, 0).is_err() {
         count(counter::PENDING_MAP_FULL);
     }
-    0
+}
+
+/// The execution (or further result) a uretprobe returns from: its key and entry.
+#[inline(always)]
+fn returning_exec(tgid: u32, tid: u32) -> Option<(ConnKey, *mut MysqlExec)> {
+    let key = returning_call(tgid, tid)?;
+    let exec = MYSQL_EXEC.get_ptr_mut(&key)?;
+    Some((key, exec))
 }
 
 /// mysql_stmt_execute returned: failed (the execution ends), or the result header is in.
@@ -246,10 +259,7 @@ pub fn mysql_stmt_execute_return(ctx: RetProbeContext) -> u32 {
     let now = unsafe { bpf_ktime_get_ns() };
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    let Some(key) = returning_call(tgid, tid) else {
-        return 0;
-    };
-    let Some(exec) = MYSQL_EXEC.get_ptr_mut(&key) else {
+    let Some((key, exec)) = returning_exec(tgid, tid) else {
         return 0;
     };
     if unsafe { (*exec).start_ns } == 0 {
@@ -281,10 +291,7 @@ pub fn mysql_stmt_store_result_return(ctx: RetProbeContext) -> u32 {
     let now = unsafe { bpf_ktime_get_ns() };
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    let Some(key) = returning_call(tgid, tid) else {
-        return 0;
-    };
-    let Some(exec) = MYSQL_EXEC.get_ptr_mut(&key) else {
+    let Some((key, exec)) = returning_exec(tgid, tid) else {
         return 0;
     };
     let done = unsafe { *exec };
@@ -335,19 +342,8 @@ pub fn mysql_next_result(ctx: ProbeContext) -> u32 {
         conn: reg(ctx.regs as *const u8, &ARG1_REG),
     };
     enter_call(tid, key.conn);
-    let exec = MysqlExec {
-        start_ns: unsafe { bpf_ktime_get_ns() },
-        queued_ns: queued_so_far(),
-        executed_ns: 0,
-        // Userspace gives it the stack of the query that sent the statements.
-        user_stack_id: -1,
-        _pad: 0,
-    };
-    if let Some(slot) = MYSQL_EXEC.get_ptr_mut(&key) {
-        unsafe { *slot = exec };
-    } else if MYSQL_EXEC.insert(&key, &exec, 0).is_err() {
-        count(counter::PENDING_MAP_FULL);
-    }
+    // No stack: userspace gives it the stack of the query that sent the statements.
+    mysql_exec_start(&key, -1);
     0
 }
 
@@ -358,10 +354,7 @@ pub fn mysql_next_result_return(ctx: RetProbeContext) -> u32 {
     let now = unsafe { bpf_ktime_get_ns() };
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    let Some(key) = returning_call(tgid, tid) else {
-        return 0;
-    };
-    let Some(exec) = MYSQL_EXEC.get_ptr_mut(&key) else {
+    let Some((key, exec)) = returning_exec(tgid, tid) else {
         return 0;
     };
     let done = unsafe { *exec };
