@@ -241,6 +241,7 @@ fn soak() {
     }
     let seconds = total.as_secs().to_string();
     let rate = tps.to_string();
+    let load_start_unix_ms = unix_ms_now();
     let (samples, held, windows_seen, pgbench_out) = std::thread::scope(|scope| {
         let pgbench = scope.spawn(|| {
             cluster.pgbench(&[
@@ -348,6 +349,29 @@ fn soak() {
     let final_metrics = get(port, "/metrics")
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default();
+    // What each regression event named, and when its window ran against the load's
+    // (a window that saw the load end is not of a steady host).
+    let load_end_unix_ms = load_start_unix_ms + total.as_millis() as u64;
+    let events_list: Vec<serde_json::Value> = get(port, "/events")
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let described: Vec<String> = events_list
+        .iter()
+        .map(|e| {
+            let start_ms = e["unix_ms"].as_u64().unwrap_or(0);
+            let end_ms = start_ms + window_s * 1000;
+            let when = if end_ms > load_end_unix_ms {
+                "saw the load end"
+            } else {
+                "within the load"
+            };
+            format!(
+                "window from {:.0} s ({when}): {}",
+                (start_ms as f64 - load_start_unix_ms as f64) / 1e3,
+                e["regressions"]
+            )
+        })
+        .collect();
     // SIGTERM: what it holds while stopping counts too.
     let mut held = held;
     // SAFETY: kill(2) on our own child.
@@ -451,6 +475,9 @@ fn soak() {
          at most 1 on a steady host)",
         events / windows_total.max(1.0) * 100.0
     );
+    for line in &described {
+        println!("[soak]   event: {line}");
+    }
     println!(
         "[soak] RSS median {rss_ref:.1} MiB ({span_s:.0} s from {reference_s:.0} s) -> \
          {rss_end:.1} MiB (the last {span_s:.0} s): {:+.1} %; fds floor {fds_ref} -> {fds_end}: \
@@ -496,4 +523,11 @@ fn soak() {
         }
     );
     assert!(failures.is_empty(), "{failures:?}");
+}
+
+/// Milliseconds since the Unix epoch.
+fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
