@@ -94,6 +94,11 @@ impl Daemon {
         daemon
     }
 
+    /// A daemon started some other way (say, on another address).
+    pub fn from_child(child: std::process::Child) -> Self {
+        Daemon(child)
+    }
+
     pub fn pid(&self) -> i32 {
         self.0.id() as i32
     }

@@ -9,6 +9,7 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use profiler_tests::daemon::Daemon;
 use profiler_tests::*;
 
 /// One request on a fresh connection (`Connection: close`): the response head and body.
@@ -61,67 +62,6 @@ fn metric(port: u16, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {name} in /metrics"))
 }
 
-/// A failed assertion must not leave a daemon running.
-struct Daemon(std::process::Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // Not yet reaped (`stop` reaps it): the pid is still our child's.
-        if let Ok(None) = self.0.try_wait() {
-            // SAFETY: kill(2) on our own, unreaped child.
-            unsafe { libc::kill(self.0.id() as i32, libc::SIGKILL) };
-            let _ = self.0.wait();
-        }
-    }
-}
-
-impl Daemon {
-    fn start(data: &std::path::Path, port: u16, args: &[&str]) -> Self {
-        let child = Command::new(profiler_bin())
-            .arg("daemon")
-            .arg("--data-dir")
-            .arg(data)
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            // Full mode: the default 1 % budget would sample and skip windows under load.
-            .args(["--max-cpu", "off"])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start daemon");
-        let daemon = Daemon(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while request(port, b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")
-            .is_none_or(|(_, body)| body != b"ok\n")
-        {
-            assert!(Instant::now() < deadline, "the daemon never answered");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        daemon
-    }
-
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-
-    /// SIGTERM, then its exit status must be success; returns its stderr.
-    fn stop(&mut self) -> String {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let status = self.0.wait().unwrap();
-        let mut stderr = String::new();
-        self.0
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut stderr)
-            .unwrap();
-        assert!(status.success(), "{status}: {stderr}");
-        stderr
-    }
-}
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -167,7 +107,7 @@ fn http_answers_while_a_window_is_written() {
     let _serial = serial();
     let dir = temp_dir("http-latency");
     let port = free_port();
-    let mut daemon = Daemon::start(&dir.join("data"), port, &["--window", "1s"]);
+    let mut daemon = Daemon::spawn(&dir.join("data"), port, &["--window", "1s"], &[]);
     wait_for_windows(port, 1.0, Duration::from_secs(120));
     let first = metric(port, "profiler_windows_total");
     let mut slowest = Duration::ZERO;
@@ -206,10 +146,11 @@ fn hostile_requests_get_their_status_and_the_windows_go_on() {
     let _serial = serial();
     let dir = temp_dir("http-hostile");
     let port = free_port();
-    let mut daemon = Daemon::start(
+    let mut daemon = Daemon::spawn(
         &dir.join("data"),
         port,
-        &["--window", "2s", "--", "--events", "offcpu", "-p", "1"],
+        &["--window", "2s"],
+        &["--events", "offcpu", "-p", "1"],
     );
     wait_for_windows(port, 1.0, Duration::from_secs(60));
     let windows_before = metric(port, "profiler_windows_total");
@@ -367,21 +308,22 @@ fn idle_and_slow_connections_are_closed_and_healthz_still_answers() {
     let _serial = serial();
     let dir = temp_dir("http-idle");
     let port = free_port();
-    let mut daemon = Daemon::start(
+    let mut daemon = Daemon::spawn(
         &dir.join("data"),
         port,
-        &["--window", "2s", "--", "--events", "offcpu", "-p", "1"],
+        &["--window", "2s"],
+        &["--events", "offcpu", "-p", "1"],
     );
     wait_for_windows(port, 1.0, Duration::from_secs(60));
     let windows_before = metric(port, "profiler_windows_total");
-    let sockets_before = sockets_of(daemon.pid());
+    let sockets_before = sockets_of(daemon.pid() as u32);
 
     let mut idle = Vec::new();
     for _ in 0..1000 {
         idle.push(TcpStream::connect(("127.0.0.1", port)).expect("connect"));
     }
     std::thread::sleep(Duration::from_millis(500));
-    let held = sockets_of(daemon.pid()) - sockets_before;
+    let held = sockets_of(daemon.pid() as u32) - sockets_before;
     let asked = Instant::now();
     let (head, body) = call(port, "GET", "/healthz");
     let took = asked.elapsed();
@@ -428,7 +370,7 @@ fn idle_and_slow_connections_are_closed_and_healthz_still_answers() {
     // After the header timeout every idle connection is closed by the daemon.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let sockets = sockets_of(daemon.pid());
+        let sockets = sockets_of(daemon.pid() as u32);
         if sockets <= sockets_before {
             println!(
                 "sockets back to {sockets} (from {}) after the timeout",
@@ -487,7 +429,7 @@ fn a_non_loopback_address_needs_allow_remote() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("--allow-remote"), "{stderr}");
 
-    let mut daemon = Daemon(
+    let mut daemon = Daemon::from_child(
         Command::new(profiler_bin())
             .args(["daemon", "--allow-remote", "--data-dir"])
             .arg(dir.join("data"))
