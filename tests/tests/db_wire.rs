@@ -147,8 +147,9 @@ fn node_postgres_queries_written_with_writev_are_seen_on_the_wire() {
 /// A client no source decodes is stated, not silent: node-postgres over TCP recorded on the
 /// whole host (where the wire is off and no library probe fits) with parameterized queries
 /// only (the server's probes fire for the simple protocol only). Its row in `db.coverage` has
-/// no source and names its connection to the server's port, and the summary has a line for
-/// it; pg_stat_statements shows the queries it ran.
+/// no source, names its connection to the server's port and the bytes it carried — exactly
+/// what node's own socket counted written and read — and the summary has a line for it;
+/// pg_stat_statements shows the queries it ran.
 #[test]
 fn a_client_no_source_decodes_is_stated_in_the_coverage() {
     require_root();
@@ -195,9 +196,19 @@ fn a_client_no_source_decodes_is_stated_in_the_coverage() {
         serde_json::json!([format!("127.0.0.1:{} postgres", cluster.port)]),
         "{row}"
     );
+    // Opened during the capture: everything it carried is the capture's.
+    assert_eq!(
+        row["untimed_bytes_sent"], report["bytes_written"],
+        "{row} {report}"
+    );
+    assert_eq!(
+        row["untimed_bytes_received"], report["bytes_read"],
+        "{row} {report}"
+    );
+    assert!(report["bytes_written"].as_u64() > Some(50 * 40), "{report}");
     assert!(
         summary.contains(&format!(
-            "[{pid}]: 0 queries timed, yet connected to 127.0.0.1:{} postgres",
+            "[{pid}]: 0 queries timed, yet connected to 127.0.0.1:{} postgres (",
             cluster.port
         )),
         "{summary}"

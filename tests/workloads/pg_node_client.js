@@ -5,7 +5,8 @@
 // node pg_node_client.js HOST PORT SIMPLE EXTENDED [RELEASE_FILE] prints `ready PID`, waits
 // for a line on stdin, then runs SIMPLE simple-protocol queries and EXTENDED parameterized
 // ones (each sleeping 1 ms in the server, so the client's own overhead is small against the
-// round trip), timing each with its own clock, and prints a JSON report. HOST is the
+// round trip), timing each with its own clock, and prints a JSON report (with the bytes its
+// connection wrote and read). HOST is the
 // server's socket directory or address. With RELEASE_FILE it keeps its connection open after
 // the report until that file exists.
 const { Client } = require('pg');
@@ -35,6 +36,9 @@ async function main() {
     simple_ns: Number(simpleNs),
     extended: Number(extended),
     extended_ns: Number(extendedNs),
+    // The connection's own byte counts (node's net.Socket), from its first byte.
+    bytes_written: client.connection.stream.bytesWritten,
+    bytes_read: client.connection.stream.bytesRead,
   }) + '\n');
   if (releaseFile) {
     const fs = require('fs');

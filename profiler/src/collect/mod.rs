@@ -143,6 +143,9 @@ pub struct Prepared {
     oncpu_base: HashMap<OncpuKey, (u64, u64)>,
     /// The processes the previous window knew (`count_from_now`).
     processes_seed: Vec<crate::symbolize::procmaps::ProcessInfo>,
+    /// With the db family: what each established TCP socket had carried when the capture
+    /// started (the coverage says what untimed connections carried since).
+    socket_bytes: db::socket_bytes::SocketBytes,
 }
 
 impl Prepared {
@@ -158,6 +161,9 @@ impl Prepared {
         boundary_unix_ms: u64,
     ) -> Result<()> {
         self.processes_seed = known.seed();
+        if !self.probes.db_targets.is_empty() {
+            self.socket_bytes = db::socket_bytes::established();
+        }
         // Its clock starts where the previous window's ends (the start of its final snapshot),
         // so the two meet exactly.
         self.started = boundary;
@@ -259,6 +265,10 @@ pub fn prepare(options: RecordOptions) -> Result<Prepared> {
         ),
     };
     let started = probes.counting_since;
+    let socket_bytes = match probes.db_targets.is_empty() {
+        true => Default::default(),
+        false => db::socket_bytes::established(),
+    };
     // Wall-clock time of that same instant.
     let start_unix_ms = unix_ms().saturating_sub(started.elapsed().as_millis() as u64);
     Ok(Prepared {
@@ -275,6 +285,7 @@ pub fn prepare(options: RecordOptions) -> Result<Prepared> {
         offcpu_base: HashMap::new(),
         oncpu_base: HashMap::new(),
         processes_seed: Vec::new(),
+        socket_bytes,
     })
 }
 
@@ -300,6 +311,7 @@ impl Prepared {
             offcpu_base,
             oncpu_base,
             processes_seed,
+            socket_bytes,
         } = self;
         // Following a window that is still attached: what happened before we were is its.
         let from_ktime = if options.continues { attach_ktime } else { 0 };
@@ -534,6 +546,7 @@ impl Prepared {
                 &mut builder,
                 config.db_sample_every,
                 &config.pids,
+                &socket_bytes,
             )?),
         };
         // User threads' stacks shown as `[user stack …]` (kernel threads have none to lose).

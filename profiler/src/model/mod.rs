@@ -267,6 +267,12 @@ pub struct DbCoverage {
     /// With no timed query: its established TCP connections to database ports at the end
     /// of the capture (`ADDRESS:PORT KIND`, kind `postgres`, `mysql` or `redis`).
     pub untimed_connections: Vec<String>,
+    /// What those connections carried during the capture (sock_diag's `bytes_acked` and
+    /// `bytes_received` at its start and end): bytes sent, and received.
+    #[serde(default)]
+    pub untimed_bytes_sent: u64,
+    #[serde(default)]
+    pub untimed_bytes_received: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

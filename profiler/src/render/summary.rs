@@ -342,11 +342,14 @@ fn db_coverage(
         if c.sources.is_empty() {
             let _ = writeln!(
                 out,
-                "  {}[{}]: 0 queries timed, yet connected to {}; no source decoded it (a \
-                 client library not probed, or the wire off: try -p {} or --db-wire)",
+                "  {}[{}]: 0 queries timed, yet connected to {} ({} sent, {} received during \
+                 the capture); no source decoded it (a client library not probed, or the wire \
+                 off: try -p {} or --db-wire)",
                 c.comm,
                 c.pid,
                 c.untimed_connections.join(", "),
+                bytes(c.untimed_bytes_sent),
+                bytes(c.untimed_bytes_received),
                 c.pid,
             );
             continue;

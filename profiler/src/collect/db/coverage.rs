@@ -2,11 +2,13 @@
 //! no source decoded: at the end of a capture, the processes' established TCP connections
 //! to database ports (the servers' listening ports found on this host, and the usual 5432,
 //! 3306, 6379) are read from /proc; one that holds such connections and has no timed query
-//! is a finding. Connections over unix sockets are not matched (/proc does not name a
-//! unix socket's peer).
+//! is a finding, with the bytes those connections carried during the capture (sock_diag, at
+//! its start and end). Connections over unix sockets are not matched (/proc does not name a
+//! unix socket's peer), nor are ones closed before the end.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use super::socket_bytes::SocketBytes;
 use crate::model::{DbCoverage, DbQuery};
 
 /// Server programs by process name, and the database they serve.
@@ -97,8 +99,14 @@ fn process_sockets() -> Vec<(u32, String, Vec<u64>)> {
 }
 
 /// Per process: the sources that timed its queries, and its database connections if none
-/// was timed. `pids`: the -p filter (empty: every process); `exclude`: our own.
-pub fn coverage(queries: &[DbQuery], pids: &[u32], exclude: u32) -> Vec<DbCoverage> {
+/// was timed, with what they carried since `start` (the sockets' bytes when the capture
+/// started). `pids`: the -p filter (empty: every process); `exclude`: our own.
+pub fn coverage(
+    queries: &[DbQuery],
+    pids: &[u32],
+    exclude: u32,
+    start: &SocketBytes,
+) -> Vec<DbCoverage> {
     let mut by_pid: BTreeMap<u32, DbCoverage> = BTreeMap::new();
     for q in queries {
         let entry = by_pid.entry(q.pid).or_insert_with(|| DbCoverage {
@@ -130,6 +138,7 @@ pub fn coverage(queries: &[DbQuery], pids: &[u32], exclude: u32) -> Vec<DbCovera
             }
         }
     }
+    let mut carried: Option<SocketBytes> = None;
     let established: HashMap<u64, &TcpSocket> = sockets
         .iter()
         .filter(|s| s.state == 0x01)
@@ -142,17 +151,29 @@ pub fn coverage(queries: &[DbQuery], pids: &[u32], exclude: u32) -> Vec<DbCovera
         if by_pid.get(&pid).is_some_and(|c| !c.sources.is_empty()) {
             continue; // timed by some source
         }
-        let mut untimed: Vec<String> = inodes
+        let connections: Vec<(u64, String)> = inodes
             .iter()
             .filter_map(|inode| established.get(inode))
             .filter_map(|s| {
                 let kind = ports.get(&port_of(&s.remote)?)?;
-                Some(format!("{} {kind}", s.remote))
+                Some((s.inode, format!("{} {kind}", s.remote)))
             })
             .collect();
-        if untimed.is_empty() {
+        if connections.is_empty() {
             continue;
         }
+        // What they carried: one sock_diag dump, the first time one is needed.
+        let carried = carried.get_or_insert_with(|| {
+            super::socket_bytes::since(start, &super::socket_bytes::established())
+        });
+        let (mut sent, mut received) = (0, 0);
+        for (inode, _) in &connections {
+            if let Some((s, r)) = carried.get(inode) {
+                sent += s;
+                received += r;
+            }
+        }
+        let mut untimed: Vec<String> = connections.into_iter().map(|(_, c)| c).collect();
         untimed.sort();
         untimed.dedup();
         by_pid.insert(
@@ -161,6 +182,8 @@ pub fn coverage(queries: &[DbQuery], pids: &[u32], exclude: u32) -> Vec<DbCovera
                 pid,
                 comm,
                 untimed_connections: untimed,
+                untimed_bytes_sent: sent,
+                untimed_bytes_received: received,
                 ..DbCoverage::default()
             },
         );
@@ -190,6 +213,7 @@ mod tests {
             ],
             &[10, 20],
             0,
+            &SocketBytes::new(),
         );
         let ten = coverage.iter().find(|c| c.pid == 10).unwrap();
         assert_eq!(

@@ -365,9 +365,11 @@ pub(crate) fn profile(
     builder: &mut StackBuilder,
     sample_every: u32,
     pids: &[u32],
+    socket_bytes: &super::socket_bytes::SocketBytes,
 ) -> Result<DbProfile> {
     let mut profile = db.profile();
-    profile.coverage = super::coverage::coverage(&profile.queries, pids, std::process::id());
+    profile.coverage =
+        super::coverage::coverage(&profile.queries, pids, std::process::id(), socket_bytes);
     for (_, pid, fingerprint, stack_id, tid, calls, total_ns) in db.stack_usage() {
         if stack_id < 0 {
             continue; // server-side: no client code path

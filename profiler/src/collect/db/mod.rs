@@ -7,6 +7,7 @@
 pub mod coverage;
 pub mod events;
 pub mod fingerprint;
+pub mod socket_bytes;
 pub mod wire;
 
 use std::collections::HashMap;
