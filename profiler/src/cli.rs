@@ -74,7 +74,7 @@ pub struct DaemonArgs {
     /// TOML file with any of these settings (`data_dir`, `window`, `keep`, `max_age`,
     /// `max_bytes`, `listen`, `allow_remote`, `allow_capture_get`, `capture_token_file`,
     /// `pyroscope_url`, `otlp_endpoint`, `otlp_protocol`,
-    /// `baseline`, `max_cpu`,
+    /// `baseline`, `learn`, `max_cpu`,
     /// `record` = [record options]); flags win over it. SIGHUP re-reads it (applied from the
     /// next window; `listen` stays).
     #[arg(long, value_name = "FILE")]
@@ -113,6 +113,12 @@ pub struct DaemonArgs {
     /// window before it; a significant regression becomes an event.
     #[arg(long, value_name = "CAPTURE")]
     pub baseline: Option<PathBuf>,
+    /// Without --baseline: for this long from start, windows only teach the daemon the host's
+    /// normal (the recent windows and each stack's, function's and query's peak) and raise no
+    /// regression event, so periodic work seen then (a checkpoint, a cron job) is not news
+    /// later. `0s`: judge from the fourth window. Set at start [default: 10m].
+    #[arg(long, value_parser = parse_seconds, value_name = "DURATION")]
+    pub learn: Option<Duration>,
     /// Push every window to Grafana Pyroscope at this URL (e.g. `http://pyroscope:4040`;
     /// `https://` verifies the server against the system's CAs, or SSL_CERT_FILE's):
     /// a series per service (its systemd service, else container, else process name) and

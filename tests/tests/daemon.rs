@@ -349,10 +349,11 @@ fn daemon_reports_a_regression_against_a_pinned_baseline() {
     );
 }
 
-/// Without a baseline: the windows of a steady diff workload raise no event; when it slows
-/// (`stage_query` blocks 5 ms more per request from 20 s on), a window holding the change
-/// raises one event naming `stage_query` — not `main` or the other frames that carry every
-/// stack — and the windows after it, all slow, raise none (the change is the new normal).
+/// Without a baseline, after 6 s of learning: the windows of a steady diff workload raise no
+/// event; when it slows (`stage_query` blocks 5 ms more per request from 20 s on), a window
+/// holding the change raises one event naming `stage_query` — not `main` or the other frames
+/// that carry every stack — and the windows after it, all slow, raise none (the change is the
+/// new normal).
 #[test]
 fn daemon_reports_a_change_against_its_recent_windows() {
     require_root();
@@ -381,6 +382,9 @@ fn daemon_reports_a_change_against_its_recent_windows() {
             "2s",
             "--keep",
             "40",
+            // Three windows to learn from, then judged (the change comes at 20 s).
+            "--learn",
+            "6s",
             "--",
             "--events",
             "offcpu",
@@ -445,6 +449,7 @@ fn daemon_reports_a_change_against_its_recent_windows() {
         }
     }
     let all = events(port);
+    assert_eq!(metric(&metrics, "profiler_learning "), Some(0.0), "learned");
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
     let status = daemon.wait().unwrap();

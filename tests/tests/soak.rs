@@ -120,6 +120,11 @@ fn soak() {
     // Every SOAK_SAMPLE_MS (default 10 s); a table row every 10 s at most.
     let sample_s = env_number("SOAK_SAMPLE_MS", 10_000) as f64 / 1e3;
     let total = Duration::from_secs(minutes * 60);
+    // The daemon's learning (`--learn`, no events meanwhile): its default 10 minutes, at
+    // most a third of the run (so a short run judges windows too).
+    let learn_s = (minutes * 20).min(600);
+    // Windows kept on disk (SOAK_KEEP: all of them, to replay them through the judge).
+    let keep = env_number("SOAK_KEEP", 30);
     let dir = temp_dir("soak");
     let cluster = profiler_tests::pg::PgCluster::start("soak");
     cluster.pgbench(&["-i", "-q", "-s", "5"]);
@@ -133,7 +138,13 @@ fn soak() {
         .arg("daemon")
         .arg("--data-dir")
         .arg(dir.join("data"))
-        .args(["--window", &format!("{window_s}s"), "--keep", "30"])
+        .args([
+            "--window",
+            &format!("{window_s}s"),
+            "--keep",
+            &keep.to_string(),
+        ])
+        .args(["--learn", &format!("{learn_s}s")])
         // The soak is of full mode (every event recorded), not of the default 1 % budget.
         .args(["--max-cpu", "off"])
         .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -470,10 +481,16 @@ fn soak() {
         .get("profiler_regressions_total")
         .copied()
         .unwrap_or(f64::NAN);
+    let learned: f64 = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("profiler daemon: learned from "))
+        .and_then(|rest| rest.split(' ').next()?.parse().ok())
+        .unwrap_or(windows_total);
+    let judged = windows_total - learned;
     println!(
-        "[soak] regression events: {events} in {windows_total} windows ({:.1} per 100; target \
-         at most 1 on a steady host)",
-        events / windows_total.max(1.0) * 100.0
+        "[soak] regression events: {events} in {judged} windows judged after {learned} learned \
+         from ({learn_s} s) ({:.1} per 100; target at most 1 on a steady host)",
+        events / judged.max(1.0) * 100.0
     );
     for line in &described {
         println!("[soak]   event: {line}");

@@ -9,6 +9,9 @@ use anyhow::{Context as _, Result, bail};
 use super::budget::Cost;
 use crate::cli::DaemonArgs;
 
+/// How long the daemon learns before judging windows, when nothing says.
+pub const DEFAULT_LEARN: Duration = Duration::from_secs(600);
+
 /// The daemon's settings: flags, else the config file, else the defaults.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -25,6 +28,8 @@ pub struct Settings {
     /// /capture wants `Authorization: Bearer` this.
     pub capture_token: Option<String>,
     pub baseline: Option<PathBuf>,
+    /// Windows within this from start raise no event (without a baseline).
+    pub learn: Duration,
     /// Where each window is pushed (Pyroscope, OTLP), checked at start.
     pub pyroscope: Option<crate::export::Endpoint>,
     pub otlp: Option<crate::export::Endpoint>,
@@ -49,6 +54,7 @@ struct FileConfig {
     allow_capture_get: Option<bool>,
     capture_token_file: Option<PathBuf>,
     baseline: Option<PathBuf>,
+    learn: Option<String>,
     pyroscope_url: Option<String>,
     otlp_endpoint: Option<String>,
     otlp_protocol: Option<String>,
@@ -104,6 +110,7 @@ pub fn settings(args: &DaemonArgs) -> Result<Settings> {
             None => None,
         },
         baseline: args.baseline.clone().or(file.baseline),
+        learn: duration(args.learn, file.learn.as_ref(), "learn")?.unwrap_or(DEFAULT_LEARN),
         pyroscope: match args.pyroscope_url.clone().or(file.pyroscope_url) {
             Some(url) => Some(crate::export::Endpoint::parse(&url).context("--pyroscope-url")?),
             None => None,
@@ -349,6 +356,7 @@ mod tests {
             allow_capture_get: false,
             capture_token: None,
             baseline: None,
+            learn: DEFAULT_LEARN,
             pyroscope: None,
             otlp: None,
             otlp_protocol: crate::cli::OtlpProtocol::HttpProtobuf,
@@ -388,6 +396,8 @@ mod tests {
         assert_eq!(file.listen, Some(defaults.listen));
         assert_eq!(file.allow_remote, Some(false));
         assert_eq!(file.allow_capture_get, Some(false));
+        assert_eq!(file.learn.as_deref(), Some("10m"));
+        assert_eq!(defaults.learn, DEFAULT_LEARN);
         assert_eq!(
             crate::cli::parse_budget(file.max_cpu.as_deref().unwrap())
                 .unwrap()

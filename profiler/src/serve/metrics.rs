@@ -26,6 +26,13 @@ pub(crate) fn metrics(state: &State) -> String {
         "profiler_regressions_total {}",
         state.regressions_total
     );
+    let _ = writeln!(
+        out,
+        "# HELP profiler_learning 1 while the first windows (--learn) only teach the host's \
+         normal and raise no regression event."
+    );
+    let _ = writeln!(out, "# TYPE profiler_learning gauge");
+    let _ = writeln!(out, "profiler_learning {}", u8::from(state.learning));
     family(
         &mut out,
         "profiler_window_errors_total",

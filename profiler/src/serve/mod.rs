@@ -45,6 +45,8 @@ struct State {
     kept: Vec<PathBuf>,
     pub(crate) latest: Option<(PathBuf, Capture)>,
     regressions_total: u64,
+    /// Windows still only teach the normal (`--learn`): no event yet.
+    learning: bool,
     /// The latest regression events (at most `EVENTS_KEPT`), oldest first.
     events: Vec<serde_json::Value>,
     cost: Cost,
@@ -151,9 +153,17 @@ async fn serve_and_record(
     let mut signals = Signals::new()?;
     let mut reload = false;
     let mut baseline = match &args.baseline {
-        Some(path) => Baseline::new(Some(&Capture::load(path)?)),
-        None => Baseline::new(None),
+        Some(path) => Baseline::new(Some(&Capture::load(path)?), args.learn),
+        None => Baseline::new(None, args.learn),
     };
+    state.lock().expect("state lock").learning = baseline.learning();
+    if baseline.learning() {
+        eprintln!(
+            "profiler daemon: learning this host's normal for {} before any regression event \
+             (--learn)",
+            humantime(args.learn)
+        );
+    }
     // Windows left by an earlier run (a restart) count for retention too.
     state.lock().expect("state lock").kept = dirs_named(&args.data_dir, "window-");
     let mut next: Option<Result<crate::collect::Prepared>> = None;
@@ -270,8 +280,16 @@ async fn serve_and_record(
         for exporter in &exporters {
             exporter.push(&capture);
         }
+        let was_learning = baseline.learning();
         let event = baseline.judge(&capture, &dir);
+        if was_learning && !baseline.learning() {
+            eprintln!(
+                "profiler daemon: learned from {} windows; regression events from the next one",
+                baseline.learned()
+            );
+        }
         let mut state = state.lock().expect("state lock");
+        state.learning = baseline.learning();
         if let Some(event) = event {
             // One JSON line per event, for log shippers.
             eprintln!("{event}");
