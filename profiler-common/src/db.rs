@@ -141,7 +141,8 @@ pub struct DbEvent {
     /// 0 for abandoned queries (`FLAG_ERROR`).
     pub duration_ns: u64,
     /// The thread's run-queue wait so far (`sched_info.run_delay`) when the clock started
-    /// and when the event was sent (at or after the query's end); 0 when unknown. Userspace
+    /// and when the event was sent (at or after the query's end), plus 1: 0 when unknown
+    /// (a thread that never waited reads 1). Userspace
     /// takes the time a thread waited for a CPU between two queries out of the gap between
     /// them (N+1 runs).
     pub queued_start_ns: u64,

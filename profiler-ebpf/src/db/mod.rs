@@ -72,17 +72,20 @@ static TASK_TGID_OFF: u32 = 0;
 #[unsafe(no_mangle)]
 static TASK_RUN_DELAY_OFF: u32 = 0;
 
-/// The current thread's time spent runnable but waiting for a CPU so far (0 when unknown).
+/// The current thread's time spent runnable but waiting for a CPU so far, plus 1 (0 when
+/// unknown).
 #[inline(always)]
 fn queued_so_far() -> u64 {
     let off = config(&TASK_RUN_DELAY_OFF);
     if off == 0 {
         return 0;
     }
+    // One more than the kernel's value: a thread that never waited reads 1, not the 0 of
+    // "unknown" (whose gaps then counted whole, waits included).
     unsafe {
         bpf_probe_read_kernel((bpf_get_current_task() as *const u8).add(off as usize) as *const u64)
     }
-    .unwrap_or(0)
+    .map_or(0, |delay| delay.wrapping_add(1))
 }
 
 /// Starts `pending`'s clock: now, and the thread's run-queue wait so far.

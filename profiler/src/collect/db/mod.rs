@@ -40,7 +40,7 @@ pub struct Observed<'a> {
     pub start_ns: u64,
     pub duration_ns: u64,
     /// The thread's run-queue wait so far (the kernel's `run_delay`) when the query started
-    /// and when it was reported (at or after its end); 0 when unknown.
+    /// and when it was reported (at or after its end), both plus 1; 0 when unknown.
     pub queued_start_ns: u64,
     pub queued_end_ns: u64,
     /// The issuing code path (client-side sources), negative when none.
@@ -414,6 +414,27 @@ mod tests {
         assert!(suspects(3_500_000, true).is_empty());
         // The wait unknown (0): the whole gap counts.
         assert!(suspects(4_500_000, false).is_empty());
+    }
+
+    #[test]
+    fn a_thread_that_never_waited_before_has_its_first_wait_taken_out() {
+        // The kernel's readings are its run_delay plus 1: a thread that had never waited
+        // reads 1 at the first query's end, then waits 4.5 ms of the next 5 ms gap.
+        let mut agg = DbAggregator::new(false);
+        let mut waited = 1;
+        for i in 0..12u64 {
+            if i > 0 {
+                waited += 4_500_000;
+            }
+            agg.add(&Observed {
+                queued_start_ns: waited,
+                queued_end_ns: waited,
+                ..obs("SELECT * FROM t WHERE id = 1", 100_000, i * 5_100_000)
+            });
+        }
+        let suspects = agg.suspects();
+        assert_eq!(suspects.len(), 1, "{suspects:?}");
+        assert_eq!((suspects[0].runs, suspects[0].longest_run), (1, 12));
     }
 
     #[test]
