@@ -30,6 +30,12 @@ pub struct SyscallStats {
     /// Calls that returned a negative value (an errno).
     pub errors: u64,
     pub hist: [u64; HIST_BUCKETS],
+    /// The window (`maps::WINDOW`) `max_ns` is the maximum of: a copy restarts its maximum
+    /// at its first call of a newer window, keeping the one before in `prev_max_ns` (a
+    /// daemon that keeps its programs reads each window's maximum; counts and times are
+    /// read as differences).
+    pub max_window: u64,
+    pub prev_max_ns: u64,
 }
 
 impl Default for SyscallStats {
@@ -40,6 +46,8 @@ impl Default for SyscallStats {
             max_ns: 0,
             errors: 0,
             hist: [0; HIST_BUCKETS],
+            max_window: 0,
+            prev_max_ns: 0,
         }
     }
 }
@@ -87,6 +95,8 @@ pub mod maps {
     pub const STATS: &str = "SYSCALL_STATS";
     pub const SLOW: &str = "SYSCALL_SLOW";
     pub const COUNTERS: &str = "SYSCALL_COUNTERS";
+    /// One u64: the window being counted (0 until userspace starts a second one).
+    pub const WINDOW: &str = "SYSCALL_WINDOW";
 }
 
 #[cfg(feature = "user")]

@@ -9,7 +9,7 @@ use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns},
     macros::{btf_tracepoint, map, tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::{BtfTracePointContext, TracePointContext, tracing::StackIdContext},
 };
 use profiler_common::syscalls::{
@@ -47,6 +47,15 @@ static SLOW: HashMap<SlowKey, SlowValue> = HashMap::with_max_entries(16384, 0);
 
 #[map(name = "SYSCALL_COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// One all-zero `SyscallStats` (never written): a new entry's first value.
+#[map(name = "SYSCALL_ZERO")]
+static ZERO: Array<SyscallStats> = Array::with_max_entries(1, 0);
+
+/// The window being counted: userspace bumps it where a daemon window that keeps these
+/// programs ends, and each copy's maximum restarts at its first call after that.
+#[map(name = "SYSCALL_WINDOW")]
+static WINDOW: Array<u64> = Array::with_max_entries(1, 0);
 
 const BPF_NOEXIST: u64 = 1;
 const BPF_F_NO_PREALLOC: u32 = 1;
@@ -129,7 +138,11 @@ fn exit<C: StackIdContext>(ctx: &C, ret: i64) -> u32 {
     let stats = match STATS.get_ptr_mut(&key) {
         Some(stats) => Some(stats),
         None => {
-            let _ = STATS.insert(&key, &SyscallStats::default(), BPF_NOEXIST);
+            // From a zeroed map value, not the stack (the struct would crowd the 512-byte
+            // stack of the program and the stack walk it calls).
+            if let Some(zero) = ZERO.get(0) {
+                let _ = STATS.insert(&key, zero, BPF_NOEXIST);
+            }
             let stats = STATS.get_ptr_mut(&key);
             if stats.is_some() {
                 let comm = unsafe {
@@ -150,6 +163,16 @@ fn exit<C: StackIdContext>(ctx: &C, ret: i64) -> u32 {
             (*stats).total_ns += delta;
             if ret < 0 {
                 (*stats).errors += 1;
+            }
+            let window = WINDOW.get(0).copied().unwrap_or(0);
+            if (*stats).max_window != window {
+                (*stats).prev_max_ns = if (*stats).max_window.wrapping_add(1) == window {
+                    (*stats).max_ns
+                } else {
+                    0
+                };
+                (*stats).max_ns = 0;
+                (*stats).max_window = window;
             }
             if delta > (*stats).max_ns {
                 (*stats).max_ns = delta;

@@ -65,10 +65,16 @@ pub struct Workload {
 
 impl Workload {
     pub fn start(iterations: u32, block_ms: u64, report: &Path) -> Self {
+        Self::start_with(iterations, block_ms, report, &[])
+    }
+
+    /// As `start`, with more of its arguments (`--vary-ms V`).
+    pub fn start_with(iterations: u32, block_ms: u64, report: &Path, args: &[&str]) -> Self {
         let process = ReadyProcess::spawn(
             Command::new(built_binary("offcpu-workload"))
                 .args(["--iterations", &iterations.to_string()])
                 .args(["--block-ms", &block_ms.to_string()])
+                .args(args)
                 .arg("--report")
                 .arg(report),
         );

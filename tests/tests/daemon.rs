@@ -1476,3 +1476,155 @@ fn chromium_dom(dir: &std::path::Path, url: &str) -> std::process::Output {
         .output()
         .expect("chromium (cargo xtask setup installs the Debian package)")
 }
+
+/// Consecutive windows keep one set of programs and read their maps as differences: every
+/// window after the first loads no program, each nanosleep of the workload is counted in
+/// exactly one window (the one its return falls in, by the workload's own clock), and each
+/// window's longest nanosleep is its own. The workload asks for 24 ms at first and 1 ms
+/// less every 25 calls: a maximum carried over from an earlier window would be longer than
+/// any call the workload timed in a later one.
+#[test]
+fn windows_keep_their_programs_and_count_each_call_in_its_own_window() {
+    require_root();
+    let _serial = serial();
+    let dir = temp_dir("daemon-keep");
+    let iterations = 100;
+    let mut workload = Workload::start_with(
+        iterations,
+        20,
+        &dir.join("workload.json"),
+        &["--vary-ms", "4"],
+    );
+    let workload_pid = u64::from(workload.pid);
+    let pid = workload.pid.to_string();
+    let port = free_port();
+    let data = dir.join("data");
+    let daemon = start_daemon(
+        &data,
+        port,
+        &[
+            "--window",
+            "1s",
+            "--keep",
+            "100",
+            "--",
+            "--events",
+            "offcpu,syscalls",
+            "-p",
+            &pid,
+        ],
+    );
+    let _kill_on_panic = KillOnDrop(daemon.id());
+    // Once a window is written, the programs are attached: every call is seen.
+    wait_for_metric(port, "profiler_windows_total 1", Duration::from_secs(60));
+    workload.go();
+    let report = workload.finish();
+    let numbers = |key: &str| -> Vec<u64> {
+        report[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect()
+    };
+    let (took, asked, ended) = (
+        numbers("nanosleep_ns"),
+        numbers("nanosleep_asked_ns"),
+        numbers("nanosleep_end_unix_ns"),
+    );
+    assert_eq!(ended.len(), iterations as usize);
+    const EDGE_NS: u64 = 3_000_000;
+    let last_end = *ended.iter().max().unwrap();
+    // Until the window that ended after the workload's last call is written (the next
+    // ones fail: the -p process is gone).
+    let window_end = |w: &serde_json::Value| {
+        w["metadata"]["start_unix_ms"].as_u64().unwrap() * 1_000_000
+            + w["metadata"]["duration_ns"].as_u64().unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut windows = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no window after the workload ended"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let windows: Vec<serde_json::Value> = std::fs::read_dir(&data)
+            .unwrap()
+            .filter_map(|e| {
+                let path = e.ok()?.path().join("capture.json");
+                serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+            })
+            .collect();
+        if windows.iter().any(|w| window_end(w) > last_end + EDGE_NS) {
+            break windows;
+        }
+    };
+    let stderr = stop(daemon);
+    windows.sort_by_key(|w| w["metadata"]["start_unix_ms"].as_u64().unwrap());
+    let mut counted = 0;
+    let mut checked_max = 0;
+    for (i, window) in windows.iter().enumerate() {
+        let metadata = &window["metadata"];
+        let start = metadata["start_unix_ms"].as_u64().unwrap() * 1_000_000;
+        let end = window_end(window);
+        let loaded = metadata["counters"]["programs_loaded"].as_u64().unwrap();
+        if i > 0 {
+            assert_eq!(
+                loaded, 0,
+                "window {i} loaded programs: {}",
+                metadata["counters"]
+            );
+        } else {
+            assert!(loaded > 0, "the first window loads the programs");
+        }
+        let (count, max) = window["syscalls"]["stats"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["pid"].as_u64() == Some(workload_pid) && s["name"] == "nanosleep")
+            .map_or((0, 0), |s| {
+                (s["count"].as_u64().unwrap(), s["max_ns"].as_u64().unwrap())
+            });
+        counted += count;
+        // The calls that returned inside it by the workload's clock: certainly those away
+        // from its edges, at most those near them too.
+        let inside: Vec<usize> = (0..ended.len())
+            .filter(|&c| ended[c] >= start + EDGE_NS && ended[c] + EDGE_NS <= end)
+            .collect();
+        let near = (0..ended.len())
+            .filter(|&c| ended[c] + EDGE_NS >= start && ended[c] <= end + EDGE_NS)
+            .count();
+        println!(
+            "window {i}: {count} nanosleeps (workload: {} inside, {near} with the edges), \
+             max {max} ns, programs loaded {loaded}",
+            inside.len()
+        );
+        assert!(
+            count as usize >= inside.len() && count as usize <= near,
+            "window {i} counted {count} nanosleeps; {} returned inside it, {near} near it",
+            inside.len()
+        );
+        // Its maximum: at least the longest any of its calls asked for (a nanosleep lasts
+        // that long), at most the longest the workload timed (the kernel's span lies in the
+        // workload's). Only where every call near it is well inside.
+        if count > 0 && inside.len() == near {
+            let longest_asked = inside.iter().map(|&c| asked[c]).max().unwrap();
+            let longest_took = inside.iter().map(|&c| took[c]).max().unwrap();
+            assert!(
+                max >= longest_asked && max <= longest_took,
+                "window {i}: max {max} ns; its calls asked up to {longest_asked} ns and took \
+                 up to {longest_took} ns"
+            );
+            checked_max += 1;
+        }
+    }
+    assert_eq!(
+        counted, iterations as u64,
+        "every nanosleep counted once over the windows"
+    );
+    assert!(
+        checked_max >= 3,
+        "only {checked_max} windows away from edges"
+    );
+    println!("{stderr}");
+}

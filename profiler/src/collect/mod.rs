@@ -27,6 +27,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::model::{Capture, Filters, Metadata, Process};
+use crate::probes::syscalls::SyscallBase;
 use crate::probes::{ProbeConfig, Probes};
 use crate::render::outputs::{prepare_output_dir, write_outputs};
 use crate::render::progress::{Progress, families_description, target_description};
@@ -42,8 +43,21 @@ use stacks::StackBuilder;
 use tasks::drain_new_tasks;
 use tcp::{TcpAggregator, drain_tcp_events};
 
-/// How long a window that handed over waits for the queries it saw start to end.
+/// How long a window that handed over to new programs waits for the queries it saw start
+/// to end.
 const HANDOFF_QUERY_GRACE: Duration = Duration::from_secs(1);
+/// A daemon keeps one set of programs across windows for at most this long: new ones start
+/// from empty maps (what exited processes left in them goes with the old set).
+const RENEW_AFTER: Duration = Duration::from_secs(5 * 60);
+/// Counters that say how things stand (table sizes and capacities), not how often something
+/// happened: a window that keeps its programs shows them as they are, not as differences.
+const STATE_COUNTERS: &[&str] = &[
+    "unwind_table_files",
+    "unwind_table_rows",
+    "unwind_table_row_capacity",
+    "unwind_table_prepare_ns",
+    "unwind_table_ready_ns",
+];
 
 pub struct RecordOptions {
     pub duration: Duration,
@@ -143,6 +157,18 @@ pub struct Prepared {
     oncpu_base: HashMap<OncpuKey, (u64, u64)>,
     /// The processes the previous window knew (`count_from_now`).
     processes_seed: Vec<crate::symbolize::procmaps::ProcessInfo>,
+    /// What the kernel counters and the syscall maps held when the capture started counting
+    /// (a window that follows another on the same maps, or was attached before it counted).
+    counter_base: BTreeMap<String, u64>,
+    syscall_base: SyscallBase,
+    /// The window of the syscall maxima this capture reads (`Probes::start_syscall_window`).
+    syscall_window: u64,
+    /// Python code objects read so far (kept with the programs across windows).
+    python_codes: crate::symbolize::python::CodeReader,
+    /// Programs loaded for this capture: 0 when it kept the previous window's.
+    programs_loaded: u64,
+    /// When these programs were loaded (renewed after `RENEW_AFTER`).
+    loaded_at: Instant,
     /// With the db family: what each established TCP socket had carried when the capture
     /// started (the coverage says what untimed connections carried since).
     socket_bytes: db::socket_bytes::SocketBytes,
@@ -161,6 +187,11 @@ impl Prepared {
         boundary_unix_ms: u64,
     ) -> Result<()> {
         self.processes_seed = known.seed();
+        self.counter_base = family_counters(&self.probes, &self.options.probes)?;
+        if self.probes.syscalls_slow_ns.is_some() {
+            self.syscall_base =
+                SyscallBase::new(self.probes.syscall_stats(0)?, self.probes.slow_syscalls()?);
+        }
         if !self.probes.db_targets.is_empty() {
             self.socket_bytes = db::socket_bytes::established();
         }
@@ -200,9 +231,10 @@ impl Prepared {
     }
 }
 
-/// Runs when a capture's time is up, before it stops: the daemon loads and attaches its next
-/// window here, so no time goes unrecorded between windows.
-pub type Handoff = Box<dyn FnOnce() -> Result<Prepared>>;
+/// Runs when a capture's time is up, before it stops: the daemon says what its next window
+/// records. The window keeps its programs for it when they fit (`renewal_reason`), else it
+/// loads and attaches new ones before it stops, so no time goes unrecorded between windows.
+pub type Handoff = Box<dyn FnOnce() -> Result<RecordOptions>>;
 
 /// Checks the options, loads and attaches the probes (needs a tokio runtime).
 pub fn prepare(options: RecordOptions) -> Result<Prepared> {
@@ -217,7 +249,9 @@ pub fn prepare(options: RecordOptions) -> Result<Prepared> {
     prepare_output_dir(&options.output)?;
 
     let cpu_at_start = process_cpu_ns();
+    let loaded_at = Instant::now();
     let mut probes = Probes::load(config)?;
+    let programs_loaded = probes.programs_loaded();
     // The db family attaches last: its queries from here on are this capture's.
     let attach_ktime = ktime_ns();
     // SAFETY: the ring buffer owns its fd, which stays open as long as the AsyncFd holds it.
@@ -286,7 +320,56 @@ pub fn prepare(options: RecordOptions) -> Result<Prepared> {
         oncpu_base: HashMap::new(),
         processes_seed: Vec::new(),
         socket_bytes,
+        counter_base: BTreeMap::new(),
+        syscall_base: SyscallBase::default(),
+        syscall_window: 0,
+        python_codes: Default::default(),
+        programs_loaded,
+        loaded_at,
     })
+}
+
+/// Why a daemon window loads new programs for the next one instead of keeping its own
+/// (`None`: it keeps them). `counters` are the window's own (differences).
+fn renewal_reason(
+    now: &RecordOptions,
+    next: &RecordOptions,
+    loaded_at: Instant,
+    counters: &BTreeMap<String, u64>,
+    fill: &MapFill,
+) -> Option<&'static str> {
+    if format!("{:?}", now.probes) != format!("{:?}", next.probes) {
+        return Some("settings");
+    }
+    if next
+        .probes
+        .pids
+        .iter()
+        .chain(&next.probes.tids)
+        .any(|id| check_task_exists(*id, "process").is_err())
+    {
+        return Some("process_gone");
+    }
+    if loaded_at.elapsed() >= RENEW_AFTER {
+        return Some("age");
+    }
+    // Exited threads' entries stay in kept maps: new ones start empty before they fill.
+    if fill.offcpu * 2 >= u64::from(profiler_common::offcpu::TOTALS_MAX)
+        || fill.oncpu * 2 >= u64::from(profiler_common::oncpu::COUNTS_MAX)
+    {
+        return Some("map_half_full");
+    }
+    // A stack map hashes stacks into buckets: past a quarter full, collisions lose stacks.
+    if fill.stacks * 4 >= u64::from(next.probes.stack_storage_size) {
+        return Some("stack_map_quarter_full");
+    }
+    if counters
+        .iter()
+        .any(|(name, value)| name.ends_with("_full") && *value > 0)
+    {
+        return Some("map_full");
+    }
+    None
 }
 
 impl Prepared {
@@ -299,7 +382,7 @@ impl Prepared {
     ) -> Result<(Capture, Option<Result<Prepared>>)> {
         let Prepared {
             options,
-            probes,
+            mut probes,
             mut new_tasks,
             mut python_stacks,
             mut tcp_events,
@@ -312,6 +395,12 @@ impl Prepared {
             oncpu_base,
             processes_seed,
             socket_bytes,
+            counter_base,
+            syscall_base,
+            syscall_window,
+            python_codes,
+            programs_loaded,
+            loaded_at,
         } = self;
         // Following a window that is still attached: what happened before we were is its.
         let from_ktime = if options.continues { attach_ktime } else { 0 };
@@ -347,7 +436,7 @@ impl Prepared {
         }
 
         // Python code objects of the stacks walked so far, read while their processes live.
-        let mut python_codes = crate::symbolize::python::CodeReader::default();
+        let mut python_codes = python_codes;
         let snapshot = |probes: &Probes,
                         offcpu_series: &mut Series<OffcpuKey>,
                         oncpu_series: &mut Series<OncpuKey>,
@@ -418,11 +507,41 @@ impl Prepared {
                 }
             }
         }
-        // The next capture attaches while this one still counts; it counts from this one's
-        // final snapshot (no overlap, no gap).
-        let mut next = match (handoff, interrupted) {
-            (Some(handoff), false) => Some(handoff()),
-            _ => None,
+        // What the daemon's next window records; it keeps these programs when they fit, else
+        // new ones attach now, while these still count, and count from this one's final
+        // snapshot (no overlap, no gap).
+        let mut next: Option<Result<Prepared>> = None;
+        let mut keep: Option<RecordOptions> = None;
+        let mut renewed: Option<&'static str> = None;
+        if let (Some(handoff), false) = (handoff, interrupted) {
+            match handoff() {
+                Ok(next_options) => {
+                    let so_far = counters_since(&family_counters(&probes, config)?, &counter_base);
+                    let fill = MapFill::of(&offcpu_series, &oncpu_series);
+                    match renewal_reason(&options, &next_options, loaded_at, &so_far, &fill) {
+                        None => keep = Some(next_options),
+                        Some(reason) => {
+                            renewed = Some(reason);
+                            next = Some(prepare(next_options));
+                        }
+                    }
+                }
+                Err(err) => next = Some(Err(err)),
+            }
+        }
+        // Kept programs: the syscall maxima of the next window start here; the maps are read
+        // at once (this window's counts and maxima, the next one's base), so that a call
+        // that ends from here on is in one window, counts and maximum alike.
+        let next_syscall_window = match (&keep, probes.syscalls_slow_ns) {
+            (Some(_), Some(_)) => probes.start_syscall_window()?,
+            _ => syscall_window,
+        };
+        let syscall_maps = match probes.syscalls_slow_ns {
+            Some(_) => Some((
+                probes.syscall_stats(syscall_window)?,
+                probes.slow_syscalls()?,
+            )),
+            None => None,
         };
         snapshot(
             &probes,
@@ -430,6 +549,7 @@ impl Prepared {
             &mut oncpu_series,
             &mut processes,
         )?;
+        let cpu_at_boundary = process_cpu_ns();
         // The next capture counts from this final snapshot on (its maps' values until now are
         // this capture's).
         let ends = if probes.offcpu_attached_with.is_some() {
@@ -440,28 +560,30 @@ impl Prepared {
             // Families without snapshots: one interval, the whole capture.
             vec![started.elapsed().as_nanos() as u64]
         };
-        if let Some(Ok(following)) = next.as_mut() {
-            // Where this window ends: the start of its final snapshot.
-            let end_ns = ends.last().copied().unwrap_or_default();
-            let boundary = started + Duration::from_nanos(end_ns);
-            let boundary_unix_ms = start_unix_ms + (end_ns as f64 / 1e6).round() as u64;
-            if let Err(err) = following.count_from_now(&processes, boundary, boundary_unix_ms) {
-                next = Some(Err(err));
-            }
+        // Where this window ends: the start of its final snapshot.
+        let end_ns = ends.last().copied().unwrap_or_default();
+        let boundary = started + Duration::from_nanos(end_ns);
+        let boundary_unix_ms = start_unix_ms + (end_ns as f64 / 1e6).round() as u64;
+        if let Some(Ok(following)) = next.as_mut()
+            && let Err(err) = following.count_from_now(&processes, boundary, boundary_unix_ms)
+        {
+            next = Some(Err(err));
         }
-        // Queries that started, and TCP events that happened, once the next capture counts
-        // are its own.
+        // Queries that started, and TCP events that happened, once new programs count are
+        // their capture's. Kept programs share their rings: what is in them is this
+        // window's, what comes later the next one's.
         let until_ktime = match &next {
             Some(Ok(next)) => next.attach_ktime,
             _ => u64::MAX,
         };
         drain_new_tasks(new_tasks.get_mut(), &mut processes, &probes);
-        // Queries that started before the next capture attached are this one's: give those
+        // Queries that started before new programs attached are this one's: give those
         // still running a moment to end, or the next window (which did not see them start)
-        // and this one would both miss them. What is still running is counted.
-        let db_in_flight_at_end = match probes.db_targets.is_empty() {
-            true => 0,
-            false => {
+        // and this one would both miss them. What is still running is counted. Kept
+        // programs time them for the next window.
+        let db_in_flight_at_end = match (probes.db_targets.is_empty(), &keep) {
+            (true, _) | (false, Some(_)) => 0,
+            (false, None) => {
                 let grace = match &next {
                     Some(Ok(_)) => HANDOFF_QUERY_GRACE,
                     _ => Duration::ZERO,
@@ -495,20 +617,29 @@ impl Prepared {
         }
         progress.finish();
         processes.refresh_all();
-        let mut counters = family_counters(&probes, config, &db_owners)?;
+        // The kernel's counters and syscall maps, read once: this window's values are their
+        // differences from its base, and the next window on these programs starts from them.
+        let raw_counters = family_counters(&probes, config)?;
+        let mut counters = counters_since(&raw_counters, &counter_base);
         if !probes.db_targets.is_empty() {
+            counters.insert("db_filtered_out".into(), db_owners.filtered_out);
+            counters.insert("db_wire_undecoded".into(), db_owners.undecoded);
+            counters.insert("db_wire_pipeline_cut".into(), db_owners.pipeline_cut);
             counters.insert("db_in_flight_at_end".into(), db_in_flight_at_end);
             counters.insert(
                 "db_pg_extended".into(),
                 u64::from(config.db.as_ref().is_some_and(|d| d.postgres_extended)),
             );
         }
+        counters.insert("programs_loaded".into(), programs_loaded);
+        if let Some(reason) = renewed {
+            counters.insert(format!("programs_renewed_{reason}"), 1);
+        }
         map_fill_counters(
-            &probes,
             &mut counters,
             config,
-            &offcpu_series,
-            &oncpu_series,
+            &probes,
+            &MapFill::of(&offcpu_series, &oncpu_series),
         );
         let mut symbolizer = Symbolizer::new();
         symbolizer.python = python_codes;
@@ -532,11 +663,14 @@ impl Prepared {
             Some(frequency) => Some(oncpu::profile(frequency, &oncpu_series, &mut builder)?),
             None => None,
         };
-        let syscalls = match probes.syscalls_slow_ns {
-            Some(slow_threshold_ns) => {
-                Some(syscalls::profile(&probes, slow_threshold_ns, &mut builder)?)
-            }
-            None => None,
+        let syscalls = match (probes.syscalls_slow_ns, &syscall_maps) {
+            (Some(slow_threshold_ns), Some((stats, slow))) => Some(syscalls::profile(
+                syscall_base.stats_since(stats.clone()),
+                syscall_base.slow_since(slow.clone()),
+                slow_threshold_ns,
+                &mut builder,
+            )?),
+            _ => None,
         };
         let tcp = probes.tcp.then(|| tcp.profile());
         let db = match probes.db_targets.is_empty() {
@@ -555,17 +689,59 @@ impl Prepared {
             builder.user_stacks_missing,
         );
         let attached_with = probes.offcpu_attached_with.unwrap_or("none");
-        if options.background_detach {
-            detach_in_background(probes);
-        } else {
-            drop(probes); // detach before the (slow) writing
-        }
+        let stats = std::mem::take(&mut symbolizer.stats);
+        let python_frames_named = symbolizer.python.frames - symbolizer.python.unreadable;
+        let python_code_unreadable = symbolizer.python.unreadable;
+        let python_frames_unplaced = symbolizer.python.unplaced;
+        let next = match keep {
+            // The next window counts on these programs from this one's final snapshot.
+            Some(next_options) => {
+                let mut python_codes = std::mem::take(&mut symbolizer.python);
+                python_codes.frames = 0;
+                python_codes.unreadable = 0;
+                python_codes.unplaced = 0;
+                let socket_bytes = match probes.db_targets.is_empty() {
+                    true => Default::default(),
+                    false => db::socket_bytes::established(),
+                };
+                let syscall_base = syscall_maps
+                    .map(|(stats, slow)| SyscallBase::new(stats, slow))
+                    .unwrap_or_default();
+                let kept = Kept {
+                    probes,
+                    new_tasks,
+                    python_stacks,
+                    tcp_events,
+                    db_events,
+                    python_codes,
+                    cpu_at_start: cpu_at_boundary,
+                    started: boundary,
+                    start_unix_ms: boundary_unix_ms,
+                    offcpu_base: offcpu_series.cumulative(),
+                    oncpu_base: oncpu_series.cumulative(),
+                    processes_seed: processes.seed(),
+                    socket_bytes,
+                    counter_base: raw_counters,
+                    syscall_base,
+                    syscall_window: next_syscall_window,
+                    loaded_at,
+                };
+                Some(kept.into_window(next_options))
+            }
+            None => {
+                if options.background_detach {
+                    detach_in_background(probes);
+                } else {
+                    drop(probes); // detach before the (slow) writing
+                }
+                next
+            }
+        };
 
         counters.insert(
             "profiler_cpu_ns".into(),
             process_cpu_ns().saturating_sub(cpu_at_start),
         );
-        let stats = std::mem::take(&mut symbolizer.stats);
         counters.insert("user_frames".into(), stats.user_addresses);
         counters.insert("kernel_frames".into(), stats.kernel_addresses);
         counters.insert("unresolved_user_frames".into(), stats.unresolved_user);
@@ -575,15 +751,9 @@ impl Prepared {
         counters.insert("unreachable_files".into(), processes.unreachable_files);
         // Perf maps (names of JIT and interpreter code): read, refused, damaged.
         counters.insert("perf_map_frames".into(), stats.perf_map_frames);
-        counters.insert(
-            "python_frames_named".into(),
-            symbolizer.python.frames - symbolizer.python.unreadable,
-        );
-        counters.insert(
-            "python_code_unreadable".into(),
-            symbolizer.python.unreadable,
-        );
-        counters.insert("python_frames_unplaced".into(), symbolizer.python.unplaced);
+        counters.insert("python_frames_named".into(), python_frames_named);
+        counters.insert("python_code_unreadable".into(), python_code_unreadable);
+        counters.insert("python_frames_unplaced".into(), python_frames_unplaced);
         let maps: Vec<_> = processes
             .iter()
             .filter_map(|p| p.perf_map.as_ref())
@@ -676,12 +846,9 @@ impl Prepared {
     }
 }
 
-/// The kernel-side counters of every family attached, named by family.
-fn family_counters(
-    probes: &Probes,
-    config: &ProbeConfig,
-    db_owners: &DbOwners,
-) -> Result<BTreeMap<String, u64>> {
+/// The kernel-side counters of every family attached, named by family, as the kernel holds
+/// them (since the programs were loaded).
+fn family_counters(probes: &Probes, config: &ProbeConfig) -> Result<BTreeMap<String, u64>> {
     let mut counters: BTreeMap<String, u64> = BTreeMap::new();
     if probes.offcpu_attached_with.is_some() {
         for (name, value) in probes.offcpu_counters()? {
@@ -717,51 +884,153 @@ fn family_counters(
         for (name, value) in probes.db_counters()? {
             counters.insert(format!("db_{name}"), value);
         }
-        counters.insert("db_filtered_out".into(), db_owners.filtered_out);
-        counters.insert("db_wire_undecoded".into(), db_owners.undecoded);
-        counters.insert("db_wire_pipeline_cut".into(), db_owners.pipeline_cut);
     }
     Ok(counters)
 }
 
+/// `counters` since `base` (what they were when the capture started counting); the
+/// `STATE_COUNTERS` as they are.
+fn counters_since(
+    counters: &BTreeMap<String, u64>,
+    base: &BTreeMap<String, u64>,
+) -> BTreeMap<String, u64> {
+    counters
+        .iter()
+        .map(|(name, value)| {
+            let since = match STATE_COUNTERS.contains(&name.as_str()) {
+                true => *value,
+                false => value.saturating_sub(base.get(name).copied().unwrap_or(0)),
+            };
+            (name.clone(), since)
+        })
+        .collect()
+}
+
+/// How full the kernel's aggregation maps are, from the latest snapshot.
+struct MapFill {
+    offcpu: u64,
+    oncpu: u64,
+    /// Stacks the off-CPU and on-CPU entries name (in the frame-pointer stack map).
+    stacks: u64,
+}
+
+impl MapFill {
+    fn of(offcpu: &Series<OffcpuKey>, oncpu: &Series<OncpuKey>) -> Self {
+        let stacks: std::collections::HashSet<i32> = offcpu
+            .keys()
+            .flat_map(|k| [k.kernel_stack_id, k.user_stack_id])
+            .chain(
+                oncpu
+                    .keys()
+                    .flat_map(|k| [k.kernel_stack_id, k.user_stack_id]),
+            )
+            .filter(|id| *id >= 0 && id & OVERFLOW_STACK_BIT == 0)
+            .collect();
+        Self {
+            offcpu: offcpu.keys().count() as u64,
+            oncpu: oncpu.keys().count() as u64,
+            stacks: stacks.len() as u64,
+        }
+    }
+}
+
+/// What a window hands to the next one that keeps its programs.
+struct Kept {
+    probes: Probes,
+    new_tasks: EventRing,
+    python_stacks: Option<EventRing>,
+    tcp_events: Option<EventRing>,
+    db_events: Option<EventRing>,
+    python_codes: crate::symbolize::python::CodeReader,
+    cpu_at_start: u64,
+    started: Instant,
+    start_unix_ms: u64,
+    offcpu_base: HashMap<OffcpuKey, (u64, u64)>,
+    oncpu_base: HashMap<OncpuKey, (u64, u64)>,
+    processes_seed: Vec<crate::symbolize::procmaps::ProcessInfo>,
+    socket_bytes: db::socket_bytes::SocketBytes,
+    counter_base: BTreeMap<String, u64>,
+    syscall_base: SyscallBase,
+    syscall_window: u64,
+    loaded_at: Instant,
+}
+
+impl Kept {
+    /// The next window, recording into `options.output` on these programs.
+    fn into_window(self, options: RecordOptions) -> Result<Prepared> {
+        let Kept {
+            probes,
+            new_tasks,
+            python_stacks,
+            tcp_events,
+            db_events,
+            python_codes,
+            cpu_at_start,
+            started,
+            start_unix_ms,
+            offcpu_base,
+            oncpu_base,
+            processes_seed,
+            socket_bytes,
+            counter_base,
+            syscall_base,
+            syscall_window,
+            loaded_at,
+        } = self;
+        if let Err(err) = prepare_output_dir(&options.output) {
+            if options.background_detach {
+                detach_in_background(probes);
+            }
+            return Err(err);
+        }
+        Ok(Prepared {
+            options,
+            probes,
+            new_tasks,
+            python_stacks,
+            tcp_events,
+            db_events,
+            cpu_at_start,
+            started,
+            // Every event in the shared rings from here on is the new window's.
+            attach_ktime: 0,
+            start_unix_ms,
+            offcpu_base,
+            oncpu_base,
+            processes_seed,
+            socket_bytes,
+            counter_base,
+            syscall_base,
+            syscall_window,
+            python_codes,
+            programs_loaded: 0,
+            loaded_at,
+        })
+    }
+}
+
 /// How full the aggregation maps got (entries, capacity): a full map loses events.
 fn map_fill_counters(
-    probes: &Probes,
     counters: &mut BTreeMap<String, u64>,
     config: &ProbeConfig,
-    offcpu_series: &Series<OffcpuKey>,
-    oncpu_series: &Series<OncpuKey>,
+    probes: &Probes,
+    fill: &MapFill,
 ) {
     if probes.offcpu_attached_with.is_some() {
-        counters.insert(
-            "map_offcpu_entries".into(),
-            offcpu_series.latest.len() as u64,
-        );
+        counters.insert("map_offcpu_entries".into(), fill.offcpu);
         counters.insert(
             "map_offcpu_capacity".into(),
             u64::from(profiler_common::offcpu::TOTALS_MAX),
         );
     }
     if probes.oncpu_frequency.is_some() {
-        counters.insert("map_oncpu_entries".into(), oncpu_series.latest.len() as u64);
+        counters.insert("map_oncpu_entries".into(), fill.oncpu);
         counters.insert(
             "map_oncpu_capacity".into(),
             u64::from(profiler_common::oncpu::COUNTS_MAX),
         );
     }
-    let stack_ids: std::collections::HashSet<i32> = offcpu_series
-        .latest
-        .keys()
-        .flat_map(|k| [k.kernel_stack_id, k.user_stack_id])
-        .chain(
-            oncpu_series
-                .latest
-                .keys()
-                .flat_map(|k| [k.kernel_stack_id, k.user_stack_id]),
-        )
-        .filter(|id| *id >= 0 && id & OVERFLOW_STACK_BIT == 0)
-        .collect();
-    counters.insert("map_stacks_entries".into(), stack_ids.len() as u64);
+    counters.insert("map_stacks_entries".into(), fill.stacks);
     counters.insert(
         "map_stacks_capacity".into(),
         u64::from(config.stack_storage_size),

@@ -64,6 +64,26 @@ impl<K: Copy + Eq + Hash> Series<K> {
         self.events = events;
     }
 
+    /// Every key the maps hold (as of the latest snapshot), base included.
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &K> {
+        self.base.keys().chain(
+            self.latest
+                .keys()
+                .filter(|key| !self.base.contains_key(*key)),
+        )
+    }
+
+    /// The maps' values at the latest snapshot, as the kernel holds them (base included): the
+    /// base of a window that follows this one on the same maps.
+    pub(crate) fn cumulative(&self) -> HashMap<K, (u64, u64)> {
+        let mut all = self.base.clone();
+        for (key, (value, count)) in &self.latest {
+            let base = all.entry(*key).or_default();
+            *base = (base.0 + value, base.1 + count);
+        }
+        all
+    }
+
     pub(crate) fn values(&self, key: &K) -> Vec<u64> {
         let mut dense = vec![0; self.ends.len()];
         for (index, value) in self.deltas.get(key).into_iter().flatten() {
@@ -89,5 +109,10 @@ mod tests {
         assert_eq!(series.latest.get(&2), None, "nothing new");
         assert_eq!(series.latest.get(&3), Some(&(7, 1)));
         assert_eq!(series.values(&1), vec![30]);
+        // Where the next window on the same maps starts counting from.
+        let next = series.cumulative();
+        assert_eq!(next.get(&1), Some(&(130, 3)));
+        assert_eq!(next.get(&2), Some(&(50, 1)));
+        assert_eq!(next.get(&3), Some(&(7, 1)));
     }
 }

@@ -1,18 +1,22 @@
 //! Syscalls family, collected: per (process, syscall) statistics and the stacks of slow calls.
 
+use std::collections::HashMap;
+
 use anyhow::Result;
+use profiler_common::syscalls::{SlowKey, SlowValue, SyscallKey, SyscallStats};
 
 use super::stacks::{NO_STACK, StackBuilder, comm_of, sort_stacks, synthetic_frame};
 use crate::model::{SyscallProfile, SyscallStat};
-use crate::probes::Probes;
 
+/// The capture's syscall statistics and slow calls (what the maps gained while it counted;
+/// see `SyscallBase`).
 pub(super) fn profile(
-    probes: &Probes,
+    stats: HashMap<SyscallKey, SyscallStats>,
+    slow_calls: HashMap<SlowKey, SlowValue>,
     slow_threshold_ns: u64,
     builder: &mut StackBuilder,
 ) -> Result<SyscallProfile> {
-    let mut stats: Vec<SyscallStat> = probes
-        .syscall_stats()?
+    let mut stats: Vec<SyscallStat> = stats
         .into_iter()
         .map(|(key, value)| SyscallStat {
             pid: key.tgid,
@@ -28,7 +32,7 @@ pub(super) fn profile(
         .collect();
     stats.sort_by(|a, b| b.total_ns.cmp(&a.total_ns).then(a.pid.cmp(&b.pid)));
     let mut slow = Vec::new();
-    for (key, value) in probes.slow_syscalls()? {
+    for (key, value) in slow_calls {
         let mut stack = builder.build(
             (key.tgid, key.tid, NO_STACK, key.user_stack_id),
             "syscall",

@@ -106,7 +106,7 @@ pub fn run(args: TopArgs) -> Result<()> {
             }
         }
         let mut syscalls: Vec<((u32, u32), SyscallRow)> = Vec::new();
-        for (key, stats) in probes.syscall_stats()? {
+        for (key, stats) in probes.syscall_stats(0)? {
             let now = (stats.count, stats.total_ns, stats.errors);
             let before = syscalls_before.insert(key, now).unwrap_or((0, 0, 0));
             let row = SyscallRow {

@@ -529,6 +529,18 @@ impl Probes {
     pub(crate) fn ebpf(&self) -> &Ebpf {
         &self.ebpf
     }
+
+    /// How many programs this object loaded into the kernel.
+    pub fn programs_loaded(&self) -> u64 {
+        self.ebpf
+            .programs()
+            .filter(|(_, program)| program.fd().is_ok())
+            .count() as u64
+    }
+
+    pub(crate) fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
 }
 
 /// Every entry of a hash map (a key deleted between listing and lookup is skipped).

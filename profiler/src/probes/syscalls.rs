@@ -120,8 +120,9 @@ fn attach_tracepoint(ebpf: &mut Ebpf) -> Result<&'static str> {
 }
 
 impl Probes {
-    /// Per (process, syscall) statistics, the CPUs' copies summed.
-    pub fn syscall_stats(&self) -> Result<HashMap<SyscallKey, SyscallStats>> {
+    /// Per (process, syscall) statistics, the CPUs' copies summed; the maximum is window
+    /// `window`'s (0: the programs' first, the only one of a `record`).
+    pub fn syscall_stats(&self, window: u64) -> Result<HashMap<SyscallKey, SyscallStats>> {
         let name = maps::STATS;
         let map = self
             .ebpf()
@@ -132,7 +133,7 @@ impl Probes {
         for entry in map.iter() {
             match entry {
                 Ok((key, per_cpu)) => {
-                    out.insert(key, sum(&per_cpu));
+                    out.insert(key, sum(&per_cpu, window));
                 }
                 Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(err) => return Err(err).with_context(|| format!("reading {name} failed")),
@@ -148,16 +149,94 @@ impl Probes {
     pub fn syscall_counters(&self) -> Result<Vec<(&'static str, u64)>> {
         read_counters(self.ebpf(), maps::COUNTERS, &counter::NAMES)
     }
+
+    /// Starts the next window of the syscall maxima (each CPU's copy restarts its maximum
+    /// at its next call, keeping this one's as the previous); returns its number. Calls that
+    /// end from here on are in the maximum read for the new window and, until the old
+    /// window's final snapshot, in the old one's too.
+    pub fn start_syscall_window(&mut self) -> Result<u64> {
+        let name = maps::WINDOW;
+        let map = self
+            .ebpf_mut()
+            .map_mut(name)
+            .with_context(|| format!("no map {name}"))?;
+        let mut map: aya::maps::Array<&mut MapData, u64> = aya::maps::Array::try_from(map)?;
+        let window = map.get(&0, 0)?.wrapping_add(1);
+        map.set(0, window, 0)?;
+        Ok(window)
+    }
+}
+
+/// What the syscall maps held at a window's start: each window's values are read as
+/// differences from it (a daemon that keeps its programs across windows).
+#[derive(Default, Clone)]
+pub struct SyscallBase {
+    stats: HashMap<SyscallKey, SyscallStats>,
+    slow: HashMap<SlowKey, SlowValue>,
+}
+
+impl SyscallBase {
+    pub fn new(
+        stats: HashMap<SyscallKey, SyscallStats>,
+        slow: HashMap<SlowKey, SlowValue>,
+    ) -> Self {
+        Self { stats, slow }
+    }
+
+    /// `stats` since the base: counts, times and the histogram as differences (the maximum
+    /// is already the window's); keys with no call since are left out.
+    pub fn stats_since(
+        &self,
+        stats: HashMap<SyscallKey, SyscallStats>,
+    ) -> HashMap<SyscallKey, SyscallStats> {
+        stats
+            .into_iter()
+            .filter_map(|(key, mut now)| {
+                if let Some(base) = self.stats.get(&key) {
+                    now.count = now.count.saturating_sub(base.count);
+                    now.total_ns = now.total_ns.saturating_sub(base.total_ns);
+                    now.errors = now.errors.saturating_sub(base.errors);
+                    for (n, b) in now.hist.iter_mut().zip(base.hist) {
+                        *n = n.saturating_sub(b);
+                    }
+                }
+                (now.count > 0 || now.errors > 0).then_some((key, now))
+            })
+            .collect()
+    }
+
+    /// `slow` since the base; keys with no slow call since are left out.
+    pub fn slow_since(&self, slow: HashMap<SlowKey, SlowValue>) -> HashMap<SlowKey, SlowValue> {
+        slow.into_iter()
+            .filter_map(|(key, mut now)| {
+                if let Some(base) = self.slow.get(&key) {
+                    now.count = now.count.saturating_sub(base.count);
+                    now.total_ns = now.total_ns.saturating_sub(base.total_ns);
+                }
+                (now.count > 0).then_some((key, now))
+            })
+            .collect()
+    }
 }
 
 /// One (process, syscall)'s statistics over all CPUs: counts and times add up, the maximum
-/// is the largest.
-fn sum(per_cpu: &[SyscallStats]) -> SyscallStats {
+/// is the largest of window `window`'s. A copy still on an older window had no call in this
+/// one; a copy already on the next (it restarted after `start_syscall_window`, before this
+/// window's final snapshot) keeps this window's as its previous maximum, and its calls since
+/// are still this window's.
+fn sum(per_cpu: &[SyscallStats], window: u64) -> SyscallStats {
     let mut total = SyscallStats::default();
     for cpu in per_cpu {
         total.count += cpu.count;
         total.total_ns += cpu.total_ns;
-        total.max_ns = total.max_ns.max(cpu.max_ns);
+        let max = if cpu.max_window == window {
+            cpu.max_ns
+        } else if cpu.max_window == window.wrapping_add(1) {
+            cpu.max_ns.max(cpu.prev_max_ns)
+        } else {
+            0
+        };
+        total.max_ns = total.max_ns.max(max);
         total.errors += cpu.errors;
         for (sum, n) in total.hist.iter_mut().zip(cpu.hist) {
             *sum += n;
@@ -202,13 +281,32 @@ mod tests {
         };
         b.hist[8] = 1;
         b.hist[10] = 1;
-        let total = super::sum(&[a, b, SyscallStats::default()]);
+        let total = super::sum(&[a, b, SyscallStats::default()], 0);
         assert_eq!(
             (total.count, total.total_ns, total.max_ns, total.errors),
             (5, 1_300, 900, 1)
         );
         assert_eq!((total.hist[8], total.hist[10]), (4, 1));
         assert_eq!(total.hist.iter().sum::<u64>(), 5);
+    }
+
+    #[test]
+    fn the_maximum_is_the_windows_own() {
+        use profiler_common::syscalls::SyscallStats;
+        let copy = |max_window, max_ns, prev_max_ns| SyscallStats {
+            count: 1,
+            max_window,
+            max_ns,
+            prev_max_ns,
+            ..Default::default()
+        };
+        // Window 3: a copy with no call since window 2 counts nothing towards the maximum,
+        // one restarted for window 4 (a call after the bump, before the final snapshot)
+        // keeps window 3's as its previous and its new call is window 3's too.
+        let copies = [copy(2, 9_000, 0), copy(3, 500, 0), copy(4, 700, 800)];
+        assert_eq!(super::sum(&copies, 3).max_ns, 800);
+        assert_eq!(super::sum(&copies, 4).max_ns, 700);
+        assert_eq!(super::sum(&copies, 2).max_ns, 9_000);
     }
 
     #[test]

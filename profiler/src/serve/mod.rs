@@ -202,14 +202,16 @@ async fn serve_and_record(
         let (dir, result) = match prepared {
             Ok(prepared) => {
                 let dir = prepared.output().to_path_buf();
-                // On time, the window loads the next one before it stops (no gap between
-                // them) — unless the budget skips the next window.
+                // On time, the window hands over to the next one before it stops (no gap
+                // between them): its programs go on counting for it, or new ones attach when
+                // the settings changed or the maps filled — unless the budget skips the next
+                // window.
                 let handoff: Option<crate::collect::Handoff> = (cost.duty() == 1).then(|| {
                     let (args, cost) = (args.clone(), cost.clone());
                     Box::new(move || {
-                        window_options(&args, &cost).and_then(|mut options| {
+                        window_options(&args, &cost).map(|mut options| {
                             options.continues = true;
-                            crate::collect::prepare(options)
+                            options
                         })
                     }) as crate::collect::Handoff
                 });

@@ -5,7 +5,9 @@
 //! the user stack the kernel captures starts in that function and walks (frame pointers)
 //! through its callers, with no libc frame in between.
 //!
-//! Usage: offcpu-workload --iterations N --block-ms M --report FILE
+//! Usage: offcpu-workload --iterations N --block-ms M [--vary-ms V] --report FILE
+//! With `--vary-ms`, the nanosleeps ask for M + V ms at first, less each iteration, M at
+//! the last (every other block stays M).
 //! It prints `ready PID` and waits for a line on stdin before it starts.
 
 use std::io::BufRead as _;
@@ -107,15 +109,18 @@ struct Totals {
     longest: [Duration; 3],
     /// Each nanosleep syscall's own time, in order.
     nanosleeps: Vec<Duration>,
+    /// What each asked for, and when it returned (Unix time, ns).
+    nanosleeps_asked: Vec<Duration>,
+    nanosleeps_end_unix_ns: Vec<u128>,
 }
 
 #[inline(never)]
-fn run_iterations(iterations: u32, block: Duration) -> Totals {
+fn run_iterations(iterations: u32, block: Duration, vary: Duration) -> Totals {
     let mut fds = [0i32; 2];
     assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
     let word = Arc::new(AtomicU32::new(0));
     let mut totals = Totals::default();
-    for _ in 0..iterations {
+    for i in 0..iterations {
         let helper_word = Arc::clone(&word);
         let write_fd = fds[1];
         let helper =
@@ -125,7 +130,16 @@ fn run_iterations(iterations: u32, block: Duration) -> Totals {
         totals.longest[0] = totals.longest[0].max(blocked);
         helper.join().expect("helper");
 
-        let (slept, delay, call) = workload_nanosleep(block);
+        let left = iterations.saturating_sub(1 + i) as u64;
+        let asked = block + vary * left as u32 / iterations.saturating_sub(1).max(1);
+        let (slept, delay, call) = workload_nanosleep(asked);
+        totals.nanosleeps_end_unix_ns.push(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock")
+                .as_nanos(),
+        );
+        totals.nanosleeps_asked.push(asked);
         totals.nanosleep += slept;
         totals.longest[1] = totals.longest[1].max(slept);
         totals.nanosleep_run_delay += delay;
@@ -146,6 +160,7 @@ fn run_iterations(iterations: u32, block: Duration) -> Totals {
 fn main() {
     let mut iterations = 10u32;
     let mut block_ms = 20u64;
+    let mut vary_ms = 0u64;
     let mut report = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -153,6 +168,7 @@ fn main() {
         match arg.as_str() {
             "--iterations" => iterations = value().parse().expect("number"),
             "--block-ms" => block_ms = value().parse().expect("number"),
+            "--vary-ms" => vary_ms = value().parse().expect("number"),
             "--report" => report = Some(value()),
             other => panic!("unknown argument {other}"),
         }
@@ -161,7 +177,12 @@ fn main() {
     let mut line = String::new();
     std::io::stdin().lock().read_line(&mut line).expect("stdin");
 
-    let totals = run_iterations(iterations, Duration::from_millis(block_ms));
+    let totals = run_iterations(
+        iterations,
+        Duration::from_millis(block_ms),
+        Duration::from_millis(vary_ms),
+    );
+    let list = |values: Vec<String>| values.join(",");
     let nanosleeps: Vec<String> = totals
         .nanosleeps
         .iter()
@@ -169,7 +190,7 @@ fn main() {
         .collect();
     let json = format!(
         "{{\"pid\":{},\"iterations\":{iterations},\"blocked_ns\":{{\"workload_pipe_read\":{},\
-         \"workload_nanosleep\":{},\"workload_futex_wait\":{}}},\"nanosleep_run_delay_ns\":{},\"nanosleep_ns\":[{}],\"longest_ns\":{{\"workload_pipe_read\":{},\
+         \"workload_nanosleep\":{},\"workload_futex_wait\":{}}},\"nanosleep_run_delay_ns\":{},\"nanosleep_ns\":[{}],\"nanosleep_asked_ns\":[{}],\"nanosleep_end_unix_ns\":[{}],\"longest_ns\":{{\"workload_pipe_read\":{},\
          \"workload_nanosleep\":{},\"workload_futex_wait\":{}}}}}\n",
         std::process::id(),
         totals.pipe.as_nanos(),
@@ -177,6 +198,20 @@ fn main() {
         totals.futex.as_nanos(),
         totals.nanosleep_run_delay.as_nanos(),
         nanosleeps.join(","),
+        list(
+            totals
+                .nanosleeps_asked
+                .iter()
+                .map(|d| d.as_nanos().to_string())
+                .collect()
+        ),
+        list(
+            totals
+                .nanosleeps_end_unix_ns
+                .iter()
+                .map(|t| t.to_string())
+                .collect()
+        ),
         totals.longest[0].as_nanos(),
         totals.longest[1].as_nanos(),
         totals.longest[2].as_nanos()
