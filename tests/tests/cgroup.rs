@@ -486,9 +486,24 @@ fn prometheus_scrapes_off_cpu_seconds_labelled_by_container() {
     }
     inside.finish();
     outside.finish();
-    // Two more windows (the one they ended in is then written), then two more scrapes.
+    // Two more windows (the one they ended in is then written), then until Prometheus has
+    // scraped them all (its first scrape waits for its target discovery to settle, and
+    // windows that keep their programs follow each other with no time to load).
     windows_after(metric(port, "profiler_windows_total") + 2.0);
-    std::thread::sleep(Duration::from_secs(2));
+    let written = metric(port, "profiler_windows_total");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while prometheus
+        .query("max(profiler_windows_total)")
+        .first()
+        .map_or(0.0, |(_, value)| *value)
+        < written
+    {
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never scraped window {written}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let series = prometheus.query(
         "max_over_time(profiler_offcpu_seconds_total{comm=\"python3.12\",state=\"sleep\"}[1m])",
     );
