@@ -62,6 +62,10 @@ pub struct DbPending {
     pub user_stack_id: i32,
     /// libpq: the command's place in its connection's pipeline (commands sent so far).
     pub seq: u32,
+    /// How long the probe worked (stack walk, text read) between the application's call and
+    /// `start_ns`: the call was at `start_ns - probe_ns`, and `queued_ns` was read then.
+    pub probe_ns: u32,
+    pub _pad: u32,
     pub query: [u8; QUERY_MAX],
 }
 
@@ -78,7 +82,8 @@ pub struct SqliteExec {
     pub step_ns: u64,
     /// The user stack that stepped it first (the code path that ran the statement).
     pub user_stack_id: i32,
-    pub _pad: u32,
+    /// As `DbPending::probe_ns`.
+    pub probe_ns: u32,
 }
 
 /// MySQL: an execution of a prepared statement.
@@ -91,7 +96,8 @@ pub struct MysqlExec {
     /// When mysql_stmt_execute returned (0: not yet).
     pub executed_ns: u64,
     pub user_stack_id: i32,
-    pub _pad: u32,
+    /// As `DbPending::probe_ns`.
+    pub probe_ns: u32,
 }
 
 /// A thread waiting for a client-side query: the off-CPU family files the thread's blocked
@@ -151,7 +157,8 @@ pub struct DbEvent {
     pub user_stack_id: i32,
     /// The process's parent (for a server backend: the postmaster).
     pub ppid: u32,
-    pub _pad: u32,
+    /// As `DbPending::probe_ns`: the application called at `start_ns - probe_ns`.
+    pub probe_ns: u32,
     /// SQLite, MySQL statements: the statement handle the event is about; libpq and wire:
     /// the socket fd + 1.
     pub handle: u64,

@@ -58,6 +58,7 @@ fn next_command(key: &ConnKey) -> Option<u32> {
 /// start time and `text` (a user pointer) as the connection's next command.
 #[inline(always)]
 fn client_start(ctx: &ProbeContext, flags: u32) -> u32 {
+    let called = called_now();
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     if !wanted_ids(tgid, tid) {
@@ -105,7 +106,7 @@ fn client_start(ctx: &ProbeContext, flags: u32) -> u32 {
         };
         (*scratch).len = len.min(QUERY_MAX) as u32;
         // The clock starts after the stack walk and the text read: neither is the query's.
-        start_clock(scratch);
+        start_clock(scratch, called);
         let key = CommandKey {
             tgid,
             slot: seq % PIPELINE_SLOTS,

@@ -88,12 +88,41 @@ fn queued_so_far() -> u64 {
     .map_or(0, |delay| delay.wrapping_add(1))
 }
 
-/// Starts `pending`'s clock: now, and the thread's run-queue wait so far.
+/// When the application called (the probe's entry) and its run-queue wait so far: the end
+/// of its own time since its previous query (N+1 gaps leave the probe's work out).
+#[derive(Clone, Copy)]
+pub struct Called {
+    pub ns: u64,
+    pub queued_ns: u64,
+}
+
 #[inline(always)]
-fn start_clock(pending: *mut DbPending) {
+pub fn called_now() -> Called {
+    Called {
+        ns: unsafe { bpf_ktime_get_ns() },
+        queued_ns: queued_so_far(),
+    }
+}
+
+/// The probe's work since `called` (saturating at u32::MAX ns).
+#[inline(always)]
+pub fn probe_ns(called: Called, now: u64) -> u32 {
+    let spent = now.saturating_sub(called.ns);
+    if spent > u32::MAX as u64 {
+        u32::MAX
+    } else {
+        spent as u32
+    }
+}
+
+/// Starts `pending`'s clock now, for a call made at `called` (see `Called`).
+#[inline(always)]
+fn start_clock(pending: *mut DbPending, called: Called) {
+    let now = unsafe { bpf_ktime_get_ns() };
     unsafe {
-        (*pending).queued_ns = queued_so_far();
-        (*pending).start_ns = bpf_ktime_get_ns();
+        (*pending).queued_ns = called.queued_ns;
+        (*pending).start_ns = now;
+        (*pending).probe_ns = probe_ns(called, now);
     }
 }
 
@@ -377,13 +406,13 @@ fn emit_full(
         (*event).start_ns = (*pending).start_ns;
         (*event).duration_ns = duration_ns;
         (*event).queued_start_ns = (*pending).queued_ns;
+        (*event).probe_ns = (*pending).probe_ns;
         (*event).queued_end_ns = queued_so_far();
         (*event).len = (*pending).len;
         (*event).user_stack_id = (*pending).user_stack_id;
         (*event).comm = bpf_get_current_comm().unwrap_or_default();
         (*event).handle = handle;
         (*event).reply = reply;
-        (*event)._pad = 0;
         (*event).peer_family = 0;
         (*event).peer_port = 0;
         (*event)._pad2 = 0;

@@ -40,6 +40,7 @@ unsafe fn read_counted_text(scratch: *mut DbPending, regs: *const u8) -> u32 {
 
 #[inline(always)]
 fn mysql_start(ctx: &ProbeContext) -> u32 {
+    let called = called_now();
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     if !wanted_ids(tgid, tid) {
@@ -65,7 +66,7 @@ fn mysql_start(ctx: &ProbeContext) -> u32 {
         // The text is not NUL-terminated: its length is the third argument.
         (*scratch).len = read_counted_text(scratch, regs);
         // The clock starts after the stack walk and the text read: neither is the query's.
-        start_clock(scratch);
+        start_clock(scratch, called);
         if CLIENT_PENDING.insert(&key, &*scratch, 0).is_err() {
             count(counter::PENDING_MAP_FULL);
         }
@@ -174,6 +175,7 @@ fn mysql_exec_finish(
     unsafe {
         (*scratch).start_ns = exec.start_ns;
         (*scratch).queued_ns = exec.queued_ns;
+        (*scratch).probe_ns = exec.probe_ns;
         (*scratch).source = SOURCE_MYSQL;
         (*scratch).user_stack_id = exec.user_stack_id;
         (*scratch).len = 0;
@@ -222,20 +224,22 @@ pub fn mysql_stmt_execute(ctx: ProbeContext) -> u32 {
         let _ = MYSQL_EXEC.remove(&key);
         return 0;
     }
-    mysql_exec_start(&key, issuing_stack(&ctx));
+    let called = called_now();
+    mysql_exec_start(&key, issuing_stack(&ctx), called);
     0
 }
 
 /// Starts the clock of an execution (key: its statement handle) or of a further result
 /// (key: its connection), after `user_stack_id` was walked.
 #[inline(always)]
-fn mysql_exec_start(key: &ConnKey, user_stack_id: i32) {
+fn mysql_exec_start(key: &ConnKey, user_stack_id: i32, called: Called) {
+    let now = unsafe { bpf_ktime_get_ns() };
     let exec = MysqlExec {
-        queued_ns: queued_so_far(),
-        start_ns: unsafe { bpf_ktime_get_ns() },
+        queued_ns: called.queued_ns,
+        start_ns: now,
         executed_ns: 0,
         user_stack_id,
-        _pad: 0,
+        probe_ns: probe_ns(called, now),
     };
     // In place for a key used before (the usual case): no LRU node allocation.
     if let Some(slot) = MYSQL_EXEC.get_ptr_mut(key) {
@@ -343,7 +347,7 @@ pub fn mysql_next_result(ctx: ProbeContext) -> u32 {
     };
     enter_call(tid, key.conn);
     // No stack: userspace gives it the stack of the query that sent the statements.
-    mysql_exec_start(&key, -1);
+    mysql_exec_start(&key, -1, called_now());
     0
 }
 

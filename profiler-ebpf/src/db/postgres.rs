@@ -85,7 +85,7 @@ pub fn pg_statement_status(ctx: ProbeContext) -> u32 {
         if (*scratch).len >= 11 && (&(*scratch).query)[..11] == *b"autovacuum:" {
             return 0;
         }
-        start_clock(scratch);
+        start_clock(scratch, called_now());
         (*scratch).source = SOURCE_POSTGRES_USDT;
         (*scratch).user_stack_id = -1;
         (*scratch).seq = 0;
@@ -131,7 +131,7 @@ pub fn pg_query_start(ctx: ProbeContext) -> u32 {
         config(&PG_START_ARG_DISP),
     );
     unsafe {
-        start_clock(scratch);
+        start_clock(scratch, called_now());
         (*scratch).source = SOURCE_POSTGRES_USDT;
         (*scratch).user_stack_id = -1;
         (*scratch).len = read_query_text(scratch, text).unwrap_or(0);

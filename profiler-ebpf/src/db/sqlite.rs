@@ -132,6 +132,7 @@ fn sqlite_finish(tgid: u32, tid: u32, key: &ConnKey, exec: &SqliteExec, error: b
     unsafe {
         (*scratch).start_ns = exec.first_ns;
         (*scratch).queued_ns = exec.first_queued_ns;
+        (*scratch).probe_ns = exec.probe_ns;
         (*scratch).source = SOURCE_SQLITE;
         (*scratch).user_stack_id = exec.user_stack_id;
         (*scratch).len = 0;
@@ -161,17 +162,17 @@ pub fn sqlite_step(ctx: ProbeContext) -> u32 {
     } else {
         // The execution's first step: its text (when userspace lacks it) and its stack,
         // before the clock starts (neither is the statement's time).
+        let called = called_now();
         sqlite_text_from_statement(tgid, tid, &key);
         let user_stack_id = issuing_stack(&ctx);
-        let first_queued_ns = queued_so_far();
         let now = unsafe { bpf_ktime_get_ns() };
         let exec = SqliteExec {
             first_ns: now,
-            first_queued_ns,
+            first_queued_ns: called.queued_ns,
             in_step_ns: 0,
             step_ns: now,
             user_stack_id,
-            _pad: 0,
+            probe_ns: probe_ns(called, now),
         };
         if SQLITE_EXEC.insert(&key, &exec, 0).is_err() {
             count(counter::PENDING_MAP_FULL);

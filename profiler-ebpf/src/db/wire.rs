@@ -210,7 +210,7 @@ fn wire_send(ctx: &TracePointContext, kind: u32) -> u32 {
         return 0;
     }
     unsafe {
-        start_clock(scratch);
+        start_clock(scratch, called_now());
         (*scratch).source = source;
         (*scratch).user_stack_id = -1;
         if kind == BYTES_PLAIN {

@@ -350,6 +350,7 @@ pub(crate) fn drain_db_events(
                     duration_ns: query.duration_ns,
                     queued_start_ns: query.queued_start_ns,
                     queued_end_ns: query.queued_end_ns,
+                    probe_ns: query.probe_ns,
                     user_stack_id: query.user_stack_id,
                     endpoint: &endpoint,
                 });

@@ -21,9 +21,10 @@ const SAMPLES_MAX: usize = 100_000;
 const BUCKETS: usize = 40;
 /// N+1 suspects: at least this many calls of one fingerprint in a row from one thread…
 pub const N_PLUS_ONE_MIN_RUN: u64 = 10;
-/// …each starting within this long of the previous one's end, not counting time the thread
+/// …each called within this long of the previous one's end, not counting time the thread
 /// spent waiting for a CPU in between (a loop preempted mid-round on a busy host is still one
-/// loop; the scheduler's delay is not the program's).
+/// loop; the scheduler's delay is not the program's), nor the probe's own work at the call
+/// (walking a deep stack takes tens of microseconds, sometimes far more: it is ours).
 pub const N_PLUS_ONE_MAX_GAP_NS: u64 = 1_000_000;
 
 /// One query as observed.
@@ -39,10 +40,14 @@ pub struct Observed<'a> {
     pub error: bool,
     pub start_ns: u64,
     pub duration_ns: u64,
-    /// The thread's run-queue wait so far (the kernel's `run_delay`) when the query started
-    /// and when it was reported (at or after its end), both plus 1; 0 when unknown.
+    /// The thread's run-queue wait so far (the kernel's `run_delay`) when the application
+    /// called and when the query was reported (at or after its end), both plus 1; 0 when
+    /// unknown.
     pub queued_start_ns: u64,
     pub queued_end_ns: u64,
+    /// The probe's work (stack walk, text read) between the call and `start_ns`: not the
+    /// application's time, left out of the gap before the query.
+    pub probe_ns: u64,
     /// The issuing code path (client-side sources), negative when none.
     pub user_stack_id: i32,
     /// The database's address, when known (else empty).
@@ -210,12 +215,13 @@ impl DbAggregator {
         }
     }
 
-    /// The time between the run's last query and `q` that the thread spent running or
-    /// sleeping (its run-queue wait in between left out; both readings are taken while the
-    /// thread runs, the first at or after the last query's end, so no wait outside the gap
-    /// is taken out).
+    /// The time between the run's last query and the call of `q` that the thread spent
+    /// running or sleeping (its run-queue wait in between left out; both readings are taken
+    /// while the thread runs, the first at or after the last query's end, the second at the
+    /// call, so no wait outside the gap is taken out).
     fn own_gap(run: &Run, q: &Observed) -> u64 {
-        let gap = q.start_ns.saturating_sub(run.last_end_ns);
+        let called = q.start_ns.saturating_sub(q.probe_ns);
+        let gap = called.saturating_sub(run.last_end_ns);
         let queued = if run.last_queued_ns == 0 || q.queued_start_ns == 0 {
             0 // unknown
         } else {
@@ -349,6 +355,7 @@ mod tests {
             duration_ns,
             queued_start_ns: 0,
             queued_end_ns: 0,
+            probe_ns: 0,
             user_stack_id: 3,
             endpoint: "10.0.0.5:5432",
         }
@@ -414,6 +421,26 @@ mod tests {
         assert!(suspects(3_500_000, true).is_empty());
         // The wait unknown (0): the whole gap counts.
         assert!(suspects(4_500_000, false).is_empty());
+    }
+
+    #[test]
+    fn the_probes_own_work_at_the_call_is_not_the_programs_gap() {
+        // 12 lookups whose calls come 0.2 ms after the previous one's end; the probe then
+        // walks the stack for 1.3 ms before the query's clock starts.
+        let mut agg = DbAggregator::new(false);
+        for i in 0..12u64 {
+            agg.add(&Observed {
+                probe_ns: 1_300_000,
+                ..obs(
+                    "SELECT * FROM t WHERE id = 1",
+                    100_000,
+                    i * 1_600_000 + 1_300_000,
+                )
+            });
+        }
+        let suspects = agg.suspects();
+        assert_eq!(suspects.len(), 1, "{suspects:?}");
+        assert_eq!((suspects[0].runs, suspects[0].longest_run), (1, 12));
     }
 
     #[test]

@@ -481,10 +481,13 @@ pub struct QueryRecord {
     pub prepared: bool,
     pub error: bool,
     pub start_ns: u64,
-    /// The thread's run-queue wait so far when the query started and when it was reported
-    /// (see `DbEvent::queued_start_ns`).
+    /// The thread's run-queue wait so far when the application called and when the query
+    /// was reported (see `DbEvent::queued_start_ns`).
     pub queued_start_ns: u64,
     pub queued_end_ns: u64,
+    /// The probe's own work before `start_ns`: the application called at
+    /// `start_ns - probe_ns`.
+    pub probe_ns: u64,
     pub user_stack_id: i32,
     /// The process's parent when the query ran (a backend's postmaster).
     pub ppid: u32,
@@ -584,6 +587,7 @@ pub fn decode(bytes: &[u8]) -> Option<QueryRecord> {
         start_ns: e.start_ns,
         queued_start_ns: e.queued_start_ns,
         queued_end_ns: e.queued_end_ns,
+        probe_ns: u64::from(e.probe_ns),
         user_stack_id: e.user_stack_id,
         ppid: e.ppid,
         comm: until_nul(&e.comm),
