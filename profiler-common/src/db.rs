@@ -275,7 +275,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(
             core::mem::size_of::<super::DbPending>(),
-            32 + super::QUERY_MAX
+            40 + super::QUERY_MAX
         );
         assert_eq!(
             core::mem::size_of::<super::DbEvent>(),
