@@ -1,6 +1,9 @@
 //! Syscalls probe family: per (process, syscall) counts, times and log2 latency histograms
 //! from raw_syscalls enter/exit, plus user stacks of slow calls.
 
+/// Entries of the per (process, syscall) statistics map.
+pub const STATS_MAX: u32 = 16384;
+
 /// Buckets of the latency histogram: bucket `b` holds calls in [2^(b-1), 2^b) ns.
 pub const HIST_BUCKETS: usize = 40;
 

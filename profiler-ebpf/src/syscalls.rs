@@ -13,7 +13,7 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext, tracing::StackIdContext},
 };
 use profiler_common::syscalls::{
-    HIST_BUCKETS, SlowKey, SlowValue, SyscallKey, SyscallStart, SyscallStats, counter,
+    HIST_BUCKETS, STATS_MAX, SlowKey, SlowValue, SyscallKey, SyscallStart, SyscallStats, counter,
 };
 
 use crate::common::{
@@ -40,7 +40,7 @@ static STARTS: LruHashMap<u32, SyscallStart> = LruHashMap::with_max_entries(3276
 /// times the number of CPUs, so only the keys in use take memory.
 #[map(name = "SYSCALL_STATS")]
 static STATS: PerCpuHashMap<SyscallKey, SyscallStats> =
-    PerCpuHashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
+    PerCpuHashMap::with_max_entries(STATS_MAX, BPF_F_NO_PREALLOC);
 
 #[map(name = "SYSCALL_SLOW")]
 static SLOW: HashMap<SlowKey, SlowValue> = HashMap::with_max_entries(16384, 0);

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use profiler_common::offcpu::OffcpuKey;
+use profiler_common::offcpu::{OffcpuKey, RunqKey};
 use profiler_common::oncpu::OncpuKey;
 use profiler_common::shared::OVERFLOW_STACK_BIT;
 use tokio::io::Interest;
@@ -161,6 +161,10 @@ pub struct Prepared {
     /// (a window that follows another on the same maps, or was attached before it counted).
     counter_base: BTreeMap<String, u64>,
     syscall_base: SyscallBase,
+    runq_base: HashMap<RunqKey, u64>,
+    /// Why this window's end must load new programs, known at its start (a map that filled
+    /// past what a window's churn may add).
+    renew_next: Option<&'static str>,
     /// The window of the syscall maxima this capture reads (`Probes::start_syscall_window`).
     syscall_window: u64,
     /// Python code objects read so far (kept with the programs across windows).
@@ -188,6 +192,9 @@ impl Prepared {
     ) -> Result<()> {
         self.processes_seed = known.seed();
         self.counter_base = family_counters(&self.probes, &self.options.probes)?;
+        if self.probes.offcpu_attached_with.is_some() {
+            self.runq_base = self.probes.runqueue_histograms()?;
+        }
         if self.probes.syscalls_slow_ns.is_some() {
             self.syscall_base =
                 SyscallBase::new(self.probes.syscall_stats(0)?, self.probes.slow_syscalls()?);
@@ -322,6 +329,8 @@ pub fn prepare(options: RecordOptions) -> Result<Prepared> {
         socket_bytes,
         counter_base: BTreeMap::new(),
         syscall_base: SyscallBase::default(),
+        runq_base: HashMap::new(),
+        renew_next: None,
         syscall_window: 0,
         python_codes: Default::default(),
         programs_loaded,
@@ -397,6 +406,8 @@ impl Prepared {
             socket_bytes,
             counter_base,
             syscall_base,
+            runq_base,
+            renew_next,
             syscall_window,
             python_codes,
             programs_loaded,
@@ -518,7 +529,10 @@ impl Prepared {
                 Ok(next_options) => {
                     let so_far = counters_since(&family_counters(&probes, config)?, &counter_base);
                     let fill = MapFill::of(&offcpu_series, &oncpu_series);
-                    match renewal_reason(&options, &next_options, loaded_at, &so_far, &fill) {
+                    let reason = renew_next.or_else(|| {
+                        renewal_reason(&options, &next_options, loaded_at, &so_far, &fill)
+                    });
+                    match reason {
                         None => keep = Some(next_options),
                         Some(reason) => {
                             renewed = Some(reason);
@@ -550,6 +564,10 @@ impl Prepared {
             &mut processes,
         )?;
         let cpu_at_boundary = process_cpu_ns();
+        let runq_now = match probes.offcpu_attached_with {
+            Some(_) => probes.runqueue_histograms()?,
+            None => HashMap::new(),
+        };
         // The next capture counts from this final snapshot on (its maps' values until now are
         // this capture's).
         let ends = if probes.offcpu_attached_with.is_some() {
@@ -651,11 +669,17 @@ impl Prepared {
         };
         let offcpu = match probes.offcpu_attached_with {
             Some(_) => Some(offcpu::profile(
-                &probes,
                 &offcpu_series,
                 &mut builder,
                 &db_owners.frames,
                 config.offcpu_sample_every,
+                runq_now
+                    .iter()
+                    .map(|(key, waits)| {
+                        let before = runq_base.get(key).copied().unwrap_or(0);
+                        (*key, waits.saturating_sub(before))
+                    })
+                    .collect(),
             )?),
             None => None,
         };
@@ -704,9 +728,13 @@ impl Prepared {
                     true => Default::default(),
                     false => db::socket_bytes::established(),
                 };
-                let syscall_base = syscall_maps
-                    .map(|(stats, slow)| SyscallBase::new(stats, slow))
-                    .unwrap_or_default();
+                let (stats, slow) = syscall_maps.unwrap_or_default();
+                // Entries of exited processes stay in kept maps: past a quarter of the
+                // syscall map at this boundary, the next window ends on new programs (their
+                // first window's churn alone can fill it).
+                let renew_next = (stats.len() as u64 * 4
+                    >= u64::from(profiler_common::syscalls::STATS_MAX))
+                .then_some("syscall_map_quarter_full");
                 let kept = Kept {
                     probes,
                     new_tasks,
@@ -722,7 +750,9 @@ impl Prepared {
                     processes_seed: processes.seed(),
                     socket_bytes,
                     counter_base: raw_counters,
-                    syscall_base,
+                    syscall_base: SyscallBase::new(stats, slow),
+                    runq_base: runq_now,
+                    renew_next,
                     syscall_window: next_syscall_window,
                     loaded_at,
                 };
@@ -951,6 +981,8 @@ struct Kept {
     socket_bytes: db::socket_bytes::SocketBytes,
     counter_base: BTreeMap<String, u64>,
     syscall_base: SyscallBase,
+    runq_base: HashMap<RunqKey, u64>,
+    renew_next: Option<&'static str>,
     syscall_window: u64,
     loaded_at: Instant,
 }
@@ -974,6 +1006,8 @@ impl Kept {
             socket_bytes,
             counter_base,
             syscall_base,
+            runq_base,
+            renew_next,
             syscall_window,
             loaded_at,
         } = self;
@@ -1001,6 +1035,8 @@ impl Kept {
             socket_bytes,
             counter_base,
             syscall_base,
+            runq_base,
+            renew_next,
             syscall_window,
             python_codes,
             programs_loaded: 0,

@@ -5,21 +5,20 @@ use std::collections::{BTreeMap, HashMap};
 
 use anyhow::Result;
 use profiler_common::offcpu::{
-    OffcpuKey, RUNQ_BUCKETS, STATE_DISK, STATE_IDLE, STATE_RUNQUEUE, STATE_SLEEP,
+    OffcpuKey, RUNQ_BUCKETS, RunqKey, STATE_DISK, STATE_IDLE, STATE_RUNQUEUE, STATE_SLEEP,
 };
 
 use super::series::Series;
 use super::stacks::{StackBuilder, scale_stack, sort_stacks, synthetic_frame};
 use crate::model::{FrameKind, OffcpuProfile, RunqueueHistogram};
-use crate::probes::Probes;
 use crate::symbolize::procmaps::ProcessCache;
 
 pub(super) fn profile(
-    probes: &Probes,
     offcpu_series: &Series<OffcpuKey>,
     builder: &mut StackBuilder,
     db_frames: &HashMap<u32, String>,
     sample_every: u32,
+    runqueue_waits: HashMap<RunqKey, u64>,
 ) -> Result<OffcpuProfile> {
     let mut stacks = Vec::new();
     for (key, (total_ns, count)) in &offcpu_series.latest {
@@ -53,7 +52,7 @@ pub(super) fn profile(
         }
     }
     sort_stacks(&mut stacks);
-    let mut runqueue = runqueue_histograms(probes, builder.processes)?;
+    let mut runqueue = runqueue_histograms(runqueue_waits, builder.processes);
     for histogram in &mut runqueue {
         histogram.waits *= every;
         histogram.buckets.iter_mut().for_each(|b| *b *= every);
@@ -62,11 +61,14 @@ pub(super) fn profile(
 }
 
 fn runqueue_histograms(
-    probes: &Probes,
+    waits_by_key: HashMap<RunqKey, u64>,
     processes: &ProcessCache,
-) -> Result<Vec<RunqueueHistogram>> {
+) -> Vec<RunqueueHistogram> {
     let mut by_pid: BTreeMap<u32, RunqueueHistogram> = BTreeMap::new();
-    for (key, waits) in probes.runqueue_histograms()? {
+    for (key, waits) in waits_by_key {
+        if waits == 0 {
+            continue;
+        }
         let entry = by_pid.entry(key.tgid).or_insert_with(|| RunqueueHistogram {
             pid: key.tgid,
             comm: processes
@@ -83,7 +85,7 @@ fn runqueue_histograms(
     }
     let mut histograms: Vec<_> = by_pid.into_values().collect();
     histograms.sort_by_key(|h| std::cmp::Reverse(h.waits));
-    Ok(histograms)
+    histograms
 }
 fn state_name(state: u32) -> &'static str {
     match state {
