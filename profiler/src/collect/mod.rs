@@ -735,28 +735,39 @@ impl Prepared {
                 let renew_next = (stats.len() as u64 * 4
                     >= u64::from(profiler_common::syscalls::STATS_MAX))
                 .then_some("syscall_map_quarter_full");
-                let kept = Kept {
-                    probes,
-                    new_tasks,
-                    python_stacks,
-                    tcp_events,
-                    db_events,
-                    python_codes,
-                    cpu_at_start: cpu_at_boundary,
-                    started: boundary,
-                    start_unix_ms: boundary_unix_ms,
-                    offcpu_base: offcpu_series.cumulative(),
-                    oncpu_base: oncpu_series.cumulative(),
-                    processes_seed: processes.seed(),
-                    socket_bytes,
-                    counter_base: raw_counters,
-                    syscall_base: SyscallBase::new(stats, slow),
-                    runq_base: runq_now,
-                    renew_next,
-                    syscall_window: next_syscall_window,
-                    loaded_at,
-                };
-                Some(kept.into_window(next_options))
+                match prepare_output_dir(&next_options.output) {
+                    Err(err) => {
+                        if next_options.background_detach {
+                            detach_in_background(probes);
+                        }
+                        Some(Err(err))
+                    }
+                    Ok(()) => Some(Ok(Prepared {
+                        options: next_options,
+                        probes,
+                        new_tasks,
+                        python_stacks,
+                        tcp_events,
+                        db_events,
+                        cpu_at_start: cpu_at_boundary,
+                        started: boundary,
+                        // Every event in the shared rings from here on is the next window's.
+                        attach_ktime: 0,
+                        start_unix_ms: boundary_unix_ms,
+                        offcpu_base: offcpu_series.cumulative(),
+                        oncpu_base: oncpu_series.cumulative(),
+                        processes_seed: processes.seed(),
+                        socket_bytes,
+                        counter_base: raw_counters,
+                        syscall_base: SyscallBase::new(stats, slow),
+                        runq_base: runq_now,
+                        renew_next,
+                        syscall_window: next_syscall_window,
+                        python_codes,
+                        programs_loaded: 0,
+                        loaded_at,
+                    })),
+                }
             }
             None => {
                 if options.background_detach {
@@ -961,87 +972,6 @@ impl MapFill {
             oncpu: oncpu.keys().count() as u64,
             stacks: stacks.len() as u64,
         }
-    }
-}
-
-/// What a window hands to the next one that keeps its programs.
-struct Kept {
-    probes: Probes,
-    new_tasks: EventRing,
-    python_stacks: Option<EventRing>,
-    tcp_events: Option<EventRing>,
-    db_events: Option<EventRing>,
-    python_codes: crate::symbolize::python::CodeReader,
-    cpu_at_start: u64,
-    started: Instant,
-    start_unix_ms: u64,
-    offcpu_base: HashMap<OffcpuKey, (u64, u64)>,
-    oncpu_base: HashMap<OncpuKey, (u64, u64)>,
-    processes_seed: Vec<crate::symbolize::procmaps::ProcessInfo>,
-    socket_bytes: db::socket_bytes::SocketBytes,
-    counter_base: BTreeMap<String, u64>,
-    syscall_base: SyscallBase,
-    runq_base: HashMap<RunqKey, u64>,
-    renew_next: Option<&'static str>,
-    syscall_window: u64,
-    loaded_at: Instant,
-}
-
-impl Kept {
-    /// The next window, recording into `options.output` on these programs.
-    fn into_window(self, options: RecordOptions) -> Result<Prepared> {
-        let Kept {
-            probes,
-            new_tasks,
-            python_stacks,
-            tcp_events,
-            db_events,
-            python_codes,
-            cpu_at_start,
-            started,
-            start_unix_ms,
-            offcpu_base,
-            oncpu_base,
-            processes_seed,
-            socket_bytes,
-            counter_base,
-            syscall_base,
-            runq_base,
-            renew_next,
-            syscall_window,
-            loaded_at,
-        } = self;
-        if let Err(err) = prepare_output_dir(&options.output) {
-            if options.background_detach {
-                detach_in_background(probes);
-            }
-            return Err(err);
-        }
-        Ok(Prepared {
-            options,
-            probes,
-            new_tasks,
-            python_stacks,
-            tcp_events,
-            db_events,
-            cpu_at_start,
-            started,
-            // Every event in the shared rings from here on is the new window's.
-            attach_ktime: 0,
-            start_unix_ms,
-            offcpu_base,
-            oncpu_base,
-            processes_seed,
-            socket_bytes,
-            counter_base,
-            syscall_base,
-            runq_base,
-            renew_next,
-            syscall_window,
-            python_codes,
-            programs_loaded: 0,
-            loaded_at,
-        })
     }
 }
 
